@@ -1,0 +1,1 @@
+//! Benchmarks B1 and B8 (see benches/README.md).

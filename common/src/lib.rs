@@ -1,0 +1,282 @@
+//! Map keys, values and constants shared by the eBPF programs and user space.
+//!
+//! Every type is `#[repr(C)]` with explicit padding (the kernel hashes every byte of a key) and a
+//! compile-time size check. Addresses are 16 bytes in network byte order; an IPv4 address is
+//! stored IPv4-mapped (`::ffff:a.b.c.d`), so one set of maps serves both families. Ports are in
+//! network byte order as they appear on the wire.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Layout version carried in every map name; bump it when a layout below changes.
+pub const LAYOUT_VERSION: u32 = 1;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// Map names as the kernel sees them (15 characters at most) and as pinned.
+pub mod map_names {
+    pub const SVC: &str = "LB_SVC_V1";
+    pub const BACKENDS: &str = "LB_BE_V1";
+    pub const MAGLEV: &str = "LB_MAGLEV_V1";
+    pub const AFFINITY: &str = "LB_AFF_V1";
+    pub const CT: &str = "CT_V1";
+    pub const SOCK_REV: &str = "LB_SKREV_V1";
+    pub const SOCK_FWD: &str = "LB_SKFWD_V1";
+    pub const STATS: &str = "STATS_V1";
+    pub const ALL: [&str; 8] = [SVC, BACKENDS, MAGLEV, AFFINITY, CT, SOCK_REV, SOCK_FWD, STATS];
+}
+
+/// Program names in the object, one per attach point.
+pub mod prog_names {
+    pub const TC_FROM_POD: &str = "tc_from_pod";
+    pub const TC_FROM_NETDEV: &str = "tc_from_netdev";
+    pub const CONNECT4: &str = "sock_connect4";
+    pub const CONNECT6: &str = "sock_connect6";
+    pub const SENDMSG4: &str = "sock_sendmsg4";
+    pub const SENDMSG6: &str = "sock_sendmsg6";
+    pub const RECVMSG4: &str = "sock_recvmsg4";
+    pub const RECVMSG6: &str = "sock_recvmsg6";
+    pub const GETPEERNAME4: &str = "sock_getpeername4";
+    pub const GETPEERNAME6: &str = "sock_getpeername6";
+}
+
+pub const MAX_SERVICE_SLOTS: u32 = 262_144;
+pub const MAX_BACKENDS: u32 = 262_144;
+pub const MAX_MAGLEV_SERVICES: u32 = 4_096;
+pub const MAX_AFFINITY: u32 = 65_536;
+pub const MAX_CT: u32 = 262_144;
+pub const MAX_SOCK: u32 = 65_536;
+
+/// Maglev lookup table size per service: a prime above 100 × the backends a service usually has,
+/// which keeps reassignment on a backend change near 1 % (Cilium's rule, `M > 100·N`).
+pub const MAGLEV_M: usize = 1021;
+/// The table's storage: M rounded up to a power of two, so that the verifier, which tracks an
+/// index through a bit mask, can prove every read in bounds. Entries past M are unused (zero).
+pub const MAGLEV_TABLE_LEN: usize = 1024;
+
+/// Conntrack lifetimes, the ones Cilium uses.
+pub const CT_LIFETIME_TCP_NS: u64 = 21_600 * 1_000_000_000;
+pub const CT_LIFETIME_NONTCP_NS: u64 = 60 * 1_000_000_000;
+pub const CT_LIFETIME_CLOSING_NS: u64 = 10 * 1_000_000_000;
+pub const CT_LIFETIME_SYN_NS: u64 = 60 * 1_000_000_000;
+
+/// An address: IPv6, or IPv4-mapped IPv6, in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Addr(pub [u8; 16]);
+
+impl Addr {
+    pub const fn from_v4(octets: [u8; 4]) -> Self {
+        let [a, b, c, d] = octets;
+        Addr([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d])
+    }
+    pub fn is_v4(&self) -> bool {
+        self.0[..10] == [0; 10] && self.0[10] == 0xff && self.0[11] == 0xff
+    }
+    pub fn v4_octets(&self) -> [u8; 4] {
+        [self.0[12], self.0[13], self.0[14], self.0[15]]
+    }
+}
+
+/// Frontend lookup key: a service address, port and protocol, plus a slot. Slot 0 holds the
+/// master entry of the service; slots 1..=count hold one backend id each.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SvcKey {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    /// Reserved for the traffic scope (internal/external); 0 today.
+    pub scope: u8,
+    pub slot: u16,
+    pub _pad: u16,
+}
+
+pub const SVC_F_MAGLEV: u16 = 1 << 0;
+pub const SVC_F_AFFINITY: u16 = 1 << 1;
+
+/// Master entry (slot 0): `count`, `flags`, `svc_id`, `affinity_timeout_s` are meaningful.
+/// Backend slot (slot ≥ 1): `backend_id` is meaningful.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcValue {
+    pub backend_id: u32,
+    pub count: u16,
+    pub flags: u16,
+    /// Identifies the service port for affinity, Maglev and status; never 0 for a service.
+    pub svc_id: u32,
+    pub affinity_timeout_s: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+/// Maglev lookup table of one service: `MAGLEV_M` backend ids, then unused padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MaglevTable {
+    pub backends: [u32; MAGLEV_TABLE_LEN],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client: Addr,
+    pub svc_id: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_used_ns: u64,
+}
+
+/// The 5-tuple of a packet as it is seen on the wire, in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Forward entry (client → service): rewrite the destination to `nat_addr:nat_port`.
+pub const CT_DIR_FORWARD: u8 = 0;
+/// Reply entry (backend → client): rewrite the source to `nat_addr:nat_port` (the VIP).
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Hairpin flow (the client is its own backend): the source is rewritten to the VIP as well.
+pub const CT_F_HAIRPIN: u8 = 1 << 0;
+/// A FIN or RST was seen; the entry lives `CT_LIFETIME_CLOSING_NS` more.
+pub const CT_F_CLOSING: u8 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub nat_addr: Addr,
+    pub nat_port: u16,
+    pub dir: u8,
+    pub flags: u8,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    pub _pad: u32,
+    pub expires_ns: u64,
+}
+
+/// Socket-level reverse translation: (socket cookie, backend) → service address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub cookie: u64,
+    pub addr: Addr,
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockValue {
+    pub addr: Addr,
+    pub port: u16,
+    pub _pad: u16,
+    /// For `LB_SKFWD`: the backend chosen for this socket and service.
+    pub backend_id: u32,
+}
+
+/// Per-CPU counters, indexed by this enum: every verdict and every drop reason.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    PassNoService = 0,
+    PassNonIp,
+    PassOtherProto,
+    DnatNew,
+    DnatEstablished,
+    RevNat,
+    Hairpin,
+    AffinityHit,
+    MaglevSelect,
+    RejectNoBackend,
+    DropMalformed,
+    DropTruncated,
+    DropRewriteFailed,
+    DropBackendMissing,
+    DropRejectFailed,
+    SockConnect,
+    SockSendmsg,
+    SockRevXlate,
+    SockRejectNoBackend,
+    SockBackendMissing,
+}
+
+pub const STAT_COUNT: u32 = Stat::SockBackendMissing as u32 + 1;
+
+pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
+    "pass_no_service",
+    "pass_non_ip",
+    "pass_other_proto",
+    "dnat_new",
+    "dnat_established",
+    "rev_nat",
+    "hairpin",
+    "affinity_hit",
+    "maglev_select",
+    "reject_no_backend",
+    "drop_malformed",
+    "drop_truncated",
+    "drop_rewrite_failed",
+    "drop_backend_missing",
+    "drop_reject_failed",
+    "sock_connect",
+    "sock_sendmsg",
+    "sock_rev_xlate",
+    "sock_reject_no_backend",
+    "sock_backend_missing",
+];
+
+const _: () = {
+    assert!(size_of::<Addr>() == 16);
+    assert!(size_of::<SvcKey>() == 24);
+    assert!(size_of::<SvcValue>() == 16);
+    assert!(size_of::<Backend>() == 20);
+    assert!(size_of::<MaglevTable>() == 4 * MAGLEV_TABLE_LEN);
+    assert!(size_of::<AffinityKey>() == 24);
+    assert!(size_of::<AffinityValue>() == 16);
+    assert!(size_of::<CtKey>() == 40);
+    assert!(size_of::<CtValue>() == 40);
+    assert!(size_of::<SockKey>() == 32);
+    assert!(size_of::<SockValue>() == 24);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is repr(C), Copy, made of integers, with no implicit padding (the sizes
+    // are asserted above), so every bit pattern is valid.
+    unsafe impl aya::Pod for SvcKey {}
+    unsafe impl aya::Pod for SvcValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SockValue {}
+}

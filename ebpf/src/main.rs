@@ -1,0 +1,80 @@
+//! weir's eBPF programs: one entry point per attach point, each a one-liner over the shared
+//! logic. No entry point can panic; errors become documented verdicts inside the logic.
+#![no_std]
+#![no_main]
+
+mod lb;
+mod maps;
+mod nat;
+mod parse;
+mod reject;
+mod sock;
+mod tc;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
+use sock::Family;
+
+/// Ingress of a pod's host-side veth: traffic from the pod, and replies of local backends.
+#[classifier]
+pub fn tc_from_pod(ctx: TcContext) -> i32 {
+    tc::handle(&ctx)
+}
+
+/// Ingress of a node uplink: traffic from other nodes and outside the cluster.
+#[classifier]
+pub fn tc_from_netdev(ctx: TcContext) -> i32 {
+    tc::handle(&ctx)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, Family::V4, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, Family::V6, false)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, Family::V4, true)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx, Family::V6, true)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Family::V6)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,64 @@
+//! Every map of the object. Pinned by name, so a restarted agent adopts them.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use weir_common::*;
+
+// Service maps are updated while read: without preallocation an update is RCU-safe and a reader
+// never sees an element recycled under it.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map(name = "LB_SVC_V1")]
+pub static SVC: HashMap<SvcKey, SvcValue> = HashMap::pinned(MAX_SERVICE_SLOTS, BPF_F_NO_PREALLOC);
+
+#[map(name = "LB_BE_V1")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+
+#[map(name = "LB_MAGLEV_V1")]
+pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(MAX_MAGLEV_SERVICES, BPF_F_NO_PREALLOC);
+
+#[map(name = "LB_AFF_V1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(MAX_AFFINITY, 0);
+
+#[map(name = "CT_V1")]
+pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CT, 0);
+
+#[map(name = "LB_SKREV_V1")]
+pub static SOCK_REV: LruHashMap<SockKey, SockValue> = LruHashMap::pinned(MAX_SOCK, 0);
+
+#[map(name = "LB_SKFWD_V1")]
+pub static SOCK_FWD: LruHashMap<SockKey, SockValue> = LruHashMap::pinned(MAX_SOCK, 0);
+
+/// Per-CPU scratch space for one packet: the parsed headers and the conntrack entries of a new
+/// flow. On the stack they would not fit the 512 bytes a call chain may use.
+#[repr(C)]
+pub struct Scratch {
+    pub pkt: crate::parse::Packet,
+    pub fwd_key: CtKey,
+    pub reply_key: CtKey,
+    pub fwd: CtValue,
+    pub rev: CtValue,
+    /// The ICMP error being built by the reject path.
+    pub icmp: [u8; 96],
+}
+
+#[map(name = "SCRATCH_V1")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "STATS_V1")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+
+#[inline(always)]
+pub fn count(stat: Stat) {
+    count_raw(stat as u32)
+}
+
+#[inline(always)]
+pub fn count_raw(stat: u32) {
+    if let Some(c) = STATS.get_ptr_mut(stat) {
+        // SAFETY: a per-CPU slot is only touched by this CPU, and programs do not nest on it.
+        unsafe { *c += 1 };
+    }
+}

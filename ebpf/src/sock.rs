@@ -1,0 +1,180 @@
+//! Socket-level load balancing: `connect` and `sendmsg` translate a service address into a
+//! backend before a packet exists; `recvmsg` and `getpeername` translate it back, so the
+//! application only ever sees the service address.
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+};
+use weir_common::*;
+
+use crate::{
+    lb::{lookup_service, select_backend},
+    maps::{count, BACKENDS, SOCK_FWD, SOCK_REV},
+};
+
+const ECONNREFUSED: i32 = 111;
+/// cgroup sock_addr verdicts.
+const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+#[inline(always)]
+fn sa(ctx: &SockAddrContext) -> *mut bpf_sock_addr {
+    ctx.sock_addr
+}
+
+#[inline(always)]
+fn user_addr(ctx: &SockAddrContext, fam: Family) -> Addr {
+    // SAFETY: the context is the kernel's bpf_sock_addr for this call.
+    unsafe {
+        match fam {
+            Family::V4 => Addr::from_v4((*sa(ctx)).user_ip4.to_ne_bytes()),
+            Family::V6 => {
+                let w = (*sa(ctx)).user_ip6;
+                let mut a = [0u8; 16];
+                a[0..4].copy_from_slice(&w[0].to_ne_bytes());
+                a[4..8].copy_from_slice(&w[1].to_ne_bytes());
+                a[8..12].copy_from_slice(&w[2].to_ne_bytes());
+                a[12..16].copy_from_slice(&w[3].to_ne_bytes());
+                Addr(a)
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn set_user_addr(ctx: &SockAddrContext, fam: Family, addr: &Addr, port: u16) {
+    let b = &addr.0;
+    // SAFETY: the context is the kernel's bpf_sock_addr for this call; these fields are writable
+    // in the hooks that call this.
+    unsafe {
+        match fam {
+            Family::V4 => (*sa(ctx)).user_ip4 = u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+            Family::V6 => {
+                // Each word is written separately: the verifier allows 4-byte stores only.
+                (*sa(ctx)).user_ip6[0] = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+                (*sa(ctx)).user_ip6[1] = u32::from_ne_bytes([b[4], b[5], b[6], b[7]]);
+                (*sa(ctx)).user_ip6[2] = u32::from_ne_bytes([b[8], b[9], b[10], b[11]]);
+                (*sa(ctx)).user_ip6[3] = u32::from_ne_bytes([b[12], b[13], b[14], b[15]]);
+            }
+        }
+        (*sa(ctx)).user_port = port as u32;
+    }
+}
+
+#[inline(always)]
+fn user_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: as above. The port sits in network byte order in the low 16 bits.
+    unsafe { (*sa(ctx)).user_port as u16 }
+}
+
+#[inline(always)]
+fn proto(ctx: &SockAddrContext) -> u8 {
+    // SAFETY: as above.
+    unsafe { (*sa(ctx)).protocol as u8 }
+}
+
+#[inline(always)]
+fn cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: get_socket_cookie on a sock_addr context is defined by the kernel.
+    unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
+}
+
+/// `connect` (TCP, connected UDP) and `sendmsg` (unconnected UDP).
+#[inline(always)]
+pub fn forward(ctx: &SockAddrContext, fam: Family, sendmsg: bool) -> i32 {
+    let proto = proto(ctx);
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return ALLOW;
+    }
+    let vip = user_addr(ctx, fam);
+    let vport = user_port(ctx);
+    let Some(master) = lookup_service(&vip, vport, proto) else {
+        return ALLOW;
+    };
+    if master.count == 0 {
+        count(Stat::SockRejectNoBackend);
+        // SAFETY: a helper on an integer; kube-proxy's REJECT surfaces as ECONNREFUSED too.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return REJECT;
+    }
+    let cookie = cookie(ctx);
+    let fwd_key = SockKey {
+        cookie,
+        addr: vip,
+        port: vport,
+        _pad: [0; 6],
+    };
+    // An unconnected UDP socket keeps talking to the backend it got first, like a flow would.
+    if sendmsg {
+        // SAFETY: copied out at once.
+        if let Some(prev) = unsafe { SOCK_FWD.get(&fwd_key).copied() } {
+            // SAFETY: copied out at once.
+            if let Some(be) = unsafe { BACKENDS.get(&prev.backend_id).copied() } {
+                set_user_addr(ctx, fam, &be.addr, be.port);
+                count(Stat::SockSendmsg);
+                return ALLOW;
+            }
+        }
+    }
+    let hash = (cookie ^ (cookie >> 32)) as u32;
+    let (backend_id, be) = match select_backend(&vip, vport, proto, &master, &client_of(ctx, fam), hash) {
+        Ok(b) => b,
+        Err(_) => {
+            count(Stat::SockBackendMissing);
+            return ALLOW;
+        }
+    };
+    let rev_key = SockKey {
+        cookie,
+        addr: be.addr,
+        port: be.port,
+        _pad: [0; 6],
+    };
+    let rev = SockValue {
+        addr: vip,
+        port: vport,
+        _pad: 0,
+        backend_id,
+    };
+    let _ = SOCK_REV.insert(&rev_key, &rev, 0);
+    if sendmsg {
+        let _ = SOCK_FWD.insert(&fwd_key, &rev, 0);
+    }
+    set_user_addr(ctx, fam, &be.addr, be.port);
+    count(if sendmsg { Stat::SockSendmsg } else { Stat::SockConnect });
+    ALLOW
+}
+
+/// The client identity for session affinity: the socket's network namespace, which is what a
+/// pod is (Cilium keys socket-level affinity the same way). It is put in an address from
+/// `fd00::/8`'s reserved corner so that it cannot meet a real client address of the TC path.
+#[inline(always)]
+fn client_of(ctx: &SockAddrContext, _fam: Family) -> Addr {
+    // SAFETY: get_netns_cookie on a sock_addr context is defined by the kernel.
+    let c = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }.to_be_bytes();
+    Addr([0xfd, 0xff, 0, 0, 0, 0, 0, 0, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+}
+
+/// `recvmsg` and `getpeername`: show the service address instead of the backend.
+#[inline(always)]
+pub fn reverse(ctx: &SockAddrContext, fam: Family) -> i32 {
+    let key = SockKey {
+        cookie: cookie(ctx),
+        addr: user_addr(ctx, fam),
+        port: user_port(ctx),
+        _pad: [0; 6],
+    };
+    // SAFETY: copied out at once.
+    if let Some(v) = unsafe { SOCK_REV.get(&key).copied() } {
+        set_user_addr(ctx, fam, &v.addr, v.port);
+        count(Stat::SockRevXlate);
+    }
+    ALLOW
+}

@@ -1,0 +1,276 @@
+//! Loads weir's eBPF object, pins its maps and links under one directory on a bpffs, and on a
+//! restart adopts what a previous run pinned: the maps are reused as they are (conntrack,
+//! affinity and services survive) and each pinned link is switched to the new program
+//! atomically, so no packet meets a moment without a program.
+use std::{
+    fs,
+    io,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+    },
+    Ebpf, EbpfLoader,
+};
+use weir_common::prog_names;
+
+/// The object built by build.rs (empty when built with `AYA_BUILD_SKIP=1`).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-ebpf"));
+
+pub const SOCK_PROGRAMS: [&str; 8] = [
+    prog_names::CONNECT4,
+    prog_names::CONNECT6,
+    prog_names::SENDMSG4,
+    prog_names::SENDMSG6,
+    prog_names::RECVMSG4,
+    prog_names::RECVMSG6,
+    prog_names::GETPEERNAME4,
+    prog_names::GETPEERNAME6,
+];
+
+/// Where a TC program goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcRole {
+    /// A pod's host-side veth.
+    FromPod,
+    /// A node uplink.
+    FromNetdev,
+}
+
+impl TcRole {
+    fn program(self) -> &'static str {
+        match self {
+            TcRole::FromPod => prog_names::TC_FROM_POD,
+            TcRole::FromNetdev => prog_names::TC_FROM_NETDEV,
+        }
+    }
+}
+
+/// The pin layout under `<bpffs>/<name>/`: `maps/<MAP>` and `links/<program>@<target>`.
+#[derive(Clone, Debug)]
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    pub fn maps(&self) -> PathBuf {
+        self.0.join("maps")
+    }
+    pub fn links(&self) -> PathBuf {
+        self.0.join("links")
+    }
+    fn link(&self, program: &str, target: &str) -> PathBuf {
+        self.links().join(format!("{program}@{}", target.replace('/', "_")))
+    }
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: PinDir,
+}
+
+fn is_not_found(e: &aya::programs::links::LinkError) -> bool {
+    matches!(e, aya::programs::links::LinkError::SyscallError(s) if s.io_error.kind() == io::ErrorKind::NotFound)
+}
+
+impl Datapath {
+    /// Loads the object; maps already pinned under `pins` are adopted, the others are created
+    /// and pinned. `pins` must be on a bpffs.
+    pub fn load(pins: PinDir) -> Result<Self> {
+        if OBJECT.is_empty() {
+            bail!("this weir binary was built with AYA_BUILD_SKIP=1 and has no eBPF programs; rebuild it without");
+        }
+        for d in [pins.maps(), pins.links()] {
+            fs::create_dir_all(&d).with_context(|| format!("create pin directory {}", d.display()))?;
+        }
+        let maps_dir = pins.maps();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(OBJECT)
+            .with_context(|| format!("load the eBPF object (maps pinned under {})", maps_dir.display()))?;
+        for name in [prog_names::TC_FROM_POD, prog_names::TC_FROM_NETDEV] {
+            let p: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
+            p.load().with_context(|| format!("load program {name}"))?;
+        }
+        for name in SOCK_PROGRAMS {
+            let p: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
+            p.load().with_context(|| format!("load program {name}"))?;
+        }
+        Ok(Self { ebpf, pins })
+    }
+
+    pub fn pins(&self) -> &PinDir {
+        &self.pins
+    }
+
+    /// Attaches a TC program to `ifname` (ingress, TCX) in the calling thread's network
+    /// namespace, or swaps the program of the link a previous run pinned.
+    pub fn attach_tc(&mut self, ifname: &str, role: TcRole) -> Result<()> {
+        let name = role.program();
+        let pin = self.pins.link(name, ifname);
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?.try_into()?;
+        match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(old))
+                    .with_context(|| format!("adopt link {}", pin.display()))?;
+                prog.attach_to_link(link)
+                    .with_context(|| format!("replace program {name} on {ifname}"))?;
+            }
+            Err(e) if is_not_found(&e) => {
+                let id = prog
+                    .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .with_context(|| format!("attach {name} to {ifname} ingress"))?;
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                link.pin(&pin).with_context(|| format!("pin link {}", pin.display()))?;
+            }
+            Err(e) => return Err(e).with_context(|| format!("open pinned link {}", pin.display())),
+        }
+        Ok(())
+    }
+
+    /// Removes the TC program from `ifname` (the link is destroyed with its pin).
+    pub fn detach_tc(&mut self, ifname: &str, role: TcRole) -> Result<()> {
+        let pin = self.pins.link(role.program(), ifname);
+        match PinnedLink::from_pin(&pin) {
+            Ok(link) => {
+                link.unpin().with_context(|| format!("unpin {}", pin.display()))?;
+                Ok(())
+            }
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("open pinned link {}", pin.display())),
+        }
+    }
+
+    /// Attaches the socket-level hooks to a cgroup (v2), or swaps the programs of the links a
+    /// previous run pinned.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        let dir = fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+        let target = format!("cgroup-{}", cgroup.display());
+        for name in SOCK_PROGRAMS {
+            let pin = self.pins.link(name, &target);
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
+            match obj_get(&pin) {
+                Ok(link) => {
+                    link_update(link.as_raw_fd(), prog.fd()?.as_fd().as_raw_fd())
+                        .with_context(|| format!("replace program {name} on {}", cgroup.display()))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let id = prog
+                        .attach(&dir, CgroupAttachMode::Single)
+                        .with_context(|| format!("attach {name} to cgroup {}", cgroup.display()))?;
+                    let link: FdLink = prog.take_link(id)?.try_into()?;
+                    link.pin(&pin).with_context(|| format!("pin link {}", pin.display()))?;
+                }
+                Err(e) => return Err(e).with_context(|| format!("open pinned link {}", pin.display())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Unpins the socket-level links of `cgroup`, which detaches them.
+    pub fn detach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        let target = format!("cgroup-{}", cgroup.display());
+        for name in SOCK_PROGRAMS {
+            let pin = self.pins.link(name, &target);
+            match PinnedLink::from_pin(&pin) {
+                Ok(link) => {
+                    link.unpin().with_context(|| format!("unpin {}", pin.display()))?;
+                }
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(e).with_context(|| format!("open pinned link {}", pin.display())),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} is missing from the eBPF object"))
+}
+
+/// `BPF_OBJ_GET`: opens a pinned object.
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: a valid prefix of union bpf_attr for this command; the path outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGetAttr,
+            std::mem::size_of::<ObjGetAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_LINK_UPDATE`: points an existing link at another program, atomically. aya 0.14 has no
+/// call for it on cgroup links.
+fn link_update(link_fd: i32, prog_fd: i32) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let attr = LinkUpdateAttr {
+        link_fd: link_fd as u32,
+        new_prog_fd: prog_fd as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: the attribute is a valid, fully initialised prefix of union bpf_attr for this
+    // command, and its size is passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdateAttr,
+            std::mem::size_of::<LinkUpdateAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Mounts a bpffs at `dir` unless one is there already.
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let st = nix::sys::statfs::statfs(dir).with_context(|| format!("statfs {}", dir.display()))?;
+    if st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(Some("bpffs"), dir, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .with_context(|| format!("mount a bpffs at {}", dir.display()))?;
+    Ok(())
+}

@@ -1,0 +1,302 @@
+//! The typed map writer: what the programmer asks of the service maps, the aya implementation
+//! over the pinned kernel maps, and an in-memory fake for tests that checks, after every single
+//! write, that a reader can never follow a slot to nothing.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use weir_common::{map_names, Backend, MaglevTable, SvcKey, SvcValue};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("map {map}: {op} {what}: {source}")]
+    Map {
+        map: &'static str,
+        op: &'static str,
+        what: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map}: open {path}: {source}")]
+    Open {
+        map: &'static str,
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Everything the programmer writes. Implementations apply each call at once: ordering is the
+/// caller's job (make-before-break).
+pub trait MapWriter {
+    fn put_backend(&mut self, id: u32, be: &Backend) -> Result<(), WriteError>;
+    fn del_backend(&mut self, id: u32) -> Result<(), WriteError>;
+    fn put_svc(&mut self, key: &SvcKey, val: &SvcValue) -> Result<(), WriteError>;
+    fn del_svc(&mut self, key: &SvcKey) -> Result<(), WriteError>;
+    fn put_maglev(&mut self, svc_id: u32, table: &MaglevTable) -> Result<(), WriteError>;
+    fn del_maglev(&mut self, svc_id: u32) -> Result<(), WriteError>;
+    /// Everything in the service and backend maps, to adopt what a previous run programmed.
+    fn dump(&self) -> Result<Programmed, WriteError>;
+}
+
+/// A snapshot of the service and backend maps.
+#[derive(Debug, Default, Clone)]
+pub struct Programmed {
+    pub svc: BTreeMap<SvcKeyOrd, SvcValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub maglev: BTreeMap<u32, Vec<u32>>,
+}
+
+/// `SvcKey` ordered by (address, port, protocol, slot), for stable dumps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SvcKeyOrd(pub [u8; 16], pub u16, pub u8, pub u16);
+
+impl From<&SvcKey> for SvcKeyOrd {
+    fn from(k: &SvcKey) -> Self {
+        SvcKeyOrd(k.addr.0, u16::from_be(k.port), k.proto, k.slot)
+    }
+}
+
+impl SvcKeyOrd {
+    pub fn key(&self) -> SvcKey {
+        SvcKey {
+            addr: weir_common::Addr(self.0),
+            port: self.1.to_be(),
+            proto: self.2,
+            scope: 0,
+            slot: self.3,
+            _pad: 0,
+        }
+    }
+}
+
+fn describe_key(k: &SvcKey) -> String {
+    format!(
+        "{}:{}/{} slot {}",
+        crate::addr::to_ip(&k.addr),
+        u16::from_be(k.port),
+        crate::addr::proto_name(k.proto),
+        k.slot
+    )
+}
+
+/// The kernel maps, opened from their pins.
+pub struct AyaMaps {
+    svc: HashMap<MapData, SvcKey, SvcValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
+}
+
+pub fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, WriteError> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|source| WriteError::Open {
+        map: name,
+        path: path.clone(),
+        source,
+    })?;
+    Map::from_map_data(data).map_err(|source| WriteError::Open {
+        map: name,
+        path,
+        source,
+    })
+}
+
+impl AyaMaps {
+    /// Opens the pinned service maps under `maps_dir`.
+    pub fn open(maps_dir: &Path) -> Result<Self, WriteError> {
+        fn typed<K: aya::Pod, V: aya::Pod>(
+            dir: &Path,
+            name: &'static str,
+        ) -> Result<HashMap<MapData, K, V>, WriteError> {
+            let map = open_pinned(dir, name)?;
+            HashMap::try_from(map).map_err(|source| WriteError::Open {
+                map: name,
+                path: dir.join(name),
+                source,
+            })
+        }
+        Ok(Self {
+            svc: typed(maps_dir, map_names::SVC)?,
+            backends: typed(maps_dir, map_names::BACKENDS)?,
+            maglev: typed(maps_dir, map_names::MAGLEV)?,
+        })
+    }
+}
+
+impl MapWriter for AyaMaps {
+    fn put_backend(&mut self, id: u32, be: &Backend) -> Result<(), WriteError> {
+        self.backends.insert(id, be, 0).map_err(|source| WriteError::Map {
+            map: map_names::BACKENDS,
+            op: "insert",
+            what: format!("backend {id}"),
+            source,
+        })
+    }
+    fn del_backend(&mut self, id: u32) -> Result<(), WriteError> {
+        ignore_missing(self.backends.remove(&id)).map_err(|source| WriteError::Map {
+            map: map_names::BACKENDS,
+            op: "remove",
+            what: format!("backend {id}"),
+            source,
+        })
+    }
+    fn put_svc(&mut self, key: &SvcKey, val: &SvcValue) -> Result<(), WriteError> {
+        self.svc.insert(key, val, 0).map_err(|source| WriteError::Map {
+            map: map_names::SVC,
+            op: "insert",
+            what: describe_key(key),
+            source,
+        })
+    }
+    fn del_svc(&mut self, key: &SvcKey) -> Result<(), WriteError> {
+        ignore_missing(self.svc.remove(key)).map_err(|source| WriteError::Map {
+            map: map_names::SVC,
+            op: "remove",
+            what: describe_key(key),
+            source,
+        })
+    }
+    fn put_maglev(&mut self, svc_id: u32, table: &MaglevTable) -> Result<(), WriteError> {
+        self.maglev.insert(svc_id, table, 0).map_err(|source| WriteError::Map {
+            map: map_names::MAGLEV,
+            op: "insert",
+            what: format!("service {svc_id}"),
+            source,
+        })
+    }
+    fn del_maglev(&mut self, svc_id: u32) -> Result<(), WriteError> {
+        ignore_missing(self.maglev.remove(&svc_id)).map_err(|source| WriteError::Map {
+            map: map_names::MAGLEV,
+            op: "remove",
+            what: format!("service {svc_id}"),
+            source,
+        })
+    }
+    fn dump(&self) -> Result<Programmed, WriteError> {
+        let err = |map, source| WriteError::Map {
+            map,
+            op: "iterate",
+            what: String::new(),
+            source,
+        };
+        let mut out = Programmed::default();
+        for kv in self.svc.iter() {
+            let (k, v) = kv.map_err(|e| err(map_names::SVC, e))?;
+            out.svc.insert(SvcKeyOrd::from(&k), v);
+        }
+        for kv in self.backends.iter() {
+            let (k, v) = kv.map_err(|e| err(map_names::BACKENDS, e))?;
+            out.backends.insert(k, v);
+        }
+        for kv in self.maglev.iter() {
+            let (k, v) = kv.map_err(|e| err(map_names::MAGLEV, e))?;
+            out.maglev.insert(k, v.backends[..weir_common::MAGLEV_M].to_vec());
+        }
+        Ok(out)
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// In-memory maps for tests. After every write it checks what a concurrent reader relies on:
+/// every slot 1..=count of a master exists and names a backend that exists, and every Maglev
+/// entry names a backend that exists. A violation is recorded, never silently accepted.
+#[derive(Debug, Default)]
+pub struct FakeMaps {
+    pub state: Programmed,
+    pub writes: usize,
+    pub violations: Vec<String>,
+    /// Fail the write with this index (0-based), to test partial failures.
+    pub fail_at: Option<usize>,
+}
+
+impl FakeMaps {
+    fn step(&mut self) -> Result<(), WriteError> {
+        let n = self.writes;
+        self.writes += 1;
+        if self.fail_at == Some(n) {
+            return Err(WriteError::Map {
+                map: "FAKE",
+                op: "write",
+                what: format!("write #{n}"),
+                source: MapError::KeyNotFound,
+            });
+        }
+        Ok(())
+    }
+
+    fn check(&mut self) {
+        let st = &self.state;
+        for (k, v) in st.svc.iter().filter(|(k, _)| k.3 == 0) {
+            for slot in 1..=v.count {
+                let sk = SvcKeyOrd(k.0, k.1, k.2, slot);
+                match st.svc.get(&sk) {
+                    None => self.violations.push(format!("after write {}: {sk:?} missing", self.writes)),
+                    Some(s) if !st.backends.contains_key(&s.backend_id) => self.violations.push(format!(
+                        "after write {}: {sk:?} -> backend {} missing",
+                        self.writes, s.backend_id
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        for (svc, table) in &st.maglev {
+            if let Some(bad) = table.iter().find(|id| !st.backends.contains_key(id)) {
+                self.violations
+                    .push(format!("after write {}: maglev {svc} -> backend {bad} missing", self.writes));
+            }
+        }
+    }
+}
+
+impl MapWriter for FakeMaps {
+    fn put_backend(&mut self, id: u32, be: &Backend) -> Result<(), WriteError> {
+        self.step()?;
+        self.state.backends.insert(id, *be);
+        self.check();
+        Ok(())
+    }
+    fn del_backend(&mut self, id: u32) -> Result<(), WriteError> {
+        self.step()?;
+        self.state.backends.remove(&id);
+        self.check();
+        Ok(())
+    }
+    fn put_svc(&mut self, key: &SvcKey, val: &SvcValue) -> Result<(), WriteError> {
+        self.step()?;
+        self.state.svc.insert(key.into(), *val);
+        self.check();
+        Ok(())
+    }
+    fn del_svc(&mut self, key: &SvcKey) -> Result<(), WriteError> {
+        self.step()?;
+        self.state.svc.remove(&key.into());
+        self.check();
+        Ok(())
+    }
+    fn put_maglev(&mut self, svc_id: u32, table: &MaglevTable) -> Result<(), WriteError> {
+        self.step()?;
+        self.state
+            .maglev
+            .insert(svc_id, table.backends[..weir_common::MAGLEV_M].to_vec());
+        self.check();
+        Ok(())
+    }
+    fn del_maglev(&mut self, svc_id: u32) -> Result<(), WriteError> {
+        self.step()?;
+        self.state.maglev.remove(&svc_id);
+        self.check();
+        Ok(())
+    }
+    fn dump(&self) -> Result<Programmed, WriteError> {
+        Ok(self.state.clone())
+    }
+}

@@ -1,0 +1,539 @@
+//! From the desired services to map writes: a diff against what is programmed, applied
+//! make-before-break (backends, then slots, then the master entry; removals in reverse), so a
+//! packet or socket looking a service up at any moment finds a complete, valid entry.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
+
+use weir_common::{
+    Backend, MaglevTable, SvcKey, SvcValue, MAGLEV_M, MAGLEV_TABLE_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV,
+};
+
+use crate::{
+    addr::{proto_name, to_addr, to_ip},
+    maglev,
+    maps::{MapWriter, WriteError},
+};
+
+/// A service frontend: what a client connects to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub proto: u8,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", SocketAddr::new(self.ip, self.port), proto_name(self.proto))
+    }
+}
+
+impl Frontend {
+    fn key(&self, slot: u16) -> SvcKey {
+        SvcKey {
+            addr: to_addr(self.ip),
+            port: self.port.to_be(),
+            proto: self.proto,
+            scope: 0,
+            slot,
+            _pad: 0,
+        }
+    }
+}
+
+/// What one frontend should do.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ServiceSpec {
+    /// `namespace/name:port`, for messages and status.
+    pub name: String,
+    pub backends: Vec<SocketAddr>,
+    pub maglev: bool,
+    /// Session affinity ClientIP with this timeout.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+pub type Desired = BTreeMap<Frontend, ServiceSpec>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Programmed {
+    svc_id: u32,
+    flags: u16,
+    timeout: u32,
+    slots: Vec<u32>,
+    /// A write failed half-way: the maps hold a valid mix of old and new, and the next apply
+    /// rewrites every slot.
+    dirty: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct BackendKey(SocketAddr, u8);
+
+/// What one `apply` changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub services_changed: usize,
+    pub services_removed: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+    pub writes: usize,
+    /// Frontends that could not be (fully) programmed, with why. The rest are programmed.
+    pub errors: Vec<String>,
+}
+
+/// Knows what is in the maps and moves them to the desired state.
+#[derive(Debug, Default)]
+pub struct Programmer {
+    services: BTreeMap<Frontend, Programmed>,
+    backend_ids: HashMap<BackendKey, u32>,
+    next_backend_id: u32,
+    next_svc_id: u32,
+}
+
+impl Programmer {
+    /// Starts from what the maps already hold (a previous run's work): nothing is flushed, the
+    /// next `apply` changes only the difference.
+    pub fn adopt(writer: &dyn MapWriter) -> Result<Self, WriteError> {
+        let dump = writer.dump()?;
+        let mut p = Programmer {
+            next_backend_id: 1,
+            next_svc_id: 1,
+            ..Default::default()
+        };
+        for (id, be) in &dump.backends {
+            let sa = SocketAddr::new(to_ip(&be.addr), u16::from_be(be.port));
+            p.backend_ids.insert(BackendKey(sa, be.proto), *id);
+            p.next_backend_id = p.next_backend_id.max(id + 1);
+        }
+        for (k, v) in dump.svc.iter().filter(|(k, _)| k.3 == 0) {
+            let fe = Frontend {
+                ip: to_ip(&weir_common::Addr(k.0)),
+                port: k.1,
+                proto: k.2,
+            };
+            let slots = (1..=v.count)
+                .filter_map(|s| dump.svc.get(&crate::maps::SvcKeyOrd(k.0, k.1, k.2, s)))
+                .map(|s| s.backend_id)
+                .collect();
+            p.next_svc_id = p.next_svc_id.max(v.svc_id + 1);
+            p.services.insert(
+                fe,
+                Programmed {
+                    svc_id: v.svc_id,
+                    flags: v.flags,
+                    timeout: v.affinity_timeout_s,
+                    slots,
+                    dirty: false,
+                },
+            );
+        }
+        Ok(p)
+    }
+
+    pub fn programmed_frontends(&self) -> impl Iterator<Item = &Frontend> {
+        self.services.keys()
+    }
+
+    /// Moves the maps to `desired`. A frontend that fails is reported in the stats and left as
+    /// it was; it never stops the others.
+    pub fn apply(&mut self, desired: &Desired, w: &mut dyn MapWriter) -> ApplyStats {
+        let mut st = ApplyStats::default();
+        let mut counter = CountingWriter { inner: w, writes: 0 };
+        for (fe, spec) in desired {
+            if let Err(e) = self.apply_one(fe, spec, &mut counter, &mut st) {
+                st.errors.push(format!("service {} ({fe}): {e}", spec.name));
+            }
+        }
+        let stale: Vec<Frontend> = self
+            .services
+            .keys()
+            .filter(|fe| !desired.contains_key(fe))
+            .copied()
+            .collect();
+        for fe in stale {
+            match self.remove_one(&fe, &mut counter) {
+                Ok(()) => st.services_removed += 1,
+                Err(e) => st.errors.push(format!("remove {fe}: {e}")),
+            }
+        }
+        // Backends last: nothing points at them any more. After a failed write the maps may
+        // still point at backends this state no longer lists, so none is removed until a clean
+        // pass.
+        if self.services.values().any(|p| p.dirty) {
+            st.writes = counter.writes;
+            return st;
+        }
+        let used: BTreeSet<u32> = self.services.values().flat_map(|p| p.slots.iter().copied()).collect();
+        let unused: Vec<(BackendKey, u32)> = self
+            .backend_ids
+            .iter()
+            .filter(|(_, id)| !used.contains(id))
+            .map(|(k, id)| (*k, *id))
+            .collect();
+        for (k, id) in unused {
+            match counter.del_backend(id) {
+                Ok(()) => {
+                    self.backend_ids.remove(&k);
+                    st.backends_removed += 1;
+                }
+                Err(e) => st.errors.push(e.to_string()),
+            }
+        }
+        st.writes = counter.writes;
+        st
+    }
+
+    fn backend_id(
+        &mut self,
+        sa: SocketAddr,
+        proto: u8,
+        w: &mut dyn MapWriter,
+        st: &mut ApplyStats,
+    ) -> Result<u32, WriteError> {
+        let key = BackendKey(sa, proto);
+        if let Some(id) = self.backend_ids.get(&key) {
+            return Ok(*id);
+        }
+        let id = self.next_backend_id.max(1);
+        let be = Backend {
+            addr: to_addr(sa.ip()),
+            port: sa.port().to_be(),
+            proto,
+            flags: 0,
+        };
+        w.put_backend(id, &be)?;
+        self.next_backend_id = id + 1;
+        self.backend_ids.insert(key, id);
+        st.backends_added += 1;
+        Ok(id)
+    }
+
+    fn apply_one(
+        &mut self,
+        fe: &Frontend,
+        spec: &ServiceSpec,
+        w: &mut dyn MapWriter,
+        st: &mut ApplyStats,
+    ) -> Result<(), String> {
+        let mut slots = Vec::with_capacity(spec.backends.len());
+        let mut names = Vec::with_capacity(spec.backends.len());
+        let mut wrong_family = Vec::new();
+        let mut sorted = spec.backends.clone();
+        sorted.sort();
+        sorted.dedup();
+        for be in sorted {
+            if be.is_ipv4() != fe.ip.is_ipv4() {
+                wrong_family.push(be.to_string());
+                continue;
+            }
+            let id = self.backend_id(be, fe.proto, w, st).map_err(|e| e.to_string())?;
+            slots.push(id);
+            names.push((be.to_string(), id));
+        }
+        if slots.len() > u16::MAX as usize {
+            return Err(format!("{} endpoints, more than {} supported", slots.len(), u16::MAX));
+        }
+        let mut flags = 0;
+        if spec.maglev {
+            flags |= SVC_F_MAGLEV;
+        }
+        let timeout = spec.affinity_timeout_s.unwrap_or(0);
+        if spec.affinity_timeout_s.is_some() {
+            flags |= SVC_F_AFFINITY;
+        }
+        let old = self.services.get(fe).cloned();
+        let unchanged = old
+            .as_ref()
+            .is_some_and(|o| !o.dirty && o.slots == slots && o.flags == flags && o.timeout == timeout);
+        if !unchanged {
+            let svc_id = old.as_ref().map(|o| o.svc_id).unwrap_or_else(|| {
+                let id = self.next_svc_id.max(1);
+                self.next_svc_id = id + 1;
+                id
+            });
+            let old_slots = old.as_ref().map(|o| o.slots.clone()).unwrap_or_default();
+            let res = write_service(fe, svc_id, flags, timeout, &slots, &names, &old, w);
+            match res {
+                Ok(()) => {
+                    st.services_changed += 1;
+                    self.services.insert(
+                        *fe,
+                        Programmed {
+                            svc_id,
+                            flags,
+                            timeout,
+                            slots,
+                            dirty: false,
+                        },
+                    );
+                }
+                Err(e) => {
+                    // Remember the longer slot list, so the retry also deletes every slot past
+                    // the new count.
+                    let keep = if old_slots.len() >= slots.len() { old_slots } else { slots };
+                    let was_maglev = old.as_ref().is_some_and(|o| o.flags & SVC_F_MAGLEV != 0);
+                    self.services.insert(
+                        *fe,
+                        Programmed {
+                            svc_id,
+                            flags: flags | if was_maglev { SVC_F_MAGLEV } else { 0 },
+                            timeout,
+                            slots: keep,
+                            dirty: true,
+                        },
+                    );
+                    return Err(e.to_string());
+                }
+            }
+        }
+        if !wrong_family.is_empty() {
+            return Err(format!(
+                "endpoints of the wrong address family skipped: {}",
+                wrong_family.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    fn remove_one(&mut self, fe: &Frontend, w: &mut dyn MapWriter) -> Result<(), WriteError> {
+        let Some(old) = self.services.get(fe).cloned() else {
+            return Ok(());
+        };
+        w.del_svc(&fe.key(0))?;
+        for slot in 1..=old.slots.len() as u16 {
+            w.del_svc(&fe.key(slot))?;
+        }
+        if old.flags & SVC_F_MAGLEV != 0 {
+            w.del_maglev(old.svc_id)?;
+        }
+        self.services.remove(fe);
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_service(
+    fe: &Frontend,
+    svc_id: u32,
+    flags: u16,
+    timeout: u32,
+    slots: &[u32],
+    names: &[(String, u32)],
+    old: &Option<Programmed>,
+    w: &mut dyn MapWriter,
+) -> Result<(), WriteError> {
+    let old_slots: &[u32] = old.as_ref().map(|o| o.slots.as_slice()).unwrap_or(&[]);
+    let force = old.as_ref().is_some_and(|o| o.dirty);
+    let old_maglev = old.as_ref().is_some_and(|o| o.flags & SVC_F_MAGLEV != 0);
+    // 1. The Maglev table, complete, before the master may say "use Maglev".
+    if flags & SVC_F_MAGLEV != 0 && !slots.is_empty() {
+        let t = maglev::table(names);
+        let mut table = MaglevTable {
+            backends: [0; MAGLEV_TABLE_LEN],
+        };
+        table.backends[..MAGLEV_M].copy_from_slice(&t);
+        w.put_maglev(svc_id, &table)?;
+    }
+    // 2. Slots that changed, each pointing at a backend that exists.
+    for (i, id) in slots.iter().enumerate() {
+        if force || old_slots.get(i) != Some(id) {
+            let v = SvcValue {
+                backend_id: *id,
+                ..Default::default()
+            };
+            w.put_svc(&fe.key(i as u16 + 1), &v)?;
+        }
+    }
+    // 3. The master entry: the new count becomes visible only now.
+    let master = SvcValue {
+        backend_id: 0,
+        count: slots.len() as u16,
+        flags: if slots.is_empty() { flags & !SVC_F_MAGLEV } else { flags },
+        svc_id,
+        affinity_timeout_s: timeout,
+    };
+    w.put_svc(&fe.key(0), &master)?;
+    // 4. Slots past the new count, and a table no longer used.
+    for slot in slots.len() + 1..=old_slots.len() {
+        w.del_svc(&fe.key(slot as u16))?;
+    }
+    if old_maglev && (flags & SVC_F_MAGLEV == 0 || slots.is_empty()) {
+        w.del_maglev(svc_id)?;
+    }
+    Ok(())
+}
+
+/// Counts writes passing through, for the stats.
+struct CountingWriter<'a> {
+    inner: &'a mut dyn MapWriter,
+    writes: usize,
+}
+
+impl MapWriter for CountingWriter<'_> {
+    fn put_backend(&mut self, id: u32, be: &Backend) -> Result<(), WriteError> {
+        self.writes += 1;
+        self.inner.put_backend(id, be)
+    }
+    fn del_backend(&mut self, id: u32) -> Result<(), WriteError> {
+        self.writes += 1;
+        self.inner.del_backend(id)
+    }
+    fn put_svc(&mut self, key: &SvcKey, val: &SvcValue) -> Result<(), WriteError> {
+        self.writes += 1;
+        self.inner.put_svc(key, val)
+    }
+    fn del_svc(&mut self, key: &SvcKey) -> Result<(), WriteError> {
+        self.writes += 1;
+        self.inner.del_svc(key)
+    }
+    fn put_maglev(&mut self, svc_id: u32, table: &MaglevTable) -> Result<(), WriteError> {
+        self.writes += 1;
+        self.inner.put_maglev(svc_id, table)
+    }
+    fn del_maglev(&mut self, svc_id: u32) -> Result<(), WriteError> {
+        self.writes += 1;
+        self.inner.del_maglev(svc_id)
+    }
+    fn dump(&self) -> Result<crate::maps::Programmed, WriteError> {
+        self.inner.dump()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::FakeMaps;
+    use weir_common::{PROTO_TCP, PROTO_UDP};
+
+    fn fe(ip: &str, port: u16, proto: u8) -> Frontend {
+        Frontend {
+            ip: ip.parse().unwrap(),
+            port,
+            proto,
+        }
+    }
+
+    fn spec(backends: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            name: "demo/web:http".into(),
+            backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn count_of(maps: &FakeMaps, f: &Frontend) -> Option<u16> {
+        maps.state.svc.get(&(&f.key(0)).into()).map(|v| v.count)
+    }
+
+    #[test]
+    fn programs_master_slots_and_backends() {
+        let mut maps = FakeMaps::default();
+        let mut p = Programmer::adopt(&maps).unwrap();
+        let web = fe("198.19.0.10", 80, PROTO_TCP);
+        let d = Desired::from([(web, spec(&["198.18.1.2:8080", "198.18.1.3:8080"]))]);
+        let st = p.apply(&d, &mut maps);
+        assert!(st.errors.is_empty(), "{:?}", st.errors);
+        assert_eq!(count_of(&maps, &web), Some(2));
+        assert_eq!(maps.state.backends.len(), 2);
+        assert_eq!(maps.state.svc.len(), 3);
+        assert!(maps.violations.is_empty(), "{:?}", maps.violations);
+    }
+
+    #[test]
+    fn every_intermediate_state_is_readable() {
+        let mut maps = FakeMaps::default();
+        let mut p = Programmer::adopt(&maps).unwrap();
+        let web = fe("198.19.0.10", 80, PROTO_TCP);
+        let steps: [&[&str]; 5] = [
+            &["198.18.1.2:8080", "198.18.1.3:8080", "198.18.1.4:8080"],
+            &["198.18.1.2:8080", "198.18.1.4:8080"],
+            &["198.18.1.5:8080"],
+            &[],
+            &["198.18.1.2:8080", "198.18.1.6:8080"],
+        ];
+        for s in steps {
+            let mut sp = spec(s);
+            sp.maglev = true;
+            let st = p.apply(&Desired::from([(web, sp)]), &mut maps);
+            assert!(st.errors.is_empty(), "{:?}", st.errors);
+            assert_eq!(count_of(&maps, &web), Some(s.len() as u16));
+        }
+        p.apply(&Desired::new(), &mut maps);
+        assert!(maps.violations.is_empty(), "{:#?}", maps.violations);
+        assert!(maps.state.svc.is_empty() && maps.state.backends.is_empty() && maps.state.maglev.is_empty());
+    }
+
+    #[test]
+    fn unchanged_desired_state_writes_nothing() {
+        let mut maps = FakeMaps::default();
+        let mut p = Programmer::adopt(&maps).unwrap();
+        let d = Desired::from([(fe("198.19.0.10", 53, PROTO_UDP), spec(&["198.18.1.2:53"]))]);
+        p.apply(&d, &mut maps);
+        let st = p.apply(&d, &mut maps);
+        assert_eq!(st.writes, 0);
+    }
+
+    #[test]
+    fn restart_adopts_and_changes_only_the_difference() {
+        let mut maps = FakeMaps::default();
+        let a = fe("198.19.0.10", 80, PROTO_TCP);
+        let b = fe("198.19.0.11", 80, PROTO_TCP);
+        let d = Desired::from([
+            (a, spec(&["198.18.1.2:8080", "198.18.1.3:8080"])),
+            (b, spec(&["198.18.1.4:8080"])),
+        ]);
+        Programmer::adopt(&maps).unwrap().apply(&d, &mut maps);
+        let before = maps.state.clone();
+        // A new agent: same desired state, no writes; its ids continue after the old ones.
+        let mut p2 = Programmer::adopt(&maps).unwrap();
+        assert_eq!(p2.apply(&d, &mut maps).writes, 0);
+        assert_eq!(before.svc, maps.state.svc);
+        let mut d2 = d.clone();
+        d2.get_mut(&b).unwrap().backends.push("198.18.1.9:8080".parse().unwrap());
+        let st = p2.apply(&d2, &mut maps);
+        assert_eq!((st.services_changed, st.backends_added), (1, 1));
+        assert_eq!(maps.state.svc.get(&(&a.key(0)).into()), before.svc.get(&(&a.key(0)).into()));
+        let new_id = *maps.state.backends.keys().max().unwrap();
+        assert!(new_id > *before.backends.keys().max().unwrap(), "backend ids are not reused");
+    }
+
+    #[test]
+    fn a_bad_service_does_not_stop_the_others() {
+        let mut maps = FakeMaps::default();
+        let mut p = Programmer::adopt(&maps).unwrap();
+        let v4 = fe("198.19.0.10", 80, PROTO_TCP);
+        let v6 = fe("fd00:19::10", 80, PROTO_TCP);
+        let d = Desired::from([
+            (v4, spec(&["198.18.1.2:8080", "[fd00:18::2]:8080"])),
+            (v6, spec(&["[fd00:18::2]:8080"])),
+        ]);
+        let st = p.apply(&d, &mut maps);
+        assert_eq!(st.errors.len(), 1);
+        assert!(st.errors[0].contains("wrong address family"), "{}", st.errors[0]);
+        assert!(st.errors[0].contains("demo/web:http"), "{}", st.errors[0]);
+        assert_eq!(count_of(&maps, &v4), Some(1));
+        assert_eq!(count_of(&maps, &v6), Some(1));
+    }
+
+    #[test]
+    fn a_failed_write_leaves_readable_maps_and_a_retry_completes() {
+        for fail_at in 0..8 {
+            let mut maps = FakeMaps::default();
+            let mut p = Programmer::adopt(&maps).unwrap();
+            let web = fe("198.19.0.10", 80, PROTO_TCP);
+            p.apply(&Desired::from([(web, spec(&["198.18.1.2:8080", "198.18.1.3:8080"]))]), &mut maps);
+            maps.fail_at = Some(maps.writes + fail_at);
+            let d = Desired::from([(web, spec(&["198.18.1.4:8080"]))]);
+            p.apply(&d, &mut maps);
+            maps.fail_at = None;
+            let st = p.apply(&d, &mut maps);
+            assert!(st.errors.is_empty(), "fail_at {fail_at}: {:?}", st.errors);
+            assert_eq!(count_of(&maps, &web), Some(1), "fail_at {fail_at}");
+            assert_eq!(maps.state.backends.len(), 1, "fail_at {fail_at}: {:?}", maps.state.backends);
+            assert_eq!(maps.state.svc.len(), 2, "fail_at {fail_at}");
+            assert!(maps.violations.is_empty(), "fail_at {fail_at}: {:?}", maps.violations);
+        }
+    }
+}
