@@ -41,7 +41,7 @@ pub struct Scratch {
     pub fwd: CtValue,
     pub rev: CtValue,
     /// The ICMP error being built by the reject path.
-    pub icmp: [u8; 96],
+    pub icmp: [u8; 112],
 }
 
 #[map(name = "SCRATCH_V1")]

@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use weir_common::Stat;
+use weir_common::{Stat, PROTO_TCP};
 
 use crate::{
     maps::{count, Scratch},
@@ -17,9 +17,6 @@ const TC_ACT_SHOT: i32 = 2;
 
 const IPV4_HLEN: usize = 20;
 const ICMP_HLEN: usize = 8;
-/// What an ICMP error quotes: the IP header and the first 8 bytes of the transport header.
-const QUOTE4: usize = IPV4_HLEN + 8;
-const QUOTE6: usize = IPV6_HLEN + 8;
 
 #[inline(always)]
 fn fold(mut sum: u32) -> u16 {
@@ -102,18 +99,30 @@ pub fn reject(ctx: &TcContext, s: &mut Scratch) -> i32 {
     }
 }
 
+/// How much of the offending packet the error quotes: the IP header and 8 bytes of UDP, or the
+/// whole 20-byte TCP header. Not less for TCP: a veth hands over CHECKSUM_PARTIAL packets, and
+/// the kernel will not cut one short of its checksum field (transport offset + 18).
 #[inline(always)]
 fn reject4(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
     if s.pkt.l4_off != ETH_HLEN + IPV4_HLEN {
         // IP options: quoting them is not worth the code; the flow is dropped and counted.
         return Err(Stat::DropRejectFailed);
     }
+    if s.pkt.proto == PROTO_TCP {
+        build4::<{ IPV4_HLEN + 20 }>(ctx, s)
+    } else {
+        build4::<{ IPV4_HLEN + 8 }>(ctx, s)
+    }
+}
+
+#[inline(always)]
+fn build4<const Q: usize>(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
     let (hdr, rest) = s.icmp.split_at_mut(IPV4_HLEN + ICMP_HLEN);
-    let quote = &mut rest[..QUOTE4];
+    let quote = &mut rest[..Q];
     load_exact(ctx, ETH_HLEN, quote)?;
-    make_room(ctx, QUOTE4, IPV4_HLEN + ICMP_HLEN)?;
+    make_room(ctx, Q, IPV4_HLEN + ICMP_HLEN)?;
     hdr.fill(0);
-    let total = (IPV4_HLEN + ICMP_HLEN + QUOTE4) as u16;
+    let total = (IPV4_HLEN + ICMP_HLEN + Q) as u16;
     hdr[0] = 0x45;
     hdr[2..4].copy_from_slice(&total.to_be_bytes());
     hdr[8] = 64; // TTL
@@ -141,12 +150,21 @@ fn reject6(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
     if s.pkt.l4_off != ETH_HLEN + IPV6_HLEN {
         return Err(Stat::DropRejectFailed);
     }
+    if s.pkt.proto == PROTO_TCP {
+        build6::<{ IPV6_HLEN + 20 }>(ctx, s)
+    } else {
+        build6::<{ IPV6_HLEN + 8 }>(ctx, s)
+    }
+}
+
+#[inline(always)]
+fn build6<const Q: usize>(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
     let (hdr, rest) = s.icmp.split_at_mut(IPV6_HLEN + ICMP_HLEN);
-    let quote = &mut rest[..QUOTE6];
+    let quote = &mut rest[..Q];
     load_exact(ctx, ETH_HLEN, quote)?;
-    make_room(ctx, QUOTE6, IPV6_HLEN + ICMP_HLEN)?;
+    make_room(ctx, Q, IPV6_HLEN + ICMP_HLEN)?;
     hdr.fill(0);
-    let payload = (ICMP_HLEN + QUOTE6) as u16;
+    let payload = (ICMP_HLEN + Q) as u16;
     hdr[0] = 0x60;
     hdr[4..6].copy_from_slice(&payload.to_be_bytes());
     hdr[6] = 58; // ICMPv6

@@ -1,7 +1,15 @@
 //! weir's node agent and the `weir` command, as a library so tests and benches drive the same
 //! code.
 pub mod addr;
+pub mod agent;
+pub mod echo;
 pub mod loader;
+pub mod loadtest;
 pub mod maglev;
 pub mod maps;
+pub mod model;
 pub mod program;
+pub mod sandbox;
+pub mod sim;
+pub mod status;
+pub mod topo;

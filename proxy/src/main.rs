@@ -1,7 +1,244 @@
-fn main() -> anyhow::Result<()> {
-    let dir = std::path::PathBuf::from(std::env::args().nth(1).unwrap_or("/tmp/weir-try/bpf".into()));
-    weir_proxy::loader::ensure_bpffs(&dir)?;
-    let _dp = weir_proxy::loader::Datapath::load(weir_proxy::loader::PinDir(dir.join("weir")))?;
-    println!("loaded");
-    Ok(())
+//! `weir`: the node agent and its tools.
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use weir_proxy::{agent, echo, loadtest, sandbox, status, topo};
+
+#[derive(Parser)]
+#[command(name = "weir", version, about = "weir: an eBPF Kubernetes service data plane (kube-proxy replacement)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent: load the eBPF programs and program services from a source.
+    #[command(after_help = "Examples:\n  \
+        weir agent --source file:/etc/weir/services.yaml\n  \
+        weir agent --source file:svc.yaml --bpffs /run/weir/bpf --cgroup /sys/fs/cgroup --netdev eth0\n  \
+        weir agent --source file:svc.yaml --no-socket-lb --pod-interface-prefix lxc\n\n\
+        The agent pins its maps and links under <bpffs>/weir; when it stops, the data path keeps\n\
+        serving, and the next agent adopts it without dropping established flows.")]
+    Agent {
+        /// Where Services and EndpointSlices come from: `file:PATH` (multi-document YAML,
+        /// reloaded when it changes).
+        #[arg(long)]
+        source: String,
+        /// A bpffs mount (mounted if it is not one).
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        /// cgroup v2 directory the socket-level hooks attach to (default: the cgroup v2 root).
+        #[arg(long, conflicts_with = "no_socket_lb")]
+        cgroup: Option<PathBuf>,
+        /// Do not attach the socket-level hooks: every service packet takes the TC path.
+        #[arg(long)]
+        no_socket_lb: bool,
+        /// Pod host-side veths: interfaces whose name starts with this (repeatable).
+        #[arg(long, default_value = "weir")]
+        pod_interface_prefix: Vec<String>,
+        /// Node uplinks that get `tc_from_netdev` (repeatable).
+        #[arg(long)]
+        netdev: Vec<String>,
+        /// Touch this file once the first sync is programmed.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        /// Program once and exit (the data path stays programmed).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Build a simulated node in network namespaces, run load through its services, report,
+    /// and remove everything it made (also on Ctrl-C).
+    #[command(after_help = "Examples:\n  \
+        weir sandbox\n  \
+        weir sandbox --rate 1000 --duration 5s\n  \
+        weir sandbox --cleanup        # remove what a killed sandbox left behind")]
+    Sandbox {
+        /// Requests per second of each load run.
+        #[arg(long, default_value_t = 300)]
+        rate: u32,
+        /// Length of each load run.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Only delete namespaces left by sandbox runs that were killed, then exit.
+        #[arg(long)]
+        cleanup: bool,
+    },
+    /// Open-loop constant-rate load against a service; latency corrected for coordinated
+    /// omission, errors by kind, share of each backend.
+    #[command(after_help = "Examples:\n  \
+        weir loadtest 198.19.0.10:80 --rate 1000 --duration 10s\n  \
+        weir loadtest 198.19.0.10:80 --rate 500 --duration 5s --new-conn\n  \
+        weir loadtest [fd00:19::10]:53 --proto udp --rate 2000 --duration 5s --json\n\n\
+        The target must answer `<seq>` with `<name> <seq>` (see `weir echo-server`).")]
+    Loadtest {
+        /// host:port of the service (a ClusterIP or a name that resolves to one).
+        target: String,
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+        #[arg(long, value_enum, default_value = "tcp")]
+        proto: loadtest::Proto,
+        /// Workers: persistent connections, or requests in flight with --new-conn.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Open a new connection (TCP) or socket (UDP) for every request.
+        #[arg(long)]
+        new_conn: bool,
+        /// UDP: use sendto on an unconnected socket.
+        #[arg(long)]
+        unconnected: bool,
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// No progress lines on stderr.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Show what is programmed: services, backends, conntrack and counters.
+    #[command(after_help = "Examples:\n  weir status\n  weir status --json --bpffs /run/weir/bpf")]
+    Status {
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Conntrack entries to list.
+        #[arg(long, default_value_t = 20)]
+        conntrack: usize,
+    },
+    /// A TCP+UDP echo server that answers `<seq>` with `<name> <seq>`: a backend for tests.
+    #[command(after_help = "Example:\n  weir echo-server --name be-1 --port 8080")]
+    EchoServer {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).unwrap_or((s, "s"));
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weir: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Agent {
+            source,
+            bpffs,
+            cgroup,
+            no_socket_lb,
+            pod_interface_prefix,
+            netdev,
+            ready_file,
+            once,
+        } => {
+            init_tracing();
+            let Some(path) = source.strip_prefix("file:") else {
+                bail!("--source {source:?}: only file:PATH is supported so far");
+            };
+            let cgroup = if no_socket_lb {
+                None
+            } else {
+                Some(match cgroup {
+                    Some(c) => c,
+                    None => topo::cgroup2_root()?,
+                })
+            };
+            let cfg = agent::Config {
+                source: path.into(),
+                bpffs,
+                cgroup,
+                pod_if_prefixes: pod_interface_prefix,
+                netdevs: netdev,
+                ready_file,
+                once,
+            };
+            runtime()?.block_on(agent::run(cfg))
+        }
+        Cmd::Sandbox { rate, duration, cleanup } => {
+            if cleanup {
+                let gone = topo::sweep("sbx")?;
+                println!("removed {} leftover namespaces: {}", gone.len(), gone.join(" "));
+                return Ok(());
+            }
+            sandbox::run(sandbox::SandboxOptions { rate, duration })
+        }
+        Cmd::Loadtest {
+            target,
+            rate,
+            duration,
+            proto,
+            connections,
+            new_conn,
+            unconnected,
+            timeout,
+            json,
+            quiet,
+        } => {
+            let spec = loadtest::Spec {
+                target,
+                rate,
+                duration,
+                proto,
+                connections,
+                new_conn,
+                unconnected,
+                timeout,
+                progress: !quiet,
+            };
+            let report = loadtest::run(spec)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
+        Cmd::Status { bpffs, json, conntrack } => {
+            let st = status::read(&agent::pin_dir(&bpffs).maps(), conntrack)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", status::render(&st));
+            }
+            Ok(())
+        }
+        Cmd::EchoServer { name, port } => runtime()?.block_on(echo::serve(name, port)),
+    }
 }

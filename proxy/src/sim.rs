@@ -1,0 +1,234 @@
+//! A simulated node: a node namespace with a client pod and backend pods, a bpffs and a cgroup
+//! of its own, the real agent programming real eBPF programs, and echo servers in the
+//! backends. The sandbox, the integration tests and the benchmarks all build on it. Dropping it
+//! removes everything it made, in order: processes, cgroup, bpffs, namespaces, run directory.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    loadtest::Report,
+    status,
+    topo::{BpfMount, Cgroup, Node, Proc},
+};
+
+pub const ECHO_PORT: u16 = 8080;
+pub const CLIENT: &str = "cli";
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The `weir` binary to run as agent, echo server and load generator.
+    pub weir_bin: PathBuf,
+    pub backends: usize,
+    /// Attach the socket-level hooks to the client's cgroup.
+    pub socket_lb: bool,
+    pub services_yaml: String,
+    /// A name prefix of the tag, to tell runs apart (`sbx`, `t`, `b`).
+    pub prefix: String,
+}
+
+/// The run directory, removed on drop.
+#[derive(Debug)]
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+// Field order is drop order.
+pub struct Sim {
+    pub tag: String,
+    agent: Option<Proc>,
+    echo: Vec<Proc>,
+    pub cgroup: Cgroup,
+    pub bpffs: BpfMount,
+    pub node: Node,
+    dir: RunDir,
+    pub opts: Options,
+}
+
+impl Sim {
+    pub fn start(opts: Options) -> Result<Sim> {
+        if !nix::unistd::geteuid().is_root() {
+            bail!("a simulated node needs root (network namespaces, eBPF, mounts)");
+        }
+        let tag = format!("{}{}", opts.prefix, crate::topo::tag());
+        let dir = RunDir(PathBuf::from(format!("/run/weir-{tag}")));
+        fs::create_dir_all(&dir.0).with_context(|| format!("create {}", dir.0.display()))?;
+        let mut node = Node::create(&tag)?;
+        node.add_pod(CLIENT, 10)?;
+        for i in 1..=opts.backends {
+            node.add_pod(&format!("be-{i}"), 10 + i as u8)?;
+        }
+        let bpffs = BpfMount::create(&dir.0.join("bpffs"))?;
+        let cgroup = Cgroup::create(&format!("weir-{tag}"))?;
+        let mut sim = Sim {
+            tag,
+            agent: None,
+            echo: Vec::new(),
+            cgroup,
+            bpffs,
+            node,
+            dir,
+            opts,
+        };
+        sim.write_services(&sim.opts.services_yaml.clone())?;
+        for i in 1..=sim.opts.backends {
+            sim.start_echo(i)?;
+        }
+        sim.start_agent()?;
+        Ok(sim)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir.0
+    }
+
+    pub fn services_path(&self) -> PathBuf {
+        self.dir().join("services.yaml")
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        crate::agent::pin_dir(&self.bpffs.path).maps()
+    }
+
+    /// Replaces the services file atomically (the agent notices within 200 ms).
+    pub fn write_services(&self, yaml: &str) -> Result<()> {
+        let tmp = self.dir().join("services.yaml.tmp");
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, self.services_path())?;
+        Ok(())
+    }
+
+    pub fn start_echo(&mut self, i: usize) -> Result<()> {
+        let pod = self.node.pod(&format!("be-{i}")).context("no such backend pod")?;
+        let mut cmd = pod.ns.command(&self.opts.weir_bin)?;
+        cmd.args(["echo-server", "--name", &pod.name, "--port", &ECHO_PORT.to_string()])
+            .stdout(Stdio::null());
+        let p = Proc::spawn(&format!("echo {}", pod.name), cmd)?;
+        self.echo.push(p);
+        Ok(())
+    }
+
+    /// Stops the echo server of backend `i` (1-based).
+    pub fn stop_echo(&mut self, i: usize) {
+        let name = format!("echo be-{i}");
+        self.echo.retain(|p| p.name != name);
+    }
+
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir().join("agent.log")
+    }
+
+    /// Starts the agent in the node namespace and waits until its first sync is programmed.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let ready = self.dir().join("agent.ready");
+        let _ = fs::remove_file(&ready);
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.agent_log())?;
+        let mut cmd = self.node.ns.command(&self.opts.weir_bin)?;
+        cmd.arg("agent")
+            .arg("--source")
+            .arg(format!("file:{}", self.services_path().display()))
+            .arg("--bpffs")
+            .arg(&self.bpffs.path)
+            .arg("--pod-interface-prefix")
+            .arg(format!("w{}", &self.tag[..self.tag.len().min(8)]))
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if self.opts.socket_lb {
+            cmd.arg("--cgroup").arg(&self.cgroup.path);
+        } else {
+            cmd.arg("--no-socket-lb");
+        }
+        self.agent = Some(Proc::spawn("agent", cmd)?);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready.exists() {
+            if let Some(a) = self.agent.as_mut() {
+                if let Ok(Some(st)) = a.child.try_wait() {
+                    bail!("agent exited ({st}):\n{}", self.agent_log_tail());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("agent not ready after 30s:\n{}", self.agent_log_tail());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Kills the agent (SIGKILL: no chance to clean anything up, like a crash or an OOM kill).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.kill();
+        }
+    }
+
+    pub fn agent_log_tail(&self) -> String {
+        let text = fs::read_to_string(self.agent_log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// A command running `weir` in the client pod; `socket_lb` puts it in the hooked cgroup.
+    pub fn client_command(&self, socket_lb: bool) -> Result<Command> {
+        let pod = self.node.pod(CLIENT).context("no client pod")?;
+        let mut cmd = pod.ns.command(&self.opts.weir_bin)?;
+        if socket_lb {
+            self.cgroup.adopt(&mut cmd)?;
+        }
+        Ok(cmd)
+    }
+
+    /// Runs `weir loadtest <args> --json` in the client pod and returns its report.
+    pub fn loadtest(&self, args: &[&str], socket_lb: bool, progress: bool) -> Result<Report> {
+        let mut cmd = self.client_command(socket_lb)?;
+        cmd.arg("loadtest").args(args).arg("--json");
+        if !progress {
+            cmd.arg("--quiet");
+        }
+        cmd.stderr(if progress { Stdio::inherit() } else { Stdio::piped() });
+        let out = cmd.output().context("run weir loadtest in the client pod")?;
+        if !out.status.success() {
+            bail!(
+                "weir loadtest {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!("parse the loadtest report: {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    pub fn status(&self) -> Result<status::Status> {
+        status::read(&self.maps_dir(), 64)
+    }
+
+    /// Waits until the programmed services satisfy `f` (the agent applies edits within
+    /// ~200 ms).
+    pub fn wait_programmed(&self, what: &str, f: impl Fn(&status::Status) -> bool) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(s) = self.status() {
+                if f(&s) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("not programmed after 10s: {what}\n{}", self.agent_log_tail());
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! Simulated nodes and pods in network namespaces, for the sandbox, tests and benches.
+//!
+//! Everything made here is owned by a guard that removes it on drop: namespaces (named
+//! `weir-<tag>-…`), the cgroup and the bpffs mount. Nothing touches the machine's own network
+//! namespace: links are created inside the node namespace, and the only addresses used are
+//! 198.18.0.0/15 and fd00::/8, with no default route anywhere.
+use std::{
+    fs,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Runs `ip` with the given arguments and fails with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("run `ip` (iproute2; `cargo xtask setup` installs it)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// A network namespace created with `ip netns add`, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Self> {
+        if !name.starts_with("weir-") {
+            bail!("namespace {name}: weir only creates namespaces named weir-*");
+        }
+        ip(&["netns", "add", name])?;
+        let ns = Netns { name: name.into() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n <ns> …`
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        ip(&a)
+    }
+
+    /// Writes a sysctl inside this namespace (never the machine's).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_string();
+        self.run(move || fs::write(&path, &value).with_context(|| format!("write {path}")))?
+    }
+
+    /// A command that runs inside this namespace (the child enters it before exec).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let f = fs::File::open(self.path()).with_context(|| format!("open namespace {}", self.name))?;
+        let mut cmd = Command::new(program);
+        // SAFETY: only async-signal-safe calls (setns) run between fork and exec; the fd is
+        // moved into the closure and stays open until then.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
+    /// Runs `f` on a fresh thread that has entered this namespace (setns is per thread).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let path = self.path();
+        let h = thread::spawn(move || -> Result<T> {
+            enter(&path)?;
+            Ok(f())
+        });
+        h.join().map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+    }
+}
+
+/// Moves the calling thread into the namespace at `path`.
+pub fn enter(path: &Path) -> Result<()> {
+    let f = fs::File::open(path).with_context(|| format!("open namespace {}", path.display()))?;
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("enter namespace {}", path.display()))
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("weir: could not delete namespace {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// Deletes namespaces named `weir-<prefix>*` left behind by a run that was killed.
+pub fn sweep(prefix: &str) -> Result<Vec<String>> {
+    let mut gone = Vec::new();
+    let Ok(dir) = fs::read_dir("/run/netns") else {
+        return Ok(gone);
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(&format!("weir-{prefix}")) {
+            ip(&["netns", "del", &name])?;
+            gone.push(name);
+        }
+    }
+    Ok(gone)
+}
+
+/// A pod: its namespace, addresses and the host side of its veth in the node namespace.
+#[derive(Debug)]
+pub struct Pod {
+    pub name: String,
+    pub ns: Netns,
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    pub host_if: String,
+}
+
+/// The pod's default gateway, on every host-side veth (what Calico and weir-cni use).
+pub const GATEWAY4: &str = "169.254.1.1";
+pub const GATEWAY6: &str = "fe80::1";
+
+/// A node namespace with routed veth pods, as a CNI would build them.
+#[derive(Debug)]
+pub struct Node {
+    pub tag: String,
+    pub ns: Netns,
+    // Pods before `ns` would be dropped after it; order matters only for tidiness, since
+    // deleting a namespace removes its end of every veth.
+    pub pods: Vec<Pod>,
+}
+
+impl Node {
+    /// Creates `weir-<tag>-node` with forwarding on (inside it only).
+    pub fn create(tag: &str) -> Result<Self> {
+        let ns = Netns::create(&format!("weir-{tag}-node"))?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        Ok(Node {
+            tag: tag.into(),
+            ns,
+            pods: Vec::new(),
+        })
+    }
+
+    /// Adds pod `name` with 198.18.1.`n` and fd00:18::`n`.
+    pub fn add_pod(&mut self, name: &str, n: u8) -> Result<&Pod> {
+        let ns = Netns::create(&format!("weir-{}-{name}", self.tag))?;
+        let host_if = format!("w{}{}", &self.tag[..self.tag.len().min(8)], n);
+        let ip4 = Ipv4Addr::new(198, 18, 1, n);
+        let ip6: Ipv6Addr = format!("fd00:18::{n:x}").parse()?;
+        ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        self.ns
+            .ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+        self.ns.sysctl(&format!("net.ipv6.conf.{host_if}.accept_dad"), "0")?;
+        self.ns.ip(&["link", "set", &host_if, "up"])?;
+        self.ns.ip(&["addr", "add", &format!("{GATEWAY4}/32"), "dev", &host_if])?;
+        self.ns
+            .ip(&["-6", "addr", "add", &format!("{GATEWAY6}/64"), "dev", &host_if, "nodad"])?;
+        self.ns.ip(&["route", "add", &format!("{ip4}/32"), "dev", &host_if])?;
+        self.ns.ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{ip4}/32"), "dev", "eth0"])?;
+        ns.ip(&["-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
+        ns.ip(&["route", "add", GATEWAY4, "dev", "eth0", "scope", "link"])?;
+        // Only the test ranges are routed: nothing can leave for any other address.
+        ns.ip(&["route", "add", "198.18.0.0/15", "via", GATEWAY4, "dev", "eth0"])?;
+        ns.ip(&["-6", "route", "add", "fd00::/8", "via", GATEWAY6, "dev", "eth0"])?;
+        self.pods.push(Pod {
+            name: name.into(),
+            ns,
+            ip4,
+            ip6,
+            host_if,
+        });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    pub fn pod(&self, name: &str) -> Option<&Pod> {
+        self.pods.iter().find(|p| p.name == name)
+    }
+}
+
+/// A cgroup (v2) created for one run, removed on drop once empty.
+#[derive(Debug)]
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup/unified` on hybrid hosts, else `/sys/fs/cgroup`.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    for p in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let p = Path::new(p);
+        if let Ok(st) = nix::sys::statfs::statfs(p) {
+            if st.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+                return Ok(p.into());
+            }
+        }
+    }
+    bail!("no cgroup v2 hierarchy found at /sys/fs/cgroup/unified or /sys/fs/cgroup")
+}
+
+impl Cgroup {
+    pub fn create(name: &str) -> Result<Self> {
+        if !name.starts_with("weir-") {
+            bail!("cgroup {name}: weir only creates cgroups named weir-*");
+        }
+        let path = cgroup2_root()?.join(name);
+        fs::create_dir(&path).with_context(|| format!("create cgroup {}", path.display()))?;
+        Ok(Cgroup { path })
+    }
+
+    /// Makes `cmd`'s process join this cgroup before it execs.
+    pub fn adopt(&self, cmd: &mut Command) -> Result<()> {
+        let procs = std::ffi::CString::new(self.path.join("cgroup.procs").to_string_lossy().as_bytes())?;
+        // SAFETY: open/write/close are async-signal-safe; the path was built before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let rc = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if rc != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Processes of the run were killed first; a dying process may linger a moment.
+        for _ in 0..50 {
+            if fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            thread::sleep(std::time::Duration::from_millis(20));
+        }
+        eprintln!("weir: could not remove cgroup {}", self.path.display());
+    }
+}
+
+/// A bpffs mounted for one run, unmounted on drop (which releases every pin under it).
+#[derive(Debug)]
+pub struct BpfMount {
+    pub path: PathBuf,
+}
+
+impl BpfMount {
+    pub fn create(path: &Path) -> Result<Self> {
+        fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
+        nix::mount::mount(Some("bpffs"), path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .with_context(|| format!("mount a bpffs at {}", path.display()))?;
+        Ok(BpfMount { path: path.into() })
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        if let Err(e) = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("weir: could not unmount {}: {e}", self.path.display());
+        }
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command) -> Result<Self> {
+        cmd.stdin(Stdio::null());
+        let child = cmd.spawn().with_context(|| format!("start {name}"))?;
+        Ok(Proc { name: name.into(), child })
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A short random tag for names, so parallel runs never collide.
+pub fn tag() -> String {
+    format!("{:05x}", rand::random::<u32>() & 0xfffff)
+}
