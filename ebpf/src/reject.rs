@@ -125,6 +125,7 @@ fn build4<const Q: usize>(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat>
     let total = (IPV4_HLEN + ICMP_HLEN + Q) as u16;
     hdr[0] = 0x45;
     hdr[2..4].copy_from_slice(&total.to_be_bytes());
+    hdr[6] = 0x40; // don't fragment
     hdr[8] = 64; // TTL
     hdr[9] = 1; // ICMP
     hdr[12..16].copy_from_slice(&quote[16..20]); // from the service address

@@ -1,1 +1,175 @@
-fn main() {}
+//! `cargo xtask`: everything that is not plain cargo. Privileged steps (network namespaces, eBPF)
+//! run here, so plain `cargo test` stays unprivileged.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+const BPF_LINKER_VERSION: &str = "0.10.4";
+/// Debian packages the tests, the sandbox and the benchmarks use.
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables"];
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "weir's build, test and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build and tests need (bpf-linker, rust-src, Debian packages); quick when
+    /// everything is there already.
+    #[command(after_help = "Example:\n  cargo xtask setup")]
+    Setup,
+    /// Build the release `weir` binary (eBPF programs included).
+    #[command(after_help = "Example:\n  cargo xtask build")]
+    Build,
+    /// Run every test: formatting, clippy, unit tests, then the privileged eBPF and namespace
+    /// tests (as root).
+    #[command(after_help = "Examples:\n  cargo xtask test\n  cargo xtask test -- lb4_clusterip   # only matching privileged tests")]
+    Test {
+        /// Passed to the privileged test binary (a name filter, --nocapture, ...).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the sandbox: a simulated node, load through its services, a report.
+    #[command(after_help = "Examples:\n  cargo xtask demo\n  cargo xtask demo -- --rate 1000 --duration 5s")]
+    Demo {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the benchmarks and rewrite benches/RESULTS.md.
+    #[command(after_help = "Examples:\n  cargo xtask bench\n  cargo xtask bench -- b8")]
+    Bench {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// cargo fmt --check and cargo clippy -D warnings.
+    Lint,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").into()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {:?}", cmd);
+    let st = cmd.status().with_context(|| format!("start {:?}", cmd.get_program()))?;
+    if !st.success() {
+        bail!("{:?} failed: {st}", cmd.get_program());
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    cmd.output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+fn setup() -> Result<()> {
+    let src = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "stable"]));
+    if !src.is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src"))) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "stable"]))?;
+    }
+    let linker = output(Command::new("bpf-linker").arg("--version"));
+    if !linker.is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
+        run(Command::new("cargo").args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked"]))?;
+    }
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("Debian packages missing: {} (run as root, or install them)", missing.join(" "));
+        }
+        run(Command::new("apt-get").arg("update").arg("-qq"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build_release() -> Result<PathBuf> {
+    run(cargo().args(["build", "--release", "-p", "weir-proxy"]))?;
+    Ok(root().join("target/release/weir"))
+}
+
+fn lint() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    // The eBPF object is not needed to lint the user-space code.
+    run(cargo()
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+        .env("AYA_BUILD_SKIP", "1"))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Build => {
+            setup()?;
+            build_release().map(|_| ())
+        }
+        Cmd::Lint => {
+            setup()?;
+            lint()
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            if !is_root() {
+                bail!("cargo xtask test runs eBPF and network-namespace tests: run it as root");
+            }
+            lint()?;
+            let weir = build_release()?;
+            // Unit tests: unprivileged (the privileged ones are #[ignore]d in a plain run).
+            run(cargo().arg("test"))?;
+            // Privileged tests: real programs, real packets, real namespaces; one at a time so
+            // that each owns its namespaces and the CPU it measures.
+            run(cargo()
+                .args(["test", "-p", "weir-tests", "--", "--include-ignored", "--test-threads=1"])
+                .args(&args)
+                .env("WEIR_BIN", &weir))
+        }
+        Cmd::Demo { args } => {
+            setup()?;
+            if !is_root() {
+                bail!("the sandbox creates network namespaces and loads eBPF programs: run it as root");
+            }
+            let weir = build_release()?;
+            run(Command::new(weir).arg("sandbox").args(&args))
+        }
+        Cmd::Bench { args } => {
+            setup()?;
+            if !is_root() {
+                bail!("the benchmarks create network namespaces and load eBPF programs: run them as root");
+            }
+            let weir = build_release()?;
+            run(cargo()
+                .args(["run", "--release", "-p", "weir-bench", "--"])
+                .args(&args)
+                .env("WEIR_BIN", &weir))
+        }
+    }
+}
