@@ -327,8 +327,16 @@ struct Conn {
     writer: TcpStream,
 }
 
-fn connect(target: SocketAddr, timeout: Duration) -> io::Result<Conn> {
-    let s = TcpStream::connect_timeout(&target, timeout)?;
+fn connect(target: SocketAddr, timeout: Duration) -> Result<Conn, String> {
+    let s = TcpStream::connect_timeout(&target, timeout).map_err(|e| timeout_kind(&e))?;
+    // The client must see the service as its peer, whatever backend it reached.
+    if s.peer_addr().ok() != Some(target) {
+        return Err("peer_not_service_address".into());
+    }
+    connected(s, timeout).map_err(|e| classify(&e))
+}
+
+fn connected(s: TcpStream, timeout: Duration) -> io::Result<Conn> {
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(timeout))?;
     Ok(Conn {
@@ -360,7 +368,7 @@ fn tcp_worker(spec: &Spec, target: SocketAddr, sh: &Shared) -> Tally {
         sleep_until(due);
         let res = (|| {
             if spec.new_conn || conn.is_none() {
-                conn = Some(connect(target, spec.timeout).map_err(|e| timeout_kind(&e))?);
+                conn = Some(connect(target, spec.timeout)?);
             }
             let c = conn.as_mut().ok_or("closed")?;
             exchange(c, seq, &mut line)

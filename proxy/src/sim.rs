@@ -192,24 +192,25 @@ impl Sim {
 
     /// Runs `weir loadtest <args> --json` in the client pod and returns its report.
     pub fn loadtest(&self, args: &[&str], socket_lb: bool, progress: bool) -> Result<Report> {
+        self.loadtest_spawn(args, socket_lb, progress)?.wait()
+    }
+
+    /// Starts `weir loadtest <args> --json` in the client pod; `wait` collects the report.
+    pub fn loadtest_spawn(&self, args: &[&str], socket_lb: bool, progress: bool) -> Result<Running> {
         let mut cmd = self.client_command(socket_lb)?;
         cmd.arg("loadtest").args(args).arg("--json");
         if !progress {
             cmd.arg("--quiet");
         }
-        cmd.stderr(if progress { Stdio::inherit() } else { Stdio::piped() });
-        let out = cmd.output().context("run weir loadtest in the client pod")?;
-        if !out.status.success() {
-            bail!(
-                "weir loadtest {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        serde_json::from_slice(&out.stdout).with_context(|| {
-            format!("parse the loadtest report: {}", String::from_utf8_lossy(&out.stdout))
+        cmd.stdout(Stdio::piped())
+            .stderr(if progress { Stdio::inherit() } else { Stdio::piped() });
+        let child = cmd.spawn().context("start weir loadtest in the client pod")?;
+        Ok(Running {
+            child: Some(child),
+            args: args.join(" "),
         })
     }
+
 
     pub fn status(&self) -> Result<status::Status> {
         status::read(&self.maps_dir(), 64)
@@ -229,6 +230,33 @@ impl Sim {
                 bail!("not programmed after 10s: {what}\n{}", self.agent_log_tail());
             }
             thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+/// A `weir loadtest` running in the client pod; killed if dropped before `wait`.
+pub struct Running {
+    child: Option<std::process::Child>,
+    args: String,
+}
+
+impl Running {
+    pub fn wait(mut self) -> Result<Report> {
+        let child = self.child.take().context("already waited")?;
+        let out = child.wait_with_output().context("wait for weir loadtest")?;
+        if !out.status.success() {
+            bail!("weir loadtest {} failed: {}", self.args, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("parse the loadtest report: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
