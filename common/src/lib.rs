@@ -25,7 +25,9 @@ pub mod map_names {
     pub const SOCK_REV: &str = "LB_SKREV_V1";
     pub const SOCK_FWD: &str = "LB_SKFWD_V1";
     pub const STATS: &str = "STATS_V1";
-    pub const ALL: [&str; 8] = [SVC, BACKENDS, MAGLEV, AFFINITY, CT, SOCK_REV, SOCK_FWD, STATS];
+    pub const ALL: [&str; 8] = [
+        SVC, BACKENDS, MAGLEV, AFFINITY, CT, SOCK_REV, SOCK_FWD, STATS,
+    ];
 }
 
 /// Program names in the object, one per attach point.

@@ -32,7 +32,12 @@ pub fn flow_hash(client: &Addr, sport: u16, proto: u8) -> u32 {
     let mut h: u32 = 0x9747_b28c;
     let mut i = 0;
     while i < 16 {
-        let w = u32::from_ne_bytes([client.0[i], client.0[i + 1], client.0[i + 2], client.0[i + 3]]);
+        let w = u32::from_ne_bytes([
+            client.0[i],
+            client.0[i + 1],
+            client.0[i + 2],
+            client.0[i + 3],
+        ]);
         h ^= w;
         h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
         i += 4;

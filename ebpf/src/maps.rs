@@ -16,11 +16,11 @@ pub static SVC: HashMap<SvcKey, SvcValue> = HashMap::pinned(MAX_SERVICE_SLOTS, B
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
 
 #[map(name = "LB_MAGLEV_V1")]
-pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(MAX_MAGLEV_SERVICES, BPF_F_NO_PREALLOC);
+pub static MAGLEV: HashMap<u32, MaglevTable> =
+    HashMap::pinned(MAX_MAGLEV_SERVICES, BPF_F_NO_PREALLOC);
 
 #[map(name = "LB_AFF_V1")]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
-    LruHashMap::pinned(MAX_AFFINITY, 0);
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
 
 #[map(name = "CT_V1")]
 pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CT, 0);

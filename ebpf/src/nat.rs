@@ -25,7 +25,13 @@ fn word(a: &Addr, i: usize) -> u32 {
 
 /// Rewrites the source (`dst == false`) or destination address of the packet.
 #[inline(always)]
-pub fn set_addr(ctx: &TcContext, p: &Packet, dst: bool, old: &Addr, new: &Addr) -> Result<(), Stat> {
+pub fn set_addr(
+    ctx: &TcContext,
+    p: &Packet,
+    dst: bool,
+    old: &Addr,
+    new: &Addr,
+) -> Result<(), Stat> {
     if set_addr_out_of_line(ctx, p, dst, old, new) == 0 {
         Ok(())
     } else {
@@ -43,11 +49,18 @@ fn set_addr_out_of_line(ctx: &TcContext, p: &Packet, dst: bool, old: &Addr, new:
 }
 
 #[inline(always)]
-fn set_addr_inner(ctx: &TcContext, p: &Packet, dst: bool, old: &Addr, new: &Addr) -> Result<(), Stat> {
+fn set_addr_inner(
+    ctx: &TcContext,
+    p: &Packet,
+    dst: bool,
+    old: &Addr,
+    new: &Addr,
+) -> Result<(), Stat> {
     let flags = l4_flags(p) | BPF_F_PSEUDO_HDR | 4;
     if p.v6 {
         let off = p.l3_off + if dst { 24 } else { 8 };
-        ctx.store(off, &new.0, 0).map_err(|_| Stat::DropRewriteFailed)?;
+        ctx.store(off, &new.0, 0)
+            .map_err(|_| Stat::DropRewriteFailed)?;
         let mut i = 0;
         while i < 16 {
             let (o, n) = (word(old, i), word(new, i));
@@ -76,7 +89,8 @@ pub fn set_port(ctx: &TcContext, p: &Packet, dst: bool, old: u16, new: u16) -> R
         return Ok(());
     }
     let off = p.l4_off + if dst { 2 } else { 0 };
-    ctx.store(off, &new, 0).map_err(|_| Stat::DropRewriteFailed)?;
+    ctx.store(off, &new, 0)
+        .map_err(|_| Stat::DropRewriteFailed)?;
     ctx.l4_csum_replace(p.csum_off, old as u64, new as u64, l4_flags(p) | 2)
         .map_err(|_| Stat::DropRewriteFailed)
 }

@@ -105,8 +105,10 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
             let Some(nexthdr) = read::<u8>(ctx, l3_off + 6) else {
                 return Parsed::Drop(Stat::DropTruncated);
             };
-            let (Some(src), Some(dst)) = (read::<Addr>(ctx, l3_off + 8), read::<Addr>(ctx, l3_off + 24))
-            else {
+            let (Some(src), Some(dst)) = (
+                read::<Addr>(ctx, l3_off + 8),
+                read::<Addr>(ctx, l3_off + 24),
+            ) else {
                 return Parsed::Drop(Stat::DropTruncated);
             };
             if vtc >> 4 != 6 {

@@ -40,7 +40,12 @@ fn add_be16(buf: &[u8], sum: &mut u32) {
 fn load_exact(ctx: &TcContext, off: usize, dst: &mut [u8]) -> Result<(), Stat> {
     // SAFETY: dst is valid for dst.len() bytes of writes.
     let rc = unsafe {
-        bpf_skb_load_bytes(ctx.skb.skb.cast(), off as u32, dst.as_mut_ptr().cast(), dst.len() as u32)
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            off as u32,
+            dst.as_mut_ptr().cast(),
+            dst.len() as u32,
+        )
     };
     if rc != 0 {
         return Err(Stat::DropRejectFailed);
@@ -54,7 +59,8 @@ fn swap_macs(ctx: &TcContext) -> Result<(), Stat> {
     let mut swapped = [0u8; 12];
     swapped[..6].copy_from_slice(&macs[6..]);
     swapped[6..].copy_from_slice(&macs[..6]);
-    ctx.store(0, &swapped, 0).map_err(|_| Stat::DropRejectFailed)
+    ctx.store(0, &swapped, 0)
+        .map_err(|_| Stat::DropRejectFailed)
 }
 
 /// Shrinks the packet to the quote, then opens `room` bytes for the new headers after the MAC.
@@ -86,7 +92,11 @@ fn send_back(ctx: &TcContext) -> Result<i32, Stat> {
 /// returns the verdict and counts its outcome itself.
 #[inline(never)]
 pub fn reject(ctx: &TcContext, s: &mut Scratch) -> i32 {
-    let r = if s.pkt.v6 { reject6(ctx, s) } else { reject4(ctx, s) };
+    let r = if s.pkt.v6 {
+        reject6(ctx, s)
+    } else {
+        reject4(ctx, s)
+    };
     match r {
         Ok(v) => {
             count(Stat::RejectNoBackend);
@@ -141,8 +151,10 @@ fn build4<const Q: usize>(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat>
     add_be16(quote, &mut sum);
     hdr[22..24].copy_from_slice(&fold(sum).to_be_bytes());
 
-    let hdr: &[u8; IPV4_HLEN + ICMP_HLEN] = (&*hdr).try_into().map_err(|_| Stat::DropRejectFailed)?;
-    ctx.store(ETH_HLEN, hdr, 0).map_err(|_| Stat::DropRejectFailed)?;
+    let hdr: &[u8; IPV4_HLEN + ICMP_HLEN] =
+        (&*hdr).try_into().map_err(|_| Stat::DropRejectFailed)?;
+    ctx.store(ETH_HLEN, hdr, 0)
+        .map_err(|_| Stat::DropRejectFailed)?;
     send_back(ctx)
 }
 
@@ -174,14 +186,16 @@ fn build6<const Q: usize>(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat>
     hdr[24..40].copy_from_slice(&quote[8..24]);
     hdr[40] = 1; // destination unreachable
     hdr[41] = 4; // port unreachable
-    // Pseudo-header: addresses, upper-layer length, next header.
+                 // Pseudo-header: addresses, upper-layer length, next header.
     let mut sum = payload as u32 + 58;
     add_be16(&hdr[8..40], &mut sum);
     add_be16(&hdr[IPV6_HLEN..], &mut sum);
     add_be16(quote, &mut sum);
     hdr[42..44].copy_from_slice(&fold(sum).to_be_bytes());
 
-    let hdr: &[u8; IPV6_HLEN + ICMP_HLEN] = (&*hdr).try_into().map_err(|_| Stat::DropRejectFailed)?;
-    ctx.store(ETH_HLEN, hdr, 0).map_err(|_| Stat::DropRejectFailed)?;
+    let hdr: &[u8; IPV6_HLEN + ICMP_HLEN] =
+        (&*hdr).try_into().map_err(|_| Stat::DropRejectFailed)?;
+    ctx.store(ETH_HLEN, hdr, 0)
+        .map_err(|_| Stat::DropRejectFailed)?;
     send_back(ctx)
 }

@@ -124,13 +124,14 @@ pub fn forward(ctx: &SockAddrContext, fam: Family, sendmsg: bool) -> i32 {
         }
     }
     let hash = (cookie ^ (cookie >> 32)) as u32;
-    let (backend_id, be) = match select_backend(&vip, vport, proto, &master, &client_of(ctx, fam), hash) {
-        Ok(b) => b,
-        Err(_) => {
-            count(Stat::SockBackendMissing);
-            return ALLOW;
-        }
-    };
+    let (backend_id, be) =
+        match select_backend(&vip, vport, proto, &master, &client_of(ctx, fam), hash) {
+            Ok(b) => b,
+            Err(_) => {
+                count(Stat::SockBackendMissing);
+                return ALLOW;
+            }
+        };
     let rev_key = SockKey {
         cookie,
         addr: be.addr,
@@ -148,7 +149,11 @@ pub fn forward(ctx: &SockAddrContext, fam: Family, sendmsg: bool) -> i32 {
         let _ = SOCK_FWD.insert(&fwd_key, &rev, 0);
     }
     set_user_addr(ctx, fam, &be.addr, be.port);
-    count(if sendmsg { Stat::SockSendmsg } else { Stat::SockConnect });
+    count(if sendmsg {
+        Stat::SockSendmsg
+    } else {
+        Stat::SockConnect
+    });
     ALLOW
 }
 
@@ -159,7 +164,9 @@ pub fn forward(ctx: &SockAddrContext, fam: Family, sendmsg: bool) -> i32 {
 fn client_of(ctx: &SockAddrContext, _fam: Family) -> Addr {
     // SAFETY: get_netns_cookie on a sock_addr context is defined by the kernel.
     let c = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }.to_be_bytes();
-    Addr([0xfd, 0xff, 0, 0, 0, 0, 0, 0, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+    Addr([
+        0xfd, 0xff, 0, 0, 0, 0, 0, 0, c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+    ])
 }
 
 /// `recvmsg` and `getpeername`: show the service address instead of the backend.

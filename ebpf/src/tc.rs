@@ -23,7 +23,11 @@ pub fn handle(ctx: &TcContext) -> i32 {
     let parsed = parse_out_of_line(ctx, &mut s.pkt);
     if parsed != 0 {
         count_raw(parsed & 0xff);
-        return if parsed & 0x200 != 0 { TC_ACT_SHOT } else { TC_ACT_OK as i32 };
+        return if parsed & 0x200 != 0 {
+            TC_ACT_SHOT
+        } else {
+            TC_ACT_OK as i32
+        };
     }
     match process(ctx, s) {
         Ok(verdict) => verdict,
@@ -149,8 +153,10 @@ fn try_new_flow(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
     s.rev.nat_port = p.dport;
     s.rev.dir = CT_DIR_REPLY;
     // Reply entry first: once the forward entry exists, the reply can come back.
-    CT.insert(&s.reply_key, &s.rev, 0).map_err(|_| Stat::DropRewriteFailed)?;
-    CT.insert(&s.fwd_key, &s.fwd, 0).map_err(|_| Stat::DropRewriteFailed)?;
+    CT.insert(&s.reply_key, &s.rev, 0)
+        .map_err(|_| Stat::DropRewriteFailed)?;
+    CT.insert(&s.fwd_key, &s.fwd, 0)
+        .map_err(|_| Stat::DropRewriteFailed)?;
     if hairpin {
         set_addr(ctx, p, false, &p.src, &p.dst)?;
         count(Stat::Hairpin);

@@ -38,17 +38,24 @@ pub fn pin_dir(bpffs: &Path) -> PinDir {
 
 fn interfaces() -> Vec<String> {
     nix::net::if_::if_nameindex()
-        .map(|l| l.iter().map(|i| i.name().to_string_lossy().into_owned()).collect())
+        .map(|l| {
+            l.iter()
+                .map(|i| i.name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
-    fs::metadata(p).ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+    fs::metadata(p)
+        .ok()
+        .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
 }
 
 /// Reads the source and programs it. Problems with single objects are logged and skipped.
 fn sync(cfg: &Config, programmer: &mut Programmer, maps: &mut AyaMaps) -> Result<()> {
-    let text = fs::read_to_string(&cfg.source).with_context(|| format!("read source {}", cfg.source.display()))?;
+    let text = fs::read_to_string(&cfg.source)
+        .with_context(|| format!("read source {}", cfg.source.display()))?;
     let started = std::time::Instant::now();
     let (objs, mut problems) = model::parse_yaml(&text);
     let m = model::build(&objs);
@@ -91,7 +98,10 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut programmer = Programmer::adopt(&maps)?;
     let adopted = programmer.programmed_frontends().count();
     if adopted > 0 {
-        info!(frontends = adopted, "adopted what a previous run programmed");
+        info!(
+            frontends = adopted,
+            "adopted what a previous run programmed"
+        );
     }
     let mut attached: BTreeSet<String> = BTreeSet::new();
     let mut last = None;
@@ -99,7 +109,12 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         for ifname in interfaces() {
-            if !attached.contains(&ifname) && cfg.pod_if_prefixes.iter().any(|p| ifname.starts_with(p.as_str())) {
+            if !attached.contains(&ifname)
+                && cfg
+                    .pod_if_prefixes
+                    .iter()
+                    .any(|p| ifname.starts_with(p.as_str()))
+            {
                 match dp.attach_tc(&ifname, TcRole::FromPod) {
                     Ok(()) => {
                         info!(dev = %ifname, "attached tc_from_pod");

@@ -12,13 +12,19 @@ use tokio::{
 /// Serves TCP and UDP on `port` on every address (IPv4 and IPv6) until the task is dropped.
 pub async fn serve(name: String, port: u16) -> Result<()> {
     let addr: SocketAddr = format!("[::]:{port}").parse()?;
-    let tcp = TcpListener::bind(addr).await.with_context(|| format!("bind TCP {addr}"))?;
-    let udp = UdpSocket::bind(addr).await.with_context(|| format!("bind UDP {addr}"))?;
+    let tcp = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind TCP {addr}"))?;
+    let udp = UdpSocket::bind(addr)
+        .await
+        .with_context(|| format!("bind UDP {addr}"))?;
     let udp_name = name.clone();
     let udp_task = tokio::spawn(async move {
         let mut buf = [0u8; 1500];
         loop {
-            let Ok((n, from)) = udp.recv_from(&mut buf).await else { continue };
+            let Ok((n, from)) = udp.recv_from(&mut buf).await else {
+                continue;
+            };
             let reply = format!("{udp_name} {}", String::from_utf8_lossy(&buf[..n]).trim());
             let _ = udp.send_to(reply.as_bytes(), from).await;
         }
@@ -34,7 +40,10 @@ pub async fn serve(name: String, port: u16) -> Result<()> {
             let (r, mut w) = sock.into_split();
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if w.write_all(format!("{name} {line}\n").as_bytes()).await.is_err() {
+                if w.write_all(format!("{name} {line}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }

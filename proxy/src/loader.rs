@@ -3,8 +3,7 @@
 //! affinity and services survive) and each pinned link is switched to the new program
 //! atomically, so no packet meets a moment without a program.
 use std::{
-    fs,
-    io,
+    fs, io,
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
@@ -64,7 +63,8 @@ impl PinDir {
         self.0.join("links")
     }
     fn link(&self, program: &str, target: &str) -> PathBuf {
-        self.links().join(format!("{program}@{}", target.replace('/', "_")))
+        self.links()
+            .join(format!("{program}@{}", target.replace('/', "_")))
     }
 }
 
@@ -85,13 +85,19 @@ impl Datapath {
             bail!("this weir binary was built with AYA_BUILD_SKIP=1 and has no eBPF programs; rebuild it without");
         }
         for d in [pins.maps(), pins.links()] {
-            fs::create_dir_all(&d).with_context(|| format!("create pin directory {}", d.display()))?;
+            fs::create_dir_all(&d)
+                .with_context(|| format!("create pin directory {}", d.display()))?;
         }
         let maps_dir = pins.maps();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)
-            .with_context(|| format!("load the eBPF object (maps pinned under {})", maps_dir.display()))?;
+            .with_context(|| {
+                format!(
+                    "load the eBPF object (maps pinned under {})",
+                    maps_dir.display()
+                )
+            })?;
         for name in [prog_names::TC_FROM_POD, prog_names::TC_FROM_NETDEV] {
             let p: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
             p.load().with_context(|| format!("load program {name}"))?;
@@ -122,10 +128,15 @@ impl Datapath {
             }
             Err(e) if is_not_found(&e) => {
                 let id = prog
-                    .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .attach_with_options(
+                        ifname,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
                     .with_context(|| format!("attach {name} to {ifname} ingress"))?;
                 let link: FdLink = prog.take_link(id)?.try_into()?;
-                link.pin(&pin).with_context(|| format!("pin link {}", pin.display()))?;
+                link.pin(&pin)
+                    .with_context(|| format!("pin link {}", pin.display()))?;
             }
             Err(e) => return Err(e).with_context(|| format!("open pinned link {}", pin.display())),
         }
@@ -137,7 +148,8 @@ impl Datapath {
         let pin = self.pins.link(role.program(), ifname);
         match PinnedLink::from_pin(&pin) {
             Ok(link) => {
-                link.unpin().with_context(|| format!("unpin {}", pin.display()))?;
+                link.unpin()
+                    .with_context(|| format!("unpin {}", pin.display()))?;
                 Ok(())
             }
             Err(e) if is_not_found(&e) => Ok(()),
@@ -148,24 +160,29 @@ impl Datapath {
     /// Attaches the socket-level hooks to a cgroup (v2), or swaps the programs of the links a
     /// previous run pinned.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
-        let dir = fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+        let dir =
+            fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
         let target = format!("cgroup-{}", cgroup.display());
         for name in SOCK_PROGRAMS {
             let pin = self.pins.link(name, &target);
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
             match obj_get(&pin) {
                 Ok(link) => {
-                    link_update(link.as_raw_fd(), prog.fd()?.as_fd().as_raw_fd())
-                        .with_context(|| format!("replace program {name} on {}", cgroup.display()))?;
+                    link_update(link.as_raw_fd(), prog.fd()?.as_fd().as_raw_fd()).with_context(
+                        || format!("replace program {name} on {}", cgroup.display()),
+                    )?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     let id = prog
                         .attach(&dir, CgroupAttachMode::Single)
                         .with_context(|| format!("attach {name} to cgroup {}", cgroup.display()))?;
                     let link: FdLink = prog.take_link(id)?.try_into()?;
-                    link.pin(&pin).with_context(|| format!("pin link {}", pin.display()))?;
+                    link.pin(&pin)
+                        .with_context(|| format!("pin link {}", pin.display()))?;
                 }
-                Err(e) => return Err(e).with_context(|| format!("open pinned link {}", pin.display())),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("open pinned link {}", pin.display()))
+                }
             }
         }
         Ok(())
@@ -178,10 +195,13 @@ impl Datapath {
             let pin = self.pins.link(name, &target);
             match PinnedLink::from_pin(&pin) {
                 Ok(link) => {
-                    link.unpin().with_context(|| format!("unpin {}", pin.display()))?;
+                    link.unpin()
+                        .with_context(|| format!("unpin {}", pin.display()))?;
                 }
                 Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(e).with_context(|| format!("open pinned link {}", pin.display())),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("open pinned link {}", pin.display()))
+                }
             }
         }
         Ok(())
@@ -270,7 +290,13 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     if st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC {
         return Ok(());
     }
-    nix::mount::mount(Some("bpffs"), dir, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .with_context(|| format!("mount a bpffs at {}", dir.display()))?;
+    nix::mount::mount(
+        Some("bpffs"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mount a bpffs at {}", dir.display()))?;
     Ok(())
 }

@@ -82,7 +82,16 @@ impl Report {
         let total: u64 = self.backends.values().sum();
         self.backends
             .iter()
-            .map(|(k, v)| (k.clone(), if total == 0 { 0.0 } else { *v as f64 * 100.0 / total as f64 }))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    if total == 0 {
+                        0.0
+                    } else {
+                        *v as f64 * 100.0 / total as f64
+                    },
+                )
+            })
             .collect()
     }
 
@@ -193,7 +202,9 @@ pub fn run(spec: Spec) -> Result<Report> {
         .with_context(|| format!("resolve {}", spec.target))?
         .next()
         .with_context(|| format!("{} resolves to no address", spec.target))?;
-    let total = (spec.rate as f64 * spec.duration.as_secs_f64()).round().max(1.0) as u64;
+    let total = (spec.rate as f64 * spec.duration.as_secs_f64())
+        .round()
+        .max(1.0) as u64;
     let shared = Shared {
         next: AtomicU64::new(0),
         ok: AtomicU64::new(0),
@@ -238,7 +249,10 @@ pub fn run(spec: Spec) -> Result<Report> {
                 })
             })
             .collect();
-        let out = handles.into_iter().map(|h| h.join().unwrap_or_default()).collect();
+        let out = handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect();
         done.store(true, Ordering::Relaxed);
         out
     });
@@ -257,16 +271,29 @@ pub fn run(spec: Spec) -> Result<Report> {
             *tally.backends.entry(k).or_default() += v;
         }
     }
-    let elapsed = shared.start.elapsed().as_secs_f64().max(spec.duration.as_secs_f64());
+    let elapsed = shared
+        .start
+        .elapsed()
+        .as_secs_f64()
+        .max(spec.duration.as_secs_f64());
     let h = tally.hist.unwrap_or_else(new_hist);
-    let q = |p: f64| if h.is_empty() { 0.0 } else { h.value_at_quantile(p) as f64 };
+    let q = |p: f64| {
+        if h.is_empty() {
+            0.0
+        } else {
+            h.value_at_quantile(p) as f64
+        }
+    };
     let ok = shared.ok.load(Ordering::Relaxed);
     Ok(Report {
         target: spec.target.clone(),
         resolved: target.to_string(),
         proto: spec.proto,
         mode: if spec.new_conn {
-            format!("new connection per request, up to {} in flight", spec.connections)
+            format!(
+                "new connection per request, up to {} in flight",
+                spec.connections
+            )
         } else {
             format!("{} persistent connections", spec.connections)
         },
@@ -315,7 +342,10 @@ fn parse_reply(reply: &str, seq: u64) -> Result<String, String> {
 }
 
 fn timeout_kind(e: &io::Error) -> String {
-    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
         "timeout".into()
     } else {
         classify(e)
@@ -382,9 +412,13 @@ fn tcp_worker(spec: &Spec, target: SocketAddr, sh: &Shared) -> Tally {
 }
 
 fn udp_socket(target: SocketAddr, connect: bool, timeout: Duration) -> io::Result<UdpSocket> {
-    let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-        .parse()
-        .map_err(|_| io::Error::other("bind address"))?;
+    let bind: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .map_err(|_| io::Error::other("bind address"))?;
     let s = UdpSocket::bind(bind)?;
     if connect {
         s.connect(target)?;
@@ -393,12 +427,19 @@ fn udp_socket(target: SocketAddr, connect: bool, timeout: Duration) -> io::Resul
     Ok(s)
 }
 
-fn udp_exchange(s: &UdpSocket, target: SocketAddr, connected: bool, seq: u64, deadline: Instant) -> Result<String, String> {
+fn udp_exchange(
+    s: &UdpSocket,
+    target: SocketAddr,
+    connected: bool,
+    seq: u64,
+    deadline: Instant,
+) -> Result<String, String> {
     let msg = seq.to_string();
     if connected {
         s.send(msg.as_bytes()).map_err(|e| classify(&e))?;
     } else {
-        s.send_to(msg.as_bytes(), target).map_err(|e| classify(&e))?;
+        s.send_to(msg.as_bytes(), target)
+            .map_err(|e| classify(&e))?;
     }
     let mut buf = [0u8; 512];
     loop {
@@ -457,7 +498,10 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         thread::spawn(move || rt.block_on(crate::echo::serve("local".into(), port)));
         thread::sleep(Duration::from_millis(100));
         let spec = Spec {
@@ -475,7 +519,11 @@ mod tests {
         assert_eq!(r.sent, 200);
         assert_eq!(r.ok, 200, "{:?}", r.errors);
         assert_eq!(r.backends.get("local"), Some(&200));
-        let u = run(Spec { proto: Proto::Udp, ..spec }).unwrap();
+        let u = run(Spec {
+            proto: Proto::Udp,
+            ..spec
+        })
+        .unwrap();
         assert_eq!(u.ok, 200, "{:?}", u.errors);
     }
 }

@@ -57,7 +57,9 @@ mod tests {
     use super::*;
 
     fn names(n: usize) -> Vec<(String, u32)> {
-        (0..n).map(|i| (format!("198.18.1.{i}:8080"), i as u32 + 1)).collect()
+        (0..n)
+            .map(|i| (format!("198.18.1.{i}:8080"), i as u32 + 1))
+            .collect()
     }
 
     #[test]
@@ -65,7 +67,10 @@ mod tests {
         let t = table(&names(3));
         for id in 1..=3 {
             let share = t.iter().filter(|x| **x == id).count();
-            assert!((330..=350).contains(&share), "backend {id} owns {share} of {MAGLEV_M}");
+            assert!(
+                (330..=350).contains(&share),
+                "backend {id} owns {share} of {MAGLEV_M}"
+            );
         }
     }
 
@@ -81,7 +86,10 @@ mod tests {
             .filter(|(b, a)| **b != gone && b != a)
             .count();
         // Entries of surviving backends that changed owner: Maglev keeps this small.
-        assert!(moved * 100 / MAGLEV_M < 10, "{moved} entries of live backends moved");
+        assert!(
+            moved * 100 / MAGLEV_M < 10,
+            "{moved} entries of live backends moved"
+        );
         assert!(!after.contains(&gone));
     }
 

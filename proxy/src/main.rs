@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use weir_proxy::{agent, echo, loadtest, sandbox, status, topo};
 
 #[derive(Parser)]
-#[command(name = "weir", version, about = "weir: an eBPF Kubernetes service data plane (kube-proxy replacement)")]
+#[command(
+    name = "weir",
+    version,
+    about = "weir: an eBPF Kubernetes service data plane (kube-proxy replacement)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -121,8 +125,13 @@ enum Cmd {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map(|i| s.split_at(i)).unwrap_or((s, "s"));
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 2m"))?;
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 2m"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" | "" => n,
@@ -135,7 +144,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -191,10 +203,18 @@ fn run(cli: Cli) -> Result<()> {
             };
             runtime()?.block_on(agent::run(cfg))
         }
-        Cmd::Sandbox { rate, duration, cleanup } => {
+        Cmd::Sandbox {
+            rate,
+            duration,
+            cleanup,
+        } => {
             if cleanup {
                 let gone = topo::sweep("sbx")?;
-                println!("removed {} leftover namespaces: {}", gone.len(), gone.join(" "));
+                println!(
+                    "removed {} leftover namespaces: {}",
+                    gone.len(),
+                    gone.join(" ")
+                );
                 return Ok(());
             }
             sandbox::run(sandbox::SandboxOptions { rate, duration })
@@ -230,7 +250,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Status { bpffs, json, conntrack } => {
+        Cmd::Status {
+            bpffs,
+            json,
+            conntrack,
+        } => {
             let st = status::read(&agent::pin_dir(&bpffs).maps(), conntrack)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);

@@ -17,14 +17,14 @@ pub enum WriteError {
         op: &'static str,
         what: String,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("map {map}: open {path}: {source}")]
     Open {
         map: &'static str,
         path: PathBuf,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
 }
 
@@ -94,12 +94,12 @@ pub fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, WriteError> {
     let data = MapData::from_pin(&path).map_err(|source| WriteError::Open {
         map: name,
         path: path.clone(),
-        source,
+        source: Box::new(source),
     })?;
     Map::from_map_data(data).map_err(|source| WriteError::Open {
         map: name,
         path,
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -114,7 +114,7 @@ impl AyaMaps {
             HashMap::try_from(map).map_err(|source| WriteError::Open {
                 map: name,
                 path: dir.join(name),
-                source,
+                source: Box::new(source),
             })
         }
         Ok(Self {
@@ -127,51 +127,57 @@ impl AyaMaps {
 
 impl MapWriter for AyaMaps {
     fn put_backend(&mut self, id: u32, be: &Backend) -> Result<(), WriteError> {
-        self.backends.insert(id, be, 0).map_err(|source| WriteError::Map {
-            map: map_names::BACKENDS,
-            op: "insert",
-            what: format!("backend {id}"),
-            source,
-        })
+        self.backends
+            .insert(id, be, 0)
+            .map_err(|source| WriteError::Map {
+                map: map_names::BACKENDS,
+                op: "insert",
+                what: format!("backend {id}"),
+                source: Box::new(source),
+            })
     }
     fn del_backend(&mut self, id: u32) -> Result<(), WriteError> {
         ignore_missing(self.backends.remove(&id)).map_err(|source| WriteError::Map {
             map: map_names::BACKENDS,
             op: "remove",
             what: format!("backend {id}"),
-            source,
+            source: Box::new(source),
         })
     }
     fn put_svc(&mut self, key: &SvcKey, val: &SvcValue) -> Result<(), WriteError> {
-        self.svc.insert(key, val, 0).map_err(|source| WriteError::Map {
-            map: map_names::SVC,
-            op: "insert",
-            what: describe_key(key),
-            source,
-        })
+        self.svc
+            .insert(key, val, 0)
+            .map_err(|source| WriteError::Map {
+                map: map_names::SVC,
+                op: "insert",
+                what: describe_key(key),
+                source: Box::new(source),
+            })
     }
     fn del_svc(&mut self, key: &SvcKey) -> Result<(), WriteError> {
         ignore_missing(self.svc.remove(key)).map_err(|source| WriteError::Map {
             map: map_names::SVC,
             op: "remove",
             what: describe_key(key),
-            source,
+            source: Box::new(source),
         })
     }
     fn put_maglev(&mut self, svc_id: u32, table: &MaglevTable) -> Result<(), WriteError> {
-        self.maglev.insert(svc_id, table, 0).map_err(|source| WriteError::Map {
-            map: map_names::MAGLEV,
-            op: "insert",
-            what: format!("service {svc_id}"),
-            source,
-        })
+        self.maglev
+            .insert(svc_id, table, 0)
+            .map_err(|source| WriteError::Map {
+                map: map_names::MAGLEV,
+                op: "insert",
+                what: format!("service {svc_id}"),
+                source: Box::new(source),
+            })
     }
     fn del_maglev(&mut self, svc_id: u32) -> Result<(), WriteError> {
         ignore_missing(self.maglev.remove(&svc_id)).map_err(|source| WriteError::Map {
             map: map_names::MAGLEV,
             op: "remove",
             what: format!("service {svc_id}"),
-            source,
+            source: Box::new(source),
         })
     }
     fn dump(&self) -> Result<Programmed, WriteError> {
@@ -179,7 +185,7 @@ impl MapWriter for AyaMaps {
             map,
             op: "iterate",
             what: String::new(),
-            source,
+            source: Box::new(source),
         };
         let mut out = Programmed::default();
         for kv in self.svc.iter() {
@@ -192,7 +198,8 @@ impl MapWriter for AyaMaps {
         }
         for kv in self.maglev.iter() {
             let (k, v) = kv.map_err(|e| err(map_names::MAGLEV, e))?;
-            out.maglev.insert(k, v.backends[..weir_common::MAGLEV_M].to_vec());
+            out.maglev
+                .insert(k, v.backends[..weir_common::MAGLEV_M].to_vec());
         }
         Ok(out)
     }
@@ -227,7 +234,7 @@ impl FakeMaps {
                 map: "FAKE",
                 op: "write",
                 what: format!("write #{n}"),
-                source: MapError::KeyNotFound,
+                source: Box::new(MapError::KeyNotFound),
             });
         }
         Ok(())
@@ -239,19 +246,25 @@ impl FakeMaps {
             for slot in 1..=v.count {
                 let sk = SvcKeyOrd(k.0, k.1, k.2, slot);
                 match st.svc.get(&sk) {
-                    None => self.violations.push(format!("after write {}: {sk:?} missing", self.writes)),
-                    Some(s) if !st.backends.contains_key(&s.backend_id) => self.violations.push(format!(
-                        "after write {}: {sk:?} -> backend {} missing",
-                        self.writes, s.backend_id
-                    )),
+                    None => self
+                        .violations
+                        .push(format!("after write {}: {sk:?} missing", self.writes)),
+                    Some(s) if !st.backends.contains_key(&s.backend_id) => {
+                        self.violations.push(format!(
+                            "after write {}: {sk:?} -> backend {} missing",
+                            self.writes, s.backend_id
+                        ))
+                    }
                     _ => {}
                 }
             }
         }
         for (svc, table) in &st.maglev {
             if let Some(bad) = table.iter().find(|id| !st.backends.contains_key(id)) {
-                self.violations
-                    .push(format!("after write {}: maglev {svc} -> backend {bad} missing", self.writes));
+                self.violations.push(format!(
+                    "after write {}: maglev {svc} -> backend {bad} missing",
+                    self.writes
+                ));
             }
         }
     }

@@ -77,10 +77,16 @@ pub fn parse_yaml(text: &str) -> (Objects, Vec<Problem>) {
                 break;
             }
         };
-        let kind = serde_yaml::from_value::<Kind>(value.clone()).ok().and_then(|k| k.kind);
+        let kind = serde_yaml::from_value::<Kind>(value.clone())
+            .ok()
+            .and_then(|k| k.kind);
         let res = match kind.as_deref() {
-            Some("Service") => serde_yaml::from_value::<Service>(value).map(|s| objs.services.push(s)),
-            Some("EndpointSlice") => serde_yaml::from_value::<EndpointSlice>(value).map(|s| objs.slices.push(s)),
+            Some("Service") => {
+                serde_yaml::from_value::<Service>(value).map(|s| objs.services.push(s))
+            }
+            Some("EndpointSlice") => {
+                serde_yaml::from_value::<EndpointSlice>(value).map(|s| objs.slices.push(s))
+            }
             _ => Ok(()),
         };
         if let Err(e) = res {
@@ -108,7 +114,11 @@ pub fn build(objs: &Objects) -> Model {
     // EndpointSlices by (namespace, service name).
     let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in &objs.slices {
-        let ns = s.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let ns = s
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let Some(svc) = s
             .metadata
             .labels
@@ -120,7 +130,11 @@ pub fn build(objs: &Objects) -> Model {
         slices.entry((ns, svc.clone())).or_default().push(s);
     }
     for svc in &objs.services {
-        let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let ns = svc
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let name = svc.metadata.name.clone().unwrap_or_default();
         let id = format!("{ns}/{name}");
         let Some(spec) = &svc.spec else {
@@ -163,7 +177,10 @@ pub fn build(objs: &Objects) -> Model {
                 .map(|t| t.max(1) as u32)
                 .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
         });
-        let my_slices = slices.get(&(ns.clone(), name.clone())).cloned().unwrap_or_default();
+        let my_slices = slices
+            .get(&(ns.clone(), name.clone()))
+            .cloned()
+            .unwrap_or_default();
         for ip in &ips {
             let vip: IpAddr = match ip.parse() {
                 Ok(v) => v,
@@ -177,7 +194,14 @@ pub fn build(objs: &Objects) -> Model {
             };
             for port in spec.ports.iter().flatten() {
                 let pname = port.name.clone().unwrap_or_default();
-                let object = format!("Service {id} port {}", if pname.is_empty() { port.port.to_string() } else { pname.clone() });
+                let object = format!(
+                    "Service {id} port {}",
+                    if pname.is_empty() {
+                        port.port.to_string()
+                    } else {
+                        pname.clone()
+                    }
+                );
                 let proto = match proto(port.protocol.as_ref()) {
                     Ok(p) => p,
                     Err(e) => {
@@ -193,15 +217,29 @@ pub fn build(objs: &Objects) -> Model {
                     continue;
                 };
                 if vport == 0 {
-                    m.problems.push(Problem { object, message: "port 0".into() });
+                    m.problems.push(Problem {
+                        object,
+                        message: "port 0".into(),
+                    });
                     continue;
                 }
                 let backends = endpoints_for(&my_slices, vip.is_ipv4(), &pname, proto);
-                let fe = Frontend { ip: vip, port: vport, proto };
+                let fe = Frontend {
+                    ip: vip,
+                    port: vport,
+                    proto,
+                };
                 m.desired.insert(
                     fe,
                     ServiceSpec {
-                        name: format!("{id}:{}", if pname.is_empty() { vport.to_string() } else { pname }),
+                        name: format!(
+                            "{id}:{}",
+                            if pname.is_empty() {
+                                vport.to_string()
+                            } else {
+                                pname
+                            }
+                        ),
                         backends,
                         maglev,
                         affinity_timeout_s: affinity,
@@ -215,7 +253,12 @@ pub fn build(objs: &Objects) -> Model {
 
 /// Ready endpoints of the slices of the service's family whose port matches by name and
 /// protocol (an unnamed service port matches the slice's unnamed port).
-fn endpoints_for(slices: &[&EndpointSlice], v4: bool, port_name: &str, proto_num: u8) -> Vec<SocketAddr> {
+fn endpoints_for(
+    slices: &[&EndpointSlice],
+    v4: bool,
+    port_name: &str,
+    proto_num: u8,
+) -> Vec<SocketAddr> {
     let family = if v4 { "IPv4" } else { "IPv6" };
     let mut out = Vec::new();
     for s in slices.iter().filter(|s| s.address_type == family) {
@@ -225,7 +268,11 @@ fn endpoints_for(slices: &[&EndpointSlice], v4: bool, port_name: &str, proto_num
         }) else {
             continue;
         };
-        let Some(pnum) = port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+        let Some(pnum) = port
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        else {
             continue;
         };
         for ep in s.endpoints.iter().flatten() {
@@ -297,34 +344,83 @@ spec: {clusterIP: 198.19.0.99, ports: [{port: 80, protocol: ICMP}, {name: ok, po
         let (objs, problems) = parse_yaml(YAML);
         assert!(problems.is_empty(), "{problems:?}");
         let m = build(&objs);
-        let web4 = Frontend { ip: "198.19.0.10".parse().unwrap(), port: 80, proto: PROTO_TCP };
+        let web4 = Frontend {
+            ip: "198.19.0.10".parse().unwrap(),
+            port: 80,
+            proto: PROTO_TCP,
+        };
         let spec = &m.desired[&web4];
         assert_eq!(spec.name, "demo/web:http");
-        assert_eq!(spec.backends, vec!["198.18.1.11:8080".parse().unwrap()], "not-ready endpoint excluded");
+        assert_eq!(
+            spec.backends,
+            vec!["198.18.1.11:8080".parse().unwrap()],
+            "not-ready endpoint excluded"
+        );
         assert!(spec.maglev);
         assert_eq!(spec.affinity_timeout_s, Some(30));
-        let web6 = Frontend { ip: "fd00:19::10".parse().unwrap(), port: 80, proto: PROTO_TCP };
-        assert_eq!(m.desired[&web6].backends, vec!["[fd00:18::11]:8080".parse().unwrap()]);
-        let dns4 = Frontend { ip: "198.19.0.10".parse().unwrap(), port: 53, proto: PROTO_UDP };
-        assert_eq!(m.desired[&dns4].backends, vec!["198.18.1.11:5353".parse().unwrap()]);
-        let dns6 = Frontend { ip: "fd00:19::10".parse().unwrap(), port: 53, proto: PROTO_UDP };
-        assert!(m.desired[&dns6].backends.is_empty(), "no v6 slice port named dns: no endpoints");
+        let web6 = Frontend {
+            ip: "fd00:19::10".parse().unwrap(),
+            port: 80,
+            proto: PROTO_TCP,
+        };
+        assert_eq!(
+            m.desired[&web6].backends,
+            vec!["[fd00:18::11]:8080".parse().unwrap()]
+        );
+        let dns4 = Frontend {
+            ip: "198.19.0.10".parse().unwrap(),
+            port: 53,
+            proto: PROTO_UDP,
+        };
+        assert_eq!(
+            m.desired[&dns4].backends,
+            vec!["198.18.1.11:5353".parse().unwrap()]
+        );
+        let dns6 = Frontend {
+            ip: "fd00:19::10".parse().unwrap(),
+            port: 53,
+            proto: PROTO_UDP,
+        };
+        assert!(
+            m.desired[&dns6].backends.is_empty(),
+            "no v6 slice port named dns: no endpoints"
+        );
     }
 
     #[test]
     fn bad_and_headless_services_are_reported_not_fatal() {
         let (objs, _) = parse_yaml(YAML);
         let m = build(&objs);
-        assert_eq!(m.skipped, vec![Skipped { service: "demo/headless".into(), reason: "headless (no ClusterIP)".into() }]);
+        assert_eq!(
+            m.skipped,
+            vec![Skipped {
+                service: "demo/headless".into(),
+                reason: "headless (no ClusterIP)".into()
+            }]
+        );
         assert_eq!(m.problems.len(), 1);
-        assert!(m.problems[0].to_string().contains("demo/broken port 80: unknown protocol \"ICMP\""), "{}", m.problems[0]);
-        let ok = Frontend { ip: "198.19.0.99".parse().unwrap(), port: 81, proto: PROTO_TCP };
-        assert!(m.desired.contains_key(&ok), "the good port of the broken service is still programmed");
+        assert!(
+            m.problems[0]
+                .to_string()
+                .contains("demo/broken port 80: unknown protocol \"ICMP\""),
+            "{}",
+            m.problems[0]
+        );
+        let ok = Frontend {
+            ip: "198.19.0.99".parse().unwrap(),
+            port: 81,
+            proto: PROTO_TCP,
+        };
+        assert!(
+            m.desired.contains_key(&ok),
+            "the good port of the broken service is still programmed"
+        );
     }
 
     #[test]
     fn unparsable_document_is_a_problem() {
-        let (objs, problems) = parse_yaml("kind: Service\nmetadata: {name: x}\nspec: {ports: oops}\n");
+        let (objs, problems) =
+            parse_yaml("kind: Service\nmetadata: {name: x}\nspec: {ports: oops}\n");
         assert!(objs.services.is_empty());
         assert_eq!(problems.len(), 1);
         assert!(problems[0].object.contains("Service"), "{:?}", problems[0]);

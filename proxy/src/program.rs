@@ -8,7 +8,8 @@ use std::{
 };
 
 use weir_common::{
-    Backend, MaglevTable, SvcKey, SvcValue, MAGLEV_M, MAGLEV_TABLE_LEN, SVC_F_AFFINITY, SVC_F_MAGLEV,
+    Backend, MaglevTable, SvcKey, SvcValue, MAGLEV_M, MAGLEV_TABLE_LEN, SVC_F_AFFINITY,
+    SVC_F_MAGLEV,
 };
 
 use crate::{
@@ -27,7 +28,12 @@ pub struct Frontend {
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", SocketAddr::new(self.ip, self.port), proto_name(self.proto))
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.ip, self.port),
+            proto_name(self.proto)
+        )
     }
 }
 
@@ -140,7 +146,10 @@ impl Programmer {
     /// it was; it never stops the others.
     pub fn apply(&mut self, desired: &Desired, w: &mut dyn MapWriter) -> ApplyStats {
         let mut st = ApplyStats::default();
-        let mut counter = CountingWriter { inner: w, writes: 0 };
+        let mut counter = CountingWriter {
+            inner: w,
+            writes: 0,
+        };
         for (fe, spec) in desired {
             if let Err(e) = self.apply_one(fe, spec, &mut counter, &mut st) {
                 st.errors.push(format!("service {} ({fe}): {e}", spec.name));
@@ -165,7 +174,11 @@ impl Programmer {
             st.writes = counter.writes;
             return st;
         }
-        let used: BTreeSet<u32> = self.services.values().flat_map(|p| p.slots.iter().copied()).collect();
+        let used: BTreeSet<u32> = self
+            .services
+            .values()
+            .flat_map(|p| p.slots.iter().copied())
+            .collect();
         let unused: Vec<(BackendKey, u32)> = self
             .backend_ids
             .iter()
@@ -228,12 +241,18 @@ impl Programmer {
                 wrong_family.push(be.to_string());
                 continue;
             }
-            let id = self.backend_id(be, fe.proto, w, st).map_err(|e| e.to_string())?;
+            let id = self
+                .backend_id(be, fe.proto, w, st)
+                .map_err(|e| e.to_string())?;
             slots.push(id);
             names.push((be.to_string(), id));
         }
         if slots.len() > u16::MAX as usize {
-            return Err(format!("{} endpoints, more than {} supported", slots.len(), u16::MAX));
+            return Err(format!(
+                "{} endpoints, more than {} supported",
+                slots.len(),
+                u16::MAX
+            ));
         }
         let mut flags = 0;
         if spec.maglev {
@@ -244,9 +263,9 @@ impl Programmer {
             flags |= SVC_F_AFFINITY;
         }
         let old = self.services.get(fe).cloned();
-        let unchanged = old
-            .as_ref()
-            .is_some_and(|o| !o.dirty && o.slots == slots && o.flags == flags && o.timeout == timeout);
+        let unchanged = old.as_ref().is_some_and(|o| {
+            !o.dirty && o.slots == slots && o.flags == flags && o.timeout == timeout
+        });
         if !unchanged {
             let svc_id = old.as_ref().map(|o| o.svc_id).unwrap_or_else(|| {
                 let id = self.next_svc_id.max(1);
@@ -272,7 +291,11 @@ impl Programmer {
                 Err(e) => {
                     // Remember the longer slot list, so the retry also deletes every slot past
                     // the new count.
-                    let keep = if old_slots.len() >= slots.len() { old_slots } else { slots };
+                    let keep = if old_slots.len() >= slots.len() {
+                        old_slots
+                    } else {
+                        slots
+                    };
                     let was_maglev = old.as_ref().is_some_and(|o| o.flags & SVC_F_MAGLEV != 0);
                     self.services.insert(
                         *fe,
@@ -350,7 +373,11 @@ fn write_service(
     let master = SvcValue {
         backend_id: 0,
         count: slots.len() as u16,
-        flags: if slots.is_empty() { flags & !SVC_F_MAGLEV } else { flags },
+        flags: if slots.is_empty() {
+            flags & !SVC_F_MAGLEV
+        } else {
+            flags
+        },
         svc_id,
         affinity_timeout_s: timeout,
     };
@@ -462,7 +489,11 @@ mod tests {
         }
         p.apply(&Desired::new(), &mut maps);
         assert!(maps.violations.is_empty(), "{:#?}", maps.violations);
-        assert!(maps.state.svc.is_empty() && maps.state.backends.is_empty() && maps.state.maglev.is_empty());
+        assert!(
+            maps.state.svc.is_empty()
+                && maps.state.backends.is_empty()
+                && maps.state.maglev.is_empty()
+        );
     }
 
     #[test]
@@ -491,12 +522,21 @@ mod tests {
         assert_eq!(p2.apply(&d, &mut maps).writes, 0);
         assert_eq!(before.svc, maps.state.svc);
         let mut d2 = d.clone();
-        d2.get_mut(&b).unwrap().backends.push("198.18.1.9:8080".parse().unwrap());
+        d2.get_mut(&b)
+            .unwrap()
+            .backends
+            .push("198.18.1.9:8080".parse().unwrap());
         let st = p2.apply(&d2, &mut maps);
         assert_eq!((st.services_changed, st.backends_added), (1, 1));
-        assert_eq!(maps.state.svc.get(&(&a.key(0)).into()), before.svc.get(&(&a.key(0)).into()));
+        assert_eq!(
+            maps.state.svc.get(&(&a.key(0)).into()),
+            before.svc.get(&(&a.key(0)).into())
+        );
         let new_id = *maps.state.backends.keys().max().unwrap();
-        assert!(new_id > *before.backends.keys().max().unwrap(), "backend ids are not reused");
+        assert!(
+            new_id > *before.backends.keys().max().unwrap(),
+            "backend ids are not reused"
+        );
     }
 
     #[test]
@@ -511,7 +551,11 @@ mod tests {
         ]);
         let st = p.apply(&d, &mut maps);
         assert_eq!(st.errors.len(), 1);
-        assert!(st.errors[0].contains("wrong address family"), "{}", st.errors[0]);
+        assert!(
+            st.errors[0].contains("wrong address family"),
+            "{}",
+            st.errors[0]
+        );
         assert!(st.errors[0].contains("demo/web:http"), "{}", st.errors[0]);
         assert_eq!(count_of(&maps, &v4), Some(1));
         assert_eq!(count_of(&maps, &v6), Some(1));
@@ -523,7 +567,10 @@ mod tests {
             let mut maps = FakeMaps::default();
             let mut p = Programmer::adopt(&maps).unwrap();
             let web = fe("198.19.0.10", 80, PROTO_TCP);
-            p.apply(&Desired::from([(web, spec(&["198.18.1.2:8080", "198.18.1.3:8080"]))]), &mut maps);
+            p.apply(
+                &Desired::from([(web, spec(&["198.18.1.2:8080", "198.18.1.3:8080"]))]),
+                &mut maps,
+            );
             maps.fail_at = Some(maps.writes + fail_at);
             let d = Desired::from([(web, spec(&["198.18.1.4:8080"]))]);
             p.apply(&d, &mut maps);
@@ -531,9 +578,18 @@ mod tests {
             let st = p.apply(&d, &mut maps);
             assert!(st.errors.is_empty(), "fail_at {fail_at}: {:?}", st.errors);
             assert_eq!(count_of(&maps, &web), Some(1), "fail_at {fail_at}");
-            assert_eq!(maps.state.backends.len(), 1, "fail_at {fail_at}: {:?}", maps.state.backends);
+            assert_eq!(
+                maps.state.backends.len(),
+                1,
+                "fail_at {fail_at}: {:?}",
+                maps.state.backends
+            );
             assert_eq!(maps.state.svc.len(), 2, "fail_at {fail_at}");
-            assert!(maps.violations.is_empty(), "fail_at {fail_at}: {:?}", maps.violations);
+            assert!(
+                maps.violations.is_empty(),
+                "fail_at {fail_at}: {:?}",
+                maps.violations
+            );
         }
     }
 }

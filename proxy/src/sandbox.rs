@@ -42,22 +42,86 @@ enum Expect {
 fn runs(rate: u32, dur: &str) -> Vec<Run> {
     let r = rate.to_string();
     let common = |target: &str, extra: &[&str]| -> Vec<String> {
-        let mut v = vec![target.to_string(), "--rate".into(), r.clone(), "--duration".into(), dur.into()];
+        let mut v = vec![
+            target.to_string(),
+            "--rate".into(),
+            r.clone(),
+            "--duration".into(),
+            dur.into(),
+        ];
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
     vec![
-        Run { title: "TCP  IPv4  socket LB   new connection each", args: common("198.19.0.10:80", &["--new-conn"]), socket_lb: true, expect: Expect::Spread },
-        Run { title: "UDP  IPv4  socket LB   unconnected, new socket each", args: common("198.19.0.10:53", &["--proto", "udp", "--unconnected", "--new-conn"]), socket_lb: true, expect: Expect::Spread },
-        Run { title: "TCP  IPv6  socket LB   new connection each", args: common("[fd00:19::10]:80", &["--new-conn"]), socket_lb: true, expect: Expect::Spread },
-        Run { title: "TCP  IPv4  TC path     new connection each", args: common("198.19.0.10:80", &["--new-conn"]), socket_lb: false, expect: Expect::Spread },
-        Run { title: "UDP  IPv4  TC path     new socket each", args: common("198.19.0.10:53", &["--proto", "udp", "--new-conn"]), socket_lb: false, expect: Expect::Spread },
-        Run { title: "TCP  IPv6  TC path     new connection each", args: common("[fd00:19::10]:80", &["--new-conn"]), socket_lb: false, expect: Expect::Spread },
-        Run { title: "TCP  IPv4  TC path     Maglev service", args: common("198.19.0.11:80", &["--new-conn"]), socket_lb: false, expect: Expect::Spread },
-        Run { title: "TCP  IPv4  TC path     ClientIP affinity", args: common("198.19.0.12:80", &["--new-conn"]), socket_lb: false, expect: Expect::OneBackend },
-        Run { title: "TCP  IPv4  socket LB   8 kept-alive connections", args: common("198.19.0.10:80", &["--connections", "8"]), socket_lb: true, expect: Expect::AllAnswered },
-        Run { title: "TCP  IPv4  socket LB   service without endpoints", args: common("198.19.0.13:80", &["--new-conn", "--timeout", "500ms"]), socket_lb: true, expect: Expect::Refused },
-        Run { title: "TCP  IPv4  TC path     service without endpoints", args: common("198.19.0.13:80", &["--new-conn", "--timeout", "500ms"]), socket_lb: false, expect: Expect::Refused },
+        Run {
+            title: "TCP  IPv4  socket LB   new connection each",
+            args: common("198.19.0.10:80", &["--new-conn"]),
+            socket_lb: true,
+            expect: Expect::Spread,
+        },
+        Run {
+            title: "UDP  IPv4  socket LB   unconnected, new socket each",
+            args: common(
+                "198.19.0.10:53",
+                &["--proto", "udp", "--unconnected", "--new-conn"],
+            ),
+            socket_lb: true,
+            expect: Expect::Spread,
+        },
+        Run {
+            title: "TCP  IPv6  socket LB   new connection each",
+            args: common("[fd00:19::10]:80", &["--new-conn"]),
+            socket_lb: true,
+            expect: Expect::Spread,
+        },
+        Run {
+            title: "TCP  IPv4  TC path     new connection each",
+            args: common("198.19.0.10:80", &["--new-conn"]),
+            socket_lb: false,
+            expect: Expect::Spread,
+        },
+        Run {
+            title: "UDP  IPv4  TC path     new socket each",
+            args: common("198.19.0.10:53", &["--proto", "udp", "--new-conn"]),
+            socket_lb: false,
+            expect: Expect::Spread,
+        },
+        Run {
+            title: "TCP  IPv6  TC path     new connection each",
+            args: common("[fd00:19::10]:80", &["--new-conn"]),
+            socket_lb: false,
+            expect: Expect::Spread,
+        },
+        Run {
+            title: "TCP  IPv4  TC path     Maglev service",
+            args: common("198.19.0.11:80", &["--new-conn"]),
+            socket_lb: false,
+            expect: Expect::Spread,
+        },
+        Run {
+            title: "TCP  IPv4  TC path     ClientIP affinity",
+            args: common("198.19.0.12:80", &["--new-conn"]),
+            socket_lb: false,
+            expect: Expect::OneBackend,
+        },
+        Run {
+            title: "TCP  IPv4  socket LB   8 kept-alive connections",
+            args: common("198.19.0.10:80", &["--connections", "8"]),
+            socket_lb: true,
+            expect: Expect::AllAnswered,
+        },
+        Run {
+            title: "TCP  IPv4  socket LB   service without endpoints",
+            args: common("198.19.0.13:80", &["--new-conn", "--timeout", "500ms"]),
+            socket_lb: true,
+            expect: Expect::Refused,
+        },
+        Run {
+            title: "TCP  IPv4  TC path     service without endpoints",
+            args: common("198.19.0.13:80", &["--new-conn", "--timeout", "500ms"]),
+            socket_lb: false,
+            expect: Expect::Refused,
+        },
     ]
 }
 
@@ -65,7 +129,12 @@ fn check(expect: &Expect, r: &Report) -> Result<(), String> {
     match expect {
         Expect::Spread => {
             if r.ok != r.sent {
-                return Err(format!("{} of {} requests failed: {:?}", r.sent - r.ok, r.sent, r.errors));
+                return Err(format!(
+                    "{} of {} requests failed: {:?}",
+                    r.sent - r.ok,
+                    r.sent,
+                    r.errors
+                ));
             }
             let shares = r.shares();
             if shares.len() != 3 || shares.values().any(|s| !(20.0..=47.0).contains(s)) {
@@ -75,20 +144,31 @@ fn check(expect: &Expect, r: &Report) -> Result<(), String> {
         }
         Expect::AllAnswered => {
             if r.ok != r.sent {
-                return Err(format!("{} of {} requests failed: {:?}", r.sent - r.ok, r.sent, r.errors));
+                return Err(format!(
+                    "{} of {} requests failed: {:?}",
+                    r.sent - r.ok,
+                    r.sent,
+                    r.errors
+                ));
             }
             Ok(())
         }
         Expect::OneBackend => {
             if r.ok != r.sent || r.backends.len() != 1 {
-                return Err(format!("expected one backend for all, got {:?}, errors {:?}", r.backends, r.errors));
+                return Err(format!(
+                    "expected one backend for all, got {:?}, errors {:?}",
+                    r.backends, r.errors
+                ));
             }
             Ok(())
         }
         Expect::Refused => {
             let refused = r.errors.get("refused").copied().unwrap_or(0);
             if r.ok != 0 || refused != r.sent {
-                return Err(format!("expected every request refused, got {} ok, errors {:?}", r.ok, r.errors));
+                return Err(format!(
+                    "expected every request refused, got {} ok, errors {:?}",
+                    r.ok, r.errors
+                ));
             }
             Ok(())
         }
@@ -114,19 +194,37 @@ pub fn run(opts: SandboxOptions) -> Result<()> {
         "node {}: client pod 198.18.1.10, backends be-1..be-3 (198.18.1.11-13, fd00:18::b-d)",
         sim.node.ns.name
     );
-    println!("programmed {} frontends from the bundled services file:", st.services.len());
+    println!(
+        "programmed {} frontends from the bundled services file:",
+        st.services.len()
+    );
     for s in &st.services {
-        println!("  {:<26} {:<7} -> {}", s.frontend, s.algorithm, if s.backends.is_empty() { "no endpoints (rejected)".into() } else { s.backends.join(", ") });
+        println!(
+            "  {:<26} {:<7} -> {}",
+            s.frontend,
+            s.algorithm,
+            if s.backends.is_empty() {
+                "no endpoints (rejected)".into()
+            } else {
+                s.backends.join(", ")
+            }
+        );
     }
     println!();
     let dur = format!("{}ms", opts.duration.as_millis());
     let mut failures = Vec::new();
-    println!("{:<50} {:>11} {:>8} {:>8}  backends", "load (open loop)", "ok/sent", "p50 µs", "p99 µs");
+    println!(
+        "{:<50} {:>11} {:>8} {:>8}  backends",
+        "load (open loop)", "ok/sent", "p50 µs", "p99 µs"
+    );
     for run in runs(opts.rate, &dur) {
         if stop.load(Ordering::Relaxed) {
             bail!("interrupted; everything the sandbox made has been removed");
         }
-        eprintln!("  running: {}", run.title.split_whitespace().collect::<Vec<_>>().join(" "));
+        eprintln!(
+            "  running: {}",
+            run.title.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
         let args: Vec<&str> = run.args.iter().map(String::as_str).collect();
         let r = sim.loadtest(&args, run.socket_lb, true)?;
         let shares = r
@@ -135,7 +233,11 @@ pub fn run(opts: SandboxOptions) -> Result<()> {
             .map(|(k, v)| format!("{k} {v:.0}%"))
             .collect::<Vec<_>>()
             .join("  ");
-        let errs = if r.errors.is_empty() { String::new() } else { format!("  errors {:?}", r.errors) };
+        let errs = if r.errors.is_empty() {
+            String::new()
+        } else {
+            format!("  errors {:?}", r.errors)
+        };
         println!(
             "{:<50} {:>11} {:>8.0} {:>8.0}  {shares}{errs}",
             run.title,
@@ -157,7 +259,10 @@ pub fn run(opts: SandboxOptions) -> Result<()> {
     drop(sim);
     println!("removed everything the sandbox made (namespaces, cgroup, bpffs, processes)");
     if !failures.is_empty() {
-        bail!("the sandbox saw unexpected results:\n  {}", failures.join("\n  "));
+        bail!(
+            "the sandbox saw unexpected results:\n  {}",
+            failures.join("\n  ")
+        );
     }
     println!("all runs behaved as expected");
     Ok(())

@@ -109,10 +109,19 @@ impl Sim {
     }
 
     pub fn start_echo(&mut self, i: usize) -> Result<()> {
-        let pod = self.node.pod(&format!("be-{i}")).context("no such backend pod")?;
+        let pod = self
+            .node
+            .pod(&format!("be-{i}"))
+            .context("no such backend pod")?;
         let mut cmd = pod.ns.command(&self.opts.weir_bin)?;
-        cmd.args(["echo-server", "--name", &pod.name, "--port", &ECHO_PORT.to_string()])
-            .stdout(Stdio::null());
+        cmd.args([
+            "echo-server",
+            "--name",
+            &pod.name,
+            "--port",
+            &ECHO_PORT.to_string(),
+        ])
+        .stdout(Stdio::null());
         let p = Proc::spawn(&format!("echo {}", pod.name), cmd)?;
         self.echo.push(p);
         Ok(())
@@ -132,7 +141,10 @@ impl Sim {
     pub fn start_agent(&mut self) -> Result<()> {
         let ready = self.dir().join("agent.ready");
         let _ = fs::remove_file(&ready);
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.agent_log())?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log())?;
         let mut cmd = self.node.ns.command(&self.opts.weir_bin)?;
         cmd.arg("agent")
             .arg("--source")
@@ -196,21 +208,30 @@ impl Sim {
     }
 
     /// Starts `weir loadtest <args> --json` in the client pod; `wait` collects the report.
-    pub fn loadtest_spawn(&self, args: &[&str], socket_lb: bool, progress: bool) -> Result<Running> {
+    pub fn loadtest_spawn(
+        &self,
+        args: &[&str],
+        socket_lb: bool,
+        progress: bool,
+    ) -> Result<Running> {
         let mut cmd = self.client_command(socket_lb)?;
         cmd.arg("loadtest").args(args).arg("--json");
         if !progress {
             cmd.arg("--quiet");
         }
-        cmd.stdout(Stdio::piped())
-            .stderr(if progress { Stdio::inherit() } else { Stdio::piped() });
-        let child = cmd.spawn().context("start weir loadtest in the client pod")?;
+        cmd.stdout(Stdio::piped()).stderr(if progress {
+            Stdio::inherit()
+        } else {
+            Stdio::piped()
+        });
+        let child = cmd
+            .spawn()
+            .context("start weir loadtest in the client pod")?;
         Ok(Running {
             child: Some(child),
             args: args.join(" "),
         })
     }
-
 
     pub fn status(&self) -> Result<status::Status> {
         status::read(&self.maps_dir(), 64)
@@ -227,7 +248,10 @@ impl Sim {
                 }
             }
             if Instant::now() > deadline {
-                bail!("not programmed after 10s: {what}\n{}", self.agent_log_tail());
+                bail!(
+                    "not programmed after 10s: {what}\n{}",
+                    self.agent_log_tail()
+                );
             }
             thread::sleep(Duration::from_millis(25));
         }
@@ -245,10 +269,18 @@ impl Running {
         let child = self.child.take().context("already waited")?;
         let out = child.wait_with_output().context("wait for weir loadtest")?;
         if !out.status.success() {
-            bail!("weir loadtest {} failed: {}", self.args, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "weir loadtest {} failed: {}",
+                self.args,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
-        serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("parse the loadtest report: {}", String::from_utf8_lossy(&out.stdout)))
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "parse the loadtest report: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 }
 

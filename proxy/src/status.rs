@@ -5,8 +5,8 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use serde::Serialize;
 use weir_common::{
-    map_names, Backend, CtKey, CtValue, SvcKey, SvcValue, CT_DIR_FORWARD, CT_F_CLOSING, CT_F_HAIRPIN,
-    STAT_COUNT, STAT_NAMES, SVC_F_AFFINITY, SVC_F_MAGLEV,
+    map_names, Backend, CtKey, CtValue, SvcKey, SvcValue, CT_DIR_FORWARD, CT_F_CLOSING,
+    CT_F_HAIRPIN, STAT_COUNT, STAT_NAMES, SVC_F_AFFINITY, SVC_F_MAGLEV,
 };
 
 use crate::{
@@ -45,17 +45,35 @@ fn fmt_addr(a: &weir_common::Addr, port_be: u16) -> String {
 }
 
 pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
-    let svc: HashMap<MapData, SvcKey, SvcValue> = HashMap::try_from(open_pinned(maps_dir, map_names::SVC)?)?;
-    let be: HashMap<MapData, u32, Backend> = HashMap::try_from(open_pinned(maps_dir, map_names::BACKENDS)?)?;
-    let ct: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(open_pinned(maps_dir, map_names::CT)?)?;
-    let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open_pinned(maps_dir, map_names::STATS)?)?;
+    let svc: HashMap<MapData, SvcKey, SvcValue> =
+        HashMap::try_from(open_pinned(maps_dir, map_names::SVC)?)?;
+    let be: HashMap<MapData, u32, Backend> =
+        HashMap::try_from(open_pinned(maps_dir, map_names::BACKENDS)?)?;
+    let ct: HashMap<MapData, CtKey, CtValue> =
+        HashMap::try_from(open_pinned(maps_dir, map_names::CT)?)?;
+    let stats: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(open_pinned(maps_dir, map_names::STATS)?)?;
 
-    let backends: BTreeMap<u32, Backend> = be.iter().collect::<Result<_, _>>().context("read backends")?;
-    let entries: Vec<(SvcKey, SvcValue)> = svc.iter().collect::<Result<_, _>>().context("read services")?;
+    let backends: BTreeMap<u32, Backend> = be
+        .iter()
+        .collect::<Result<_, _>>()
+        .context("read backends")?;
+    let entries: Vec<(SvcKey, SvcValue)> = svc
+        .iter()
+        .collect::<Result<_, _>>()
+        .context("read services")?;
     let slots: BTreeMap<(crate::maps::SvcKeyOrd, u16), u32> = entries
         .iter()
         .filter(|(k, _)| k.slot != 0)
-        .map(|(k, v)| ((crate::maps::SvcKeyOrd::from(&SvcKey { slot: 0, ..*k }), k.slot), v.backend_id))
+        .map(|(k, v)| {
+            (
+                (
+                    crate::maps::SvcKeyOrd::from(&SvcKey { slot: 0, ..*k }),
+                    k.slot,
+                ),
+                v.backend_id,
+            )
+        })
         .collect();
     let mut services: Vec<ServiceStatus> = entries
         .iter()
@@ -63,15 +81,21 @@ pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
         .map(|(k, v)| {
             let ord = crate::maps::SvcKeyOrd::from(k);
             let backends = (1..=v.count)
-                .map(|s| match slots.get(&(ord, s)).and_then(|id| backends.get(id)) {
-                    Some(b) => fmt_addr(&b.addr, b.port),
-                    None => format!("<slot {s} missing>"),
-                })
+                .map(
+                    |s| match slots.get(&(ord, s)).and_then(|id| backends.get(id)) {
+                        Some(b) => fmt_addr(&b.addr, b.port),
+                        None => format!("<slot {s} missing>"),
+                    },
+                )
                 .collect();
             ServiceStatus {
                 frontend: format!("{}/{}", fmt_addr(&k.addr, k.port), proto_name(k.proto)),
                 svc_id: v.svc_id,
-                algorithm: if v.flags & SVC_F_MAGLEV != 0 { "maglev" } else { "random" },
+                algorithm: if v.flags & SVC_F_MAGLEV != 0 {
+                    "maglev"
+                } else {
+                    "random"
+                },
                 affinity_timeout_s: (v.flags & SVC_F_AFFINITY != 0).then_some(v.affinity_timeout_s),
                 backends,
             }
@@ -93,8 +117,17 @@ pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
                 flags.push("closing");
             }
             conntrack.push(CtEntry {
-                flow: format!("{} {} -> {}", proto_name(k.proto), fmt_addr(&k.src, k.sport), fmt_addr(&k.dst, k.dport)),
-                direction: if v.dir == CT_DIR_FORWARD { "forward" } else { "reply" },
+                flow: format!(
+                    "{} {} -> {}",
+                    proto_name(k.proto),
+                    fmt_addr(&k.src, k.sport),
+                    fmt_addr(&k.dst, k.dport)
+                ),
+                direction: if v.dir == CT_DIR_FORWARD {
+                    "forward"
+                } else {
+                    "reply"
+                },
                 nat: fmt_addr(&v.nat_addr, v.nat_port),
                 flags,
             });
@@ -102,7 +135,9 @@ pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
     }
     let mut counters = BTreeMap::new();
     for i in 0..STAT_COUNT {
-        let per_cpu = stats.get(&i, 0).with_context(|| format!("read counter {}", STAT_NAMES[i as usize]))?;
+        let per_cpu = stats
+            .get(&i, 0)
+            .with_context(|| format!("read counter {}", STAT_NAMES[i as usize]))?;
         let n: u64 = per_cpu.iter().sum();
         counters.insert(STAT_NAMES[i as usize], n);
     }
@@ -118,14 +153,40 @@ pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
 pub fn render(s: &Status) -> String {
     use std::fmt::Write;
     let mut o = String::new();
-    let _ = writeln!(o, "services ({} frontends, {} backends)", s.services.len(), s.backends);
+    let _ = writeln!(
+        o,
+        "services ({} frontends, {} backends)",
+        s.services.len(),
+        s.backends
+    );
     for sv in &s.services {
-        let aff = sv.affinity_timeout_s.map(|t| format!(", affinity {t}s")).unwrap_or_default();
-        let _ = writeln!(o, "  {:<28} {}{}  -> {}", sv.frontend, sv.algorithm, aff, if sv.backends.is_empty() { "(no endpoints: rejected)".into() } else { sv.backends.join(", ") });
+        let aff = sv
+            .affinity_timeout_s
+            .map(|t| format!(", affinity {t}s"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "  {:<28} {}{}  -> {}",
+            sv.frontend,
+            sv.algorithm,
+            aff,
+            if sv.backends.is_empty() {
+                "(no endpoints: rejected)".into()
+            } else {
+                sv.backends.join(", ")
+            }
+        );
     }
     let _ = writeln!(o, "conntrack ({} entries)", s.conntrack_entries);
     for c in &s.conntrack {
-        let _ = writeln!(o, "  {:<7} {}  nat {} {}", c.direction, c.flow, c.nat, c.flags.join(","));
+        let _ = writeln!(
+            o,
+            "  {:<7} {}  nat {} {}",
+            c.direction,
+            c.flow,
+            c.nat,
+            c.flags.join(",")
+        );
     }
     let _ = writeln!(o, "counters");
     for (k, v) in s.counters.iter().filter(|(_, v)| **v > 0) {

@@ -22,7 +22,11 @@ pub fn ip(args: &[&str]) -> Result<()> {
         .output()
         .context("run `ip` (iproute2; `cargo xtask setup` installs it)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -64,7 +68,8 @@ impl Netns {
 
     /// A command that runs inside this namespace (the child enters it before exec).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
-        let f = fs::File::open(self.path()).with_context(|| format!("open namespace {}", self.name))?;
+        let f =
+            fs::File::open(self.path()).with_context(|| format!("open namespace {}", self.name))?;
         let mut cmd = Command::new(program);
         // SAFETY: only async-signal-safe calls (setns) run between fork and exec; the fd is
         // moved into the closure and stays open until then.
@@ -86,7 +91,8 @@ impl Netns {
             enter(&path)?;
             Ok(f())
         });
-        h.join().map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+        h.join()
+            .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
     }
 }
 
@@ -166,22 +172,52 @@ impl Node {
         let ip6: Ipv6Addr = format!("fd00:18::{n:x}").parse()?;
         ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        self.ns.ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ])?;
         self.ns
-            .ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
-        self.ns.sysctl(&format!("net.ipv6.conf.{host_if}.accept_dad"), "0")?;
+            .sysctl(&format!("net.ipv6.conf.{host_if}.accept_dad"), "0")?;
         self.ns.ip(&["link", "set", &host_if, "up"])?;
-        self.ns.ip(&["addr", "add", &format!("{GATEWAY4}/32"), "dev", &host_if])?;
         self.ns
-            .ip(&["-6", "addr", "add", &format!("{GATEWAY6}/64"), "dev", &host_if, "nodad"])?;
-        self.ns.ip(&["route", "add", &format!("{ip4}/32"), "dev", &host_if])?;
-        self.ns.ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
+            .ip(&["addr", "add", &format!("{GATEWAY4}/32"), "dev", &host_if])?;
+        self.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{GATEWAY6}/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ])?;
+        self.ns
+            .ip(&["route", "add", &format!("{ip4}/32"), "dev", &host_if])?;
+        self.ns
+            .ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["addr", "add", &format!("{ip4}/32"), "dev", "eth0"])?;
-        ns.ip(&["-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         ns.ip(&["route", "add", GATEWAY4, "dev", "eth0", "scope", "link"])?;
         // Only the test ranges are routed: nothing can leave for any other address.
-        ns.ip(&["route", "add", "198.18.0.0/15", "via", GATEWAY4, "dev", "eth0"])?;
-        ns.ip(&["-6", "route", "add", "fd00::/8", "via", GATEWAY6, "dev", "eth0"])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "198.18.0.0/15",
+            "via",
+            GATEWAY4,
+            "dev",
+            "eth0",
+        ])?;
+        ns.ip(&[
+            "-6", "route", "add", "fd00::/8", "via", GATEWAY6, "dev", "eth0",
+        ])?;
         self.pods.push(Pod {
             name: name.into(),
             ns,
@@ -228,7 +264,8 @@ impl Cgroup {
 
     /// Makes `cmd`'s process join this cgroup before it execs.
     pub fn adopt(&self, cmd: &mut Command) -> Result<()> {
-        let procs = std::ffi::CString::new(self.path.join("cgroup.procs").to_string_lossy().as_bytes())?;
+        let procs =
+            std::ffi::CString::new(self.path.join("cgroup.procs").to_string_lossy().as_bytes())?;
         // SAFETY: open/write/close are async-signal-safe; the path was built before the fork.
         unsafe {
             cmd.pre_exec(move || {
@@ -270,8 +307,14 @@ pub struct BpfMount {
 impl BpfMount {
     pub fn create(path: &Path) -> Result<Self> {
         fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
-        nix::mount::mount(Some("bpffs"), path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .with_context(|| format!("mount a bpffs at {}", path.display()))?;
+        nix::mount::mount(
+            Some("bpffs"),
+            path,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mount a bpffs at {}", path.display()))?;
         Ok(BpfMount { path: path.into() })
     }
 }
@@ -296,7 +339,10 @@ impl Proc {
     pub fn spawn(name: &str, mut cmd: Command) -> Result<Self> {
         cmd.stdin(Stdio::null());
         let child = cmd.spawn().with_context(|| format!("start {name}"))?;
-        Ok(Proc { name: name.into(), child })
+        Ok(Proc {
+            name: name.into(),
+            child,
+        })
     }
 
     pub fn kill(&mut self) {

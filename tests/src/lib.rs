@@ -98,17 +98,25 @@ impl Harness {
 
     /// Counters summed over CPUs.
     pub fn stats(&self) -> Vec<u64> {
-        let m: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(open_pinned(&self.maps_dir(), map_names::STATS).expect("stats map")).expect("type");
-        (0..STAT_COUNT).map(|i| m.get(&i, 0).expect("read").iter().sum()).collect()
+        let m: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
+            open_pinned(&self.maps_dir(), map_names::STATS).expect("stats map"),
+        )
+        .expect("type");
+        (0..STAT_COUNT)
+            .map(|i| m.get(&i, 0).expect("read").iter().sum())
+            .collect()
     }
 
     fn ct_map(&self) -> HashMap<MapData, CtKey, CtValue> {
-        HashMap::try_from(open_pinned(&self.maps_dir(), map_names::CT).expect("ct map")).expect("type")
+        HashMap::try_from(open_pinned(&self.maps_dir(), map_names::CT).expect("ct map"))
+            .expect("type")
     }
 
     pub fn ct(&self) -> Vec<(CtKey, CtValue)> {
-        self.ct_map().iter().map(|kv| kv.expect("read ct")).collect()
+        self.ct_map()
+            .iter()
+            .map(|kv| kv.expect("read ct"))
+            .collect()
     }
 
     pub fn clear_ct(&self) {
@@ -144,7 +152,11 @@ pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: Tcp) -> Vec<u8> 
         Tcp::Fin => t.fin().ack(1),
         Tcp::Rst => t.rst(),
     };
-    let payload: &[u8] = if matches!(flags, Tcp::Ack) { b"42\n" } else { b"" };
+    let payload: &[u8] = if matches!(flags, Tcp::Ack) {
+        b"42\n"
+    } else {
+        b""
+    };
     let mut v = Vec::new();
     t.write(&mut v, payload).expect("build TCP frame");
     v
@@ -161,9 +173,16 @@ pub fn udp(src: &str, sport: u16, dst: &str, dport: u16, payload: &[u8]) -> Vec<
 
 fn ip_builder(src: &str, dst: &str) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
     let eth = PacketBuilder::ethernet2(POD_MAC, HOST_MAC);
-    match (src.parse::<std::net::IpAddr>(), dst.parse::<std::net::IpAddr>()) {
-        (Ok(std::net::IpAddr::V4(s)), Ok(std::net::IpAddr::V4(d))) => eth.ipv4(s.octets(), d.octets(), 64),
-        (Ok(std::net::IpAddr::V6(s)), Ok(std::net::IpAddr::V6(d))) => eth.ipv6(s.octets(), d.octets(), 64),
+    match (
+        src.parse::<std::net::IpAddr>(),
+        dst.parse::<std::net::IpAddr>(),
+    ) {
+        (Ok(std::net::IpAddr::V4(s)), Ok(std::net::IpAddr::V4(d))) => {
+            eth.ipv4(s.octets(), d.octets(), 64)
+        }
+        (Ok(std::net::IpAddr::V6(s)), Ok(std::net::IpAddr::V6(d))) => {
+            eth.ipv6(s.octets(), d.octets(), 64)
+        }
         _ => panic!("bad addresses {src} {dst}"),
     }
 }
@@ -182,6 +201,7 @@ pub fn checksum_ok(bytes: &[u8]) -> bool {
 
 /// Reads a weir binary built by `cargo xtask test` (WEIR_BIN).
 pub fn weir_bin() -> Result<PathBuf> {
-    let p = std::env::var_os("WEIR_BIN").context("WEIR_BIN is not set: run the privileged tests with `cargo xtask test`")?;
+    let p = std::env::var_os("WEIR_BIN")
+        .context("WEIR_BIN is not set: run the privileged tests with `cargo xtask test`")?;
     Ok(p.into())
 }

@@ -4,9 +4,14 @@
 //! scratch, the programs update checksums incrementally) and the exact counter deltas.
 //!
 //! Needs root: `cargo xtask test`.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::net::SocketAddr;
 
-use etherparse::{icmpv4::DestUnreachableHeader, icmpv6::DestUnreachableCode, Icmpv4Type, Icmpv6Type, PacketBuilder};
+use etherparse::{
+    icmpv4::DestUnreachableHeader, icmpv6::DestUnreachableCode, Icmpv4Type, Icmpv6Type,
+    PacketBuilder,
+};
 use weir_common::{Stat, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, PROTO_TCP, PROTO_UDP};
 use weir_proxy::{
     addr::to_addr,
@@ -37,7 +42,10 @@ fn fe(ip: &str, port: u16, proto: u8) -> Frontend {
 fn svc(backends: &[&str]) -> ServiceSpec {
     ServiceSpec {
         name: "demo/fixture".into(),
-        backends: backends.iter().map(|b| b.parse::<SocketAddr>().unwrap()).collect(),
+        backends: backends
+            .iter()
+            .map(|b| b.parse::<SocketAddr>().unwrap())
+            .collect(),
         ..Default::default()
     }
 }
@@ -103,7 +111,11 @@ fn run_case(name: &str, desired: Desired, steps: Vec<Step>) -> Harness {
             Out::Same => &s.input,
             Out::Exact(w) => w,
         };
-        assert!(out == *want, "{name} step {i}: output frame\n{}", hexdiff(&out, want));
+        assert!(
+            out == *want,
+            "{name} step {i}: output frame\n{}",
+            hexdiff(&out, want)
+        );
         let mut expected = vec![0u64; before.len()];
         for (stat, n) in s.stats {
             expected[*stat as usize] += n;
@@ -139,8 +151,14 @@ fn icmp4_port_unreachable(orig: &[u8]) -> Vec<u8> {
     let quote_len = if ip[9] == PROTO_TCP { 40 } else { 28 };
     let mut v = Vec::new();
     PacketBuilder::ethernet2(HOST_MAC, POD_MAC)
-        .ipv4(ip[16..20].try_into().unwrap(), ip[12..16].try_into().unwrap(), 64)
-        .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port))
+        .ipv4(
+            ip[16..20].try_into().unwrap(),
+            ip[12..16].try_into().unwrap(),
+            64,
+        )
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::Port,
+        ))
         .write(&mut v, &orig[14..14 + quote_len])
         .unwrap();
     v
@@ -151,8 +169,14 @@ fn icmp6_port_unreachable(orig: &[u8]) -> Vec<u8> {
     let quote_len = if ip[6] == PROTO_TCP { 60 } else { 48 };
     let mut v = Vec::new();
     PacketBuilder::ethernet2(HOST_MAC, POD_MAC)
-        .ipv6(ip[24..40].try_into().unwrap(), ip[8..24].try_into().unwrap(), 64)
-        .icmpv6(Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port))
+        .ipv6(
+            ip[24..40].try_into().unwrap(),
+            ip[8..24].try_into().unwrap(),
+            64,
+        )
+        .icmpv6(Icmpv6Type::DestinationUnreachable(
+            DestUnreachableCode::Port,
+        ))
         .write(&mut v, &orig[14..14 + quote_len])
         .unwrap();
     v
@@ -320,12 +344,23 @@ fn lb4_clusterip_tcp_syn_creates_both_conntrack_entries() {
     let h = run_case(
         "ct",
         services(),
-        vec![step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)])],
+        vec![step(
+            tcp(CLI4, 40000, VIP4, 80, Tcp::Syn),
+            OK,
+            Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)),
+            &[(Stat::DnatNew, 1)],
+        )],
     );
     let ct = h.ct();
     assert_eq!(ct.len(), 2, "{ct:?}");
-    let fwd = ct.iter().find(|(_, v)| v.dir == CT_DIR_FORWARD).expect("forward entry");
-    let rev = ct.iter().find(|(_, v)| v.dir == CT_DIR_REPLY).expect("reply entry");
+    let fwd = ct
+        .iter()
+        .find(|(_, v)| v.dir == CT_DIR_FORWARD)
+        .expect("forward entry");
+    let rev = ct
+        .iter()
+        .find(|(_, v)| v.dir == CT_DIR_REPLY)
+        .expect("reply entry");
     assert_eq!(fwd.0.src, to_addr(CLI4.parse().unwrap()));
     assert_eq!(fwd.1.nat_addr, to_addr(BE4.parse().unwrap()));
     assert_eq!(u16::from_be(fwd.1.nat_port), 8080);
@@ -342,13 +377,30 @@ fn lb4_clusterip_tcp_fin_and_rst_mark_closing() {
             name,
             services(),
             vec![
-                step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
-                step(tcp(CLI4, 40000, VIP4, 80, flags), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, flags)), &[(Stat::DnatEstablished, 1)]),
+                step(
+                    tcp(CLI4, 40000, VIP4, 80, Tcp::Syn),
+                    OK,
+                    Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)),
+                    &[(Stat::DnatNew, 1)],
+                ),
+                step(
+                    tcp(CLI4, 40000, VIP4, 80, flags),
+                    OK,
+                    Out::Exact(tcp(CLI4, 40000, BE4, 8080, flags)),
+                    &[(Stat::DnatEstablished, 1)],
+                ),
             ],
         );
         let ct = h.ct();
-        let fwd = ct.iter().find(|(_, v)| v.dir == CT_DIR_FORWARD).expect("forward entry");
-        assert_ne!(fwd.1.flags & CT_F_CLOSING, 0, "{name}: forward entry not marked closing");
+        let fwd = ct
+            .iter()
+            .find(|(_, v)| v.dir == CT_DIR_FORWARD)
+            .expect("forward entry");
+        assert_ne!(
+            fwd.1.flags & CT_F_CLOSING,
+            0,
+            "{name}: forward entry not marked closing"
+        );
     }
 }
 
@@ -364,7 +416,10 @@ fn three_backends(maglev: bool, affinity: Option<u32>) -> ServiceSpec {
 #[ignore = "needs root: run with cargo xtask test"]
 fn lb4_random_spreads_new_flows_over_backends() {
     let mut h = Harness::new().unwrap();
-    h.program(&Desired::from([(fe(VIP4, 80, PROTO_TCP), three_backends(false, None))]));
+    h.program(&Desired::from([(
+        fe(VIP4, 80, PROTO_TCP),
+        three_backends(false, None),
+    )]));
     let mut seen = std::collections::BTreeMap::<SocketAddr, u32>::new();
     for sport in 40000..40300 {
         let (v, out) = h.run(TC_FROM_POD, &tcp(CLI4, sport, VIP4, 80, Tcp::Syn));
@@ -372,14 +427,20 @@ fn lb4_random_spreads_new_flows_over_backends() {
         *seen.entry(dst4(&out)).or_default() += 1;
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
-    assert!(seen.values().all(|n| (60..=140).contains(n)), "uneven: {seen:?}");
+    assert!(
+        seen.values().all(|n| (60..=140).contains(n)),
+        "uneven: {seen:?}"
+    );
 }
 
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn lb4_affinity_keeps_a_client_on_its_backend() {
     let mut h = Harness::new().unwrap();
-    h.program(&Desired::from([(fe(VIP4, 80, PROTO_TCP), three_backends(false, Some(60)))]));
+    h.program(&Desired::from([(
+        fe(VIP4, 80, PROTO_TCP),
+        three_backends(false, Some(60)),
+    )]));
     let before = h.stats();
     let mut seen = std::collections::BTreeSet::new();
     for sport in 40000..40020 {
@@ -392,7 +453,10 @@ fn lb4_affinity_keeps_a_client_on_its_backend() {
     // Other clients are spread as usual.
     let mut others = std::collections::BTreeSet::new();
     for i in 20..80u8 {
-        let (_, out) = h.run(TC_FROM_POD, &tcp(&format!("198.18.2.{i}"), 40000, VIP4, 80, Tcp::Syn));
+        let (_, out) = h.run(
+            TC_FROM_POD,
+            &tcp(&format!("198.18.2.{i}"), 40000, VIP4, 80, Tcp::Syn),
+        );
         others.insert(dst4(&out));
     }
     assert_eq!(others.len(), 3, "{others:?}");
@@ -438,10 +502,17 @@ fn lb4_maglev_stable_when_a_backend_is_removed() {
             }
         }
     }
-    eprintln!("maglev: {} of {live} flows of live backends moved", moved.len());
+    eprintln!(
+        "maglev: {} of {live} flows of live backends moved",
+        moved.len()
+    );
     // Maglev promises minimal, not zero, disruption: with M = 1021 and 3 backends about 1 % of
     // the table changes owner among live backends.
-    assert!(moved.len() * 100 <= live * 2, "{} of {live} flows of live backends moved: {moved:?}", moved.len());
+    assert!(
+        moved.len() * 100 <= live * 2,
+        "{} of {live} flows of live backends moved: {moved:?}",
+        moved.len()
+    );
 }
 
 #[test]
@@ -449,7 +520,10 @@ fn lb4_maglev_stable_when_a_backend_is_removed() {
 fn reject_output_checksums_are_valid() {
     let mut h = Harness::new().unwrap();
     h.program(&services());
-    for frame in [tcp(CLI4, 40000, EMPTY4, 80, Tcp::Syn), udp(CLI4, 40000, EMPTY4, 53, b"x")] {
+    for frame in [
+        tcp(CLI4, 40000, EMPTY4, 80, Tcp::Syn),
+        udp(CLI4, 40000, EMPTY4, 53, b"x"),
+    ] {
         let (v, out) = h.run(TC_FROM_POD, &frame);
         assert_eq!(v, REDIRECT);
         assert!(checksum_ok(&out[14..34]), "IPv4 header checksum");

@@ -2,6 +2,8 @@
 //! the socket-level path and by the TC path, with real sockets in pod namespaces.
 //!
 //! Needs root and the release `weir` binary: `cargo xtask test`.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::{thread, time::Duration};
 
 use weir_proxy::{
@@ -23,10 +25,21 @@ fn sim(socket_lb: bool) -> Sim {
 }
 
 fn assert_spread(what: &str, r: &Report) {
-    assert_eq!(r.ok, r.sent, "{what}: every request answered, errors {:?}", r.errors);
+    assert_eq!(
+        r.ok, r.sent,
+        "{what}: every request answered, errors {:?}",
+        r.errors
+    );
     let shares = r.shares();
-    assert_eq!(shares.len(), 3, "{what}: all three backends serve: {shares:?}");
-    assert!(shares.values().all(|s| (22.0..=45.0).contains(s)), "{what}: even spread: {shares:?}");
+    assert_eq!(
+        shares.len(),
+        3,
+        "{what}: all three backends serve: {shares:?}"
+    );
+    assert!(
+        shares.values().all(|s| (22.0..=45.0).contains(s)),
+        "{what}: even spread: {shares:?}"
+    );
 }
 
 /// (socket LB for the client?, label)
@@ -37,9 +50,26 @@ const PATHS: [(bool, &str); 2] = [(true, "socket LB"), (false, "TC path")];
 fn tcp_and_udp_through_clusterip_spread_evenly_by_both_paths() {
     let s = sim(true);
     for (socket_lb, path) in PATHS {
-        for (target, proto) in [("198.19.0.10:80", "tcp"), ("[fd00:19::10]:80", "tcp"), ("198.19.0.10:53", "udp")] {
+        for (target, proto) in [
+            ("198.19.0.10:80", "tcp"),
+            ("[fd00:19::10]:80", "tcp"),
+            ("198.19.0.10:53", "udp"),
+        ] {
             let r = s
-                .loadtest(&[target, "--proto", proto, "--rate", "600", "--duration", "1s", "--new-conn"], socket_lb, false)
+                .loadtest(
+                    &[
+                        target,
+                        "--proto",
+                        proto,
+                        "--rate",
+                        "600",
+                        "--duration",
+                        "1s",
+                        "--new-conn",
+                    ],
+                    socket_lb,
+                    false,
+                )
                 .unwrap();
             assert_spread(&format!("{proto} {target} via {path}"), &r);
         }
@@ -47,12 +77,36 @@ fn tcp_and_udp_through_clusterip_spread_evenly_by_both_paths() {
     // Unconnected UDP goes through sendmsg/recvmsg: replies must come from the service address
     // (the load tester counts any other source as an error).
     let r = s
-        .loadtest(&["198.19.0.10:53", "--proto", "udp", "--unconnected", "--rate", "600", "--duration", "1s", "--new-conn"], true, false)
+        .loadtest(
+            &[
+                "198.19.0.10:53",
+                "--proto",
+                "udp",
+                "--unconnected",
+                "--rate",
+                "600",
+                "--duration",
+                "1s",
+                "--new-conn",
+            ],
+            true,
+            false,
+        )
         .unwrap();
     assert_spread("unconnected UDP via socket LB", &r);
     let st = s.status().unwrap();
-    for c in ["sock_connect", "sock_sendmsg", "sock_rev_xlate", "dnat_new", "rev_nat"] {
-        assert!(st.counters[c] > 0, "counter {c} never moved: {:?}", st.counters);
+    for c in [
+        "sock_connect",
+        "sock_sendmsg",
+        "sock_rev_xlate",
+        "dnat_new",
+        "rev_nat",
+    ] {
+        assert!(
+            st.counters[c] > 0,
+            "counter {c} never moved: {:?}",
+            st.counters
+        );
     }
 }
 
@@ -60,7 +114,20 @@ fn tcp_and_udp_through_clusterip_spread_evenly_by_both_paths() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn the_tc_path_works_with_socket_hooks_off() {
     let s = sim(false);
-    let r = s.loadtest(&["198.19.0.10:80", "--rate", "600", "--duration", "1s", "--new-conn"], false, false).unwrap();
+    let r = s
+        .loadtest(
+            &[
+                "198.19.0.10:80",
+                "--rate",
+                "600",
+                "--duration",
+                "1s",
+                "--new-conn",
+            ],
+            false,
+            false,
+        )
+        .unwrap();
     assert_spread("TCP, agent without socket hooks", &r);
     let st = s.status().unwrap();
     assert_eq!(st.counters["sock_connect"], 0);
@@ -72,9 +139,27 @@ fn the_tc_path_works_with_socket_hooks_off() {
 fn session_affinity_holds_by_both_paths() {
     let s = sim(true);
     for (socket_lb, path) in PATHS {
-        let r = s.loadtest(&["198.19.0.12:80", "--rate", "300", "--duration", "1s", "--new-conn"], socket_lb, false).unwrap();
+        let r = s
+            .loadtest(
+                &[
+                    "198.19.0.12:80",
+                    "--rate",
+                    "300",
+                    "--duration",
+                    "1s",
+                    "--new-conn",
+                ],
+                socket_lb,
+                false,
+            )
+            .unwrap();
         assert_eq!(r.ok, r.sent, "{path}: {:?}", r.errors);
-        assert_eq!(r.backends.len(), 1, "{path}: one client, one backend: {:?}", r.backends);
+        assert_eq!(
+            r.backends.len(),
+            1,
+            "{path}: one client, one backend: {:?}",
+            r.backends
+        );
     }
 }
 
@@ -83,13 +168,29 @@ fn session_affinity_holds_by_both_paths() {
 fn a_service_without_endpoints_is_refused_not_blackholed() {
     let s = sim(true);
     for (socket_lb, path) in PATHS {
-        for target in ["198.19.0.13:80"] {
-            let r = s
-                .loadtest(&[target, "--rate", "200", "--duration", "500ms", "--new-conn", "--timeout", "2s"], socket_lb, false)
-                .unwrap();
-            assert_eq!(r.ok, 0, "{path}");
-            assert_eq!(r.errors.get("refused"), Some(&r.sent), "{path}: refused at once, not timed out: {:?}", r.errors);
-        }
+        let r = s
+            .loadtest(
+                &[
+                    "198.19.0.13:80",
+                    "--rate",
+                    "200",
+                    "--duration",
+                    "500ms",
+                    "--new-conn",
+                    "--timeout",
+                    "2s",
+                ],
+                socket_lb,
+                false,
+            )
+            .unwrap();
+        assert_eq!(r.ok, 0, "{path}");
+        assert_eq!(
+            r.errors.get("refused"),
+            Some(&r.sent),
+            "{path}: refused at once, not timed out: {:?}",
+            r.errors
+        );
     }
 }
 
@@ -99,22 +200,54 @@ fn endpoint_removal_under_load_loses_no_request() {
     let mut s = sim(true);
     for (socket_lb, path) in PATHS {
         s.write_services(SERVICES).unwrap();
-        s.wait_programmed("three backends", |st| st.services.iter().any(|v| v.frontend == "198.19.0.10:80/TCP" && v.backends.len() == 3))
-            .unwrap();
+        s.wait_programmed("three backends", |st| {
+            st.services
+                .iter()
+                .any(|v| v.frontend == "198.19.0.10:80/TCP" && v.backends.len() == 3)
+        })
+        .unwrap();
         let running = s
-            .loadtest_spawn(&["198.19.0.10:80", "--rate", "500", "--duration", "3s", "--new-conn", "--timeout", "2s"], socket_lb, false)
+            .loadtest_spawn(
+                &[
+                    "198.19.0.10:80",
+                    "--rate",
+                    "500",
+                    "--duration",
+                    "3s",
+                    "--new-conn",
+                    "--timeout",
+                    "2s",
+                ],
+                socket_lb,
+                false,
+            )
             .unwrap();
         thread::sleep(Duration::from_millis(800));
         // Scale down: be-3 leaves the EndpointSlice, then its server goes away for good.
-        let without = SERVICES.replacen("- {addresses: [198.18.1.13], conditions: {ready: true}}\n", "", 1);
+        let without = SERVICES.replacen(
+            "- {addresses: [198.18.1.13], conditions: {ready: true}}\n",
+            "",
+            1,
+        );
         assert_ne!(without, SERVICES);
         s.write_services(&without).unwrap();
-        s.wait_programmed("be-3 removed", |st| st.services.iter().any(|v| v.frontend == "198.19.0.10:80/TCP" && v.backends.len() == 2))
-            .unwrap();
+        s.wait_programmed("be-3 removed", |st| {
+            st.services
+                .iter()
+                .any(|v| v.frontend == "198.19.0.10:80/TCP" && v.backends.len() == 2)
+        })
+        .unwrap();
         s.stop_echo(3);
         let r = running.wait().unwrap();
-        assert_eq!(r.ok, r.sent, "{path}: no request lost, errors {:?}", r.errors);
-        assert!(r.backends.contains_key("be-3"), "{path}: be-3 served before it was removed");
+        assert_eq!(
+            r.ok, r.sent,
+            "{path}: no request lost, errors {:?}",
+            r.errors
+        );
+        assert!(
+            r.backends.contains_key("be-3"),
+            "{path}: be-3 served before it was removed"
+        );
         s.start_echo(3).unwrap();
     }
 }
@@ -126,10 +259,36 @@ fn agent_restart_keeps_open_connections_and_udp_flows() {
         let mut s = sim(socket_lb);
         // One kept-alive TCP connection and one connected UDP socket, for 3 s.
         let tcp = s
-            .loadtest_spawn(&["198.19.0.10:80", "--rate", "200", "--duration", "3s", "--connections", "1"], socket_lb, false)
+            .loadtest_spawn(
+                &[
+                    "198.19.0.10:80",
+                    "--rate",
+                    "200",
+                    "--duration",
+                    "3s",
+                    "--connections",
+                    "1",
+                ],
+                socket_lb,
+                false,
+            )
             .unwrap();
         let udp = s
-            .loadtest_spawn(&["198.19.0.10:53", "--proto", "udp", "--rate", "200", "--duration", "3s", "--connections", "1"], socket_lb, false)
+            .loadtest_spawn(
+                &[
+                    "198.19.0.10:53",
+                    "--proto",
+                    "udp",
+                    "--rate",
+                    "200",
+                    "--duration",
+                    "3s",
+                    "--connections",
+                    "1",
+                ],
+                socket_lb,
+                false,
+            )
             .unwrap();
         thread::sleep(Duration::from_millis(800));
         s.kill_agent();
@@ -137,11 +296,22 @@ fn agent_restart_keeps_open_connections_and_udp_flows() {
         s.start_agent().unwrap();
         let (t, u) = (tcp.wait().unwrap(), udp.wait().unwrap());
         for (what, r) in [("TCP", &t), ("UDP", &u)] {
-            assert_eq!(r.ok, r.sent, "{path} {what}: no request lost across the restart: {:?}", r.errors);
-            assert_eq!(r.backends.len(), 1, "{path} {what}: the flow stayed on its backend: {:?}", r.backends);
+            assert_eq!(
+                r.ok, r.sent,
+                "{path} {what}: no request lost across the restart: {:?}",
+                r.errors
+            );
+            assert_eq!(
+                r.backends.len(),
+                1,
+                "{path} {what}: the flow stayed on its backend: {:?}",
+                r.backends
+            );
         }
         assert!(
-            std::fs::read_to_string(s.agent_log()).unwrap().contains("adopted what a previous run programmed"),
+            std::fs::read_to_string(s.agent_log())
+                .unwrap()
+                .contains("adopted what a previous run programmed"),
             "the restarted agent adopted the pinned state"
         );
     }
@@ -151,11 +321,25 @@ fn agent_restart_keeps_open_connections_and_udp_flows() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn everything_is_removed_afterwards() {
     let s = sim(true);
-    let (ns, cg, mnt) = (s.node.ns.name.clone(), s.cgroup.path.clone(), s.bpffs.path.clone());
+    let (ns, cg, mnt) = (
+        s.node.ns.name.clone(),
+        s.cgroup.path.clone(),
+        s.bpffs.path.clone(),
+    );
     drop(s);
-    let netns = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&netns.stdout).contains(&ns), "namespace {ns} left behind");
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&netns.stdout).contains(&ns),
+        "namespace {ns} left behind"
+    );
     assert!(!cg.exists(), "cgroup {} left behind", cg.display());
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    assert!(!mounts.contains(mnt.to_str().unwrap()), "bpffs {} left mounted", mnt.display());
+    assert!(
+        !mounts.contains(mnt.to_str().unwrap()),
+        "bpffs {} left mounted",
+        mnt.display()
+    );
 }

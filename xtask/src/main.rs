@@ -30,14 +30,18 @@ enum Cmd {
     Build,
     /// Run every test: formatting, clippy, unit tests, then the privileged eBPF and namespace
     /// tests (as root).
-    #[command(after_help = "Examples:\n  cargo xtask test\n  cargo xtask test -- lb4_clusterip   # only matching privileged tests")]
+    #[command(
+        after_help = "Examples:\n  cargo xtask test\n  cargo xtask test -- lb4_clusterip   # only matching privileged tests"
+    )]
     Test {
         /// Passed to the privileged test binary (a name filter, --nocapture, ...).
         #[arg(last = true)]
         args: Vec<String>,
     },
     /// Run the sandbox: a simulated node, load through its services, a report.
-    #[command(after_help = "Examples:\n  cargo xtask demo\n  cargo xtask demo -- --rate 1000 --duration 5s")]
+    #[command(
+        after_help = "Examples:\n  cargo xtask demo\n  cargo xtask demo -- --rate 1000 --duration 5s"
+    )]
     Demo {
         #[arg(last = true)]
         args: Vec<String>,
@@ -53,12 +57,17 @@ enum Cmd {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").into()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .into()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: {:?}", cmd);
-    let st = cmd.status().with_context(|| format!("start {:?}", cmd.get_program()))?;
+    let st = cmd
+        .status()
+        .with_context(|| format!("start {:?}", cmd.get_program()))?;
     if !st.success() {
         bail!("{:?} failed: {st}", cmd.get_program());
     }
@@ -66,7 +75,10 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
-    cmd.output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    cmd.output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 fn is_root() -> bool {
@@ -74,14 +86,30 @@ fn is_root() -> bool {
 }
 
 fn setup() -> Result<()> {
-    let src = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "stable"]));
+    let src = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "stable",
+    ]));
     if !src.is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src"))) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "stable"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "stable",
+        ]))?;
     }
     let linker = output(Command::new("bpf-linker").arg("--version"));
     if !linker.is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
         eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
-        run(Command::new("cargo").args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked"]))?;
+        run(Command::new("cargo").args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+        ]))?;
     }
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
@@ -93,7 +121,10 @@ fn setup() -> Result<()> {
         .collect();
     if !missing.is_empty() {
         if !is_root() {
-            bail!("Debian packages missing: {} (run as root, or install them)", missing.join(" "));
+            bail!(
+                "Debian packages missing: {} (run as root, or install them)",
+                missing.join(" ")
+            );
         }
         run(Command::new("apt-get").arg("update").arg("-qq"))?;
         run(Command::new("apt-get")
@@ -148,7 +179,14 @@ fn main() -> Result<()> {
             // Privileged tests: real programs, real packets, real namespaces; one at a time so
             // that each owns its namespaces and the CPU it measures.
             run(cargo()
-                .args(["test", "-p", "weir-tests", "--", "--include-ignored", "--test-threads=1"])
+                .args([
+                    "test",
+                    "-p",
+                    "weir-tests",
+                    "--",
+                    "--include-ignored",
+                    "--test-threads=1",
+                ])
                 .args(&args)
                 .env("WEIR_BIN", &weir))
         }
