@@ -74,6 +74,45 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs a `cargo test` command, echoing its output, and adds its `test result:` counts.
+fn run_tests(cmd: &mut Command, passed: &mut u64, failed: &mut u64) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: {:?}", cmd);
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {:?}", cmd.get_program()))?;
+    let out = child.stdout.take().context("test output")?;
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim().strip_suffix(word).map(|n| {
+                            n.trim()
+                                .trim_start_matches("ok.")
+                                .trim_start_matches("FAILED.")
+                                .trim()
+                                .parse()
+                                .unwrap_or(0)
+                        })
+                    })
+                    .unwrap_or(0)
+            };
+            *passed += num("passed");
+            *failed += num("failed");
+        }
+    }
+    let st = child.wait()?;
+    if !st.success() {
+        println!("{passed} passed, {failed} failed");
+        bail!("{:?} failed: {st}", cmd.get_program());
+    }
+    Ok(())
+}
+
 fn output(cmd: &mut Command) -> Option<String> {
     cmd.output()
         .ok()
@@ -174,21 +213,23 @@ fn main() -> Result<()> {
             }
             lint()?;
             let weir = build_release()?;
+            let (mut passed, mut failed) = (0, 0);
             // Unit tests: unprivileged (the privileged ones are #[ignore]d in a plain run).
-            run(cargo().arg("test"))?;
+            run_tests(cargo().args(["test", "--tests"]), &mut passed, &mut failed)?;
             // Privileged tests: real programs, real packets, real namespaces; one at a time so
             // that each owns its namespaces and the CPU it measures.
-            run(cargo()
-                .args([
-                    "test",
-                    "-p",
-                    "weir-tests",
-                    "--",
-                    "--include-ignored",
-                    "--test-threads=1",
-                ])
-                .args(&args)
-                .env("WEIR_BIN", &weir))
+            run_tests(
+                cargo()
+                    .args(["test", "-p", "weir-tests", "--tests", "--"])
+                    .args(["--include-ignored", "--test-threads=1"])
+                    .args(&args)
+                    .env("WEIR_BIN", &weir),
+                &mut passed,
+                &mut failed,
+            )?;
+            // Counted over every run above; the line CI reads.
+            println!("{passed} passed, {failed} failed");
+            Ok(())
         }
         Cmd::Demo { args } => {
             setup()?;
