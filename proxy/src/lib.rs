@@ -12,4 +12,6 @@ pub mod program;
 pub mod sandbox;
 pub mod sim;
 pub mod status;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod topo;

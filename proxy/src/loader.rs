@@ -300,3 +300,17 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     .with_context(|| format!("mount a bpffs at {}", dir.display()))?;
     Ok(())
 }
+
+/// Unpins every link under `pins`: the programs detach from their interfaces and cgroups. The
+/// maps stay pinned (a later agent adopts them).
+pub fn detach_all(pins: &PinDir) -> Result<()> {
+    let dir = pins.links();
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    for e in entries {
+        let path = e.with_context(|| format!("read {}", dir.display()))?.path();
+        fs::remove_file(&path).with_context(|| format!("unpin {}", path.display()))?;
+    }
+    Ok(())
+}

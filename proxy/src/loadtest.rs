@@ -43,6 +43,9 @@ pub struct Spec {
     pub unconnected: bool,
     pub timeout: Duration,
     pub progress: bool,
+    /// Closed loop: each worker sends its next request as soon as the previous one is answered,
+    /// for `duration`; latency is then measured from the send. For maximum rates.
+    pub closed: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -73,6 +76,12 @@ pub struct Report {
 }
 
 impl Report {
+    /// Parses the report `weir loadtest --json` prints.
+    pub fn from_json(bytes: &[u8]) -> anyhow::Result<Report> {
+        serde_json::from_slice(bytes)
+            .with_context(|| format!("parse a loadtest report: {}", String::from_utf8_lossy(bytes)))
+    }
+
     pub fn error_count(&self) -> u64 {
         self.errors.values().sum()
     }
@@ -160,6 +169,8 @@ struct Shared {
     total: u64,
     start: Instant,
     interval: Duration,
+    closed: bool,
+    duration: Duration,
 }
 
 impl Default for Tally {
@@ -175,6 +186,13 @@ impl Default for Tally {
 impl Shared {
     /// The next request to send and when it is due, or None when all are taken.
     fn take(&self) -> Option<(u64, Instant)> {
+        if self.closed {
+            let now = Instant::now();
+            if now >= self.start + self.duration {
+                return None;
+            }
+            return Some((self.next.fetch_add(1, Ordering::Relaxed), now));
+        }
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         (i < self.total).then(|| (i, self.start + self.interval.mul_f64(i as f64)))
     }
@@ -212,9 +230,11 @@ pub fn run(spec: Spec) -> Result<Report> {
         total,
         start: Instant::now() + Duration::from_millis(20),
         interval: Duration::from_secs_f64(1.0 / spec.rate as f64),
+        closed: spec.closed,
+        duration: spec.duration,
     };
     let done = AtomicBool::new(false);
-    let workers = spec.connections.min(total as usize);
+    let workers = if spec.closed { spec.connections } else { spec.connections.min(total as usize) };
     let tallies: Vec<Tally> = thread::scope(|sc| {
         if spec.progress {
             let (sh, done, dur) = (&shared, &done, spec.duration);
@@ -285,11 +305,22 @@ pub fn run(spec: Spec) -> Result<Report> {
         }
     };
     let ok = shared.ok.load(Ordering::Relaxed);
+    let sent = if spec.closed {
+        ok + shared.err.load(Ordering::Relaxed)
+    } else {
+        total
+    };
     Ok(Report {
         target: spec.target.clone(),
         resolved: target.to_string(),
         proto: spec.proto,
-        mode: if spec.new_conn {
+        mode: if spec.closed {
+            format!(
+                "closed loop, {} worker(s), {}",
+                spec.connections,
+                if spec.new_conn { "new connection per request" } else { "persistent connections" }
+            )
+        } else if spec.new_conn {
             format!(
                 "new connection per request, up to {} in flight",
                 spec.connections
@@ -299,7 +330,7 @@ pub fn run(spec: Spec) -> Result<Report> {
         },
         rate: spec.rate,
         duration_s: spec.duration.as_secs_f64(),
-        sent: total,
+        sent,
         ok,
         errors: tally.errors,
         achieved_rate: ok as f64 / elapsed,
@@ -514,6 +545,7 @@ mod tests {
             unconnected: false,
             timeout: Duration::from_secs(1),
             progress: false,
+            closed: false,
         };
         let r = run(spec.clone()).unwrap();
         assert_eq!(r.sent, 200);
@@ -521,9 +553,17 @@ mod tests {
         assert_eq!(r.backends.get("local"), Some(&200));
         let u = run(Spec {
             proto: Proto::Udp,
-            ..spec
+            ..spec.clone()
         })
         .unwrap();
         assert_eq!(u.ok, 200, "{:?}", u.errors);
+        let c = run(Spec {
+            closed: true,
+            duration: Duration::from_millis(200),
+            ..spec
+        })
+        .unwrap();
+        assert!(c.ok > 200, "closed loop runs back to back: {} in 200 ms", c.ok);
+        assert_eq!(c.sent, c.ok + c.error_count());
     }
 }

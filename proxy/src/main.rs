@@ -74,7 +74,8 @@ enum Cmd {
     #[command(after_help = "Examples:\n  \
         weir loadtest 198.19.0.10:80 --rate 1000 --duration 10s\n  \
         weir loadtest 198.19.0.10:80 --rate 500 --duration 5s --new-conn\n  \
-        weir loadtest [fd00:19::10]:53 --proto udp --rate 2000 --duration 5s --json\n\n\
+        weir loadtest [fd00:19::10]:53 --proto udp --rate 2000 --duration 5s --json\n  \
+        weir loadtest 198.19.0.10:80 --closed --new-conn --connections 1 --duration 3s\n\n\
         The target must answer `<seq>` with `<name> <seq>` (see `weir echo-server`).")]
     Loadtest {
         /// host:port of the service (a ClusterIP or a name that resolves to one).
@@ -102,6 +103,13 @@ enum Cmd {
         /// No progress lines on stderr.
         #[arg(long)]
         quiet: bool,
+        /// Closed loop: send each request as soon as the previous one is answered, for the
+        /// whole duration (maximum rate; --rate is ignored).
+        #[arg(long)]
+        closed: bool,
+        /// Pin the load generator to this CPU.
+        #[arg(long)]
+        cpu: Option<usize>,
     },
     /// Show what is programmed: services, backends, conntrack and counters.
     #[command(after_help = "Examples:\n  weir status\n  weir status --json --bpffs /run/weir/bpf")]
@@ -121,6 +129,9 @@ enum Cmd {
         name: String,
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// Pin the server to this CPU.
+        #[arg(long)]
+        cpu: Option<usize>,
     },
 }
 
@@ -230,7 +241,12 @@ fn run(cli: Cli) -> Result<()> {
             timeout,
             json,
             quiet,
+            closed,
+            cpu,
         } => {
+            if let Some(c) = cpu {
+                topo::pin_to_cpu(c)?;
+            }
             let spec = loadtest::Spec {
                 target,
                 rate,
@@ -241,6 +257,7 @@ fn run(cli: Cli) -> Result<()> {
                 unconnected,
                 timeout,
                 progress: !quiet,
+                closed,
             };
             let report = loadtest::run(spec)?;
             if json {
@@ -263,6 +280,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::EchoServer { name, port } => runtime()?.block_on(echo::serve(name, port)),
+        Cmd::EchoServer { name, port, cpu } => {
+            if let Some(c) = cpu {
+                topo::pin_to_cpu(c)?;
+            }
+            runtime()?.block_on(echo::serve(name, port))
+        }
     }
 }

@@ -172,6 +172,10 @@ impl Node {
         let ip6: Ipv6Addr = format!("fd00:18::{n:x}").parse()?;
         ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        // Short connections back to back to one service: enough ports, and TIME_WAIT ports
+        // reusable, so a connection-rate run measures the data path and not port exhaustion.
+        ns.sysctl("net.ipv4.ip_local_port_range", "10000 65000")?;
+        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         self.ns.ip(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
         ])?;
@@ -355,6 +359,14 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Pins the calling process (all threads started after this) to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).with_context(|| format!("CPU {cpu}"))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .with_context(|| format!("pin to CPU {cpu}"))
 }
 
 /// A short random tag for names, so parallel runs never collide.

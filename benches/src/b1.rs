@@ -1,0 +1,340 @@
+//! B1, the headline: new-connection rate and request/response latency through a ClusterIP with
+//! N services in the node, side by side with the same services in kube-proxy's iptables and
+//! nftables shapes, and plain routing to the pod as the floor. The probed service is the last
+//! one. Client and server are pinned to the same CPU (cross-CPU wake-ups cost ~30 µs per
+//! direction on these VMs and would drown the data path's cost).
+use std::{
+    fmt::Write,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use weir_common::PROTO_TCP;
+use weir_proxy::{
+    loader::{detach_all, Datapath, PinDir, TcRole},
+    loadtest::Report,
+    maps::AyaMaps,
+    program::{Desired, Frontend, Programmer, ServiceSpec},
+    topo::{tag, BpfMount, Cgroup, Node, Proc},
+};
+
+use crate::kube_rules::{self, Svc};
+
+const CPU: &str = "0";
+const RESTORE_LIMIT: Duration = Duration::from_secs(300);
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Floor,
+    WeirSocket,
+    WeirTc,
+    Iptables,
+    Nftables,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Floor => "plain routing to the pod (floor)",
+            Mode::WeirSocket => "weir, socket LB",
+            Mode::WeirTc => "weir, TC path",
+            Mode::Iptables => "kube-proxy iptables shape",
+            Mode::Nftables => "kube-proxy nftables shape",
+        }
+    }
+}
+
+struct Point {
+    n: usize,
+    mode: Mode,
+    crr: Option<Report>,
+    rr: Option<Report>,
+    note: String,
+}
+
+fn services(n: usize) -> Vec<Svc> {
+    (0..n)
+        .map(|i| {
+            let last = i + 1 == n;
+            // Service i: 198.19.0.1 + i (port 80, then 81 past 65 535 addresses); the probed
+            // (last) service's endpoint is the real backend pod.
+            let idx = (i % 65_534) as u32;
+            let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 1)) + idx);
+            Svc {
+                name: format!("bench/svc-{i}:http"),
+                vip,
+                port: 80 + (i / 65_534) as u16,
+                endpoint: if last { Ipv4Addr::new(198, 18, 1, 11) } else { Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 64, 0)) + (i % 60_000) as u32) },
+                target_port: 8080,
+            }
+        })
+        .collect()
+}
+
+fn desired(svcs: &[Svc]) -> Desired {
+    svcs.iter()
+        .map(|s| {
+            (
+                Frontend { ip: s.vip.into(), port: s.port, proto: PROTO_TCP },
+                ServiceSpec {
+                    name: s.name.clone(),
+                    backends: vec![SocketAddr::from((s.endpoint, s.target_port))],
+                    ..Default::default()
+                },
+            )
+        })
+        .collect()
+}
+
+fn run_limited(mut cmd: Command, input: &Path, what: &str) -> Result<Duration> {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(std::fs::File::open(input)?)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {what}"))?;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            if !st.success() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                bail!("{what} failed ({st}): {}", err.lines().take(5).collect::<Vec<_>>().join(" / "));
+            }
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > RESTORE_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not finish in {} s", RESTORE_LIMIT.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Bench<'a> {
+    weir: &'a Path,
+    node: &'a Node,
+    cgroup: &'a Cgroup,
+    secs: f64,
+}
+
+impl Bench<'_> {
+    fn load(&self, target: &str, socket_lb: bool, new_conn: bool) -> Result<Report> {
+        let pod = self.node.pod("cli").context("client pod")?;
+        let mut cmd = pod.ns.command(self.weir)?;
+        if socket_lb {
+            self.cgroup.adopt(&mut cmd)?;
+        }
+        cmd.args(["loadtest", target, "--closed", "--connections", "1", "--cpu", CPU, "--json", "--quiet", "--timeout", "2s"])
+            .args(["--duration", &format!("{}ms", (self.secs * 1000.0) as u64)]);
+        if new_conn {
+            cmd.arg("--new-conn");
+        }
+        let out = cmd.output().context("run weir loadtest")?;
+        if !out.status.success() {
+            bail!("loadtest {target}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(serde_json_report(&out.stdout)?)
+    }
+
+    fn point(&self, n: usize, mode: Mode, target: &str, socket_lb: bool, note: String) -> Point {
+        eprintln!("b1: N={n:<6} {:<34} ...", mode.label());
+        let crr = self.load(target, socket_lb, true);
+        let rr = self.load(target, socket_lb, false);
+        let mut note = note;
+        for (what, r) in [("connections", &crr), ("requests", &rr)] {
+            match r {
+                Err(e) => note += &format!(" {what}: {e:#}."),
+                Ok(r) if r.error_count() > 0 => note += &format!(" {what}: {} errors {:?}.", r.error_count(), r.errors),
+                _ => {}
+            }
+        }
+        Point { n, mode, crr: crr.ok(), rr: rr.ok(), note: note.trim().to_string() }
+    }
+}
+
+fn serde_json_report(bytes: &[u8]) -> Result<Report> {
+    weir_proxy::loadtest::Report::from_json(bytes)
+}
+
+fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
+    let t = format!("b{}", tag());
+    let dir = Path::new("/run").join(format!("weir-{t}"));
+    let mut node = Node::create(&t)?;
+    node.add_pod("cli", 10)?;
+    node.add_pod("be-1", 11)?;
+    let bpffs = BpfMount::create(&dir.join("bpffs"))?;
+    let cgroup = Cgroup::create(&format!("weir-{t}"))?;
+    let be = node.pod("be-1").context("backend pod")?;
+    let mut echo_cmd = be.ns.command(weir)?;
+    echo_cmd.args(["echo-server", "--name", "be-1", "--port", "8080", "--cpu", CPU]).stdout(Stdio::null());
+    let _echo = Proc::spawn("echo be-1", echo_cmd)?;
+    std::thread::sleep(Duration::from_millis(200));
+
+    let svcs = services(n);
+    let last = svcs.last().context("no services")?;
+    let target = format!("{}:{}", last.vip, last.port);
+    let b = Bench { weir, node: &node, cgroup: &cgroup, secs };
+    let mut points = Vec::new();
+
+    points.push(b.point(n, Mode::Floor, "198.18.1.11:8080", false, String::new()));
+
+    // weir: the agent's loader and programmer, in the node namespace.
+    let pins = PinDir(bpffs.path.join("weir"));
+    let (p2, cg, ifs) = (pins.clone(), cgroup.path.clone(), node.pods.iter().map(|p| p.host_if.clone()).collect::<Vec<_>>());
+    let want = desired(&svcs);
+    let took = node.ns.run(move || -> Result<Duration> {
+        let mut dp = Datapath::load(p2.clone())?;
+        for i in &ifs {
+            dp.attach_tc(i, TcRole::FromPod)?;
+        }
+        dp.attach_cgroup(&cg)?;
+        let mut maps = AyaMaps::open(&p2.maps())?;
+        let mut prog = Programmer::adopt(&maps)?;
+        let started = Instant::now();
+        let st = prog.apply(&want, &mut maps);
+        if !st.errors.is_empty() {
+            bail!("programming {} services: {:?}", want.len(), &st.errors[..st.errors.len().min(3)]);
+        }
+        Ok(started.elapsed())
+    })??;
+    let note = format!("{n} services programmed in {:.0} ms.", took.as_secs_f64() * 1000.0);
+    points.push(b.point(n, Mode::WeirSocket, &target, true, note.clone()));
+    points.push(b.point(n, Mode::WeirTc, &target, false, note));
+    detach_all(&pins)?;
+
+    // kube-proxy, iptables mode.
+    let ipt = dir.join("iptables.rules");
+    std::fs::write(&ipt, kube_rules::iptables(&svcs))?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &node.ns.name, "iptables-restore"]);
+    match run_limited(cmd, &ipt, "iptables-restore") {
+        Ok(d) => {
+            let note = format!("iptables-restore of {} rules took {:.1} s.", n * 5 + 23, d.as_secs_f64());
+            points.push(b.point(n, Mode::Iptables, &target, false, note));
+        }
+        Err(e) => points.push(Point { n, mode: Mode::Iptables, crr: None, rr: None, note: format!("not measured: {e:#}") }),
+    }
+    let mut flush = Command::new("ip");
+    flush.args(["netns", "exec", &node.ns.name, "iptables-restore"]);
+    let empty = dir.join("empty.rules");
+    std::fs::write(&empty, "*nat\nCOMMIT\n*filter\nCOMMIT\n")?;
+    run_limited(flush, &empty, "iptables flush")?;
+
+    // kube-proxy, nftables mode.
+    let nft = dir.join("nftables.rules");
+    std::fs::write(&nft, kube_rules::nftables(&svcs))?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &node.ns.name, "nft", "-f", "-"]);
+    match run_limited(cmd, &nft, "nft -f") {
+        Ok(d) => {
+            let note = format!("nft -f of {n} services took {:.1} s.", d.as_secs_f64());
+            points.push(b.point(n, Mode::Nftables, &target, false, note));
+        }
+        Err(e) => points.push(Point { n, mode: Mode::Nftables, crr: None, rr: None, note: format!("not measured: {e:#}") }),
+    }
+    drop(_echo);
+    drop(cgroup);
+    drop(bpffs);
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(points)
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "—".into())
+}
+
+pub fn run(weir: &Path, quick: bool) -> Result<String> {
+    let (ns, secs): (&[usize], f64) = if quick { (&[1, 1000], 1.0) } else { (&[1, 1000, 10_000, 100_000], 3.0) };
+    let mut all = Vec::new();
+    for &n in ns {
+        all.extend(run_n(weir, n, secs)?);
+    }
+    let rate = |p: &Point| p.crr.as_ref().map(|r| r.ok as f64 / r.duration_s);
+    let find = |n: usize, m: Mode| all.iter().find(|p| p.n == n && p.mode == m);
+    let mut o = String::new();
+    let _ = writeln!(o, "## B1: ClusterIP connection rate and latency against the number of services\n");
+    let _ = writeln!(o, "Machine: {}\n", crate::results::machine());
+    let _ = writeln!(
+        o,
+        "One client pod, one backend pod, a node namespace between them (veth, routed). N services with one endpoint \
+         each; the probed service is the last one written. `weir loadtest --closed --connections 1`, client and server \
+         pinned to CPU {CPU}, {secs:.0} s per figure: *connections* opens a new TCP connection per request (1 request, \
+         1 reply, close), *requests* reuses one connection. Latency is per request (connect included for connections). \
+         Baselines are the same services written in kube-proxy's iptables shape (iptables {}, the nf_tables backend) \
+         and nftables shape, in the same node namespace, in the same run.\n",
+        iptables_version()
+    );
+    let _ = writeln!(o, "| N | data path | connections/s | × floor | conn p50 / p99 µs | request p50 / p99 µs | notes |\n|---|---|---|---|---|---|---|");
+    for p in &all {
+        let floor = find(p.n, Mode::Floor).and_then(rate);
+        let r = rate(p);
+        let ratio = match (r, floor) {
+            (Some(r), Some(f)) if f > 0.0 => format!("{:.2}", r / f),
+            _ => "—".into(),
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} / {} | {} / {} | {} |",
+            p.n,
+            p.mode.label(),
+            fmt_opt(r, 0),
+            ratio,
+            fmt_opt(p.crr.as_ref().map(|r| r.latency.p50_us), 0),
+            fmt_opt(p.crr.as_ref().map(|r| r.latency.p99_us), 0),
+            fmt_opt(p.rr.as_ref().map(|r| r.latency.p50_us), 0),
+            fmt_opt(p.rr.as_ref().map(|r| r.latency.p99_us), 0),
+            p.note
+        );
+    }
+    // Targets.
+    let _ = writeln!(o, "\nTargets:\n");
+    let w1 = find(1, Mode::WeirSocket).and_then(rate);
+    for m in [Mode::WeirSocket, Mode::WeirTc] {
+        let w1 = find(1, m).and_then(rate);
+        let wmax = ns.iter().rev().find_map(|n| find(*n, m).and_then(rate).map(|r| (*n, r)));
+        if let (Some(a), Some((n, b))) = (w1, wmax) {
+            let _ = writeln!(o, "- {}: connection rate at N={n} is {:.1} % of N=1 (target: within 10 %): {}", m.label(), b / a * 100.0, if b >= a * 0.9 { "met" } else { "NOT met" });
+        }
+    }
+    let _ = w1;
+    for &n in ns {
+        for m in [Mode::WeirSocket, Mode::WeirTc] {
+            let w = find(n, m).and_then(rate);
+            let ipt = find(n, Mode::Iptables).and_then(rate);
+            let nft = find(n, Mode::Nftables).and_then(rate);
+            let cmp = |x: Option<f64>| x.and_then(|x| w.map(|w| w / x));
+            let _ = writeln!(
+                o,
+                "- N={n}, {}: {} × iptables shape, {} × nftables shape (targets: ≥ 2× iptables at 10 000, ≥ 1× nftables at every N)",
+                m.label(),
+                fmt_opt(cmp(ipt), 2),
+                fmt_opt(cmp(nft), 2)
+            );
+        }
+        let floor = find(n, Mode::Floor).and_then(|p| p.rr.as_ref().map(|r| r.latency.p50_us));
+        for m in [Mode::WeirSocket, Mode::WeirTc] {
+            let w = find(n, m).and_then(|p| p.rr.as_ref().map(|r| r.latency.p50_us));
+            if let (Some(w), Some(f)) = (w, floor) {
+                let _ = writeln!(o, "- N={n}, {}: request p50 {:+.1} % against plain routing (target: within 5 %)", m.label(), (w / f - 1.0) * 100.0);
+            }
+        }
+    }
+    Ok(o)
+}
+
+fn iptables_version() -> String {
+    Command::new("iptables")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().trim_start_matches("iptables ").to_string())
+        .unwrap_or_default()
+}

@@ -1,1 +1,0 @@
-//! Benchmarks B1 and B8 (see benches/README.md).

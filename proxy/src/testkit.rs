@@ -1,0 +1,229 @@
+//! Test and benchmark kit (feature `testkit`): the production eBPF object loaded for real, its
+//! maps filled through the agent's own programmer and map writer, and packets run through the
+//! programs with BPF_PROG_TEST_RUN. Run with `cargo xtask test` (root).
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use etherparse::PacketBuilder;
+use weir_common::{map_names, CtKey, CtValue, STAT_COUNT};
+use crate::{
+    loader::{Datapath, PinDir},
+    maps::{open_pinned, AyaMaps},
+    program::{ApplyStats, Desired, Programmer},
+    topo::{tag, BpfMount},
+};
+
+pub const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
+pub const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+/// TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT.
+pub const OK: u32 = 0;
+pub const SHOT: u32 = 2;
+pub const REDIRECT: u32 = 7;
+
+// Field order is drop order: programs and maps before the bpffs they are pinned on.
+pub struct Harness {
+    pub dp: Datapath,
+    pub maps: AyaMaps,
+    pub programmer: Programmer,
+    _bpffs: BpfMount,
+    dir: PathBuf,
+}
+
+impl Harness {
+    pub fn new() -> Result<Self> {
+        let dir = PathBuf::from(format!("/run/weir-fx{}", tag()));
+        let bpffs = BpfMount::create(&dir.join("bpffs"))?;
+        let pins = PinDir(bpffs.path.join("weir"));
+        let dp = Datapath::load(pins.clone())?;
+        let maps = AyaMaps::open(&pins.maps())?;
+        let programmer = Programmer::adopt(&maps)?;
+        Ok(Harness {
+            dp,
+            maps,
+            programmer,
+            _bpffs: bpffs,
+            dir,
+        })
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.dp.pins().maps()
+    }
+
+    /// Programs `desired` through the agent's programmer; every frontend must succeed.
+    pub fn program(&mut self, desired: &Desired) -> ApplyStats {
+        let st = self.programmer.apply(desired, &mut self.maps);
+        assert!(st.errors.is_empty(), "programming failed: {:?}", st.errors);
+        st
+    }
+
+    /// Runs `frame` through `prog` once: the verdict and the frame it leaves.
+    pub fn run(&mut self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let p: &mut SchedClassifier = self
+            .dp
+            .ebpf_mut()
+            .program_mut(prog)
+            .expect("program in object")
+            .try_into()
+            .expect("a classifier");
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        let r = p.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    /// Runs `frame` `repeat` times and returns the kernel's mean ns per run.
+    pub fn time(&mut self, prog: &str, frame: &[u8], repeat: u32) -> f64 {
+        let p: &mut SchedClassifier = self
+            .dp
+            .ebpf_mut()
+            .program_mut(prog)
+            .expect("program in object")
+            .try_into()
+            .expect("a classifier");
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = repeat;
+        let r = p.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        r.duration.as_nanos() as f64
+    }
+
+    /// Counters summed over CPUs.
+    pub fn stats(&self) -> Vec<u64> {
+        let m: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
+            open_pinned(&self.maps_dir(), map_names::STATS).expect("stats map"),
+        )
+        .expect("type");
+        (0..STAT_COUNT)
+            .map(|i| m.get(&i, 0).expect("read").iter().sum())
+            .collect()
+    }
+
+    pub fn ct_map(&self) -> HashMap<MapData, CtKey, CtValue> {
+        HashMap::try_from(open_pinned(&self.maps_dir(), map_names::CT).expect("ct map"))
+            .expect("type")
+    }
+
+    pub fn ct(&self) -> Vec<(CtKey, CtValue)> {
+        self.ct_map()
+            .iter()
+            .map(|kv| kv.expect("read ct"))
+            .collect()
+    }
+
+    pub fn clear_ct(&self) {
+        let mut m = self.ct_map();
+        let keys: Vec<CtKey> = m.keys().map(|k| k.expect("key")).collect();
+        for k in keys {
+            m.remove(&k).expect("remove ct entry");
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Tcp {
+    Syn,
+    Ack,
+    Fin,
+    Rst,
+}
+
+/// An Ethernet frame from the pod to the host with a TCP segment.
+pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: Tcp) -> Vec<u8> {
+    let b = ip_builder(src, dst);
+    let t = b.tcp(sport, dport, 1000, 64240);
+    let t = match flags {
+        Tcp::Syn => t.syn(),
+        Tcp::Ack => t.ack(1),
+        Tcp::Fin => t.fin().ack(1),
+        Tcp::Rst => t.rst(),
+    };
+    let payload: &[u8] = if matches!(flags, Tcp::Ack) {
+        b"42\n"
+    } else {
+        b""
+    };
+    let mut v = Vec::new();
+    t.write(&mut v, payload).expect("build TCP frame");
+    v
+}
+
+pub fn udp(src: &str, sport: u16, dst: &str, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    ip_builder(src, dst)
+        .udp(sport, dport)
+        .write(&mut v, payload)
+        .expect("build UDP frame");
+    v
+}
+
+fn ip_builder(src: &str, dst: &str) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+    let eth = PacketBuilder::ethernet2(POD_MAC, HOST_MAC);
+    match (
+        src.parse::<std::net::IpAddr>(),
+        dst.parse::<std::net::IpAddr>(),
+    ) {
+        (Ok(std::net::IpAddr::V4(s)), Ok(std::net::IpAddr::V4(d))) => {
+            eth.ipv4(s.octets(), d.octets(), 64)
+        }
+        (Ok(std::net::IpAddr::V6(s)), Ok(std::net::IpAddr::V6(d))) => {
+            eth.ipv6(s.octets(), d.octets(), 64)
+        }
+        _ => panic!("bad addresses {src} {dst}"),
+    }
+}
+
+/// The Internet checksum of `bytes` folds to zero when the checksum field in them is right.
+pub fn checksum_ok(bytes: &[u8]) -> bool {
+    let mut sum: u32 = 0;
+    for c in bytes.chunks(2) {
+        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+/// The release weir binary xtask built (WEIR_BIN).
+pub fn weir_bin() -> Result<PathBuf> {
+    let p = std::env::var_os("WEIR_BIN")
+        .context("WEIR_BIN is not set: run through `cargo xtask test` or `cargo xtask bench`")?;
+    Ok(p.into())
+}
+
+/// Inserts `n` synthetic conntrack entries (distinct flows that no test packet matches), to
+/// measure the programs against a conntrack map that is that full.
+pub fn fill_ct(h: &Harness, n: usize) -> Result<()> {
+    let mut m = h.ct_map();
+    for i in 0..n as u32 {
+        let k = CtKey {
+            src: weir_common::Addr::from_v4([198, 18, 200 + ((i >> 16) % 50) as u8, (i >> 8) as u8]),
+            dst: weir_common::Addr::from_v4([198, 19, 255, i as u8]),
+            sport: ((i & 0xffff) as u16).to_be(),
+            dport: 80u16.to_be(),
+            proto: weir_common::PROTO_TCP,
+            _pad: [0; 3],
+        };
+        let v = CtValue {
+            expires_ns: u64::MAX,
+            ..Default::default()
+        };
+        m.insert(k, v, 0).with_context(|| format!("insert conntrack entry {i}"))?;
+    }
+    Ok(())
+}
