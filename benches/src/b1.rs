@@ -67,7 +67,11 @@ fn services(n: usize) -> Vec<Svc> {
                 name: format!("bench/svc-{i}:http"),
                 vip,
                 port: 80 + (i / 65_534) as u16,
-                endpoint: if last { Ipv4Addr::new(198, 18, 1, 11) } else { Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 64, 0)) + (i % 60_000) as u32) },
+                endpoint: if last {
+                    Ipv4Addr::new(198, 18, 1, 11)
+                } else {
+                    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 64, 0)) + (i % 60_000) as u32)
+                },
                 target_port: 8080,
             }
         })
@@ -78,7 +82,11 @@ fn desired(svcs: &[Svc]) -> Desired {
     svcs.iter()
         .map(|s| {
             (
-                Frontend { ip: s.vip.into(), port: s.port, proto: PROTO_TCP },
+                Frontend {
+                    ip: s.vip.into(),
+                    port: s.port,
+                    proto: PROTO_TCP,
+                },
                 ServiceSpec {
                     name: s.name.clone(),
                     backends: vec![SocketAddr::from((s.endpoint, s.target_port))],
@@ -105,7 +113,10 @@ fn run_limited(mut cmd: Command, input: &Path, what: &str) -> Result<Duration> {
                     use std::io::Read;
                     let _ = e.read_to_string(&mut err);
                 }
-                bail!("{what} failed ({st}): {}", err.lines().take(5).collect::<Vec<_>>().join(" / "));
+                bail!(
+                    "{what} failed ({st}): {}",
+                    err.lines().take(5).collect::<Vec<_>>().join(" / ")
+                );
             }
             return Ok(started.elapsed());
         }
@@ -132,14 +143,29 @@ impl Bench<'_> {
         if socket_lb {
             self.cgroup.adopt(&mut cmd)?;
         }
-        cmd.args(["loadtest", target, "--closed", "--connections", "1", "--cpu", CPU, "--json", "--quiet", "--timeout", "2s"])
-            .args(["--duration", &format!("{}ms", (self.secs * 1000.0) as u64)]);
+        cmd.args([
+            "loadtest",
+            target,
+            "--closed",
+            "--connections",
+            "1",
+            "--cpu",
+            CPU,
+            "--json",
+            "--quiet",
+            "--timeout",
+            "2s",
+        ])
+        .args(["--duration", &format!("{}ms", (self.secs * 1000.0) as u64)]);
         if new_conn {
             cmd.arg("--new-conn");
         }
         let out = cmd.output().context("run weir loadtest")?;
         if !out.status.success() {
-            bail!("loadtest {target}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "loadtest {target}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(serde_json_report(&out.stdout)?)
     }
@@ -152,11 +178,19 @@ impl Bench<'_> {
         for (what, r) in [("connections", &crr), ("requests", &rr)] {
             match r {
                 Err(e) => note += &format!(" {what}: {e:#}."),
-                Ok(r) if r.error_count() > 0 => note += &format!(" {what}: {} errors {:?}.", r.error_count(), r.errors),
+                Ok(r) if r.error_count() > 0 => {
+                    note += &format!(" {what}: {} errors {:?}.", r.error_count(), r.errors)
+                }
                 _ => {}
             }
         }
-        Point { n, mode, crr: crr.ok(), rr: rr.ok(), note: note.trim().to_string() }
+        Point {
+            n,
+            mode,
+            crr: crr.ok(),
+            rr: rr.ok(),
+            note: note.trim().to_string(),
+        }
     }
 }
 
@@ -174,21 +208,43 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
     let cgroup = Cgroup::create(&format!("weir-{t}"))?;
     let be = node.pod("be-1").context("backend pod")?;
     let mut echo_cmd = be.ns.command(weir)?;
-    echo_cmd.args(["echo-server", "--name", "be-1", "--port", "8080", "--cpu", CPU]).stdout(Stdio::null());
+    echo_cmd
+        .args([
+            "echo-server",
+            "--name",
+            "be-1",
+            "--port",
+            "8080",
+            "--cpu",
+            CPU,
+        ])
+        .stdout(Stdio::null());
     let _echo = Proc::spawn("echo be-1", echo_cmd)?;
     std::thread::sleep(Duration::from_millis(200));
 
     let svcs = services(n);
     let last = svcs.last().context("no services")?;
     let target = format!("{}:{}", last.vip, last.port);
-    let b = Bench { weir, node: &node, cgroup: &cgroup, secs };
+    let b = Bench {
+        weir,
+        node: &node,
+        cgroup: &cgroup,
+        secs,
+    };
     let mut points = Vec::new();
 
     points.push(b.point(n, Mode::Floor, "198.18.1.11:8080", false, String::new()));
 
     // weir: the agent's loader and programmer, in the node namespace.
     let pins = PinDir(bpffs.path.join("weir"));
-    let (p2, cg, ifs) = (pins.clone(), cgroup.path.clone(), node.pods.iter().map(|p| p.host_if.clone()).collect::<Vec<_>>());
+    let (p2, cg, ifs) = (
+        pins.clone(),
+        cgroup.path.clone(),
+        node.pods
+            .iter()
+            .map(|p| p.host_if.clone())
+            .collect::<Vec<_>>(),
+    );
     let want = desired(&svcs);
     let took = node.ns.run(move || -> Result<Duration> {
         let mut dp = Datapath::load(p2.clone())?;
@@ -201,11 +257,18 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
         let started = Instant::now();
         let st = prog.apply(&want, &mut maps);
         if !st.errors.is_empty() {
-            bail!("programming {} services: {:?}", want.len(), &st.errors[..st.errors.len().min(3)]);
+            bail!(
+                "programming {} services: {:?}",
+                want.len(),
+                &st.errors[..st.errors.len().min(3)]
+            );
         }
         Ok(started.elapsed())
     })??;
-    let note = format!("{n} services programmed in {:.0} ms.", took.as_secs_f64() * 1000.0);
+    let note = format!(
+        "{n} services programmed in {:.0} ms.",
+        took.as_secs_f64() * 1000.0
+    );
     points.push(b.point(n, Mode::WeirSocket, &target, true, note.clone()));
     points.push(b.point(n, Mode::WeirTc, &target, false, note));
     detach_all(&pins)?;
@@ -217,10 +280,20 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
     cmd.args(["netns", "exec", &node.ns.name, "iptables-restore"]);
     match run_limited(cmd, &ipt, "iptables-restore") {
         Ok(d) => {
-            let note = format!("iptables-restore of {} rules took {:.1} s.", n * 5 + 23, d.as_secs_f64());
+            let note = format!(
+                "iptables-restore of {} rules took {:.1} s.",
+                n * 5 + 23,
+                d.as_secs_f64()
+            );
             points.push(b.point(n, Mode::Iptables, &target, false, note));
         }
-        Err(e) => points.push(Point { n, mode: Mode::Iptables, crr: None, rr: None, note: format!("not measured: {e:#}") }),
+        Err(e) => points.push(Point {
+            n,
+            mode: Mode::Iptables,
+            crr: None,
+            rr: None,
+            note: format!("not measured: {e:#}"),
+        }),
     }
     let mut flush = Command::new("ip");
     flush.args(["netns", "exec", &node.ns.name, "iptables-restore"]);
@@ -238,7 +311,13 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
             let note = format!("nft -f of {n} services took {:.1} s.", d.as_secs_f64());
             points.push(b.point(n, Mode::Nftables, &target, false, note));
         }
-        Err(e) => points.push(Point { n, mode: Mode::Nftables, crr: None, rr: None, note: format!("not measured: {e:#}") }),
+        Err(e) => points.push(Point {
+            n,
+            mode: Mode::Nftables,
+            crr: None,
+            rr: None,
+            note: format!("not measured: {e:#}"),
+        }),
     }
     drop(_echo);
     drop(cgroup);
@@ -249,11 +328,16 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
 }
 
 fn fmt_opt(v: Option<f64>, digits: usize) -> String {
-    v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "—".into())
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "—".into())
 }
 
 pub fn run(weir: &Path, quick: bool) -> Result<String> {
-    let (ns, secs): (&[usize], f64) = if quick { (&[1, 1000], 1.0) } else { (&[1, 1000, 10_000, 100_000], 3.0) };
+    let (ns, secs): (&[usize], f64) = if quick {
+        (&[1, 1000], 1.0)
+    } else {
+        (&[1, 1000, 10_000, 100_000], 3.0)
+    };
     let mut all = Vec::new();
     for &n in ns {
         all.extend(run_n(weir, n, secs)?);
@@ -261,7 +345,10 @@ pub fn run(weir: &Path, quick: bool) -> Result<String> {
     let rate = |p: &Point| p.crr.as_ref().map(|r| r.ok as f64 / r.duration_s);
     let find = |n: usize, m: Mode| all.iter().find(|p| p.n == n && p.mode == m);
     let mut o = String::new();
-    let _ = writeln!(o, "## B1: ClusterIP connection rate and latency against the number of services\n");
+    let _ = writeln!(
+        o,
+        "## B1: ClusterIP connection rate and latency against the number of services\n"
+    );
     let _ = writeln!(o, "Machine: {}\n", crate::results::machine());
     let _ = writeln!(
         o,
@@ -300,9 +387,18 @@ pub fn run(weir: &Path, quick: bool) -> Result<String> {
     let w1 = find(1, Mode::WeirSocket).and_then(rate);
     for m in [Mode::WeirSocket, Mode::WeirTc] {
         let w1 = find(1, m).and_then(rate);
-        let wmax = ns.iter().rev().find_map(|n| find(*n, m).and_then(rate).map(|r| (*n, r)));
+        let wmax = ns
+            .iter()
+            .rev()
+            .find_map(|n| find(*n, m).and_then(rate).map(|r| (*n, r)));
         if let (Some(a), Some((n, b))) = (w1, wmax) {
-            let _ = writeln!(o, "- {}: connection rate at N={n} is {:.1} % of N=1 (target: within 10 %): {}", m.label(), b / a * 100.0, if b >= a * 0.9 { "met" } else { "NOT met" });
+            let _ = writeln!(
+                o,
+                "- {}: connection rate at N={n} is {:.1} % of N=1 (target: within 10 %): {}",
+                m.label(),
+                b / a * 100.0,
+                if b >= a * 0.9 { "met" } else { "NOT met" }
+            );
         }
     }
     let _ = w1;
@@ -324,7 +420,12 @@ pub fn run(weir: &Path, quick: bool) -> Result<String> {
         for m in [Mode::WeirSocket, Mode::WeirTc] {
             let w = find(n, m).and_then(|p| p.rr.as_ref().map(|r| r.latency.p50_us));
             if let (Some(w), Some(f)) = (w, floor) {
-                let _ = writeln!(o, "- N={n}, {}: request p50 {:+.1} % against plain routing (target: within 5 %)", m.label(), (w / f - 1.0) * 100.0);
+                let _ = writeln!(
+                    o,
+                    "- N={n}, {}: request p50 {:+.1} % against plain routing (target: within 5 %)",
+                    m.label(),
+                    (w / f - 1.0) * 100.0
+                );
             }
         }
     }
@@ -335,6 +436,11 @@ fn iptables_version() -> String {
     Command::new("iptables")
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().trim_start_matches("iptables ").to_string())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .trim_start_matches("iptables ")
+                .to_string()
+        })
         .unwrap_or_default()
 }

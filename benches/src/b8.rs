@@ -26,36 +26,92 @@ fn measure(fill_pct: u32, repeat: u32, new_flows: u16) -> Result<Vec<Row>> {
         backends: vec!["198.18.1.11:8080".parse()?],
         ..Default::default()
     };
-    h.program(&Desired::from([(Frontend { ip: "198.19.0.10".parse()?, port: 80, proto: PROTO_TCP }, svc)]));
+    h.program(&Desired::from([(
+        Frontend {
+            ip: "198.19.0.10".parse()?,
+            port: 80,
+            proto: PROTO_TCP,
+        },
+        svc,
+    )]));
     let n = (MAX_CT as u64 * fill_pct as u64 / 100) as usize;
     fill_ct(&h, n)?;
-    let floor = h.time(PROG, &tcp("198.18.1.10", 40000, "198.18.1.12", 8080, Tcp::Ack), repeat);
-    h.run(PROG, &tcp("198.18.1.10", 40000, "198.19.0.10", 80, Tcp::Syn));
-    let est = h.time(PROG, &tcp("198.18.1.10", 40000, "198.19.0.10", 80, Tcp::Ack), repeat);
-    let reply = h.time(PROG, &tcp("198.18.1.11", 8080, "198.18.1.10", 40000, Tcp::Ack), repeat);
+    let floor = h.time(
+        PROG,
+        &tcp("198.18.1.10", 40000, "198.18.1.12", 8080, Tcp::Ack),
+        repeat,
+    );
+    h.run(
+        PROG,
+        &tcp("198.18.1.10", 40000, "198.19.0.10", 80, Tcp::Syn),
+    );
+    let est = h.time(
+        PROG,
+        &tcp("198.18.1.10", 40000, "198.19.0.10", 80, Tcp::Ack),
+        repeat,
+    );
+    let reply = h.time(
+        PROG,
+        &tcp("198.18.1.11", 8080, "198.18.1.10", 40000, Tcp::Ack),
+        repeat,
+    );
     // New flows: every packet a flow conntrack has not seen, so one run each.
     let mut total = 0.0;
     for i in 0..new_flows {
-        total += h.time(PROG, &tcp("198.18.3.10", 1000 + i, "198.19.0.10", 80, Tcp::Syn), 1);
+        total += h.time(
+            PROG,
+            &tcp("198.18.3.10", 1000 + i, "198.19.0.10", 80, Tcp::Syn),
+            1,
+        );
     }
     let new = total / new_flows as f64;
     Ok(vec![
-        Row { case: "not a service (floor)", fill: fill_pct, ns: floor, floor },
-        Row { case: "established flow, DNAT", fill: fill_pct, ns: est, floor },
-        Row { case: "established flow, reply reverse NAT", fill: fill_pct, ns: reply, floor },
-        Row { case: "new flow (SYN): select, 2 conntrack inserts, DNAT", fill: fill_pct, ns: new, floor },
+        Row {
+            case: "not a service (floor)",
+            fill: fill_pct,
+            ns: floor,
+            floor,
+        },
+        Row {
+            case: "established flow, DNAT",
+            fill: fill_pct,
+            ns: est,
+            floor,
+        },
+        Row {
+            case: "established flow, reply reverse NAT",
+            fill: fill_pct,
+            ns: reply,
+            floor,
+        },
+        Row {
+            case: "new flow (SYN): select, 2 conntrack inserts, DNAT",
+            fill: fill_pct,
+            ns: new,
+            floor,
+        },
     ])
 }
 
 pub fn run(quick: bool) -> Result<String> {
-    let (repeat, new_flows) = if quick { (100_000, 2_000) } else { (2_000_000, 20_000) };
+    let (repeat, new_flows) = if quick {
+        (100_000, 2_000)
+    } else {
+        (2_000_000, 20_000)
+    };
     let mut rows = Vec::new();
     for fill in [10, 90] {
-        eprintln!("b8: conntrack {fill}% full ({} entries)...", MAX_CT as u64 * fill as u64 / 100);
+        eprintln!(
+            "b8: conntrack {fill}% full ({} entries)...",
+            MAX_CT as u64 * fill as u64 / 100
+        );
         rows.extend(measure(fill, repeat, new_flows)?);
     }
     let mut o = String::new();
-    let _ = writeln!(o, "## B8: per-packet cost of the TC program (BPF_PROG_TEST_RUN)\n");
+    let _ = writeln!(
+        o,
+        "## B8: per-packet cost of the TC program (BPF_PROG_TEST_RUN)\n"
+    );
     let _ = writeln!(o, "Machine: {}\n", crate::results::machine());
     let _ = writeln!(
         o,
@@ -64,11 +120,25 @@ pub fn run(quick: bool) -> Result<String> {
          include the test-run timer's per-run overhead). Conntrack: an LRU hash of {MAX_CT} entries. The floor is a pod-to-pod \
          packet: parse, one conntrack miss, one service miss.\n"
     );
-    let _ = writeln!(o, "| case | conntrack full | ns/packet | × floor |\n|---|---|---|---|");
+    let _ = writeln!(
+        o,
+        "| case | conntrack full | ns/packet | × floor |\n|---|---|---|---|"
+    );
     for r in &rows {
-        let _ = writeln!(o, "| {} | {} % | {:.1} | {:.2} |", r.case, r.fill, r.ns, r.ns / r.floor);
+        let _ = writeln!(
+            o,
+            "| {} | {} % | {:.1} | {:.2} |",
+            r.case,
+            r.fill,
+            r.ns,
+            r.ns / r.floor
+        );
     }
-    let est_max = rows.iter().filter(|r| r.case.starts_with("established")).map(|r| r.ns).fold(0.0, f64::max);
+    let est_max = rows
+        .iter()
+        .filter(|r| r.case.starts_with("established"))
+        .map(|r| r.ns)
+        .fold(0.0, f64::max);
     let _ = writeln!(
         o,
         "\nTarget: established flow under 100 ns per packet: {} (worst established case {est_max:.1} ns).",

@@ -104,10 +104,18 @@ pub fn nftables(svcs: &[Svc]) -> String {
         o.push_str("    elements = {\n");
         for (i, s) in svcs.iter().enumerate() {
             let sep = if i + 1 == svcs.len() { "" } else { "," };
-            let _ = writeln!(o, "      {} . tcp . {} : goto service-{}-tcp{sep}", s.vip, s.port, hash16(&s.name));
+            let _ = writeln!(
+                o,
+                "      {} . tcp . {} : goto service-{}-tcp{sep}",
+                s.vip,
+                s.port,
+                hash16(&s.name)
+            );
         }
         o.push_str("    }\n");
     }
-    o.push_str("  }\n  chain services { ip daddr . meta l4proto . th dport vmap @service-ips }\n}\n");
+    o.push_str(
+        "  }\n  chain services { ip daddr . meta l4proto . th dport vmap @service-ips }\n}\n",
+    );
     o
 }

@@ -9,7 +9,10 @@ use anyhow::Result;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(about = "weir's benchmarks; each rewrites its section of benches/RESULTS.md", after_help = "Examples:\n  cargo xtask bench\n  cargo xtask bench -- b8\n  cargo xtask bench -- b1 --quick")]
+#[command(
+    about = "weir's benchmarks; each rewrites its section of benches/RESULTS.md",
+    after_help = "Examples:\n  cargo xtask bench\n  cargo xtask bench -- b8\n  cargo xtask bench -- b1 --quick"
+)]
 struct Cli {
     /// Which: b1, b8 or all.
     #[arg(default_value = "all")]

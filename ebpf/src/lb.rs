@@ -1,13 +1,15 @@
 //! Service lookup and backend selection, shared by the per-packet and the socket programs.
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use weir_common::*;
 
 use crate::maps::{count, AFFINITY, BACKENDS, MAGLEV, SVC};
 
+/// Monotonic time at tick resolution: lifetimes and affinity timeouts count in seconds, and a
+/// full clock read costs more than the rest of an established packet's work.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// The master entry (slot 0) of a service frontend, copied out.

@@ -6,7 +6,7 @@ use weir_common::*;
 use crate::{
     lb::{flow_hash, lookup_service, now_ns, select_backend},
     maps::{count, count_raw, Scratch, CT, SCRATCH},
-    nat::{set_addr, set_port},
+    nat::{rewrite, Change},
     parse::{parse_out_of_line, Packet, TCP_FIN, TCP_RST},
     reject::reject,
 };
@@ -60,10 +60,10 @@ fn process(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
         proto: p.proto,
         _pad: [0; 3],
     };
-    let now = now_ns();
     if let Some(entry) = CT.get_ptr_mut(&s.fwd_key) {
         // SAFETY: an LRU value pointer stays valid for this program run.
         let e = unsafe { &mut *entry };
+        let now = now_ns();
         if e.expires_ns > now {
             if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
                 e.flags |= CT_F_CLOSING;
@@ -79,18 +79,22 @@ fn process(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
             let (nat_addr, nat_port, dir, hairpin) =
                 (e.nat_addr, e.nat_port, e.dir, e.flags & CT_F_HAIRPIN != 0);
             if dir == CT_DIR_FORWARD {
-                if hairpin {
-                    set_addr(ctx, p, false, &p.src, &p.dst)?;
-                }
-                set_addr(ctx, p, true, &p.dst, &nat_addr)?;
-                set_port(ctx, p, true, p.dport, nat_port)?;
+                let src = if hairpin {
+                    Change::new(&p.src, &p.dst, p.sport, p.sport)
+                } else {
+                    Change::none()
+                };
+                let dst = Change::new(&p.dst, &nat_addr, p.dport, nat_port);
+                rewrite(ctx, p, &src, &dst)?;
                 count(Stat::DnatEstablished);
             } else {
-                if hairpin {
-                    set_addr(ctx, p, true, &p.dst, &p.src)?;
-                }
-                set_addr(ctx, p, false, &p.src, &nat_addr)?;
-                set_port(ctx, p, false, p.sport, nat_port)?;
+                let dst = if hairpin {
+                    Change::new(&p.dst, &p.src, p.dport, p.dport)
+                } else {
+                    Change::none()
+                };
+                let src = Change::new(&p.src, &nat_addr, p.sport, nat_port);
+                rewrite(ctx, p, &src, &dst)?;
                 count(Stat::RevNat);
             }
             return Ok(TC_ACT_OK as i32);
@@ -157,12 +161,16 @@ fn try_new_flow(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
         .map_err(|_| Stat::DropRewriteFailed)?;
     CT.insert(&s.fwd_key, &s.fwd, 0)
         .map_err(|_| Stat::DropRewriteFailed)?;
+    let src = if hairpin {
+        Change::new(&p.src, &p.dst, p.sport, p.sport)
+    } else {
+        Change::none()
+    };
+    let dst = Change::new(&p.dst, &be.addr, p.dport, be.port);
+    rewrite(ctx, p, &src, &dst)?;
     if hairpin {
-        set_addr(ctx, p, false, &p.src, &p.dst)?;
         count(Stat::Hairpin);
     }
-    set_addr(ctx, p, true, &p.dst, &be.addr)?;
-    set_port(ctx, p, true, p.dport, be.port)?;
     count(Stat::DnatNew);
     Ok(TC_ACT_OK as i32)
 }

@@ -78,8 +78,12 @@ pub struct Report {
 impl Report {
     /// Parses the report `weir loadtest --json` prints.
     pub fn from_json(bytes: &[u8]) -> anyhow::Result<Report> {
-        serde_json::from_slice(bytes)
-            .with_context(|| format!("parse a loadtest report: {}", String::from_utf8_lossy(bytes)))
+        serde_json::from_slice(bytes).with_context(|| {
+            format!(
+                "parse a loadtest report: {}",
+                String::from_utf8_lossy(bytes)
+            )
+        })
     }
 
     pub fn error_count(&self) -> u64 {
@@ -234,7 +238,11 @@ pub fn run(spec: Spec) -> Result<Report> {
         duration: spec.duration,
     };
     let done = AtomicBool::new(false);
-    let workers = if spec.closed { spec.connections } else { spec.connections.min(total as usize) };
+    let workers = if spec.closed {
+        spec.connections
+    } else {
+        spec.connections.min(total as usize)
+    };
     let tallies: Vec<Tally> = thread::scope(|sc| {
         if spec.progress {
             let (sh, done, dur) = (&shared, &done, spec.duration);
@@ -318,7 +326,11 @@ pub fn run(spec: Spec) -> Result<Report> {
             format!(
                 "closed loop, {} worker(s), {}",
                 spec.connections,
-                if spec.new_conn { "new connection per request" } else { "persistent connections" }
+                if spec.new_conn {
+                    "new connection per request"
+                } else {
+                    "persistent connections"
+                }
             )
         } else if spec.new_conn {
             format!(
@@ -563,7 +575,11 @@ mod tests {
             ..spec
         })
         .unwrap();
-        assert!(c.ok > 200, "closed loop runs back to back: {} in 200 ms", c.ok);
+        assert!(
+            c.ok > 200,
+            "closed loop runs back to back: {} in 200 ms",
+            c.ok
+        );
         assert_eq!(c.sent, c.ok + c.error_count());
     }
 }

@@ -3,6 +3,12 @@
 //! programs with BPF_PROG_TEST_RUN. Run with `cargo xtask test` (root).
 use std::path::PathBuf;
 
+use crate::{
+    loader::{Datapath, PinDir},
+    maps::{open_pinned, AyaMaps},
+    program::{ApplyStats, Desired, Programmer},
+    topo::{tag, BpfMount},
+};
 use anyhow::{Context, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray},
@@ -10,12 +16,6 @@ use aya::{
 };
 use etherparse::PacketBuilder;
 use weir_common::{map_names, CtKey, CtValue, STAT_COUNT};
-use crate::{
-    loader::{Datapath, PinDir},
-    maps::{open_pinned, AyaMaps},
-    program::{ApplyStats, Desired, Programmer},
-    topo::{tag, BpfMount},
-};
 
 pub const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
 pub const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -212,7 +212,12 @@ pub fn fill_ct(h: &Harness, n: usize) -> Result<()> {
     let mut m = h.ct_map();
     for i in 0..n as u32 {
         let k = CtKey {
-            src: weir_common::Addr::from_v4([198, 18, 200 + ((i >> 16) % 50) as u8, (i >> 8) as u8]),
+            src: weir_common::Addr::from_v4([
+                198,
+                18,
+                200 + ((i >> 16) % 50) as u8,
+                (i >> 8) as u8,
+            ]),
             dst: weir_common::Addr::from_v4([198, 19, 255, i as u8]),
             sport: ((i & 0xffff) as u16).to_be(),
             dport: 80u16.to_be(),
@@ -223,7 +228,8 @@ pub fn fill_ct(h: &Harness, n: usize) -> Result<()> {
             expires_ns: u64::MAX,
             ..Default::default()
         };
-        m.insert(k, v, 0).with_context(|| format!("insert conntrack entry {i}"))?;
+        m.insert(k, v, 0)
+            .with_context(|| format!("insert conntrack entry {i}"))?;
     }
     Ok(())
 }
