@@ -167,7 +167,7 @@ impl Bench<'_> {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        Ok(serde_json_report(&out.stdout)?)
+        Report::from_json(&out.stdout)
     }
 
     fn point(&self, n: usize, mode: Mode, target: &str, socket_lb: bool, note: String) -> Point {
@@ -192,10 +192,6 @@ impl Bench<'_> {
             note: note.trim().to_string(),
         }
     }
-}
-
-fn serde_json_report(bytes: &[u8]) -> Result<Report> {
-    weir_proxy::loadtest::Report::from_json(bytes)
 }
 
 fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
