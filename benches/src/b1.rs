@@ -371,10 +371,10 @@ pub fn run(weir: &Path, quick: bool) -> Result<String> {
             p.mode.label(),
             fmt_opt(r, 0),
             ratio,
-            fmt_opt(p.crr.as_ref().map(|r| r.latency.p50_us), 0),
-            fmt_opt(p.crr.as_ref().map(|r| r.latency.p99_us), 0),
-            fmt_opt(p.rr.as_ref().map(|r| r.latency.p50_us), 0),
-            fmt_opt(p.rr.as_ref().map(|r| r.latency.p99_us), 0),
+            fmt_opt(p.crr.as_ref().map(|r| r.latency.p50_us), 1),
+            fmt_opt(p.crr.as_ref().map(|r| r.latency.p99_us), 1),
+            fmt_opt(p.rr.as_ref().map(|r| r.latency.p50_us), 2),
+            fmt_opt(p.rr.as_ref().map(|r| r.latency.p99_us), 2),
             p.note
         );
     }

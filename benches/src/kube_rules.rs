@@ -1,7 +1,8 @@
 //! The same services written as kube-proxy writes them, for the baselines: iptables mode
 //! (KUBE-SERVICES → KUBE-SVC-… → KUBE-SEP-…, as in `shared/reference/kube-proxy-1.28-iptables-save.txt`)
 //! and nftables mode (the `service-ips` verdict map, a chain per service with `numgen random`,
-//! a chain per endpoint).
+//! a chain per endpoint). One-line chains end their last rule with `;`: nft 1.0.6 (Debian 12)
+//! needs it.
 use std::{fmt::Write, net::Ipv4Addr};
 
 /// One service with one endpoint: what B1 programs N of.
@@ -82,12 +83,12 @@ pub fn nftables(svcs: &[Svc]) -> String {
     let mut o = String::with_capacity(svcs.len() * 600);
     o.push_str(
         "table ip kube-proxy {\n\
-  chain mark-for-masquerade { mark set mark or 0x4000 }\n\
-  chain masquerading { mark and 0x4000 == 0 return; mark set mark xor 0x4000; masquerade fully-random }\n\
-  chain nat-prerouting { type nat hook prerouting priority dstnat; policy accept; jump services }\n\
-  chain nat-output { type nat hook output priority -100; policy accept; jump services }\n\
-  chain nat-postrouting { type nat hook postrouting priority srcnat; policy accept; jump masquerading }\n\
-  chain filter-forward { type filter hook forward priority -110; policy accept; ct state new jump firewall-check }\n\
+  chain mark-for-masquerade { mark set mark or 0x4000; }\n\
+  chain masquerading { mark and 0x4000 == 0 return; mark set mark xor 0x4000; masquerade fully-random; }\n\
+  chain nat-prerouting { type nat hook prerouting priority dstnat; policy accept; jump services; }\n\
+  chain nat-output { type nat hook output priority -100; policy accept; jump services; }\n\
+  chain nat-postrouting { type nat hook postrouting priority srcnat; policy accept; jump masquerading; }\n\
+  chain filter-forward { type filter hook forward priority -110; policy accept; ct state new jump firewall-check; }\n\
   chain firewall-check { }\n",
     );
     for s in svcs {
@@ -95,8 +96,8 @@ pub fn nftables(svcs: &[Svc]) -> String {
         let (vip, p, ep, tp) = (s.vip, s.port, s.endpoint, s.target_port);
         let _ = writeln!(
             o,
-            "  chain service-{h}-tcp {{ ip daddr {vip} tcp dport {p} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade; numgen random mod 1 vmap {{ 0 : goto endpoint-{h}-tcp }} }}\n\
-  chain endpoint-{h}-tcp {{ ip saddr {ep} jump mark-for-masquerade; meta l4proto tcp dnat to {ep}:{tp} }}"
+            "  chain service-{h}-tcp {{ ip daddr {vip} tcp dport {p} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade; numgen random mod 1 vmap {{ 0 : goto endpoint-{h}-tcp }}; }}\n\
+  chain endpoint-{h}-tcp {{ ip saddr {ep} jump mark-for-masquerade; meta l4proto tcp dnat to {ep}:{tp}; }}"
         );
     }
     o.push_str("  map service-ips {\n    type ipv4_addr . inet_proto . inet_service : verdict\n");
@@ -115,7 +116,7 @@ pub fn nftables(svcs: &[Svc]) -> String {
         o.push_str("    }\n");
     }
     o.push_str(
-        "  }\n  chain services { ip daddr . meta l4proto . th dport vmap @service-ips }\n}\n",
+        "  }\n  chain services { ip daddr . meta l4proto . th dport vmap @service-ips; }\n}\n",
     );
     o
 }

@@ -343,3 +343,152 @@ fn everything_is_removed_afterwards() {
         mnt.display()
     );
 }
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_pod_reaches_itself_through_its_service() {
+    let s = sim(true);
+    // The client pod serves too, and is the only endpoint of a service of its own.
+    let cli = s.node.pod("cli").unwrap();
+    let mut cmd = cli.ns.command(weir_bin().unwrap()).unwrap();
+    cmd.args(["echo-server", "--name", "cli", "--port", "8080"])
+        .stdout(std::process::Stdio::null());
+    let _server = weir_proxy::topo::Proc::spawn("echo cli", cmd).unwrap();
+    let hairpin = format!(
+        "{SERVICES}---\napiVersion: v1\nkind: Service\nmetadata: {{name: self, namespace: demo}}\n\
+         spec: {{clusterIP: 198.19.0.14, ports: [{{name: tcp, port: 80, targetPort: 8080}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: self, namespace: demo, labels: {{kubernetes.io/service-name: self}}}}\n\
+         addressType: IPv4\nports: [{{name: tcp, port: 8080}}]\nendpoints: [{{addresses: [198.18.1.10]}}]\n"
+    );
+    s.write_services(&hairpin).unwrap();
+    s.wait_programmed("the hairpin service", |st| {
+        st.services
+            .iter()
+            .any(|v| v.frontend == "198.19.0.14:80/TCP")
+    })
+    .unwrap();
+    thread::sleep(Duration::from_millis(100));
+    for (socket_lb, path) in PATHS {
+        let r = s
+            .loadtest(
+                &[
+                    "198.19.0.14:80",
+                    "--rate",
+                    "200",
+                    "--duration",
+                    "500ms",
+                    "--new-conn",
+                ],
+                socket_lb,
+                false,
+            )
+            .unwrap();
+        assert_eq!(r.ok, r.sent, "{path}: {:?}", r.errors);
+        assert_eq!(r.backends.keys().collect::<Vec<_>>(), ["cli"], "{path}");
+    }
+    assert!(
+        s.status().unwrap().counters["hairpin"] > 0,
+        "the TC path took the hairpin branch"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn weir_status_shows_what_is_programmed() {
+    let s = sim(true);
+    s.loadtest(
+        &[
+            "198.19.0.10:80",
+            "--rate",
+            "100",
+            "--duration",
+            "300ms",
+            "--new-conn",
+        ],
+        false,
+        false,
+    )
+    .unwrap();
+    let out = std::process::Command::new(weir_bin().unwrap())
+        .args(["status", "--json", "--bpffs"])
+        .arg(&s.bpffs.path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let services = v["services"].as_array().unwrap();
+    let echo = services
+        .iter()
+        .find(|s| s["frontend"] == "198.19.0.10:80/TCP")
+        .expect("demo/echo:tcp is listed");
+    assert_eq!(echo["backends"].as_array().unwrap().len(), 3);
+    let empty = services
+        .iter()
+        .find(|s| s["frontend"] == "198.19.0.13:80/TCP")
+        .unwrap();
+    assert!(empty["backends"].as_array().unwrap().is_empty());
+    assert!(v["counters"]["dnat_new"].as_u64().unwrap() >= 30);
+    assert!(
+        v["conntrack_entries"].as_u64().unwrap() >= 60,
+        "two entries per flow"
+    );
+    let text = std::process::Command::new(weir_bin().unwrap())
+        .args(["status", "--bpffs"])
+        .arg(&s.bpffs.path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("198.19.0.11:80/TCP") && text.contains("maglev"),
+        "{text}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn the_sandbox_removes_everything_on_ctrl_c() {
+    let before = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&before.stdout).contains("weir-sbx"),
+        "leftovers from an earlier run"
+    );
+    let mut child = std::process::Command::new(weir_bin().unwrap())
+        .args(["sandbox", "--rate", "200", "--duration", "3s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Let it build the node and start loading, then interrupt it like a terminal would.
+    thread::sleep(Duration::from_secs(4));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::SIGINT,
+    )
+    .unwrap();
+    let st = child.wait().unwrap();
+    assert!(!st.success(), "an interrupted sandbox reports failure");
+    let after = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&after.stdout).contains("weir-sbx"),
+        "namespaces left behind"
+    );
+    let cgroups: Vec<_> = std::fs::read_dir(weir_proxy::topo::cgroup2_root().unwrap())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("weir-sbx"))
+        .collect();
+    assert!(cgroups.is_empty(), "cgroups left behind: {cgroups:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains("weir-sbx"), "bpffs left mounted");
+}
