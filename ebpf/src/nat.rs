@@ -1,9 +1,12 @@
-//! Address and port rewrites. Addresses and ports are written with direct packet access and the
-//! IPv4 header checksum is updated in the program (RFC 1624); the L4 checksum goes through
-//! `bpf_l4_csum_replace` with a precomputed difference, because only the kernel knows whether
-//! the packet's checksum is complete or CHECKSUM_PARTIAL (what veth hands over), and the two
-//! need different updates. Two helper calls per packet at most: the pseudo-header part
-//! (addresses) and the rest (ports), which a CHECKSUM_PARTIAL packet must not see.
+//! Address and port rewrites. Bytes are written with `bpf_skb_store_bytes`, never with direct
+//! packet access: a TC program that writes packet data directly gets a prologue that un-clones
+//! every skb it sees, and TCP transmits clones, so every packet on the device, service or not,
+//! would pay a copy. The helper makes only the rewritten packets writable.
+//!
+//! Checksums are updated by difference, computed here: one `bpf_l3_csum_replace` for IPv4, and
+//! for L4 one `bpf_l4_csum_replace` for the pseudo-header part (addresses) and one for the rest
+//! (ports), which a CHECKSUM_PARTIAL packet (what veth hands over) must not see: only the
+//! kernel knows which kind of checksum the packet carries.
 use aya_ebpf::programs::TcContext;
 use weir_common::{Addr, Stat, PROTO_UDP};
 
@@ -53,23 +56,6 @@ impl Change {
 struct Diffs {
     addr: u64,
     port: u64,
-    ip: u32,
-}
-
-#[inline(always)]
-fn ptr_mut<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
-    // SAFETY: reading two fields of our own context; volatile so LLVM keeps them two loads.
-    let (start, end) = unsafe {
-        (
-            core::ptr::read_volatile(&(*ctx.skb.skb).data) as usize,
-            core::ptr::read_volatile(&(*ctx.skb.skb).data_end) as usize,
-        )
-    };
-    // Offsets come from the scratch map: bound them, or the verifier refuses the pointer math.
-    if off > 256 || start + off + core::mem::size_of::<T>() > end {
-        return None;
-    }
-    Some((start + off) as *mut T)
 }
 
 #[inline(always)]
@@ -117,9 +103,8 @@ fn side(ctx: &TcContext, p: &Packet, c: &Change, is_dst: bool, d: &mut Diffs) ->
     }
     if p.v6 {
         let off = p.l3_off + if is_dst { 24 } else { 8 };
-        let ptr = ptr_mut::<[u8; 16]>(ctx, off).ok_or(Stat::DropRewriteFailed)?;
-        // SAFETY: bounds checked by ptr_mut.
-        unsafe { *ptr = c.new_addr.0 };
+        ctx.store(off, &c.new_addr.0, 0)
+            .map_err(|_| Stat::DropRewriteFailed)?;
         let mut i = 0;
         while i < 16 {
             d.addr += (!word(&c.old_addr, i)) as u64 + word(&c.new_addr, i) as u64;
@@ -127,21 +112,14 @@ fn side(ctx: &TcContext, p: &Packet, c: &Change, is_dst: bool, d: &mut Diffs) ->
         }
     } else {
         let off = p.l3_off + if is_dst { 16 } else { 12 };
-        let ptr = ptr_mut::<[u8; 4]>(ctx, off).ok_or(Stat::DropRewriteFailed)?;
         let (o, n) = (word(&c.old_addr, 12), word(&c.new_addr, 12));
-        // SAFETY: bounds checked by ptr_mut.
-        unsafe { *ptr = n.to_ne_bytes() };
+        ctx.store(off, &n, 0).map_err(|_| Stat::DropRewriteFailed)?;
         d.addr += (!o) as u64 + n as u64;
-        d.ip += (!(o as u16)) as u32
-            + (!((o >> 16) as u16)) as u32
-            + (n as u16) as u32
-            + ((n >> 16) as u16) as u32;
     }
     if c.old_port != c.new_port {
         let off = p.l4_off + if is_dst { 2 } else { 0 };
-        let ptr = ptr_mut::<u16>(ctx, off).ok_or(Stat::DropRewriteFailed)?;
-        // SAFETY: bounds checked by ptr_mut.
-        unsafe { ptr.write_unaligned(c.new_port) };
+        ctx.store(off, &c.new_port, 0)
+            .map_err(|_| Stat::DropRewriteFailed)?;
         d.port += (!c.old_port) as u64 + c.new_port as u64;
     }
     Ok(())
@@ -149,22 +127,14 @@ fn side(ctx: &TcContext, p: &Packet, c: &Change, is_dst: bool, d: &mut Diffs) ->
 
 #[inline(always)]
 fn rewrite_inner(ctx: &TcContext, p: &Packet, src: &Change, dst: &Change) -> Result<(), Stat> {
-    let mut d = Diffs {
-        addr: 0,
-        port: 0,
-        ip: 0,
-    };
+    let mut d = Diffs { addr: 0, port: 0 };
     side(ctx, p, src, false, &mut d)?;
     side(ctx, p, dst, true, &mut d)?;
-    if !p.v6 {
-        let ptr = ptr_mut::<u16>(ctx, p.l3_off + 10).ok_or(Stat::DropRewriteFailed)?;
-        // SAFETY: bounds checked by ptr_mut.
-        unsafe {
-            let old = ptr.read_unaligned();
-            ptr.write_unaligned(!fold16((!old) as u32 + fold16(d.ip) as u32));
-        }
+    // The IPv4 header checksum covers the addresses: the same difference.
+    if !p.v6 && d.addr != 0 {
+        ctx.l3_csum_replace(p.l3_off + 10, 0, fold32(d.addr) as u64, 0)
+            .map_err(|_| Stat::DropRewriteFailed)?;
     }
-    // Packet pointers are dead from here on: the helpers may move the data.
     let mangled = if p.proto == PROTO_UDP && !p.v6 {
         BPF_F_MARK_MANGLED_0
     } else {

@@ -311,7 +311,7 @@ pub fn run(spec: Spec) -> Result<Report> {
         if h.is_empty() {
             0.0
         } else {
-            h.value_at_quantile(p) as f64
+            h.value_at_quantile(p) as f64 / 1000.0
         }
     };
     let ok = shared.ok.load(Ordering::Relaxed);

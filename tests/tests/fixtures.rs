@@ -531,3 +531,36 @@ fn reject_output_checksums_are_valid() {
         assert_eq!(&out[34..36], &[3, 3], "destination unreachable, port");
     }
 }
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn lb4_affinity_expires_after_its_timeout() {
+    let mut h = Harness::new().unwrap();
+    h.program(&Desired::from([(
+        fe(VIP4, 80, PROTO_TCP),
+        three_backends(false, Some(1)),
+    )]));
+    let (_, out) = h.run(TC_FROM_POD, &tcp(CLI4, 40000, VIP4, 80, Tcp::Syn));
+    let first = dst4(&out);
+    let (_, out) = h.run(TC_FROM_POD, &tcp(CLI4, 40001, VIP4, 80, Tcp::Syn));
+    assert_eq!(
+        dst4(&out),
+        first,
+        "within the timeout the client keeps its backend"
+    );
+    // Past the timeout (1 s), new flows are balanced again: with three backends, 40 flows all
+    // landing on the first one would be a (1/3)^39 chance.
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 41000..41040 {
+        h.clear_ct();
+        // Each flow refreshes the entry, so let it lapse again between flows.
+        let (_, out) = h.run(TC_FROM_POD, &tcp(CLI4, sport, VIP4, 80, Tcp::Syn));
+        seen.insert(dst4(&out));
+        if seen.len() > 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    assert!(seen.len() > 1, "affinity never expired: {seen:?}");
+}
