@@ -25,8 +25,9 @@ pub mod map_names {
     pub const SOCK_REV: &str = "LB_SKREV_V1";
     pub const SOCK_FWD: &str = "LB_SKFWD_V1";
     pub const STATS: &str = "STATS_V1";
-    pub const ALL: [&str; 8] = [
-        SVC, BACKENDS, MAGLEV, AFFINITY, CT, SOCK_REV, SOCK_FWD, STATS,
+    pub const VIPNET: &str = "LB_VIPNET_V1";
+    pub const ALL: [&str; 9] = [
+        SVC, BACKENDS, MAGLEV, AFFINITY, CT, SOCK_REV, SOCK_FWD, STATS, VIPNET,
     ];
 }
 
@@ -50,6 +51,18 @@ pub const MAX_MAGLEV_SERVICES: u32 = 4_096;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_CT: u32 = 262_144;
 pub const MAX_SOCK: u32 = 65_536;
+
+/// A bitmap of the IPv4 /16 prefixes that hold at least one service address: 65 536 bits in
+/// 1 024 words. A packet whose destination is in no such prefix cannot be a new service flow,
+/// so the per-packet path skips the service lookup (8 KiB stays in cache; the service map does
+/// not).
+pub const VIPNET_WORDS: u32 = 1024;
+
+/// The word and bit of an IPv4 address's /16 in the bitmap.
+pub const fn vipnet_slot(v4: [u8; 4]) -> (u32, u64) {
+    let prefix = ((v4[0] as u32) << 8) | v4[1] as u32;
+    (prefix >> 6, 1u64 << (prefix & 63))
+}
 
 /// Maglev lookup table size per service: a prime above 100 × the backends a service usually has,
 /// which keeps reassignment on a backend change near 1 % (Cilium's rule, `M > 100·N`).

@@ -1,7 +1,7 @@
 //! Every map of the object. Pinned by name, so a restarted agent adopts them.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use weir_common::*;
 
@@ -46,6 +46,9 @@ pub struct Scratch {
 
 #[map(name = "SCRATCH_V1")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "LB_VIPNET_V1")]
+pub static VIPNET: Array<u64> = Array::pinned(VIPNET_WORDS, 0);
 
 #[map(name = "STATS_V1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);

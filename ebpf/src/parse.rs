@@ -10,7 +10,9 @@ pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const IPV6_HLEN: usize = 40;
 
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -5,9 +5,9 @@ use weir_common::*;
 
 use crate::{
     lb::{flow_hash, lookup_service, now_ns, select_backend},
-    maps::{count, count_raw, Scratch, CT, SCRATCH},
+    maps::{count, count_raw, Scratch, CT, SCRATCH, VIPNET},
     nat::{rewrite, Change},
-    parse::{parse_out_of_line, Packet, TCP_FIN, TCP_RST},
+    parse::{parse_out_of_line, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     reject::reject,
 };
 
@@ -38,6 +38,16 @@ pub fn handle(ctx: &TcContext) -> i32 {
     }
 }
 
+/// Whether an IPv4 destination is in a /16 that holds a service address (see `VIPNET`).
+#[inline(always)]
+fn maybe_service(dst: &Addr) -> bool {
+    let (word, bit) = vipnet_slot(dst.v4_octets());
+    match VIPNET.get(word) {
+        Some(w) => *w & bit != 0,
+        None => true,
+    }
+}
+
 #[inline(always)]
 fn lifetime(p: &Packet, closing: bool) -> u64 {
     if p.proto != PROTO_TCP {
@@ -60,11 +70,15 @@ fn process(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
         proto: p.proto,
         _pad: [0; 3],
     };
+    let syn = p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if let Some(entry) = CT.get_ptr_mut(&s.fwd_key) {
         // SAFETY: an LRU value pointer stays valid for this program run.
         let e = unsafe { &mut *entry };
         let now = now_ns();
-        if e.expires_ns > now {
+        // A SYN on a closing flow is a new connection that reuses the ports: it gets a fresh
+        // backend choice and fresh entries, as Linux conntrack would do.
+        let reopened = syn && e.flags & CT_F_CLOSING != 0 && e.dir == CT_DIR_FORWARD;
+        if e.expires_ns > now && !reopened {
             if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
                 e.flags |= CT_F_CLOSING;
             }
@@ -121,7 +135,31 @@ fn new_flow(ctx: &TcContext, s: &mut Scratch) -> i32 {
 fn try_new_flow(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
     let now = now_ns();
     let p = &s.pkt;
-    let Some(master) = lookup_service(&p.dst, p.dport, p.proto) else {
+    let service = if !p.v6 && !maybe_service(&p.dst) {
+        None
+    } else {
+        lookup_service(&p.dst, p.dport, p.proto)
+    };
+    let Some(master) = service else {
+        // A connection that is not a service's, on the 4-tuple of an earlier service flow's
+        // replies (the client reused its port, say to reach the backend directly): that reply
+        // entry is stale and would rewrite the new connection's replies. Only SYNs pay this.
+        if p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            s.reply_key = CtKey {
+                src: p.dst,
+                dst: p.src,
+                sport: p.dport,
+                dport: p.sport,
+                proto: p.proto,
+                _pad: [0; 3],
+            };
+            if let Some(e) = CT.get_ptr(&s.reply_key) {
+                // SAFETY: an LRU value pointer stays valid for this program run.
+                if unsafe { (*e).dir } == CT_DIR_REPLY {
+                    let _ = CT.remove(&s.reply_key);
+                }
+            }
+        }
         count(Stat::PassNoService);
         return Ok(TC_ACT_OK as i32);
     };

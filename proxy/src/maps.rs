@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use weir_common::{map_names, Backend, MaglevTable, SvcKey, SvcValue};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,8 @@ pub trait MapWriter {
     fn del_svc(&mut self, key: &SvcKey) -> Result<(), WriteError>;
     fn put_maglev(&mut self, svc_id: u32, table: &MaglevTable) -> Result<(), WriteError>;
     fn del_maglev(&mut self, svc_id: u32) -> Result<(), WriteError>;
+    /// Writes one word of the service-prefix bitmap (`LB_VIPNET`).
+    fn put_vipnet(&mut self, word: u32, bits: u64) -> Result<(), WriteError>;
     /// Everything in the service and backend maps, to adopt what a previous run programmed.
     fn dump(&self) -> Result<Programmed, WriteError>;
 }
@@ -47,6 +49,8 @@ pub struct Programmed {
     pub svc: BTreeMap<SvcKeyOrd, SvcValue>,
     pub backends: BTreeMap<u32, Backend>,
     pub maglev: BTreeMap<u32, Vec<u32>>,
+    /// Non-zero words of the service-prefix bitmap.
+    pub vipnet: BTreeMap<u32, u64>,
 }
 
 /// `SvcKey` ordered by (address, port, protocol, slot), for stable dumps.
@@ -87,6 +91,7 @@ pub struct AyaMaps {
     svc: HashMap<MapData, SvcKey, SvcValue>,
     backends: HashMap<MapData, u32, Backend>,
     maglev: HashMap<MapData, u32, MaglevTable>,
+    vipnet: Array<MapData, u64>,
 }
 
 pub fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, WriteError> {
@@ -121,6 +126,13 @@ impl AyaMaps {
             svc: typed(maps_dir, map_names::SVC)?,
             backends: typed(maps_dir, map_names::BACKENDS)?,
             maglev: typed(maps_dir, map_names::MAGLEV)?,
+            vipnet: Array::try_from(open_pinned(maps_dir, map_names::VIPNET)?).map_err(
+                |source| WriteError::Open {
+                    map: map_names::VIPNET,
+                    path: maps_dir.join(map_names::VIPNET),
+                    source: Box::new(source),
+                },
+            )?,
         })
     }
 }
@@ -180,6 +192,16 @@ impl MapWriter for AyaMaps {
             source: Box::new(source),
         })
     }
+    fn put_vipnet(&mut self, word: u32, bits: u64) -> Result<(), WriteError> {
+        self.vipnet
+            .set(word, bits, 0)
+            .map_err(|source| WriteError::Map {
+                map: map_names::VIPNET,
+                op: "set",
+                what: format!("word {word}"),
+                source: Box::new(source),
+            })
+    }
     fn dump(&self) -> Result<Programmed, WriteError> {
         let err = |map, source| WriteError::Map {
             map,
@@ -195,6 +217,15 @@ impl MapWriter for AyaMaps {
         for kv in self.backends.iter() {
             let (k, v) = kv.map_err(|e| err(map_names::BACKENDS, e))?;
             out.backends.insert(k, v);
+        }
+        for w in 0..weir_common::VIPNET_WORDS {
+            let bits = self
+                .vipnet
+                .get(&w, 0)
+                .map_err(|e| err(map_names::VIPNET, e))?;
+            if bits != 0 {
+                out.vipnet.insert(w, bits);
+            }
         }
         for kv in self.maglev.iter() {
             let (k, v) = kv.map_err(|e| err(map_names::MAGLEV, e))?;
@@ -259,6 +290,18 @@ impl FakeMaps {
                 }
             }
         }
+        for (k, _) in st.svc.iter().filter(|(k, _)| k.3 == 0) {
+            let a = weir_common::Addr(k.0);
+            if a.is_v4() {
+                let (w, bit) = weir_common::vipnet_slot(a.v4_octets());
+                if st.vipnet.get(&w).copied().unwrap_or(0) & bit == 0 {
+                    self.violations.push(format!(
+                        "after write {}: service {k:?} outside the VIPNET bitmap",
+                        self.writes
+                    ));
+                }
+            }
+        }
         for (svc, table) in &st.maglev {
             if let Some(bad) = table.iter().find(|id| !st.backends.contains_key(id)) {
                 self.violations.push(format!(
@@ -306,6 +349,16 @@ impl MapWriter for FakeMaps {
     fn del_maglev(&mut self, svc_id: u32) -> Result<(), WriteError> {
         self.step()?;
         self.state.maglev.remove(&svc_id);
+        self.check();
+        Ok(())
+    }
+    fn put_vipnet(&mut self, word: u32, bits: u64) -> Result<(), WriteError> {
+        self.step()?;
+        if bits == 0 {
+            self.state.vipnet.remove(&word);
+        } else {
+            self.state.vipnet.insert(word, bits);
+        }
         self.check();
         Ok(())
     }

@@ -93,6 +93,8 @@ pub struct ApplyStats {
 #[derive(Debug, Default)]
 pub struct Programmer {
     services: BTreeMap<Frontend, Programmed>,
+    /// What the service-prefix bitmap holds (non-zero words).
+    vipnet: BTreeMap<u32, u64>,
     backend_ids: HashMap<BackendKey, u32>,
     next_backend_id: u32,
     next_svc_id: u32,
@@ -106,6 +108,7 @@ impl Programmer {
         let mut p = Programmer {
             next_backend_id: 1,
             next_svc_id: 1,
+            vipnet: dump.vipnet.clone(),
             ..Default::default()
         };
         for (id, be) in &dump.backends {
@@ -150,6 +153,13 @@ impl Programmer {
             inner: w,
             writes: 0,
         };
+        // Prefix bits first, for the old and the new frontends; cleared at the end.
+        let union = vipnet_of(self.services.keys().chain(desired.keys()));
+        if let Err(e) = self.write_vipnet(&union, &mut counter) {
+            st.errors.push(e.to_string());
+            st.writes = counter.writes;
+            return st;
+        }
         for (fe, spec) in desired {
             if let Err(e) = self.apply_one(fe, spec, &mut counter, &mut st) {
                 st.errors.push(format!("service {} ({fe}): {e}", spec.name));
@@ -166,6 +176,10 @@ impl Programmer {
                 Ok(()) => st.services_removed += 1,
                 Err(e) => st.errors.push(format!("remove {fe}: {e}")),
             }
+        }
+        let now = vipnet_of(self.services.keys());
+        if let Err(e) = self.write_vipnet(&now, &mut counter) {
+            st.errors.push(e.to_string());
         }
         // Backends last: nothing points at them any more. After a failed write the maps may
         // still point at backends this state no longer lists, so none is removed until a clean
@@ -196,6 +210,30 @@ impl Programmer {
         }
         st.writes = counter.writes;
         st
+    }
+
+    /// Writes the words of `want` that differ from what the bitmap holds.
+    fn write_vipnet(
+        &mut self,
+        want: &BTreeMap<u32, u64>,
+        w: &mut dyn MapWriter,
+    ) -> Result<(), WriteError> {
+        let words: BTreeSet<u32> = want.keys().chain(self.vipnet.keys()).copied().collect();
+        for word in words {
+            let (have, bits) = (
+                self.vipnet.get(&word).copied().unwrap_or(0),
+                want.get(&word).copied().unwrap_or(0),
+            );
+            if have != bits {
+                w.put_vipnet(word, bits)?;
+                if bits == 0 {
+                    self.vipnet.remove(&word);
+                } else {
+                    self.vipnet.insert(word, bits);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn backend_id(
@@ -336,6 +374,18 @@ impl Programmer {
     }
 }
 
+/// The service-prefix bitmap words for a set of frontends (IPv4 only).
+fn vipnet_of<'a>(fes: impl Iterator<Item = &'a Frontend>) -> BTreeMap<u32, u64> {
+    let mut out = BTreeMap::new();
+    for fe in fes {
+        if let IpAddr::V4(v4) = fe.ip {
+            let (w, bit) = weir_common::vipnet_slot(v4.octets());
+            *out.entry(w).or_insert(0) |= bit;
+        }
+    }
+    out
+}
+
 #[allow(clippy::too_many_arguments)]
 fn write_service(
     fe: &Frontend,
@@ -422,6 +472,10 @@ impl MapWriter for CountingWriter<'_> {
     fn del_maglev(&mut self, svc_id: u32) -> Result<(), WriteError> {
         self.writes += 1;
         self.inner.del_maglev(svc_id)
+    }
+    fn put_vipnet(&mut self, word: u32, bits: u64) -> Result<(), WriteError> {
+        self.writes += 1;
+        self.inner.put_vipnet(word, bits)
     }
     fn dump(&self) -> Result<crate::maps::Programmed, WriteError> {
         self.inner.dump()

@@ -62,15 +62,18 @@ impl Harness {
         st
     }
 
-    /// Runs `frame` through `prog` once: the verdict and the frame it leaves.
-    pub fn run(&mut self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-        let p: &mut SchedClassifier = self
-            .dp
+    fn classifier(&mut self, prog: &str) -> &mut SchedClassifier {
+        self.dp
             .ebpf_mut()
             .program_mut(prog)
             .expect("program in object")
             .try_into()
-            .expect("a classifier");
+            .expect("a classifier")
+    }
+
+    /// Runs `frame` through `prog` once: the verdict and the frame it leaves.
+    pub fn run(&mut self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let p = self.classifier(prog);
         let mut out = vec![0u8; frame.len() + 256];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
@@ -82,13 +85,7 @@ impl Harness {
 
     /// Runs `frame` `repeat` times and returns the kernel's mean ns per run.
     pub fn time(&mut self, prog: &str, frame: &[u8], repeat: u32) -> f64 {
-        let p: &mut SchedClassifier = self
-            .dp
-            .ebpf_mut()
-            .program_mut(prog)
-            .expect("program in object")
-            .try_into()
-            .expect("a classifier");
+        let p = self.classifier(prog);
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.repeat = repeat;

@@ -265,6 +265,19 @@ fixtures! {
             step(tcp(CLI4, 40000, VIP4, 80, Tcp::Ack), OK, Out::Exact(tcp(VIP4, 40000, CLI4, 8080, Tcp::Ack)), &[(Stat::DnatEstablished, 1)]),
         ])
     };
+    lb4_syn_on_a_closed_flow_is_a_new_flow => (services(), vec![
+        step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
+        step(tcp(CLI4, 40000, VIP4, 80, Tcp::Fin), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Fin)), &[(Stat::DnatEstablished, 1)]),
+        // The client reuses the port for a new connection: a fresh choice, not the old flow.
+        step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
+    ]);
+    lb4_direct_connection_clears_a_stale_reply_entry => (services(), vec![
+        step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
+        // Same ports, straight to the backend (socket LB, or a pod-IP client): not a service.
+        step(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn), OK, Out::Same, &[(Stat::PassNoService, 1)]),
+        // Its replies must reach the client untouched, not rewritten to the VIP.
+        step(tcp(BE4, 8080, CLI4, 40000, Tcp::Ack), OK, Out::Same, &[(Stat::PassNoService, 1)]),
+    ]);
     lb4_tc_from_netdev_dnat => (services(), vec![Step {
         prog: TC_FROM_NETDEV,
         input: tcp("198.18.0.99", 40000, VIP4, 80, Tcp::Syn),
