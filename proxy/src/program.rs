@@ -74,8 +74,11 @@ struct Programmed {
     dirty: bool,
 }
 
+/// A backend id belongs to one frontend: when an endpoint leaves a service its id goes, even
+/// if the same pod still serves another service. The data path relies on that: session
+/// affinity and a socket's remembered backend are valid exactly while their id exists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct BackendKey(SocketAddr, u8);
+struct BackendKey(Frontend, SocketAddr);
 
 /// What one `apply` changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -96,6 +99,9 @@ pub struct Programmer {
     /// What the service-prefix bitmap holds (non-zero words).
     vipnet: BTreeMap<u32, u64>,
     backend_ids: HashMap<BackendKey, u32>,
+    /// Backends found in the maps that no slot points at (a previous run stopped between
+    /// writing a backend and its slot): removed on the next clean pass.
+    orphans: BTreeSet<u32>,
     next_backend_id: u32,
     next_svc_id: u32,
 }
@@ -111,21 +117,27 @@ impl Programmer {
             vipnet: dump.vipnet.clone(),
             ..Default::default()
         };
-        for (id, be) in &dump.backends {
-            let sa = SocketAddr::new(to_ip(&be.addr), u16::from_be(be.port));
-            p.backend_ids.insert(BackendKey(sa, be.proto), *id);
+        for id in dump.backends.keys() {
             p.next_backend_id = p.next_backend_id.max(id + 1);
         }
+        let mut referenced = BTreeSet::new();
         for (k, v) in dump.svc.iter().filter(|(k, _)| k.3 == 0) {
             let fe = Frontend {
                 ip: to_ip(&weir_common::Addr(k.0)),
                 port: k.1,
                 proto: k.2,
             };
-            let slots = (1..=v.count)
+            let slots: Vec<u32> = (1..=v.count)
                 .filter_map(|s| dump.svc.get(&crate::maps::SvcKeyOrd(k.0, k.1, k.2, s)))
                 .map(|s| s.backend_id)
                 .collect();
+            for id in &slots {
+                if let Some(be) = dump.backends.get(id) {
+                    let sa = SocketAddr::new(to_ip(&be.addr), u16::from_be(be.port));
+                    p.backend_ids.insert(BackendKey(fe, sa), *id);
+                    referenced.insert(*id);
+                }
+            }
             p.next_svc_id = p.next_svc_id.max(v.svc_id + 1);
             p.services.insert(
                 fe,
@@ -138,6 +150,12 @@ impl Programmer {
                 },
             );
         }
+        p.orphans = dump
+            .backends
+            .keys()
+            .filter(|id| !referenced.contains(id))
+            .copied()
+            .collect();
         Ok(p)
     }
 
@@ -208,6 +226,18 @@ impl Programmer {
                 Err(e) => st.errors.push(e.to_string()),
             }
         }
+        for id in std::mem::take(&mut self.orphans) {
+            if used.contains(&id) {
+                continue;
+            }
+            match counter.del_backend(id) {
+                Ok(()) => st.backends_removed += 1,
+                Err(e) => {
+                    st.errors.push(e.to_string());
+                    self.orphans.insert(id);
+                }
+            }
+        }
         st.writes = counter.writes;
         st
     }
@@ -238,12 +268,13 @@ impl Programmer {
 
     fn backend_id(
         &mut self,
+        fe: &Frontend,
         sa: SocketAddr,
-        proto: u8,
         w: &mut dyn MapWriter,
         st: &mut ApplyStats,
     ) -> Result<u32, WriteError> {
-        let key = BackendKey(sa, proto);
+        let key = BackendKey(*fe, sa);
+        let proto = fe.proto;
         if let Some(id) = self.backend_ids.get(&key) {
             return Ok(*id);
         }
@@ -279,9 +310,7 @@ impl Programmer {
                 wrong_family.push(be.to_string());
                 continue;
             }
-            let id = self
-                .backend_id(be, fe.proto, w, st)
-                .map_err(|e| e.to_string())?;
+            let id = self.backend_id(fe, be, w, st).map_err(|e| e.to_string())?;
             slots.push(id);
             names.push((be.to_string(), id));
         }
@@ -645,5 +674,57 @@ mod tests {
                 maps.violations
             );
         }
+    }
+
+    #[test]
+    fn a_shared_endpoint_has_one_id_per_service_and_leaves_one_alone() {
+        let mut maps = FakeMaps::default();
+        let mut p = Programmer::adopt(&maps).unwrap();
+        let (a, b) = (
+            fe("198.19.0.10", 80, PROTO_TCP),
+            fe("198.19.0.11", 80, PROTO_TCP),
+        );
+        let mut d = Desired::from([
+            (a, spec(&["198.18.1.2:8080"])),
+            (b, spec(&["198.18.1.2:8080"])),
+        ]);
+        p.apply(&d, &mut maps);
+        let ids: Vec<u32> = maps.state.backends.keys().copied().collect();
+        assert_eq!(ids.len(), 2, "one id per frontend: {ids:?}");
+        let a_slot = maps.state.svc[&(&a.key(1)).into()].backend_id;
+        d.insert(a, spec(&["198.18.1.3:8080"]));
+        let st = p.apply(&d, &mut maps);
+        assert!(st.errors.is_empty(), "{:?}", st.errors);
+        assert!(
+            !maps.state.backends.contains_key(&a_slot),
+            "A's id for the pod it dropped is gone"
+        );
+        let b_slot = maps.state.svc[&(&b.key(1)).into()].backend_id;
+        assert!(
+            maps.state.backends.contains_key(&b_slot),
+            "B still has the pod"
+        );
+        assert!(maps.violations.is_empty(), "{:?}", maps.violations);
+    }
+
+    #[test]
+    fn adoption_removes_a_backend_no_slot_points_at() {
+        let mut maps = FakeMaps::default();
+        let web = fe("198.19.0.10", 80, PROTO_TCP);
+        let d = Desired::from([(web, spec(&["198.18.1.2:8080"]))]);
+        Programmer::adopt(&maps).unwrap().apply(&d, &mut maps);
+        // A previous run wrote a backend and stopped before the slot that would use it.
+        let orphan = Backend {
+            addr: to_addr("198.18.1.9".parse().unwrap()),
+            port: 8080u16.to_be(),
+            proto: PROTO_TCP,
+            flags: 0,
+        };
+        maps.put_backend(99, &orphan).unwrap();
+        let mut p = Programmer::adopt(&maps).unwrap();
+        let st = p.apply(&d, &mut maps);
+        assert_eq!(st.backends_removed, 1);
+        assert!(!maps.state.backends.contains_key(&99));
+        assert_eq!(maps.state.backends.len(), 1);
     }
 }

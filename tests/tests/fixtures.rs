@@ -577,3 +577,42 @@ fn lb4_affinity_expires_after_its_timeout() {
     }
     assert!(seen.len() > 1, "affinity never expired: {seen:?}");
 }
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn lb4_affinity_ends_when_the_backend_leaves_the_service() {
+    // The same pod backs two services; it leaves the first one only. Clients of the first one
+    // that were stuck to it must be balanced over what is left, not sent to a pod that is no
+    // longer an endpoint of that service.
+    let mut h = Harness::new().unwrap();
+    let sticky = fe(VIP4, 80, PROTO_TCP);
+    let other = fe("198.19.0.20", 80, PROTO_TCP);
+    let shared: SocketAddr = "198.18.1.11:8080".parse().unwrap();
+    let mut d = Desired::from([
+        (
+            sticky,
+            ServiceSpec {
+                affinity_timeout_s: Some(600),
+                ..svc(&["198.18.1.11:8080"])
+            },
+        ),
+        (other, svc(&["198.18.1.11:8080"])),
+    ]);
+    h.program(&d);
+    let (_, out) = h.run(TC_FROM_POD, &tcp(CLI4, 40000, VIP4, 80, Tcp::Syn));
+    assert_eq!(dst4(&out), shared);
+    d.insert(
+        sticky,
+        ServiceSpec {
+            affinity_timeout_s: Some(600),
+            ..svc(&["198.18.1.12:8080"])
+        },
+    );
+    h.program(&d);
+    let (_, out) = h.run(TC_FROM_POD, &tcp(CLI4, 40001, VIP4, 80, Tcp::Syn));
+    assert_eq!(
+        dst4(&out),
+        "198.18.1.12:8080".parse().unwrap(),
+        "affinity outlived the endpoint"
+    );
+}
