@@ -238,9 +238,11 @@ pub enum Stat {
     SockRevXlate,
     SockRejectNoBackend,
     SockBackendMissing,
+    /// A new flow whose conntrack entries could not be written.
+    DropConntrackInsert,
 }
 
-pub const STAT_COUNT: u32 = Stat::SockBackendMissing as u32 + 1;
+pub const STAT_COUNT: u32 = Stat::DropConntrackInsert as u32 + 1;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_no_service",
@@ -263,6 +265,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "sock_rev_xlate",
     "sock_reject_no_backend",
     "sock_backend_missing",
+    "drop_conntrack_insert",
 ];
 
 const _: () = {

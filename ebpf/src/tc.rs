@@ -196,9 +196,9 @@ fn try_new_flow(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
     s.rev.dir = CT_DIR_REPLY;
     // Reply entry first: once the forward entry exists, the reply can come back.
     CT.insert(&s.reply_key, &s.rev, 0)
-        .map_err(|_| Stat::DropRewriteFailed)?;
+        .map_err(|_| Stat::DropConntrackInsert)?;
     CT.insert(&s.fwd_key, &s.fwd, 0)
-        .map_err(|_| Stat::DropRewriteFailed)?;
+        .map_err(|_| Stat::DropConntrackInsert)?;
     let src = if hairpin {
         Change::new(&p.src, &p.dst, p.sport, p.sport)
     } else {
