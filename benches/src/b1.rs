@@ -14,7 +14,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use weir_common::PROTO_TCP;
 use weir_proxy::{
-    loader::{detach_all, Datapath, PinDir, TcRole},
+    loader::{Datapath, PinDir, TcRole},
     loadtest::Report,
     maps::AyaMaps,
     program::{Desired, Frontend, Programmer, ServiceSpec},
@@ -303,7 +303,7 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
         })?
     };
     let took = attach(Some(desired(&svcs)))?;
-    detach_all(&pins)?;
+    pins.detach_all()?;
     let note = format!(
         "{n} services programmed in {:.0} ms.",
         took.as_secs_f64() * 1000.0
@@ -314,7 +314,7 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
         attach(None)?;
         r.push(b.point(n, Mode::WeirSocket, &target, true, note.clone()));
         r.push(b.point(n, Mode::WeirTc, &target, false, note.clone()));
-        detach_all(&pins)?;
+        pins.detach_all()?;
         rounds.push(r);
     }
     for i in 0..rounds[0].len() {
@@ -322,13 +322,11 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
     }
     // Ablation: the socket hooks alone, to tell their cost from the per-packet programs'.
     attach(None)?;
-    for l in std::fs::read_dir(pins.links())?.flatten() {
-        if l.file_name().to_string_lossy().starts_with("tc_from_pod") {
-            std::fs::remove_file(l.path())?;
-        }
+    for i in &ifs {
+        pins.detach_tc(i, TcRole::FromPod)?;
     }
     points.push(b.point(n, Mode::WeirSocketOnly, &target, true, String::new()));
-    detach_all(&pins)?;
+    pins.detach_all()?;
 
     // kube-proxy, iptables mode.
     let ipt = dir.join("iptables.rules");

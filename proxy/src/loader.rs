@@ -66,6 +66,39 @@ impl PinDir {
         self.links()
             .join(format!("{program}@{}", target.replace('/', "_")))
     }
+
+    fn cgroup_target(cgroup: &Path) -> String {
+        format!("cgroup-{}", cgroup.display())
+    }
+
+    /// Removes the TC program from `ifname`: its link goes with its pin (once no process of
+    /// ours holds it open).
+    pub fn detach_tc(&self, ifname: &str, role: TcRole) -> Result<()> {
+        unpin(&self.link(role.program(), ifname))
+    }
+
+    /// Unpins every link: the programs detach from their interfaces and cgroups. The maps stay
+    /// pinned (a later agent adopts them).
+    pub fn detach_all(&self) -> Result<()> {
+        let dir = self.links();
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for e in entries {
+            unpin(&e.with_context(|| format!("read {}", dir.display()))?.path())?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes a pin; one that is already gone is fine.
+fn unpin(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("unpin {}", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 pub struct Datapath {
@@ -143,26 +176,12 @@ impl Datapath {
         Ok(())
     }
 
-    /// Removes the TC program from `ifname` (the link is destroyed with its pin).
-    pub fn detach_tc(&mut self, ifname: &str, role: TcRole) -> Result<()> {
-        let pin = self.pins.link(role.program(), ifname);
-        match PinnedLink::from_pin(&pin) {
-            Ok(link) => {
-                link.unpin()
-                    .with_context(|| format!("unpin {}", pin.display()))?;
-                Ok(())
-            }
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("open pinned link {}", pin.display())),
-        }
-    }
-
     /// Attaches the socket-level hooks to a cgroup (v2), or swaps the programs of the links a
     /// previous run pinned.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
         let dir =
             fs::File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
-        let target = format!("cgroup-{}", cgroup.display());
+        let target = PinDir::cgroup_target(cgroup);
         for name in SOCK_PROGRAMS {
             let pin = self.pins.link(name, &target);
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
@@ -180,25 +199,6 @@ impl Datapath {
                     link.pin(&pin)
                         .with_context(|| format!("pin link {}", pin.display()))?;
                 }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("open pinned link {}", pin.display()))
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Unpins the socket-level links of `cgroup`, which detaches them.
-    pub fn detach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
-        let target = format!("cgroup-{}", cgroup.display());
-        for name in SOCK_PROGRAMS {
-            let pin = self.pins.link(name, &target);
-            match PinnedLink::from_pin(&pin) {
-                Ok(link) => {
-                    link.unpin()
-                        .with_context(|| format!("unpin {}", pin.display()))?;
-                }
-                Err(e) if is_not_found(&e) => {}
                 Err(e) => {
                     return Err(e).with_context(|| format!("open pinned link {}", pin.display()))
                 }
@@ -298,19 +298,5 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
         None::<&str>,
     )
     .with_context(|| format!("mount a bpffs at {}", dir.display()))?;
-    Ok(())
-}
-
-/// Unpins every link under `pins`: the programs detach from their interfaces and cgroups. The
-/// maps stay pinned (a later agent adopts them).
-pub fn detach_all(pins: &PinDir) -> Result<()> {
-    let dir = pins.links();
-    let Ok(entries) = fs::read_dir(&dir) else {
-        return Ok(());
-    };
-    for e in entries {
-        let path = e.with_context(|| format!("read {}", dir.display()))?.path();
-        fs::remove_file(&path).with_context(|| format!("unpin {}", path.display()))?;
-    }
     Ok(())
 }

@@ -492,3 +492,47 @@ fn the_sandbox_removes_everything_on_ctrl_c() {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(!mounts.contains("weir-sbx"), "bpffs left mounted");
 }
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn detaching_the_tc_program_takes_the_pod_off_the_tc_path() {
+    let s = sim(false);
+    let target = [
+        "198.19.0.10:80",
+        "--rate",
+        "100",
+        "--duration",
+        "300ms",
+        "--new-conn",
+        "--timeout",
+        "300ms",
+    ];
+    let r = s.loadtest(&target, false, false).unwrap();
+    assert_eq!(r.ok, r.sent, "attached: {:?}", r.errors);
+    let pins = weir_proxy::agent::pin_dir(&s.bpffs.path);
+    let cli = s.node.pod("cli").unwrap();
+    pins.detach_tc(&cli.host_if, weir_proxy::loader::TcRole::FromPod)
+        .unwrap();
+    // No program translates the VIP now, and the node has no route for it.
+    let r = s.loadtest(&target, false, false).unwrap();
+    assert_eq!(r.ok, 0, "detached, yet the VIP answered: {:?}", r.backends);
+    // Pod to pod still works: only the program went.
+    let direct = s
+        .loadtest(
+            &[
+                "198.18.1.11:8080",
+                "--rate",
+                "100",
+                "--duration",
+                "300ms",
+                "--new-conn",
+            ],
+            false,
+            false,
+        )
+        .unwrap();
+    assert_eq!(direct.ok, direct.sent, "{:?}", direct.errors);
+    // Detaching what is not attached is not an error.
+    pins.detach_tc(&cli.host_if, weir_proxy::loader::TcRole::FromPod)
+        .unwrap();
+}
