@@ -94,7 +94,7 @@ pub struct AyaMaps {
     vipnet: Array<MapData, u64>,
 }
 
-pub fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, WriteError> {
+fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, WriteError> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path).map_err(|source| WriteError::Open {
         map: name,
@@ -108,107 +108,94 @@ pub fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, WriteError> {
     })
 }
 
+/// Opens the map pinned at `dir/name` as a typed aya map (`HashMap`, `Array`, ...).
+pub fn open_typed<T>(dir: &Path, name: &'static str) -> Result<T, WriteError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    T::try_from(open_pinned(dir, name)?).map_err(|source| WriteError::Open {
+        map: name,
+        path: dir.join(name),
+        source: Box::new(source),
+    })
+}
+
+/// The error of one map operation, naming the map, the operation and the object.
+fn failed(
+    map: &'static str,
+    op: &'static str,
+    what: String,
+) -> impl FnOnce(MapError) -> WriteError {
+    move |source| WriteError::Map {
+        map,
+        op,
+        what,
+        source: Box::new(source),
+    }
+}
+
 impl AyaMaps {
     /// Opens the pinned service maps under `maps_dir`.
     pub fn open(maps_dir: &Path) -> Result<Self, WriteError> {
-        fn typed<K: aya::Pod, V: aya::Pod>(
-            dir: &Path,
-            name: &'static str,
-        ) -> Result<HashMap<MapData, K, V>, WriteError> {
-            let map = open_pinned(dir, name)?;
-            HashMap::try_from(map).map_err(|source| WriteError::Open {
-                map: name,
-                path: dir.join(name),
-                source: Box::new(source),
-            })
-        }
         Ok(Self {
-            svc: typed(maps_dir, map_names::SVC)?,
-            backends: typed(maps_dir, map_names::BACKENDS)?,
-            maglev: typed(maps_dir, map_names::MAGLEV)?,
-            vipnet: Array::try_from(open_pinned(maps_dir, map_names::VIPNET)?).map_err(
-                |source| WriteError::Open {
-                    map: map_names::VIPNET,
-                    path: maps_dir.join(map_names::VIPNET),
-                    source: Box::new(source),
-                },
-            )?,
+            svc: open_typed(maps_dir, map_names::SVC)?,
+            backends: open_typed(maps_dir, map_names::BACKENDS)?,
+            maglev: open_typed(maps_dir, map_names::MAGLEV)?,
+            vipnet: open_typed(maps_dir, map_names::VIPNET)?,
         })
     }
 }
 
 impl MapWriter for AyaMaps {
     fn put_backend(&mut self, id: u32, be: &Backend) -> Result<(), WriteError> {
+        let what = format!("backend {id}");
         self.backends
             .insert(id, be, 0)
-            .map_err(|source| WriteError::Map {
-                map: map_names::BACKENDS,
-                op: "insert",
-                what: format!("backend {id}"),
-                source: Box::new(source),
-            })
+            .map_err(failed(map_names::BACKENDS, "insert", what))
     }
     fn del_backend(&mut self, id: u32) -> Result<(), WriteError> {
-        ignore_missing(self.backends.remove(&id)).map_err(|source| WriteError::Map {
-            map: map_names::BACKENDS,
-            op: "remove",
-            what: format!("backend {id}"),
-            source: Box::new(source),
-        })
+        let what = format!("backend {id}");
+        ignore_missing(self.backends.remove(&id)).map_err(failed(
+            map_names::BACKENDS,
+            "remove",
+            what,
+        ))
     }
     fn put_svc(&mut self, key: &SvcKey, val: &SvcValue) -> Result<(), WriteError> {
         self.svc
             .insert(key, val, 0)
-            .map_err(|source| WriteError::Map {
-                map: map_names::SVC,
-                op: "insert",
-                what: describe_key(key),
-                source: Box::new(source),
-            })
+            .map_err(failed(map_names::SVC, "insert", describe_key(key)))
     }
     fn del_svc(&mut self, key: &SvcKey) -> Result<(), WriteError> {
-        ignore_missing(self.svc.remove(key)).map_err(|source| WriteError::Map {
-            map: map_names::SVC,
-            op: "remove",
-            what: describe_key(key),
-            source: Box::new(source),
-        })
+        ignore_missing(self.svc.remove(key)).map_err(failed(
+            map_names::SVC,
+            "remove",
+            describe_key(key),
+        ))
     }
     fn put_maglev(&mut self, svc_id: u32, table: &MaglevTable) -> Result<(), WriteError> {
+        let what = format!("service {svc_id}");
         self.maglev
             .insert(svc_id, table, 0)
-            .map_err(|source| WriteError::Map {
-                map: map_names::MAGLEV,
-                op: "insert",
-                what: format!("service {svc_id}"),
-                source: Box::new(source),
-            })
+            .map_err(failed(map_names::MAGLEV, "insert", what))
     }
     fn del_maglev(&mut self, svc_id: u32) -> Result<(), WriteError> {
-        ignore_missing(self.maglev.remove(&svc_id)).map_err(|source| WriteError::Map {
-            map: map_names::MAGLEV,
-            op: "remove",
-            what: format!("service {svc_id}"),
-            source: Box::new(source),
-        })
+        let what = format!("service {svc_id}");
+        ignore_missing(self.maglev.remove(&svc_id)).map_err(failed(
+            map_names::MAGLEV,
+            "remove",
+            what,
+        ))
     }
     fn put_vipnet(&mut self, word: u32, bits: u64) -> Result<(), WriteError> {
-        self.vipnet
-            .set(word, bits, 0)
-            .map_err(|source| WriteError::Map {
-                map: map_names::VIPNET,
-                op: "set",
-                what: format!("word {word}"),
-                source: Box::new(source),
-            })
+        self.vipnet.set(word, bits, 0).map_err(failed(
+            map_names::VIPNET,
+            "set",
+            format!("word {word}"),
+        ))
     }
     fn dump(&self) -> Result<Programmed, WriteError> {
-        let err = |map, source| WriteError::Map {
-            map,
-            op: "iterate",
-            what: String::new(),
-            source: Box::new(source),
-        };
+        let err = |map, source| failed(map, "iterate", String::new())(source);
         let mut out = Programmed::default();
         for kv in self.svc.iter() {
             let (k, v) = kv.map_err(|e| err(map_names::SVC, e))?;

@@ -11,7 +11,7 @@ use weir_common::{
 
 use crate::{
     addr::{host_port, proto_name, to_ip},
-    maps::open_pinned,
+    maps::open_typed,
 };
 
 #[derive(Debug, Serialize)]
@@ -45,14 +45,10 @@ fn fmt_addr(a: &weir_common::Addr, port_be: u16) -> String {
 }
 
 pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
-    let svc: HashMap<MapData, SvcKey, SvcValue> =
-        HashMap::try_from(open_pinned(maps_dir, map_names::SVC)?)?;
-    let be: HashMap<MapData, u32, Backend> =
-        HashMap::try_from(open_pinned(maps_dir, map_names::BACKENDS)?)?;
-    let ct: HashMap<MapData, CtKey, CtValue> =
-        HashMap::try_from(open_pinned(maps_dir, map_names::CT)?)?;
-    let stats: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(open_pinned(maps_dir, map_names::STATS)?)?;
+    let svc: HashMap<MapData, SvcKey, SvcValue> = open_typed(maps_dir, map_names::SVC)?;
+    let be: HashMap<MapData, u32, Backend> = open_typed(maps_dir, map_names::BACKENDS)?;
+    let ct: HashMap<MapData, CtKey, CtValue> = open_typed(maps_dir, map_names::CT)?;
+    let stats: PerCpuArray<MapData, u64> = open_typed(maps_dir, map_names::STATS)?;
 
     let backends: BTreeMap<u32, Backend> = be
         .iter()

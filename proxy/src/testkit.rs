@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::{
     loader::{Datapath, PinDir},
-    maps::{open_pinned, AyaMaps},
+    maps::{open_typed, AyaMaps},
     program::{ApplyStats, Desired, Programmer},
     topo::{tag, BpfMount},
 };
@@ -95,18 +95,15 @@ impl Harness {
 
     /// Counters summed over CPUs.
     pub fn stats(&self) -> Vec<u64> {
-        let m: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
-            open_pinned(&self.maps_dir(), map_names::STATS).expect("stats map"),
-        )
-        .expect("type");
+        let m: PerCpuArray<MapData, u64> =
+            open_typed(&self.maps_dir(), map_names::STATS).expect("stats map");
         (0..STAT_COUNT)
             .map(|i| m.get(&i, 0).expect("read").iter().sum())
             .collect()
     }
 
     pub fn ct_map(&self) -> HashMap<MapData, CtKey, CtValue> {
-        HashMap::try_from(open_pinned(&self.maps_dir(), map_names::CT).expect("ct map"))
-            .expect("type")
+        open_typed(&self.maps_dir(), map_names::CT).expect("ct map")
     }
 
     pub fn ct(&self) -> Vec<(CtKey, CtValue)> {
