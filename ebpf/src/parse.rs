@@ -30,6 +30,14 @@ pub struct Packet {
     pub csum_off: usize,
 }
 
+impl Packet {
+    /// A TCP segment opening a connection: SYN without ACK.
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.proto == PROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+}
+
 pub enum Parsed {
     /// A TCP or UDP packet, written to the caller's `Packet`.
     Packet,

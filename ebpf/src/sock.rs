@@ -124,14 +124,14 @@ pub fn forward(ctx: &SockAddrContext, fam: Family, sendmsg: bool) -> i32 {
         }
     }
     let hash = (cookie ^ (cookie >> 32)) as u32;
-    let (backend_id, be) =
-        match select_backend(&vip, vport, proto, &master, &client_of(ctx, fam), hash) {
-            Ok(b) => b,
-            Err(_) => {
-                count(Stat::SockBackendMissing);
-                return ALLOW;
-            }
-        };
+    let (backend_id, be) = match select_backend(&vip, vport, proto, &master, &client_of(ctx), hash)
+    {
+        Ok(b) => b,
+        Err(_) => {
+            count(Stat::SockBackendMissing);
+            return ALLOW;
+        }
+    };
     let rev_key = SockKey {
         cookie,
         addr: be.addr,
@@ -161,7 +161,7 @@ pub fn forward(ctx: &SockAddrContext, fam: Family, sendmsg: bool) -> i32 {
 /// pod is (Cilium keys socket-level affinity the same way). It is put in an address from
 /// `fd00::/8`'s reserved corner so that it cannot meet a real client address of the TC path.
 #[inline(always)]
-fn client_of(ctx: &SockAddrContext, _fam: Family) -> Addr {
+fn client_of(ctx: &SockAddrContext) -> Addr {
     // SAFETY: get_netns_cookie on a sock_addr context is defined by the kernel.
     let c = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }.to_be_bytes();
     Addr([

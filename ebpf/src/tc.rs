@@ -7,7 +7,7 @@ use crate::{
     lb::{flow_hash, lookup_service, now_ns, select_backend},
     maps::{count, count_raw, Scratch, CT, SCRATCH, VIPNET},
     nat::{rewrite, Change},
-    parse::{parse_out_of_line, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{parse_out_of_line, Packet, TCP_FIN, TCP_RST},
     reject::reject,
 };
 
@@ -70,7 +70,7 @@ fn process(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
         proto: p.proto,
         _pad: [0; 3],
     };
-    let syn = p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let syn = p.is_syn();
     if let Some(entry) = CT.get_ptr_mut(&s.fwd_key) {
         // SAFETY: an LRU value pointer stays valid for this program run.
         let e = unsafe { &mut *entry };
@@ -133,7 +133,6 @@ fn new_flow(ctx: &TcContext, s: &mut Scratch) -> i32 {
 
 #[inline(always)]
 fn try_new_flow(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
-    let now = now_ns();
     let p = &s.pkt;
     let service = if !p.v6 && !maybe_service(&p.dst) {
         None
@@ -144,7 +143,7 @@ fn try_new_flow(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
         // A connection that is not a service's, on the 4-tuple of an earlier service flow's
         // replies (the client reused its port, say to reach the backend directly): that reply
         // entry is stale and would rewrite the new connection's replies. Only SYNs pay this.
-        if p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        if p.is_syn() {
             s.reply_key = CtKey {
                 src: p.dst,
                 dst: p.src,
@@ -166,6 +165,7 @@ fn try_new_flow(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
     if master.count == 0 {
         return Ok(reject(ctx, s));
     }
+    let now = now_ns();
     let hash = flow_hash(&p.src, p.sport, p.proto);
     let (backend_id, be) = select_backend(&p.dst, p.dport, p.proto, &master, &p.src, hash)?;
     let hairpin = be.addr == p.src;
