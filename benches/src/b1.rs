@@ -322,9 +322,14 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
     }
     // Ablation: the socket hooks alone, to tell their cost from the per-packet programs'.
     attach(None)?;
-    for i in &ifs {
-        pins.detach_tc(i, TcRole::FromPod)?;
-    }
+    let (p2, ifs2) = (pins.clone(), ifs.clone());
+    // The devices live in the node namespace: resolve them there.
+    node.ns.run(move || -> Result<()> {
+        for i in &ifs2 {
+            p2.detach_tc(i, TcRole::FromPod)?;
+        }
+        Ok(())
+    })??;
     points.push(b.point(n, Mode::WeirSocketOnly, &target, true, String::new()));
     pins.detach_all()?;
 

@@ -36,11 +36,12 @@ pub fn pin_dir(bpffs: &Path) -> PinDir {
     PinDir(bpffs.join("weir"))
 }
 
-fn interfaces() -> Vec<String> {
+/// The interfaces of the agent's network namespace, by (name, index).
+fn interfaces() -> BTreeSet<(String, u32)> {
     nix::net::if_::if_nameindex()
         .map(|l| {
             l.iter()
-                .map(|i| i.name().to_string_lossy().into_owned())
+                .map(|i| (i.name().to_string_lossy().into_owned(), i.index()))
                 .collect()
         })
         .unwrap_or_default()
@@ -103,22 +104,36 @@ pub async fn run(cfg: Config) -> Result<()> {
             "adopted what a previous run programmed"
         );
     }
-    let mut attached: BTreeSet<String> = BTreeSet::new();
+    // Pod devices by (name, index): one re-created under an old name is a new device.
+    let mut attached: BTreeSet<(String, u32)> = BTreeSet::new();
     let mut last = None;
     let mut ready = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        for ifname in interfaces() {
-            if !attached.contains(&ifname)
+        let present = interfaces();
+        if attached.iter().any(|dev| !present.contains(dev)) {
+            attached.retain(|dev| present.contains(dev));
+            match dp.pins().prune_tc() {
+                Ok(gone) => {
+                    for pin in gone {
+                        info!(pin = %pin.display(), "released the link of a device that is gone");
+                    }
+                }
+                Err(e) => warn!("prune links: {e:#}"),
+            }
+        }
+        for dev in present {
+            let ifname = &dev.0;
+            if !attached.contains(&dev)
                 && cfg
                     .pod_if_prefixes
                     .iter()
                     .any(|p| ifname.starts_with(p.as_str()))
             {
-                match dp.attach_tc(&ifname, TcRole::FromPod) {
+                match dp.attach_tc(ifname, TcRole::FromPod) {
                     Ok(()) => {
-                        info!(dev = %ifname, "attached tc_from_pod");
-                        attached.insert(ifname);
+                        info!(dev = %ifname, index = dev.1, "attached tc_from_pod");
+                        attached.insert(dev);
                     }
                     Err(e) => warn!(dev = %ifname, "attach failed: {e:#}"),
                 }

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use crate::{
     loadtest::Report,
     status,
-    topo::{BpfMount, Cgroup, Node, Proc},
+    topo::{BpfMount, Cgroup, Node, Proc, RunDir},
 };
 
 pub const ECHO_PORT: u16 = 8080;
@@ -31,16 +31,6 @@ pub struct Options {
     pub services_yaml: String,
     /// A name prefix of the tag, to tell runs apart (`sbx`, `t`, `b`).
     pub prefix: String,
-}
-
-/// The run directory, removed on drop.
-#[derive(Debug)]
-struct RunDir(PathBuf);
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 // Field order is drop order.
@@ -61,8 +51,7 @@ impl Sim {
             bail!("a simulated node needs root (network namespaces, eBPF, mounts)");
         }
         let tag = format!("{}{}", opts.prefix, crate::topo::tag());
-        let dir = RunDir(PathBuf::from(format!("/run/weir-{tag}")));
-        fs::create_dir_all(&dir.0).with_context(|| format!("create {}", dir.0.display()))?;
+        let dir = RunDir::create(&format!("/run/weir-{tag}"))?;
         let mut node = Node::create(&tag)?;
         node.add_pod(CLIENT, 10)?;
         for i in 1..=opts.backends {
@@ -155,7 +144,10 @@ impl Sim {
             .arg(format!("w{}", &self.tag[..self.tag.len().min(8)]))
             .arg("--ready-file")
             .arg(&ready)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(log.try_clone()?)
             .stderr(log);
         if self.opts.socket_lb {

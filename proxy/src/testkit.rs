@@ -7,7 +7,7 @@ use crate::{
     loader::{Datapath, PinDir},
     maps::{open_typed, AyaMaps},
     program::{ApplyStats, Desired, Programmer},
-    topo::{tag, BpfMount},
+    topo::{tag, BpfMount, RunDir},
 };
 use anyhow::{Context, Result};
 use aya::{
@@ -31,13 +31,13 @@ pub struct Harness {
     pub maps: AyaMaps,
     pub programmer: Programmer,
     _bpffs: BpfMount,
-    dir: PathBuf,
+    _dir: RunDir,
 }
 
 impl Harness {
     pub fn new() -> Result<Self> {
-        let dir = PathBuf::from(format!("/run/weir-fx{}", tag()));
-        let bpffs = BpfMount::create(&dir.join("bpffs"))?;
+        let dir = RunDir::create(&format!("/run/weir-fx{}", tag()))?;
+        let bpffs = BpfMount::create(&dir.0.join("bpffs"))?;
         let pins = PinDir(bpffs.path.join("weir"));
         let dp = Datapath::load(pins.clone())?;
         let maps = AyaMaps::open(&pins.maps())?;
@@ -47,8 +47,13 @@ impl Harness {
             maps,
             programmer,
             _bpffs: bpffs,
-            dir,
+            _dir: dir,
         })
+    }
+
+    /// The run directory (under /run) holding the bpffs this harness mounted.
+    pub fn run_dir(&self) -> &std::path::Path {
+        &self._dir.0
     }
 
     pub fn maps_dir(&self) -> PathBuf {
@@ -119,12 +124,6 @@ impl Harness {
         for k in keys {
             m.remove(&k).expect("remove ct entry");
         }
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

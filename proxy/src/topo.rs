@@ -176,27 +176,51 @@ impl Node {
         // reusable, so a connection-rate run measures the data path and not port exhaustion.
         ns.sysctl("net.ipv4.ip_local_port_range", "10000 65000")?;
         ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        let pod = Pod {
+            name: name.into(),
+            ns,
+            ip4,
+            ip6,
+            host_if,
+        };
+        self.wire(&pod)?;
+        self.pods.push(pod);
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// Deletes the pod's veth and creates it again under the same names (what a runtime does
+    /// when it restarts a pod's sandbox): the host side is a new device.
+    pub fn rewire_pod(&self, name: &str) -> Result<()> {
+        let pod = self.pod(name).with_context(|| format!("no pod {name}"))?;
+        self.ns.ip(&["link", "del", &pod.host_if])?;
+        self.wire(pod)
+    }
+
+    /// The veth pair, addresses and routes of a pod, as a routed CNI sets them up.
+    fn wire(&self, pod: &Pod) -> Result<()> {
+        let (ns, host_if) = (&pod.ns, pod.host_if.as_str());
+        let (ip4, ip6) = (pod.ip4, pod.ip6);
         self.ns.ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
         ])?;
         self.ns
             .sysctl(&format!("net.ipv6.conf.{host_if}.accept_dad"), "0")?;
-        self.ns.ip(&["link", "set", &host_if, "up"])?;
+        self.ns.ip(&["link", "set", host_if, "up"])?;
         self.ns
-            .ip(&["addr", "add", &format!("{GATEWAY4}/32"), "dev", &host_if])?;
+            .ip(&["addr", "add", &format!("{GATEWAY4}/32"), "dev", host_if])?;
         self.ns.ip(&[
             "-6",
             "addr",
             "add",
             &format!("{GATEWAY6}/64"),
             "dev",
-            &host_if,
+            host_if,
             "nodad",
         ])?;
         self.ns
-            .ip(&["route", "add", &format!("{ip4}/32"), "dev", &host_if])?;
+            .ip(&["route", "add", &format!("{ip4}/32"), "dev", host_if])?;
         self.ns
-            .ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
+            .ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", host_if])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["addr", "add", &format!("{ip4}/32"), "dev", "eth0"])?;
         ns.ip(&[
@@ -222,14 +246,7 @@ impl Node {
         ns.ip(&[
             "-6", "route", "add", "fd00::/8", "via", GATEWAY6, "dev", "eth0",
         ])?;
-        self.pods.push(Pod {
-            name: name.into(),
-            ns,
-            ip4,
-            ip6,
-            host_if,
-        });
-        Ok(self.pods.last().expect("just pushed"))
+        Ok(())
     }
 
     pub fn pod(&self, name: &str) -> Option<&Pod> {
@@ -329,6 +346,26 @@ impl Drop for BpfMount {
             eprintln!("weir: could not unmount {}: {e}", self.path.display());
         }
         let _ = fs::remove_dir(&self.path);
+    }
+}
+
+/// A directory for one run's files, removed with its contents on drop. Declare it after
+/// anything mounted inside it (fields drop in order), or the removal meets a busy mount.
+#[derive(Debug)]
+pub struct RunDir(pub PathBuf);
+
+impl RunDir {
+    pub fn create(path: &str) -> Result<Self> {
+        fs::create_dir_all(path).with_context(|| format!("create {path}"))?;
+        Ok(RunDir(path.into()))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.0) {
+            eprintln!("weir: could not remove {}: {e}", self.0.display());
+        }
     }
 }
 

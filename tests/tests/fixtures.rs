@@ -616,3 +616,18 @@ fn lb4_affinity_ends_when_the_backend_leaves_the_service() {
         "affinity outlived the endpoint"
     );
 }
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn the_harness_removes_its_mount_and_directory() {
+    let h = Harness::new().unwrap();
+    let dir = h.run_dir().to_path_buf();
+    assert!(dir.join("bpffs").exists());
+    drop(h);
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(dir.to_str().unwrap()),
+        "bpffs left mounted"
+    );
+}

@@ -321,12 +321,14 @@ fn agent_restart_keeps_open_connections_and_udp_flows() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn everything_is_removed_afterwards() {
     let s = sim(true);
-    let (ns, cg, mnt) = (
+    let (ns, cg, mnt, dir) = (
         s.node.ns.name.clone(),
         s.cgroup.path.clone(),
         s.bpffs.path.clone(),
+        s.dir().to_path_buf(),
     );
     drop(s);
+    assert!(!dir.exists(), "run directory {} left behind", dir.display());
     let netns = std::process::Command::new("ip")
         .args(["netns", "list"])
         .output()
@@ -511,8 +513,16 @@ fn detaching_the_tc_program_takes_the_pod_off_the_tc_path() {
     assert_eq!(r.ok, r.sent, "attached: {:?}", r.errors);
     let pins = weir_proxy::agent::pin_dir(&s.bpffs.path);
     let cli = s.node.pod("cli").unwrap();
-    pins.detach_tc(&cli.host_if, weir_proxy::loader::TcRole::FromPod)
-        .unwrap();
+    let detach = |pins: &weir_proxy::loader::PinDir| {
+        let (pins, dev) = (pins.clone(), cli.host_if.clone());
+        // The device lives in the node namespace: resolve it there.
+        s.node
+            .ns
+            .run(move || pins.detach_tc(&dev, weir_proxy::loader::TcRole::FromPod))
+            .unwrap()
+            .unwrap()
+    };
+    detach(&pins);
     // No program translates the VIP now, and the node has no route for it.
     let r = s.loadtest(&target, false, false).unwrap();
     assert_eq!(r.ok, 0, "detached, yet the VIP answered: {:?}", r.backends);
@@ -533,6 +543,58 @@ fn detaching_the_tc_program_takes_the_pod_off_the_tc_path() {
         .unwrap();
     assert_eq!(direct.ok, direct.sent, "{:?}", direct.errors);
     // Detaching what is not attached is not an error.
-    pins.detach_tc(&cli.host_if, weir_proxy::loader::TcRole::FromPod)
-        .unwrap();
+    detach(&pins);
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_pod_veth_recreated_under_its_old_name_is_attached_again() {
+    let s = sim(false);
+    let target = [
+        "198.19.0.10:80",
+        "--rate",
+        "100",
+        "--duration",
+        "300ms",
+        "--new-conn",
+        "--timeout",
+        "500ms",
+    ];
+    assert_eq!(s.loadtest(&target, false, false).unwrap().error_count(), 0);
+    let links = weir_proxy::agent::pin_dir(&s.bpffs.path).links();
+    let pins = |dir: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("tc_from_pod"))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = pins(&links);
+    s.node.rewire_pod("cli").unwrap();
+    // The agent scans every 200 ms: the new device gets the program, the old pin goes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut after = pins(&links);
+    while (after.len() != before.len() || after == before) && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+        after = pins(&links);
+    }
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "one link per device: {after:?}\n{}",
+        s.agent_log_tail()
+    );
+    assert_ne!(
+        after, before,
+        "the re-created device has its own link: {after:?}"
+    );
+    let r = s.loadtest(&target, false, false).unwrap();
+    assert_eq!(
+        r.ok, r.sent,
+        "TC path after the veth came back: {:?}",
+        r.errors
+    );
 }
