@@ -1,14 +1,63 @@
-//! `weir-cni`, the CNI plugin. Not implemented yet (tracked by the CNI plugin issue): every
-//! command answers with a CNI error on stdout, as the spec requires of a plugin that cannot act,
-//! so a runtime that calls it fails loudly instead of getting a pod without a network.
+//! `weir-cni`, the CNI plugin the container runtime calls for every pod of a weir node.
+use std::io::Read;
+
+use weir_cni::{cmd, config::Env, error::CniError};
+
+const HELP: &str = "\
+weir-cni: the weir CNI plugin (CNI 0.3.0 to 1.1.0: ADD, DEL, CHECK, STATUS, GC, VERSION)
+
+The container runtime runs it with CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME and
+CNI_PATH in the environment and the network configuration on stdin. The result, or an error
+as CNI error JSON, goes to stdout; logs go to stderr or the configuration's logFile.
+
+Example, by hand:
+  echo '{\"cniVersion\":\"1.1.0\",\"name\":\"weir\",\"type\":\"weir-cni\",\"agentSocket\":\"\",
+        \"ipam\":{\"ranges\":[[{\"subnet\":\"198.18.1.0/24\"}]],\"dataDir\":\"/tmp/ipam\"}}' |
+    CNI_COMMAND=ADD CNI_CONTAINERID=c1 CNI_NETNS=/run/netns/weir-p1 CNI_IFNAME=eth0 \\
+    CNI_PATH=/opt/cni/bin weir-cni
+
+Configuration fields: cniVersion, name, type, mtu, agentSocket (\"\" for none), logFile,
+ipam.{ranges | subnet, rangeStart, rangeEnd, gateway}, ipam.routes, ipam.dataDir,
+ipam.podCIDRsFile (used when no range is configured).
+";
+
 fn main() {
-    let cmd = std::env::var("CNI_COMMAND").unwrap_or_default();
-    let err = serde_json::json!({
-        "cniVersion": "1.1.0",
-        "code": 4,
-        "msg": "weir-cni is not implemented yet",
-        "details": format!("CNI_COMMAND={cmd}: the weir CNI plugin has not been built yet"),
+    if std::env::args()
+        .nth(1)
+        .is_some_and(|a| a == "--help" || a == "-h")
+    {
+        print!("{HELP}");
+        return;
+    }
+    let mut stdin = Vec::new();
+    let env = Env::from_vars(|k| std::env::var(k).ok());
+    let version = |stdin: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(stdin)
+            .ok()
+            .and_then(|v| {
+                v.get("cniVersion")
+                    .and_then(|s| s.as_str())
+                    .map(String::from)
+            })
+            .unwrap_or_else(|| "1.1.0".into())
+    };
+    let out = env.and_then(|env| {
+        if env.command != "VERSION" || !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            std::io::stdin().read_to_end(&mut stdin).map_err(|e| {
+                CniError::new(weir_cni::error::code::IO, format!("read stdin: {e}"))
+            })?;
+        }
+        cmd::run(&env, &stdin)
     });
-    println!("{err}");
-    std::process::exit(1);
+    match out {
+        Ok(Some(v)) => println!("{v}"),
+        Ok(None) => {}
+        Err(e) => {
+            // To the configured log file if one was opened, else to stderr.
+            weir_cni::log::init(None);
+            tracing::error!(code = e.code, "{e}");
+            println!("{}", e.to_json(&version(&stdin)));
+            std::process::exit(1);
+        }
+    }
 }

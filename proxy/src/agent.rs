@@ -9,6 +9,8 @@ use std::{
 use anyhow::{Context, Result};
 use tracing::{info, warn};
 
+use weir_cni::agent::{Reply, Request};
+
 use crate::{
     loader::{ensure_bpffs, Datapath, PinDir, TcRole},
     maps::AyaMaps,
@@ -30,6 +32,11 @@ pub struct Config {
     /// Touched once the first sync is programmed.
     pub ready_file: Option<PathBuf>,
     pub once: bool,
+    /// The socket `weir-cni` asks to attach the pod program on (None: no socket).
+    pub cni_socket: Option<PathBuf>,
+    /// This node's name: its `spec.podCIDRs` go to `pod_cidrs_file` for weir-cni's IPAM.
+    pub node_name: Option<String>,
+    pub pod_cidrs_file: PathBuf,
 }
 
 pub fn pin_dir(bpffs: &Path) -> PinDir {
@@ -59,6 +66,12 @@ fn sync(cfg: &Config, programmer: &mut Programmer, maps: &mut AyaMaps) -> Result
         .with_context(|| format!("read source {}", cfg.source.display()))?;
     let started = std::time::Instant::now();
     let (objs, mut problems) = model::parse_yaml(&text);
+    if let Some(node) = &cfg.node_name {
+        match model::pod_cidrs(&objs, node) {
+            Some(cidrs) => write_pod_cidrs(&cfg.pod_cidrs_file, cidrs)?,
+            None => warn!(node = %node, "this node is not in the source; no podCIDRs for weir-cni"),
+        }
+    }
     let m = model::build(&objs);
     problems.extend(m.problems);
     for p in &problems {
@@ -84,6 +97,101 @@ fn sync(cfg: &Config, programmer: &mut Programmer, maps: &mut AyaMaps) -> Result
     Ok(())
 }
 
+/// Writes the podCIDRs file weir-cni reads, atomically, when its content changes.
+fn write_pod_cidrs(path: &Path, pod_cidrs: Vec<String>) -> Result<()> {
+    let text = serde_json::to_string(&weir_cni::config::PodCidrs { pod_cidrs })?;
+    if fs::read_to_string(path).ok().as_deref() == Some(text.as_str()) {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, &text).with_context(|| format!("write {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
+    info!(file = %path.display(), pod_cidrs = %text, "wrote the node's podCIDRs");
+    Ok(())
+}
+
+/// The pod devices the agent has attached `tc_from_pod` to, by (name, index).
+type Attached = BTreeSet<(String, u32)>;
+
+/// Answers one request of weir-cni (see `weir_cni::agent`).
+fn answer(req: Request, dp: &mut Datapath, attached: &mut Attached, ready: bool) -> Reply {
+    match req {
+        Request::Ping if ready => Reply::ok(),
+        Request::Ping => Reply::err("the first sync is not programmed yet"),
+        Request::Attach { ifname, ifindex } => {
+            let dev = (ifname.clone(), ifindex);
+            if !interfaces().contains(&dev) {
+                return Reply::err(format!("no device {ifname} with index {ifindex}"));
+            }
+            if attached.contains(&dev) {
+                return Reply::ok();
+            }
+            match dp.attach_tc(&ifname, TcRole::FromPod) {
+                Ok(()) => {
+                    info!(dev = %ifname, index = ifindex, "attached tc_from_pod for weir-cni");
+                    attached.insert(dev);
+                    Reply::ok()
+                }
+                Err(e) => Reply::err(format!("attach tc_from_pod to {ifname}: {e:#}")),
+            }
+        }
+        Request::Check { ifname, ifindex } => {
+            if attached.contains(&(ifname.clone(), ifindex))
+                && dp.pins().has_tc(&ifname, TcRole::FromPod)
+            {
+                Reply::ok()
+            } else {
+                Reply::err(format!(
+                    "tc_from_pod is not attached to {ifname} (index {ifindex})"
+                ))
+            }
+        }
+        Request::Detach { ifname } => {
+            attached.retain(|(n, _)| *n != ifname);
+            // The device may be gone already; then prune finds its pin.
+            let _ = dp.pins().detach_tc(&ifname, TcRole::FromPod);
+            if let Err(e) = dp.pins().prune_tc() {
+                warn!("prune links: {e:#}");
+            }
+            Reply::ok()
+        }
+    }
+}
+
+async fn serve_one(
+    stream: tokio::net::UnixStream,
+    dp: &mut Datapath,
+    attached: &mut Attached,
+    ready: bool,
+) -> Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut s = BufReader::new(stream);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_line(&mut line))
+        .await
+        .context("weir-cni request timed out")??;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => answer(req, dp, attached, ready),
+        Err(e) => Reply::err(format!("bad request {line:?}: {e}")),
+    };
+    let mut out = serde_json::to_string(&reply)?;
+    out.push('\n');
+    s.get_mut().write_all(out.as_bytes()).await?;
+    Ok(())
+}
+
+fn listen(path: &Path) -> Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    // A socket left by an earlier agent: nobody answers on it any more.
+    let _ = fs::remove_file(path);
+    tokio::net::UnixListener::bind(path).with_context(|| format!("listen on {}", path.display()))
+}
+
 pub async fn run(cfg: Config) -> Result<()> {
     ensure_bpffs(&cfg.bpffs)?;
     let mut dp = Datapath::load(pin_dir(&cfg.bpffs))?;
@@ -105,7 +213,11 @@ pub async fn run(cfg: Config) -> Result<()> {
         );
     }
     // Pod devices by (name, index): one re-created under an old name is a new device.
-    let mut attached: BTreeSet<(String, u32)> = BTreeSet::new();
+    let mut attached = Attached::new();
+    let listener = match &cfg.cni_socket {
+        Some(p) => Some(listen(p)?),
+        None => None,
+    };
     let mut last = None;
     let mut ready = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -155,7 +267,25 @@ pub async fn run(cfg: Config) -> Result<()> {
         if cfg.once {
             return Ok(());
         }
+        let accept = async {
+            match &listener {
+                Some(l) => l.accept().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            conn = accept => {
+                match conn {
+                    Ok((stream, _)) => {
+                        if let Err(e) = serve_one(stream, &mut dp, &mut attached, ready).await {
+                            warn!("weir-cni socket: {e:#}");
+                        }
+                    }
+                    Err(e) => warn!("weir-cni socket: accept: {e}"),
+                }
+                // Serve the next request before the next poll: ADDs come in bursts.
+                continue;
+            }
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,

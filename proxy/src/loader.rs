@@ -84,6 +84,11 @@ impl PinDir {
         Ok(self.link(role.program(), &format!("{ifname}{TC_PIN_SEP}{index}")))
     }
 
+    /// Whether `role`'s link on the device now called `ifname` is pinned.
+    pub fn has_tc(&self, ifname: &str, role: TcRole) -> bool {
+        self.tc_link(ifname, role).is_ok_and(|p| p.exists())
+    }
+
     /// Removes the TC program from `ifname`: its link goes with its pin (once no process of
     /// ours holds it open).
     pub fn detach_tc(&self, ifname: &str, role: TcRole) -> Result<()> {

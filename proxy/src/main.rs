@@ -51,6 +51,15 @@ enum Cmd {
         /// Program once and exit (the data path stays programmed).
         #[arg(long)]
         once: bool,
+        /// Unix socket weir-cni asks on to attach a new pod's program ("" for none).
+        #[arg(long, default_value = weir_cni::config::DEFAULT_AGENT_SOCKET)]
+        cni_socket: PathBuf,
+        /// This node's name; its spec.podCIDRs are written to --pod-cidrs-file for weir-cni.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// Where the node's podCIDRs go for weir-cni's IPAM.
+        #[arg(long, default_value = weir_cni::config::DEFAULT_POD_CIDRS_FILE)]
+        pod_cidrs_file: PathBuf,
     },
     /// Build a simulated node in network namespaces, run load through its services, report,
     /// and remove everything it made (also on Ctrl-C).
@@ -190,6 +199,9 @@ fn run(cli: Cli) -> Result<()> {
             netdev,
             ready_file,
             once,
+            cni_socket,
+            node_name,
+            pod_cidrs_file,
         } => {
             init_tracing();
             let Some(path) = source.strip_prefix("file:") else {
@@ -211,6 +223,9 @@ fn run(cli: Cli) -> Result<()> {
                 netdevs: netdev,
                 ready_file,
                 once,
+                cni_socket: (!cni_socket.as_os_str().is_empty()).then_some(cni_socket),
+                node_name,
+                pod_cidrs_file,
             };
             runtime()?.block_on(agent::run(cfg))
         }

@@ -25,6 +25,21 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<k8s_openapi::api::core::v1::Node>,
+}
+
+/// The pod CIDRs of the node called `name` (`spec.podCIDRs`, else `spec.podCIDR`).
+pub fn pod_cidrs(objs: &Objects, name: &str) -> Option<Vec<String>> {
+    let node = objs
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(name))?;
+    let spec = node.spec.as_ref()?;
+    match (&spec.pod_cidrs, &spec.pod_cidr) {
+        (Some(c), _) if !c.is_empty() => Some(c.clone()),
+        (_, Some(c)) => Some(vec![c.clone()]),
+        _ => Some(Vec::new()),
+    }
 }
 
 /// One object that could not be used, and why. The others are still programmed.
@@ -87,6 +102,7 @@ pub fn parse_yaml(text: &str) -> (Objects, Vec<Problem>) {
             Some("EndpointSlice") => {
                 serde_yaml::from_value::<EndpointSlice>(value).map(|s| objs.slices.push(s))
             }
+            Some("Node") => serde_yaml::from_value(value).map(|n| objs.nodes.push(n)),
             _ => Ok(()),
         };
         if let Err(e) = res {

@@ -181,7 +181,9 @@ pub fn run(opts: SandboxOptions) -> Result<()> {
         signal_hook::flag::register(sig, stop.clone()).context("install signal handler")?;
     }
     let weir_bin = std::env::current_exe().context("find the weir binary")?;
-    eprintln!("weir sandbox: building a node (network namespaces, veth pods, bpffs, cgroup)...");
+    eprintln!(
+        "weir sandbox: building a node (network namespaces, bpffs, cgroup, agent; pods through weir-cni ADD)..."
+    );
     let sim = Sim::start(Options {
         weir_bin,
         backends: 3,
@@ -194,6 +196,12 @@ pub fn run(opts: SandboxOptions) -> Result<()> {
         "node {}: client pod 198.18.1.10, backends be-1..be-3 (198.18.1.11-13, fd00:18::b-d)",
         sim.node.ns.name
     );
+    for pod in &sim.node.pods {
+        println!(
+            "  pod {:<4} {} {:<13} {:<12} host side {} (weir-cni ADD; tc_from_pod attached before ADD returned)",
+            pod.name, pod.ns.name, pod.ip4, pod.ip6, pod.host_if
+        );
+    }
     println!(
         "programmed {} frontends from the bundled services file:",
         st.services.len()
@@ -257,7 +265,9 @@ pub fn run(opts: SandboxOptions) -> Result<()> {
     }
     println!("conntrack entries: {}", st.conntrack_entries);
     drop(sim);
-    println!("removed everything the sandbox made (namespaces, cgroup, bpffs, processes)");
+    println!(
+        "removed everything the sandbox made (pods through weir-cni DEL, namespaces, cgroup, bpffs, processes)"
+    );
     if !failures.is_empty() {
         bail!(
             "the sandbox saw unexpected results:\n  {}",

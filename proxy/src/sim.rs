@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use crate::{
     loadtest::Report,
     status,
-    topo::{BpfMount, Cgroup, Node, Proc, RunDir},
+    topo::{BpfMount, Cgroup, Cni, Node, Proc, RunDir},
 };
 
 pub const ECHO_PORT: u16 = 8080;
@@ -52,11 +52,7 @@ impl Sim {
         }
         let tag = format!("{}{}", opts.prefix, crate::topo::tag());
         let dir = RunDir::create(&format!("/run/weir-{tag}"))?;
-        let mut node = Node::create(&tag)?;
-        node.add_pod(CLIENT, 10)?;
-        for i in 1..=opts.backends {
-            node.add_pod(&format!("be-{i}"), 10 + i as u8)?;
-        }
+        let node = Node::create(&tag)?;
         let bpffs = BpfMount::create(&dir.0.join("bpffs"))?;
         let cgroup = Cgroup::create(&format!("weir-{tag}"))?;
         let mut sim = Sim {
@@ -70,10 +66,21 @@ impl Sim {
             opts,
         };
         sim.write_services(&sim.opts.services_yaml.clone())?;
+        // The agent first: weir-cni ADD waits for it to attach the pod's program.
+        sim.start_agent()?;
+        sim.node.cni = Some(Cni::sim(
+            sim.opts.weir_bin.with_file_name("weir-cni"),
+            sim.dir(),
+            &sim.cni_socket(),
+            10,
+        ));
+        sim.node.add_pod_cni(CLIENT, 10)?;
+        for i in 1..=sim.opts.backends {
+            sim.node.add_pod_cni(&format!("be-{i}"), 10 + i as u8)?;
+        }
         for i in 1..=sim.opts.backends {
             sim.start_echo(i)?;
         }
-        sim.start_agent()?;
         Ok(sim)
     }
 
@@ -122,6 +129,10 @@ impl Sim {
         self.echo.retain(|p| p.name != name);
     }
 
+    pub fn cni_socket(&self) -> PathBuf {
+        self.dir().join("cni.sock")
+    }
+
     pub fn agent_log(&self) -> PathBuf {
         self.dir().join("agent.log")
     }
@@ -140,8 +151,10 @@ impl Sim {
             .arg(format!("file:{}", self.services_path().display()))
             .arg("--bpffs")
             .arg(&self.bpffs.path)
-            .arg("--pod-interface-prefix")
-            .arg(format!("w{}", &self.tag[..self.tag.len().min(8)]))
+            .arg("--cni-socket")
+            .arg(self.cni_socket())
+            .arg("--pod-cidrs-file")
+            .arg(self.dir().join("pod-cidrs.json"))
             .arg("--ready-file")
             .arg(&ready)
             .env(

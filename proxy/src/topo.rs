@@ -127,6 +127,18 @@ pub fn sweep(prefix: &str) -> Result<Vec<String>> {
     Ok(gone)
 }
 
+/// A pod's namespace, as a runtime makes it before calling the CNI.
+fn pod_netns(tag: &str, name: &str) -> Result<Netns> {
+    let ns = Netns::create(&format!("weir-{tag}-{name}"))?;
+    ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+    ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+    // Short connections back to back to one service: enough ports, and TIME_WAIT ports
+    // reusable, so a connection-rate run measures the data path and not port exhaustion.
+    ns.sysctl("net.ipv4.ip_local_port_range", "10000 65000")?;
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    Ok(ns)
+}
+
 /// A pod: its namespace, addresses and the host side of its veth in the node namespace.
 #[derive(Debug)]
 pub struct Pod {
@@ -135,6 +147,89 @@ pub struct Pod {
     pub ip4: Ipv4Addr,
     pub ip6: Ipv6Addr,
     pub host_if: String,
+    /// Made by weir-cni (ADD); DEL undoes it when the node goes.
+    pub via_cni: bool,
+}
+
+/// weir-cni, called the way a container runtime calls it, from the node's namespace.
+#[derive(Debug, Clone)]
+pub struct Cni {
+    pub bin: PathBuf,
+    pub conf: serde_json::Value,
+}
+
+/// Pod addresses of simulated nodes: 198.18.1.`n` and fd00:18::`n`.
+pub fn pod_ip4(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1, n)
+}
+
+pub fn pod_ip6(n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, u16::from(n))
+}
+
+impl Cni {
+    /// The configuration simulated nodes use: pods get addresses from `first` on, in the order
+    /// they are added, and routes to the test ranges only (no default route).
+    pub fn sim(bin: PathBuf, dir: &Path, agent_socket: &Path, first: u8) -> Cni {
+        let conf = serde_json::json!({
+            "cniVersion": "1.1.0",
+            "name": "weir-sim",
+            "type": "weir-cni",
+            "agentSocket": agent_socket,
+            "logFile": dir.join("cni.log"),
+            "ipam": {
+                "ranges": [
+                    [{"subnet": "198.18.1.0/24", "rangeStart": pod_ip4(first).to_string()}],
+                    [{"subnet": "fd00:18::/120", "rangeStart": pod_ip6(first).to_string()}],
+                ],
+                "routes": [{"dst": "198.18.0.0/15"}, {"dst": "fd00::/8"}],
+                "dataDir": dir.join("ipam"),
+            },
+        });
+        Cni { bin, conf }
+    }
+
+    /// Runs one command in `node`'s namespace; returns what it printed (the result).
+    pub fn exec(
+        &self,
+        node: &Netns,
+        command: &str,
+        container_id: &str,
+        netns: Option<&Path>,
+        ifname: &str,
+        conf: &serde_json::Value,
+    ) -> Result<String> {
+        use std::io::Write;
+        let mut cmd = node.command(&self.bin)?;
+        cmd.env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_IFNAME", ifname)
+            .env("CNI_PATH", self.bin.parent().unwrap_or(Path::new("/")))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(ns) = netns {
+            cmd.env("CNI_NETNS", ns);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("run {}", self.bin.display()))?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(conf.to_string().as_bytes())?;
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "weir-cni {command} {container_id}: {} {}",
+                stdout.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(stdout)
+    }
 }
 
 /// The pod's default gateway, on every host-side veth (what Calico and weir-cni use).
@@ -149,6 +244,20 @@ pub struct Node {
     // Pods before `ns` would be dropped after it; order matters only for tidiness, since
     // deleting a namespace removes its end of every veth.
     pub pods: Vec<Pod>,
+    /// Set to add pods through weir-cni.
+    pub cni: Option<Cni>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for pod in &self.pods {
+            if pod.via_cni {
+                if let Err(e) = self.cni_call(pod, "DEL") {
+                    eprintln!("weir: {e:#}");
+                }
+            }
+        }
+    }
 }
 
 impl Node {
@@ -161,27 +270,63 @@ impl Node {
             tag: tag.into(),
             ns,
             pods: Vec::new(),
+            cni: None,
         })
+    }
+
+    fn cni_call(&self, pod: &Pod, command: &str) -> Result<String> {
+        let cni = self.cni.as_ref().context("this node has no CNI")?;
+        cni.exec(
+            &self.ns,
+            command,
+            &pod.ns.name,
+            Some(&pod.ns.path()),
+            "eth0",
+            &cni.conf,
+        )
+    }
+
+    /// Adds pod `name` through weir-cni ADD; it must get 198.18.1.`n` and fd00:18::`n`.
+    pub fn add_pod_cni(&mut self, name: &str, n: u8) -> Result<&Pod> {
+        let ns = pod_netns(&self.tag, name)?;
+        let mut pod = Pod {
+            name: name.into(),
+            ns,
+            ip4: pod_ip4(n),
+            ip6: pod_ip6(n),
+            host_if: String::new(),
+            via_cni: true,
+        };
+        let out = self.cni_call(&pod, "ADD")?;
+        let res: weir_cni::result::CniResult = serde_json::from_str(&out)
+            .with_context(|| format!("weir-cni ADD {name}: result {out:?}"))?;
+        // From here on the node's drop runs DEL.
+        pod.host_if = res
+            .interfaces
+            .first()
+            .map(|i| i.name.clone())
+            .unwrap_or_default();
+        let want = [format!("{}/32", pod.ip4), format!("{}/128", pod.ip6)];
+        let got: Vec<&str> = res.ips.iter().map(|i| i.address.as_str()).collect();
+        self.pods.push(pod);
+        if got != want {
+            bail!("weir-cni ADD {name}: got addresses {got:?}, expected {want:?}");
+        }
+        Ok(self.pods.last().expect("just pushed"))
     }
 
     /// Adds pod `name` with 198.18.1.`n` and fd00:18::`n`.
     pub fn add_pod(&mut self, name: &str, n: u8) -> Result<&Pod> {
-        let ns = Netns::create(&format!("weir-{}-{name}", self.tag))?;
+        let ns = pod_netns(&self.tag, name)?;
         let host_if = format!("w{}{}", &self.tag[..self.tag.len().min(8)], n);
-        let ip4 = Ipv4Addr::new(198, 18, 1, n);
-        let ip6: Ipv6Addr = format!("fd00:18::{n:x}").parse()?;
-        ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
-        ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
-        // Short connections back to back to one service: enough ports, and TIME_WAIT ports
-        // reusable, so a connection-rate run measures the data path and not port exhaustion.
-        ns.sysctl("net.ipv4.ip_local_port_range", "10000 65000")?;
-        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        let (ip4, ip6) = (pod_ip4(n), pod_ip6(n));
         let pod = Pod {
             name: name.into(),
             ns,
             ip4,
             ip6,
             host_if,
+            via_cni: false,
         };
         self.wire(&pod)?;
         self.pods.push(pod);
@@ -192,6 +337,11 @@ impl Node {
     /// when it restarts a pod's sandbox): the host side is a new device.
     pub fn rewire_pod(&self, name: &str) -> Result<()> {
         let pod = self.pod(name).with_context(|| format!("no pod {name}"))?;
+        if pod.via_cni {
+            self.cni_call(pod, "DEL")?;
+            self.cni_call(pod, "ADD")?;
+            return Ok(());
+        }
         self.ns.ip(&["link", "del", &pod.host_if])?;
         self.wire(pod)
     }

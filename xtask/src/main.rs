@@ -182,7 +182,8 @@ fn cargo() -> Command {
 }
 
 fn build_release() -> Result<PathBuf> {
-    run(cargo().args(["build", "--release", "-p", "weir-proxy"]))?;
+    // `weir` and `weir-cni` land side by side: the sandbox runs the plugin from there.
+    run(cargo().args(["build", "--release", "-p", "weir-proxy", "-p", "weir-cni"]))?;
     Ok(root().join("target/release/weir"))
 }
 

@@ -1,0 +1,337 @@
+//! Address allocation: one file per allocated address, named by the address and holding its
+//! owner (`containerID` and `ifname`), in `<dataDir>/<network>/`, as host-local keeps them.
+//!
+//! Every change happens under an exclusive `flock` on `<dir>/lock`, so concurrent plugin calls
+//! on one node serialise. A record is written to a temporary file, synced and renamed into
+//! place: a crash leaves either no record or a whole one, never a half-written owner.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::Write,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::{
+    config::{ip, u, Attachment, Range, RangeSet},
+    error::{code, io, CniError, Result},
+};
+
+pub struct Store {
+    dir: PathBuf,
+}
+
+/// The store with its lock held; dropping it releases the lock.
+pub struct Locked<'a> {
+    store: &'a Store,
+    _lock: Flock<fs::File>,
+}
+
+impl Store {
+    pub fn new(data_dir: &Path, network: &str) -> Result<Store> {
+        if network.contains('/') || network.starts_with('.') {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("network name {network:?} cannot name a directory"),
+            ));
+        }
+        Ok(Store {
+            dir: data_dir.join(network),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn lock(&self) -> Result<Locked<'_>> {
+        fs::create_dir_all(&self.dir)
+            .map_err(|e| io(format!("create IPAM directory {}", self.dir.display()), e))?;
+        let path = self.dir.join("lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io(format!("open {}", path.display()), e))?;
+        let lock = Flock::lock(f, FlockArg::LockExclusive)
+            .map_err(|(_, e)| CniError::new(code::IO, format!("lock {}: {e}", path.display())))?;
+        Ok(Locked {
+            store: self,
+            _lock: lock,
+        })
+    }
+}
+
+fn owner_text(a: &Attachment) -> String {
+    format!("{}\n{}\n", a.container_id, a.ifname)
+}
+
+fn parse_owner(text: &str) -> Option<Attachment> {
+    let mut l = text.lines();
+    let container_id = l.next()?.trim().to_string();
+    let ifname = l.next()?.trim().to_string();
+    (!container_id.is_empty()).then_some(Attachment {
+        container_id,
+        ifname,
+    })
+}
+
+impl Locked<'_> {
+    fn record(&self, a: IpAddr) -> PathBuf {
+        self.store.dir.join(a.to_string())
+    }
+
+    /// Every allocation: address → owner.
+    pub fn records(&self) -> Result<BTreeMap<IpAddr, Attachment>> {
+        let mut out = BTreeMap::new();
+        let dir = &self.store.dir;
+        let entries = fs::read_dir(dir).map_err(|e| io(format!("read {}", dir.display()), e))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(addr) = name.parse::<IpAddr>() else {
+                // A temporary file of a write that crashed: no record was made.
+                if name.starts_with(".tmp-") {
+                    let _ = fs::remove_file(e.path());
+                }
+                continue;
+            };
+            if let Some(owner) = fs::read_to_string(e.path())
+                .ok()
+                .as_deref()
+                .and_then(parse_owner)
+            {
+                out.insert(addr, owner);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The addresses `owner` holds.
+    pub fn held_by(&self, owner: &Attachment) -> Result<Vec<IpAddr>> {
+        Ok(self
+            .records()?
+            .into_iter()
+            .filter(|(_, o)| o == owner)
+            .map(|(a, _)| a)
+            .collect())
+    }
+
+    /// One address from `set` for `owner`: the one it holds already, or the next free one
+    /// after the last handed out (so a released address is not reused at once).
+    pub fn allocate(&self, set_index: usize, set: &RangeSet, owner: &Attachment) -> Result<IpAddr> {
+        let records = self.records()?;
+        if let Some((a, _)) = records
+            .iter()
+            .find(|(a, o)| *o == owner && set.iter().any(|r| in_range(r, **a)))
+        {
+            return Ok(*a);
+        }
+        let used: BTreeSet<IpAddr> = records.keys().copied().collect();
+        let last_file = self.store.dir.join(format!("last_reserved_ip.{set_index}"));
+        let last: Option<IpAddr> = fs::read_to_string(&last_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let Some(a) = next_free(set, last, &used) else {
+            return Err(CniError::new(
+                code::EXHAUSTED,
+                format!(
+                    "no free address in {}: all {} are allocated",
+                    describe(set),
+                    set.iter().map(size).sum::<u128>()
+                ),
+            )
+            .details(format!("allocations are in {}", self.store.dir.display())));
+        };
+        self.write_atomic(&self.record(a), owner_text(owner).as_bytes())?;
+        self.write_atomic(&last_file, a.to_string().as_bytes())?;
+        Ok(a)
+    }
+
+    /// Whether every set still has a free address (STATUS).
+    pub fn exhausted(&self, sets: &[RangeSet]) -> Result<Option<String>> {
+        let used: BTreeSet<IpAddr> = self.records()?.keys().copied().collect();
+        Ok(sets
+            .iter()
+            .find(|set| next_free(set, None, &used).is_none())
+            .map(describe))
+    }
+
+    /// Releases every address of `owner`; returns them.
+    pub fn release(&self, owner: &Attachment) -> Result<Vec<IpAddr>> {
+        let held = self.held_by(owner)?;
+        for a in &held {
+            let p = self.record(*a);
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(format!("remove {}", p.display()), e)),
+            }
+        }
+        Ok(held)
+    }
+
+    fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<()> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = self.store.dir.join(format!(".tmp-{name}"));
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            fs::rename(&tmp, path)?;
+            fs::File::open(&self.store.dir)?.sync_all()
+        };
+        write().map_err(|e| io(format!("write {}", path.display()), e))
+    }
+}
+
+fn in_range(r: &Range, a: IpAddr) -> bool {
+    a.is_ipv4() == r.start.is_ipv4() && (u(r.start)..=u(r.end)).contains(&u(a))
+}
+
+fn size(r: &Range) -> u128 {
+    u(r.end) - u(r.start) + 1
+}
+
+fn describe(set: &RangeSet) -> String {
+    set.iter()
+        .map(|r| format!("{}-{}", r.start, r.end))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The first free address after `last` (wrapping), visiting each address of the set at most
+/// once. The walk stops at the first free one, so it takes at most one step per used address.
+fn next_free(set: &RangeSet, last: Option<IpAddr>, used: &BTreeSet<IpAddr>) -> Option<IpAddr> {
+    let total: u128 = set.iter().map(size).sum();
+    // Position of an address in the concatenation of the ranges.
+    let pos_of = |a: IpAddr| -> Option<u128> {
+        let mut base = 0;
+        for r in set {
+            if in_range(r, a) {
+                return Some(base + u(a) - u(r.start));
+            }
+            base += size(r);
+        }
+        None
+    };
+    let at = |mut p: u128| -> IpAddr {
+        for r in set {
+            if p < size(r) {
+                return ip(u(r.start) + p, r.start.is_ipv4());
+            }
+            p -= size(r);
+        }
+        unreachable!("position within the total size")
+    };
+    let start = last.and_then(pos_of).map(|p| (p + 1) % total).unwrap_or(0);
+    let mut p = start;
+    for _ in 0..total {
+        let a = at(p);
+        let reserved = set.iter().any(|r| r.reserved == Some(a));
+        if !reserved && !used.contains(&a) {
+            return Some(a);
+        }
+        p = (p + 1) % total;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NetConf;
+
+    fn sets(json_ranges: &str) -> Vec<RangeSet> {
+        NetConf::parse(
+            format!(r#"{{"cniVersion":"1.1.0","name":"n","ipam":{{"ranges":{json_ranges}}}}}"#)
+                .as_bytes(),
+        )
+        .unwrap()
+        .range_sets()
+        .unwrap()
+    }
+
+    fn owner(id: &str) -> Attachment {
+        Attachment {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+        }
+    }
+
+    #[test]
+    fn allocates_in_order_skips_the_gateway_and_does_not_reuse_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path(), "net").unwrap();
+        let set = &sets(r#"[[{"subnet":"198.18.1.0/29","gateway":"198.18.1.2"}]]"#)[0];
+        let l = store.lock().unwrap();
+        let a = l.allocate(0, set, &owner("a")).unwrap();
+        let b = l.allocate(0, set, &owner("b")).unwrap();
+        assert_eq!(
+            (a.to_string(), b.to_string()),
+            ("198.18.1.1".into(), "198.18.1.3".into())
+        );
+        // The same owner asking again gets the address it holds.
+        assert_eq!(l.allocate(0, set, &owner("a")).unwrap(), a);
+        assert_eq!(l.release(&owner("a")).unwrap(), vec![a]);
+        let c = l.allocate(0, set, &owner("c")).unwrap();
+        assert_eq!(c.to_string(), "198.18.1.4");
+        assert!(l.held_by(&owner("a")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn exhaustion_is_a_clear_error_and_status_sees_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path(), "net").unwrap();
+        let all = sets(r#"[[{"subnet":"198.18.1.0/30"}]]"#);
+        let l = store.lock().unwrap();
+        l.allocate(0, &all[0], &owner("a")).unwrap();
+        assert_eq!(l.exhausted(&all).unwrap(), None);
+        l.allocate(0, &all[0], &owner("b")).unwrap();
+        let e = l.allocate(0, &all[0], &owner("c")).unwrap_err();
+        assert_eq!(e.code, code::EXHAUSTED);
+        assert!(e.msg.contains("198.18.1.1-198.18.1.2"), "{e}");
+        assert!(l.exhausted(&all).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_crashed_write_leaves_no_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path(), "net").unwrap();
+        let set = &sets(r#"[[{"subnet":"fd00:18::/124"}]]"#)[0];
+        let l = store.lock().unwrap();
+        fs::write(store.dir().join(".tmp-fd00:18::1"), "half").unwrap();
+        assert!(l.records().unwrap().is_empty());
+        assert_eq!(
+            l.allocate(0, set, &owner("a")).unwrap().to_string(),
+            "fd00:18::1"
+        );
+        assert!(!store.dir().join(".tmp-fd00:18::1").exists());
+    }
+
+    #[test]
+    fn concurrent_allocations_get_distinct_addresses() {
+        let tmp = tempfile::tempdir().unwrap();
+        let set = sets(r#"[[{"subnet":"198.18.0.0/24"}]]"#).remove(0);
+        let got: Vec<IpAddr> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..64)
+                .map(|i| {
+                    let (dir, set) = (tmp.path(), &set);
+                    s.spawn(move || {
+                        let store = Store::new(dir, "net").unwrap();
+                        let l = store.lock().unwrap();
+                        l.allocate(0, set, &owner(&format!("c{i}"))).unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let distinct: BTreeSet<_> = got.iter().collect();
+        assert_eq!(distinct.len(), 64);
+    }
+}
