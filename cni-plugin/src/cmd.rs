@@ -192,9 +192,11 @@ fn add(env: &Env, conf: &NetConf, owner: &Attachment) -> Result<Value> {
             .collect(),
         routes: routes
             .iter()
+            // As host-local reports them: a gateway only where one was configured; the
+            // others go through the interface's gateway (the `gateway` of its IPs).
             .map(|r| Route {
                 dst: r.dst.to_string(),
-                gw: Some(r.gw.unwrap_or_else(|| net::gateway_of(r.dst.ip()))),
+                gw: r.gw,
             })
             .collect(),
         dns: Default::default(),

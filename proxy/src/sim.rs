@@ -20,6 +20,8 @@ use crate::{
 
 pub const ECHO_PORT: u16 = 8080;
 pub const CLIENT: &str = "cli";
+/// The simulated node's name: the agent reads this Node's podCIDRs from the source.
+pub const NODE_NAME: &str = "sim-node";
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -129,6 +131,11 @@ impl Sim {
         self.echo.retain(|p| p.name != name);
     }
 
+    /// Where the agent writes the podCIDRs of the Node called [`NODE_NAME`] in the source.
+    pub fn pod_cidrs_file(&self) -> PathBuf {
+        self.dir().join("pod-cidrs.json")
+    }
+
     pub fn cni_socket(&self) -> PathBuf {
         self.dir().join("cni.sock")
     }
@@ -154,7 +161,9 @@ impl Sim {
             .arg("--cni-socket")
             .arg(self.cni_socket())
             .arg("--pod-cidrs-file")
-            .arg(self.dir().join("pod-cidrs.json"))
+            .arg(self.pod_cidrs_file())
+            .arg("--node-name")
+            .arg(NODE_NAME)
             .arg("--ready-file")
             .arg(&ready)
             .env(

@@ -189,8 +189,8 @@ impl Cni {
         Cni { bin, conf }
     }
 
-    /// Runs one command in `node`'s namespace; returns what it printed (the result).
-    pub fn exec(
+    /// Runs one command in `node`'s namespace: (success, stdout, stderr).
+    pub fn exec_raw(
         &self,
         node: &Netns,
         command: &str,
@@ -198,7 +198,7 @@ impl Cni {
         netns: Option<&Path>,
         ifname: &str,
         conf: &serde_json::Value,
-    ) -> Result<String> {
+    ) -> Result<(bool, String, String)> {
         use std::io::Write;
         let mut cmd = node.command(&self.bin)?;
         cmd.env("CNI_COMMAND", command)
@@ -220,12 +220,30 @@ impl Cni {
             .context("stdin")?
             .write_all(conf.to_string().as_bytes())?;
         let out = child.wait_with_output()?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if !out.status.success() {
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Runs one command in `node`'s namespace; returns what it printed (the result).
+    pub fn exec(
+        &self,
+        node: &Netns,
+        command: &str,
+        container_id: &str,
+        netns: Option<&Path>,
+        ifname: &str,
+        conf: &serde_json::Value,
+    ) -> Result<String> {
+        let (ok, stdout, stderr) =
+            self.exec_raw(node, command, container_id, netns, ifname, conf)?;
+        if !ok {
             bail!(
                 "weir-cni {command} {container_id}: {} {}",
                 stdout.trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
+                stderr.trim()
             );
         }
         Ok(stdout)

@@ -10,7 +10,13 @@ use clap::{Parser, Subcommand};
 
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Debian packages the tests, the sandbox and the benchmarks use.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables"];
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "nftables",
+    // ptp, bridge, host-local, tuning: the reference plugins weir-cni is compared with.
+    "containernetworking-plugins",
+];
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "weir's build, test and demo tasks")]
