@@ -23,6 +23,7 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>> {
     }
     let conf = NetConf::parse(stdin)?;
     crate::log::init(conf.log_file.as_deref());
+    tracing::debug!(command = %env.command, "start");
     let owner = Attachment {
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
@@ -110,6 +111,7 @@ fn add(env: &Env, conf: &NetConf, owner: &Attachment) -> Result<Value> {
         }
         got
     };
+    tracing::debug!(addresses = ?addrs, "allocated");
     let host_if = net::host_if(&owner.container_id, &owner.ifname);
     let routes = net::pod_routes(conf.routes.as_deref(), &addrs);
     let mut created = false;
@@ -123,6 +125,7 @@ fn add(env: &Env, conf: &NetConf, owner: &Attachment) -> Result<Value> {
             routes: &routes,
         };
         let made = net::setup(&h, &p, &mut created).await?;
+        tracing::debug!(host_if = %host_if, "links, addresses and routes made");
         if let Some(sock) = &conf.agent_socket {
             agent::call(
                 sock,

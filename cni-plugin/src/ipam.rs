@@ -2,8 +2,8 @@
 //! owner (`containerID` and `ifname`), in `<dataDir>/<network>/`, as host-local keeps them.
 //!
 //! Every change happens under an exclusive `flock` on `<dir>/lock`, so concurrent plugin calls
-//! on one node serialise. A record is written to a temporary file, synced and renamed into
-//! place: a crash leaves either no record or a whole one, never a half-written owner.
+//! on one node serialise. A record is written to a temporary file and renamed into place: a
+//! crash leaves either no record or a whole one, never a half-written owner.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -179,12 +179,12 @@ impl Locked<'_> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let tmp = self.store.dir.join(format!(".tmp-{name}"));
+        // No fsync: the rename makes a record whole or absent if the plugin dies. After a power
+        // loss every pod of the node is gone too; a record that did not reach the disk then
+        // names no running pod, and one that did is reclaimed by DEL or GC.
         let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            fs::rename(&tmp, path)?;
-            fs::File::open(&self.store.dir)?.sync_all()
+            fs::File::create(&tmp)?.write_all(data)?;
+            fs::rename(&tmp, path)
         };
         write().map_err(|e| io(format!("write {}", path.display()), e))
     }

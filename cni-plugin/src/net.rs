@@ -247,6 +247,7 @@ pub async fn setup(h: &Handles, p: &PodNet<'_>, created: &mut bool) -> Result<Ma
         )
     })?;
     *created = true;
+    tracing::debug!("veth created");
     let missing =
         |n: &str| CniError::new(code::NETLINK, format!("link {n} vanished after creation"));
     let host_link = link(&h.host, p.host_if)

@@ -116,6 +116,27 @@ fn write_pod_cidrs(path: &Path, pod_cidrs: Vec<String>) -> Result<()> {
 /// The pod devices the agent has attached `tc_from_pod` to, by (name, index).
 type Attached = BTreeSet<(String, u32)>;
 
+/// Attaches `tc_from_pod` to a pod device, found by polling or named by weir-cni.
+fn attach_pod(
+    dp: &mut Datapath,
+    attached: &mut Attached,
+    dev: (String, u32),
+    by: &str,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    dp.attach_tc(&dev.0, TcRole::FromPod)
+        .with_context(|| format!("attach tc_from_pod to {}", dev.0))?;
+    info!(
+        dev = %dev.0,
+        index = dev.1,
+        by,
+        took_us = started.elapsed().as_micros() as u64,
+        "attached tc_from_pod"
+    );
+    attached.insert(dev);
+    Ok(())
+}
+
 /// Answers one request of weir-cni (see `weir_cni::agent`).
 fn answer(req: Request, dp: &mut Datapath, attached: &mut Attached, ready: bool) -> Reply {
     match req {
@@ -129,13 +150,9 @@ fn answer(req: Request, dp: &mut Datapath, attached: &mut Attached, ready: bool)
             if attached.contains(&dev) {
                 return Reply::ok();
             }
-            match dp.attach_tc(&ifname, TcRole::FromPod) {
-                Ok(()) => {
-                    info!(dev = %ifname, index = ifindex, "attached tc_from_pod for weir-cni");
-                    attached.insert(dev);
-                    Reply::ok()
-                }
-                Err(e) => Reply::err(format!("attach tc_from_pod to {ifname}: {e:#}")),
+            match attach_pod(dp, attached, dev, "weir-cni") {
+                Ok(()) => Reply::ok(),
+                Err(e) => Reply::err(format!("{e:#}")),
             }
         }
         Request::Check { ifname, ifindex } => {
@@ -242,12 +259,8 @@ pub async fn run(cfg: Config) -> Result<()> {
                     .iter()
                     .any(|p| ifname.starts_with(p.as_str()))
             {
-                match dp.attach_tc(ifname, TcRole::FromPod) {
-                    Ok(()) => {
-                        info!(dev = %ifname, index = dev.1, "attached tc_from_pod");
-                        attached.insert(dev);
-                    }
-                    Err(e) => warn!(dev = %ifname, "attach failed: {e:#}"),
+                if let Err(e) = attach_pod(&mut dp, &mut attached, dev.clone(), "poll") {
+                    warn!(dev = %ifname, "{e:#}");
                 }
             }
         }
