@@ -182,7 +182,14 @@ pub fn run(weir: &Path, quick: bool) -> Result<String> {
     let mut attach: Vec<u64> = std::fs::read_to_string(sim.agent_log())?
         .lines()
         .filter(|l| l.contains("attached tc_from_pod"))
-        .filter_map(|l| l.split("took_us=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.split("took_us=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     attach.sort();
     let attach_pct = |p: f64| {
