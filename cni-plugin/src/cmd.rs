@@ -47,16 +47,18 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>> {
     out
 }
 
+/// The `cniVersion` stdin asks for, if it is one this plugin speaks.
+pub fn requested_version(stdin: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Value>(stdin)
+        .ok()?
+        .get("cniVersion")?
+        .as_str()
+        .filter(|v| SUPPORTED_VERSIONS.contains(v))
+        .map(String::from)
+}
+
 fn version(stdin: &[u8]) -> Value {
-    let asked = serde_json::from_slice::<Value>(stdin)
-        .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(|s| s.as_str())
-                .map(String::from)
-        })
-        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
-        .unwrap_or_else(|| "1.1.0".into());
+    let asked = requested_version(stdin).unwrap_or_else(|| "1.1.0".into());
     json!({ "cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS })
 }
 
@@ -152,13 +154,7 @@ fn add(env: &Env, conf: &NetConf, owner: &Attachment) -> Result<Value> {
             // it), then the addresses.
             if created {
                 let undo = runtime().and_then(|rt| {
-                    rt.block_on(async {
-                        let (conn, host, _) = rtnetlink::new_connection().map_err(|e| {
-                            CniError::new(code::IO, format!("open netlink socket: {e}"))
-                        })?;
-                        tokio::spawn(conn);
-                        net::del_link(&host, &host_if).await
-                    })
+                    rt.block_on(async { net::del_link(&net::connect()?, &host_if).await })
                 });
                 if let Err(u) = undo {
                     warn!("undo: delete {host_if}: {u}");
@@ -219,12 +215,7 @@ fn host_cidr(a: IpAddr) -> IpNetwork {
 /// addresses. Each step is a no-op when its object is already gone.
 fn release(conf: &NetConf, owner: &Attachment) -> Result<Vec<IpAddr>> {
     let host_if = net::host_if(&owner.container_id, &owner.ifname);
-    runtime()?.block_on(async {
-        let (conn, host, _) = rtnetlink::new_connection()
-            .map_err(|e| CniError::new(code::IO, format!("open netlink socket: {e}")))?;
-        tokio::spawn(conn);
-        net::del_link(&host, &host_if).await
-    })?;
+    runtime()?.block_on(async { net::del_link(&net::connect()?, &host_if).await })?;
     if let Some(sock) = &conf.agent_socket {
         // Best effort: the agent also releases links of devices that are gone.
         if let Err(e) = agent::call(

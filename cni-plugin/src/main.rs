@@ -31,16 +31,6 @@ fn main() {
     }
     let mut stdin = Vec::new();
     let env = Env::from_vars(|k| std::env::var(k).ok());
-    let version = |stdin: &[u8]| {
-        serde_json::from_slice::<serde_json::Value>(stdin)
-            .ok()
-            .and_then(|v| {
-                v.get("cniVersion")
-                    .and_then(|s| s.as_str())
-                    .map(String::from)
-            })
-            .unwrap_or_else(|| "1.1.0".into())
-    };
     let out = env.and_then(|env| {
         if env.command != "VERSION" || !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
             std::io::stdin().read_to_end(&mut stdin).map_err(|e| {
@@ -56,7 +46,8 @@ fn main() {
             // To the configured log file if one was opened, else to stderr.
             weir_cni::log::init(None);
             tracing::error!(code = e.code, "{e}");
-            println!("{}", e.to_json(&version(&stdin)));
+            let version = cmd::requested_version(&stdin).unwrap_or_else(|| "1.1.0".into());
+            println!("{}", e.to_json(&version));
             std::process::exit(1);
         }
     }

@@ -74,7 +74,8 @@ fn in_ns<T>(ns: &fs::File, f: impl FnOnce() -> T) -> Result<T> {
     Ok(out)
 }
 
-fn connect() -> Result<Handle> {
+/// A netlink handle in the calling thread's namespace.
+pub fn connect() -> Result<Handle> {
     let (conn, handle, _) = rtnetlink::new_connection()
         .map_err(|e| CniError::new(code::IO, format!("open netlink socket: {e}")))?;
     tokio::spawn(conn);
