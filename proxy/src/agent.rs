@@ -1,9 +1,9 @@
 //! `weir agent`: loads the data path, programs services from the source, follows it.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
@@ -64,7 +64,7 @@ fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
 fn sync(cfg: &Config, programmer: &mut Programmer, maps: &mut AyaMaps) -> Result<()> {
     let text = fs::read_to_string(&cfg.source)
         .with_context(|| format!("read source {}", cfg.source.display()))?;
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let (objs, mut problems) = model::parse_yaml(&text);
     if let Some(node) = &cfg.node_name {
         match model::pod_cidrs(&objs, node) {
@@ -113,6 +113,9 @@ fn write_pod_cidrs(path: &Path, pod_cidrs: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// How often the agent looks at its devices and its source.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
 /// The pod devices the agent has attached `tc_from_pod` to, by (name, index).
 type Attached = BTreeSet<(String, u32)>;
 
@@ -123,7 +126,7 @@ fn attach_pod(
     dev: (String, u32),
     by: &str,
 ) -> Result<()> {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     dp.attach_tc(&dev.0, TcRole::FromPod)
         .with_context(|| format!("attach tc_from_pod to {}", dev.0))?;
     info!(
@@ -167,9 +170,9 @@ fn answer(req: Request, dp: &mut Datapath, attached: &mut Attached, ready: bool)
             }
         }
         Request::Detach { ifname } => {
+            // weir-cni deletes the device before it says so: its pin is one of a device that
+            // is gone, which prune releases.
             attached.retain(|(n, _)| *n != ifname);
-            // The device may be gone already; then prune finds its pin.
-            let _ = dp.pins().detach_tc(&ifname, TcRole::FromPod);
             if let Err(e) = dp.pins().prune_tc() {
                 warn!("prune links: {e:#}");
             }
@@ -238,8 +241,18 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut last = None;
     let mut ready = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // When each present device was first seen. With a CNI socket, a new pod device is left to
+    // weir-cni, whose ADD is about to ask for it: the poll attaches only devices nobody asked
+    // for within a poll interval (made without the plugin). Without a socket, and on the first
+    // poll (devices made while the agent was away), it attaches at once.
+    let mut first_seen: BTreeMap<(String, u32), Instant> = BTreeMap::new();
+    let mut first_poll = true;
     loop {
         let present = interfaces();
+        first_seen.retain(|dev, _| present.contains(dev));
+        for dev in &present {
+            first_seen.entry(dev.clone()).or_insert_with(Instant::now);
+        }
         if attached.iter().any(|dev| !present.contains(dev)) {
             attached.retain(|dev| present.contains(dev));
             match dp.pins().prune_tc() {
@@ -251,9 +264,15 @@ pub async fn run(cfg: Config) -> Result<()> {
                 Err(e) => warn!("prune links: {e:#}"),
             }
         }
-        for dev in present {
+        for dev in &present {
             let ifname = &dev.0;
-            if !attached.contains(&dev)
+            let settled = listener.is_none()
+                || first_poll
+                || first_seen
+                    .get(dev)
+                    .is_some_and(|t| t.elapsed() >= POLL_INTERVAL);
+            if settled
+                && !attached.contains(dev)
                 && cfg
                     .pod_if_prefixes
                     .iter()
@@ -264,6 +283,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 }
             }
         }
+        first_poll = false;
         let now = stamp(&cfg.source);
         if now != last {
             match sync(&cfg, &mut programmer, &mut maps) {
@@ -299,7 +319,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 // Serve the next request before the next poll: ADDs come in bursts.
                 continue;
             }
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep(POLL_INTERVAL) => {}
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }

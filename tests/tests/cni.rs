@@ -845,6 +845,16 @@ fn the_agent_attaches_the_pod_program_before_add_returns_and_releases_it_on_del(
         pinned(&host_if),
         "tc_from_pod on {host_if} before ADD returned"
     );
+    // By the plugin's request, not by the agent's poll of new devices.
+    let log = std::fs::read_to_string(s.agent_log()).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("attached tc_from_pod") && l.contains(&format!("dev={host_if}")))
+        .unwrap_or_else(|| panic!("no attach of {host_if} in the agent log:\n{log}"));
+    assert!(
+        line.contains("weir-cni"),
+        "attached through the socket: {line}"
+    );
     // The agent wrote the Node's podCIDRs; a configuration without ranges uses them.
     let cidrs = std::fs::read_to_string(s.pod_cidrs_file()).unwrap();
     assert_eq!(cidrs, r#"{"podCIDRs":["198.18.1.0/24","fd00:18::/120"]}"#);
