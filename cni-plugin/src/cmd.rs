@@ -96,7 +96,7 @@ fn add(env: &Env, conf: &NetConf, owner: &Attachment) -> Result<Value> {
     };
     let netns = netns_of(env)?;
     // Fail before allocating anything when the namespace is not there.
-    net::open_netns(netns)?;
+    let pod_ns = net::open_netns(netns)?;
     let sets = conf.range_sets()?;
     let store = Store::new(&conf.data_dir, &conf.name)?;
     let addrs = {
@@ -116,50 +116,51 @@ fn add(env: &Env, conf: &NetConf, owner: &Attachment) -> Result<Value> {
     tracing::debug!(addresses = ?addrs, "allocated");
     let host_if = net::host_if(&owner.container_id, &owner.ifname);
     let routes = net::pod_routes(conf.routes.as_deref(), &addrs);
-    let mut created = false;
     let made = runtime()?.block_on(async {
-        let h = Handles::open(netns)?;
-        let p = PodNet {
-            host_if: &host_if,
-            ifname: &owner.ifname,
-            mtu: conf.mtu,
-            addrs: &addrs,
-            routes: &routes,
-        };
-        let made = net::setup(&h, &p, &mut created).await?;
-        tracing::debug!(host_if = %host_if, "links, addresses and routes made");
-        if let Some(sock) = &conf.agent_socket {
-            agent::call(
-                sock,
-                &Request::Attach {
-                    ifname: host_if.clone(),
-                    ifindex: made.host.index,
-                },
-                AGENT_TIMEOUT,
-            )
-            .map_err(|e| {
-                CniError::new(
-                    code::AGENT,
-                    format!("the agent did not attach the data path to {host_if}"),
+        let h = Handles::new(pod_ns)?;
+        let mut created = false;
+        let made = async {
+            let p = PodNet {
+                host_if: &host_if,
+                ifname: &owner.ifname,
+                mtu: conf.mtu,
+                addrs: &addrs,
+                routes: &routes,
+            };
+            let made = net::setup(&h, &p, &mut created).await?;
+            tracing::debug!(host_if = %host_if, "links, addresses and routes made");
+            if let Some(sock) = &conf.agent_socket {
+                agent::call(
+                    sock,
+                    &Request::Attach {
+                        ifname: host_if.clone(),
+                        ifindex: made.host.index,
+                    },
+                    AGENT_TIMEOUT,
                 )
-                .details(e)
-            })?;
+                .map_err(|e| {
+                    CniError::new(
+                        code::AGENT,
+                        format!("the agent did not attach the data path to {host_if}"),
+                    )
+                    .details(e)
+                })?;
+            }
+            Ok(made)
         }
-        Ok(made)
+        .await;
+        // Undo the veth: its pod side and every route through it go with it.
+        if made.is_err() && created {
+            if let Err(u) = net::del_link(&h.host, &host_if).await {
+                warn!("undo: delete {host_if}: {u}");
+            }
+        }
+        made
     });
     let made = match made {
         Ok(m) => m,
         Err(e) => {
-            // Undo in reverse: the veth (its pod side and every route through it go with
-            // it), then the addresses.
-            if created {
-                let undo = runtime().and_then(|rt| {
-                    rt.block_on(async { net::del_link(&net::connect()?, &host_if).await })
-                });
-                if let Err(u) = undo {
-                    warn!("undo: delete {host_if}: {u}");
-                }
-            }
+            // Then the addresses.
             if let Err(u) = store.lock().and_then(|l| l.release(owner)) {
                 warn!("undo: release addresses of {}: {u}", owner.container_id);
             }

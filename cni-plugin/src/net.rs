@@ -91,7 +91,10 @@ pub struct Handles {
 
 impl Handles {
     pub fn open(netns: &Path) -> Result<Handles> {
-        let pod_ns = open_netns(netns)?;
+        Handles::new(open_netns(netns)?)
+    }
+
+    pub fn new(pod_ns: fs::File) -> Result<Handles> {
         let host = connect()?;
         let pod = in_ns(&pod_ns, connect)??;
         Ok(Handles { host, pod, pod_ns })
