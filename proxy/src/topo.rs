@@ -17,6 +17,11 @@ use anyhow::{bail, Context, Result};
 
 /// Runs `ip` with the given arguments and fails with its stderr.
 pub fn ip(args: &[&str]) -> Result<()> {
+    ip_output(args).map(|_| ())
+}
+
+/// Runs `ip` with the given arguments; its stdout, or its stderr as the error.
+pub fn ip_output(args: &[&str]) -> Result<String> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -28,7 +33,7 @@ pub fn ip(args: &[&str]) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A network namespace created with `ip netns add`, deleted on drop.
@@ -54,9 +59,14 @@ impl Netns {
 
     /// `ip -n <ns> …`
     pub fn ip(&self, args: &[&str]) -> Result<()> {
+        self.ip_output(args).map(|_| ())
+    }
+
+    /// `ip -n <ns> …`, returning what it printed.
+    pub fn ip_output(&self, args: &[&str]) -> Result<String> {
         let mut a = vec!["-n", self.name.as_str()];
         a.extend_from_slice(args);
-        ip(&a)
+        ip_output(&a)
     }
 
     /// Writes a sysctl inside this namespace (never the machine's).
@@ -125,6 +135,26 @@ pub fn sweep(prefix: &str) -> Result<Vec<String>> {
         }
     }
     Ok(gone)
+}
+
+/// Takes the host side and the addresses from a weir-cni ADD result.
+fn take_result(pod: &mut Pod, out: &str) -> Result<()> {
+    let res: weir_cni::result::CniResult = serde_json::from_str(out)
+        .with_context(|| format!("weir-cni ADD {}: result {out:?}", pod.name))?;
+    pod.host_if = res
+        .interfaces
+        .first()
+        .map(|i| i.name.clone())
+        .unwrap_or_default();
+    for ip in &res.ips {
+        let addr = ip.address.split('/').next().unwrap_or_default();
+        match addr.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(a)) => pod.ip4 = a,
+            Ok(std::net::IpAddr::V6(a)) => pod.ip6 = a,
+            Err(e) => bail!("weir-cni ADD {}: address {addr:?}: {e}", pod.name),
+        }
+    }
+    Ok(())
 }
 
 /// A pod's namespace, as a runtime makes it before calling the CNI.
@@ -307,28 +337,29 @@ impl Node {
     /// Adds pod `name` through weir-cni ADD; it must get 198.18.1.`n` and fd00:18::`n`.
     pub fn add_pod_cni(&mut self, name: &str, n: u8) -> Result<&Pod> {
         let ns = pod_netns(&self.tag, name)?;
-        let mut pod = Pod {
+        // Addresses and host side come from the result.
+        let pod = Pod {
             name: name.into(),
             ns,
-            ip4: pod_ip4(n),
-            ip6: pod_ip6(n),
+            ip4: Ipv4Addr::UNSPECIFIED,
+            ip6: Ipv6Addr::UNSPECIFIED,
             host_if: String::new(),
             via_cni: true,
         };
         let out = self.cni_call(&pod, "ADD")?;
-        let res: weir_cni::result::CniResult = serde_json::from_str(&out)
-            .with_context(|| format!("weir-cni ADD {name}: result {out:?}"))?;
         // From here on the node's drop runs DEL.
-        pod.host_if = res
-            .interfaces
-            .first()
-            .map(|i| i.name.clone())
-            .unwrap_or_default();
-        let want = [format!("{}/32", pod.ip4), format!("{}/128", pod.ip6)];
-        let got: Vec<&str> = res.ips.iter().map(|i| i.address.as_str()).collect();
         self.pods.push(pod);
-        if got != want {
-            bail!("weir-cni ADD {name}: got addresses {got:?}, expected {want:?}");
+        let pod = self.pods.last_mut().expect("just pushed");
+        take_result(pod, &out)?;
+        let want = (pod_ip4(n), pod_ip6(n));
+        if (pod.ip4, pod.ip6) != want {
+            bail!(
+                "weir-cni ADD {name}: got addresses {} and {}, expected {} and {}",
+                pod.ip4,
+                pod.ip6,
+                want.0,
+                want.1
+            );
         }
         Ok(self.pods.last().expect("just pushed"))
     }
@@ -353,13 +384,20 @@ impl Node {
 
     /// Deletes the pod's veth and creates it again under the same names (what a runtime does
     /// when it restarts a pod's sandbox): the host side is a new device.
-    pub fn rewire_pod(&self, name: &str) -> Result<()> {
-        let pod = self.pod(name).with_context(|| format!("no pod {name}"))?;
-        if pod.via_cni {
-            self.cni_call(pod, "DEL")?;
-            self.cni_call(pod, "ADD")?;
-            return Ok(());
+    /// A pod made by weir-cni goes through DEL and ADD, as a runtime would; it may come back
+    /// with other addresses (IPAM does not hand a released address out again at once).
+    pub fn rewire_pod(&mut self, name: &str) -> Result<()> {
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .with_context(|| format!("no pod {name}"))?;
+        if self.pods[i].via_cni {
+            self.cni_call(&self.pods[i], "DEL")?;
+            let out = self.cni_call(&self.pods[i], "ADD")?;
+            return take_result(&mut self.pods[i], &out);
         }
+        let pod = &self.pods[i];
         self.ns.ip(&["link", "del", &pod.host_if])?;
         self.wire(pod)
     }

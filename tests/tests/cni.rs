@@ -10,7 +10,6 @@ use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::Command,
     thread,
     time::Duration,
 };
@@ -143,7 +142,10 @@ impl Bed {
 
     /// Links in the node namespace other than lo.
     fn node_links(&self) -> Vec<String> {
-        ip_out(&self.node.ns.name, &["-o", "link", "show"])
+        self.node
+            .ns
+            .ip_output(&["-o", "link", "show"])
+            .unwrap()
             .lines()
             .filter_map(|l| {
                 l.split(": ")
@@ -155,20 +157,9 @@ impl Bed {
     }
 
     fn node_routes(&self) -> String {
-        ip_out(&self.node.ns.name, &["route", "show"])
-            + &ip_out(&self.node.ns.name, &["-6", "route", "show"])
+        self.node.ns.ip_output(&["route", "show"]).unwrap()
+            + &self.node.ns.ip_output(&["-6", "route", "show"]).unwrap()
     }
-}
-
-fn ip_out(ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .arg("-n")
-        .arg(ns)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "ip -n {ns} {args:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A TCP connection from pod `from` to `to_ip` where pod `to` listens: real packets through
@@ -263,7 +254,7 @@ fn every_command_across_every_version() {
         let host_if = res["interfaces"][0]["name"].as_str().unwrap().to_string();
         let addrs = addresses(&res);
         // In the pod: the addresses, IPv6 usable at once (no duplicate address detection).
-        let pod_addrs = ip_out(&b.pods[p].name, &["addr", "show", "eth0"]);
+        let pod_addrs = b.pods[p].ip_output(&["addr", "show", "eth0"]).unwrap();
         for a in &addrs {
             assert!(
                 pod_addrs.contains(&a.to_string()),
@@ -473,7 +464,7 @@ fn a_failed_add_leaves_no_address_link_or_route() {
             b.records()
         );
         assert_eq!(b.node_routes(), routes_before, "{what}: routes left");
-        let pod_links = ip_out(&b.pods[p].name, &["-o", "link", "show"]);
+        let pod_links = b.pods[p].ip_output(&["-o", "link", "show"]).unwrap();
         assert!(!pod_links.contains("eth0"), "{what}: {pod_links}");
     }
     // Missing namespace: the spec's "container unknown", nothing allocated.

@@ -550,7 +550,7 @@ fn detaching_the_tc_program_takes_the_pod_off_the_tc_path() {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn a_pod_veth_recreated_under_its_old_name_is_attached_again() {
-    let s = sim(false);
+    let mut s = sim(false);
     let target = [
         "198.19.0.10:80",
         "--rate",
@@ -574,8 +574,17 @@ fn a_pod_veth_recreated_under_its_old_name_is_attached_again() {
         v
     };
     let before = pins(&links);
+    let old_ip = s.node.pod("cli").unwrap().ip4;
     s.node.rewire_pod("cli").unwrap();
-    // The agent scans every 200 ms: the new device gets the program, the old pin goes.
+    // IPAM does not hand a released address out again at once: the pod record follows.
+    let cli = s.node.pod("cli").unwrap();
+    assert_ne!(
+        cli.ip4, old_ip,
+        "the pod record has the address of the new ADD"
+    );
+    let addrs = cli.ns.ip_output(&["addr", "show", "eth0"]).unwrap();
+    assert!(addrs.contains(&format!("{}/32", cli.ip4)), "{addrs}");
+    // weir-cni DEL and ADD: the new device gets the program, the old pin goes.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut after = pins(&links);
     while (after.len() != before.len() || after == before) && std::time::Instant::now() < deadline {
