@@ -127,7 +127,7 @@ fn attach_pod(
     by: &str,
 ) -> Result<()> {
     let started = Instant::now();
-    dp.attach_tc(&dev.0, TcRole::FromPod)
+    dp.attach_pod_tc(&dev.0)
         .with_context(|| format!("attach tc_from_pod to {}", dev.0))?;
     info!(
         dev = %dev.0,
@@ -159,14 +159,15 @@ fn answer(req: Request, dp: &mut Datapath, attached: &mut Attached, ready: bool)
             }
         }
         Request::Check { ifname, ifindex } => {
-            if attached.contains(&(ifname.clone(), ifindex))
-                && dp.pins().has_tc(&ifname, TcRole::FromPod)
-            {
-                Reply::ok()
-            } else {
-                Reply::err(format!(
-                    "tc_from_pod is not attached to {ifname} (index {ifindex})"
-                ))
+            if !interfaces().contains(&(ifname.clone(), ifindex)) {
+                return Reply::err(format!("no device {ifname} with index {ifindex}"));
+            }
+            match dp.pod_tc_attached(&ifname) {
+                Ok(true) => Reply::ok(),
+                Ok(false) => Reply::err(format!(
+                    "this agent's tc_from_pod does not run on {ifname} (index {ifindex})"
+                )),
+                Err(e) => Reply::err(format!("{e:#}")),
             }
         }
         Request::Detach { ifname } => {

@@ -12,8 +12,11 @@ use anyhow::{bail, Context, Result};
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+        tc::{
+            qdisc_add_clsact, qdisc_detach_program, NlOptions, SchedClassifierLink,
+            TcAttachOptions, TcError, TcHandle,
+        },
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -222,6 +225,68 @@ impl Datapath {
         Ok(())
     }
 
+    /// Puts `tc_from_pod` on a pod's host-side veth (ingress), in the calling thread's network
+    /// namespace, as a classic clsact filter (priority [`POD_FILTER_PRIORITY`], handle
+    /// [`POD_FILTER_HANDLE`]), or replaces the program of the filter an earlier run left there.
+    ///
+    /// Not TCX, as on uplinks: a TCX attach waits for an RCU grace period (10–25 ms here, and
+    /// the agent attaches one device at a time), while a filter is in place in a fraction of a
+    /// millisecond, and pods are made all the time. The filter belongs to the device, not to
+    /// the agent: it stays when the agent exits and goes when the veth is deleted. Replacing
+    /// the program of a filter is atomic. A device that has a pinned TCX link from an earlier
+    /// run keeps it, its program swapped: a filter beside it would translate twice.
+    pub fn attach_pod_tc(&mut self, ifname: &str) -> Result<()> {
+        if self.pins.has_tc(ifname, TcRole::FromPod) {
+            return self.attach_tc(ifname, TcRole::FromPod);
+        }
+        let name = TcRole::FromPod.program();
+        match qdisc_add_clsact(ifname) {
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            r => r.with_context(|| format!("add the clsact qdisc to {ifname}"))?,
+        }
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?.try_into()?;
+        let options = || NlOptions {
+            priority: POD_FILTER_PRIORITY,
+            handle: TcHandle::from(POD_FILTER_HANDLE),
+            classid: None,
+        };
+        let id = match prog.attach_with_options(
+            ifname,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(options()),
+        ) {
+            Ok(id) => id,
+            Err(ProgramError::TcError(TcError::NetlinkError(e)))
+                if e.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                let o = options();
+                let old = SchedClassifierLink::attached(
+                    ifname,
+                    TcAttachType::Ingress,
+                    o.priority,
+                    o.handle,
+                    o.classid,
+                )
+                .with_context(|| format!("interface {ifname}"))?;
+                prog.attach_to_link(old)
+                    .with_context(|| format!("replace program {name} on {ifname}"))?
+            }
+            Err(e) => return Err(e).with_context(|| format!("attach {name} to {ifname} ingress")),
+        };
+        // Dropping the link would delete the filter: it is the device's now.
+        std::mem::forget(prog.take_link(id)?);
+        Ok(())
+    }
+
+    /// Whether this run's `tc_from_pod` is what runs on `ifname`'s ingress (as a TCX link or a
+    /// filter), asked of the kernel in the calling thread's network namespace.
+    pub fn pod_tc_attached(&mut self, ifname: &str) -> Result<bool> {
+        let prog: &mut SchedClassifier =
+            program(&mut self.ebpf, TcRole::FromPod.program())?.try_into()?;
+        let id = prog.info()?.id();
+        Ok(tc_ingress(ifname)?.iter().any(|p| p.id == id))
+    }
+
     /// Attaches the socket-level hooks to a cgroup (v2), or swaps the programs of the links a
     /// previous run pinned.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
@@ -255,6 +320,121 @@ impl Datapath {
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+}
+
+/// The priority of weir's filter on a pod device's clsact ingress: first.
+pub const POD_FILTER_PRIORITY: u16 = 1;
+/// The handle of weir's filter on a pod device's clsact ingress.
+pub const POD_FILTER_HANDLE: u32 = 1;
+
+/// A program on a device's TC ingress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcProgram {
+    pub name: String,
+    /// The kernel's program id.
+    pub id: u32,
+    /// A clsact filter (false: a TCX link).
+    pub filter: bool,
+}
+
+/// The programs on `ifname`'s ingress in the calling thread's network namespace, in the order
+/// they run: TCX links first, then the clsact filters.
+pub fn tc_ingress(ifname: &str) -> Result<Vec<TcProgram>> {
+    let index =
+        nix::net::if_::if_nametoindex(ifname).with_context(|| format!("interface {ifname}"))?;
+    let (_, tcx) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
+        .with_context(|| format!("query the TCX links of {ifname}"))?;
+    let mut out: Vec<TcProgram> = tcx
+        .iter()
+        .map(|p| TcProgram {
+            name: p.name_as_str().unwrap_or_default().to_string(),
+            id: p.id(),
+            filter: false,
+        })
+        .collect();
+    out.extend(ingress_filters(index).with_context(|| format!("list the filters of {ifname}"))?);
+    Ok(out)
+}
+
+/// Removes weir's pod program from `ifname`, filter or pinned TCX link; one that is not there
+/// is fine.
+pub fn detach_pod_tc(pins: &PinDir, ifname: &str) -> Result<()> {
+    pins.detach_tc(ifname, TcRole::FromPod)?;
+    match qdisc_detach_program(ifname, TcAttachType::Ingress, TcRole::FromPod.program()) {
+        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        r => r.with_context(|| format!("delete the filter of {ifname}")),
+    }
+}
+
+/// Dumps the BPF filters on a device's clsact ingress (`tc filter show dev D ingress`).
+fn ingress_filters(index: u32) -> io::Result<Vec<TcProgram>> {
+    use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+    use netlink_packet_route::{
+        tc::{self, TcAttribute, TcFilterBpfOption, TcMessage, TcOption},
+        RouteNetlinkMessage,
+    };
+    let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
+    sock.bind_auto()?;
+    sock.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+    let mut msg = TcMessage::default();
+    msg.header.index = index as i32;
+    msg.header.parent = tc::TcHandle {
+        major: tc::TcHandle::INGRESS.major,
+        minor: tc::TcHandle::MIN_INGRESS,
+    };
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetTrafficFilter(msg));
+    req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf);
+    sock.send(&buf, 0)?;
+    let mut out = Vec::new();
+    loop {
+        let (data, _) = sock.recv_from_full()?;
+        let mut at = 0;
+        while at < data.len() {
+            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[at..])
+                .map_err(io::Error::other)?;
+            at += m.header.length as usize;
+            match m.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => {
+                    return match e.code {
+                        // No clsact qdisc, no filters.
+                        Some(c) if -c.get() == libc::EINVAL => Ok(out),
+                        Some(c) => Err(io::Error::from_raw_os_error(-c.get())),
+                        None => Ok(out),
+                    };
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(f)) => {
+                    let (mut name, mut id) = (String::new(), None);
+                    for a in &f.attributes {
+                        if let TcAttribute::Options(opts) = a {
+                            for o in opts {
+                                match o {
+                                    TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => {
+                                        name = n.clone()
+                                    }
+                                    TcOption::Bpf(TcFilterBpfOption::ProgId(i)) => id = Some(*i),
+                                    _ => {}
+                                }
+                            }
+                        }
+                    }
+                    if let Some(id) = id {
+                        out.push(TcProgram {
+                            name,
+                            id,
+                            filter: true,
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 }
 

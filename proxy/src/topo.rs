@@ -309,6 +309,23 @@ impl Drop for Node {
 }
 
 impl Node {
+    /// The programs on the TC ingress of `dev`, a device of the node.
+    pub fn tc_ingress(&self, dev: &str) -> Result<Vec<crate::loader::TcProgram>> {
+        let dev = dev.to_string();
+        self.ns.run(move || crate::loader::tc_ingress(&dev))?
+    }
+
+    /// The ids of `tc_from_pod` programs on the TC ingress of `dev`, with whether each is a
+    /// clsact filter.
+    pub fn pod_programs(&self, dev: &str) -> Result<Vec<(u32, bool)>> {
+        Ok(self
+            .tc_ingress(dev)?
+            .into_iter()
+            .filter(|p| p.name == weir_common::prog_names::TC_FROM_POD)
+            .map(|p| (p.id, p.filter))
+            .collect())
+    }
+
     /// Creates `weir-<tag>-node` with forwarding on (inside it only).
     pub fn create(tag: &str) -> Result<Self> {
         let ns = Netns::create(&format!("weir-{tag}-node"))?;

@@ -829,19 +829,12 @@ fn the_agent_attaches_the_pod_program_before_add_returns_and_releases_it_on_del(
         prefix: "t".into(),
     })
     .unwrap();
-    let links = s.bpffs.path.join("weir").join("links");
-    let pinned = |dev: &str| {
-        std::fs::read_dir(&links).unwrap().flatten().any(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("tc_from_pod@{dev}#"))
-        })
-    };
+    let pinned = |s: &Sim, dev: &str| s.node.pod_programs(dev).unwrap().len() == 1;
     // A new pod, then straight away (no waiting) its link must be pinned.
     let pod = s.node.add_pod_cni("late", 12).unwrap();
     let (host_if, netns, cid) = (pod.host_if.clone(), pod.ns.path(), pod.ns.name.clone());
     assert!(
-        pinned(&host_if),
+        pinned(&s, &host_if),
         "tc_from_pod on {host_if} before ADD returned"
     );
     // By the plugin's request, not by the agent's poll of new devices.
@@ -890,15 +883,13 @@ fn the_agent_attaches_the_pod_program_before_add_returns_and_releases_it_on_del(
         &check,
     )
     .unwrap();
-    assert!(pinned(&extra_if));
-    for e in std::fs::read_dir(&links).unwrap().flatten() {
-        if e.file_name()
-            .to_string_lossy()
-            .starts_with(&format!("tc_from_pod@{extra_if}#"))
-        {
-            std::fs::remove_file(e.path()).unwrap();
-        }
-    }
+    assert!(pinned(&s, &extra_if));
+    let (pins, dev) = (weir_proxy::agent::pin_dir(&s.bpffs.path), extra_if.clone());
+    s.node
+        .ns
+        .run(move || weir_proxy::loader::detach_pod_tc(&pins, &dev))
+        .unwrap()
+        .unwrap();
     let (ok, out, _) = cni
         .exec_raw(
             &s.node.ns,
@@ -909,7 +900,7 @@ fn the_agent_attaches_the_pod_program_before_add_returns_and_releases_it_on_del(
             &check,
         )
         .unwrap();
-    assert!(!ok && out.contains("tc_from_pod is not attached"), "{out}");
+    assert!(!ok && out.contains("tc_from_pod does not run on"), "{out}");
     cni.exec(
         &s.node.ns,
         "DEL",
@@ -922,6 +913,9 @@ fn the_agent_attaches_the_pod_program_before_add_returns_and_releases_it_on_del(
     // The pod made through the sim's configuration goes the same way.
     cni.exec(&s.node.ns, "DEL", &cid, Some(&netns), "eth0", &cni.conf)
         .unwrap();
-    assert!(!pinned(&host_if), "DEL released the link of {host_if}");
+    assert!(
+        s.node.tc_ingress(&host_if).is_err(),
+        "DEL deleted {host_if}, and its filter with it"
+    );
     s.node.pods.retain(|p| p.name != "late");
 }

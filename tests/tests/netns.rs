@@ -291,9 +291,20 @@ fn agent_restart_keeps_open_connections_and_udp_flows() {
             )
             .unwrap();
         thread::sleep(Duration::from_millis(800));
+        let cli = s.node.pod("cli").unwrap().host_if.clone();
+        let before = s.node.pod_programs(&cli).unwrap();
+        assert_eq!(before.len(), 1, "{before:?}");
+        assert!(before[0].1, "a clsact filter on the pod's veth: {before:?}");
         s.kill_agent();
         thread::sleep(Duration::from_millis(300));
         s.start_agent().unwrap();
+        // The new agent's program replaced the old one in the same filter: one, not two.
+        let after = s.node.pod_programs(&cli).unwrap();
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert_ne!(
+            after[0].0, before[0].0,
+            "the restarted agent's program runs"
+        );
         let (t, u) = (tcp.wait().unwrap(), udp.wait().unwrap());
         for (what, r) in [("TCP", &t), ("UDP", &u)] {
             assert_eq!(
@@ -513,27 +524,19 @@ fn detaching_the_tc_program_takes_the_pod_off_the_tc_path() {
     assert_eq!(r.ok, r.sent, "attached: {:?}", r.errors);
     let pins = weir_proxy::agent::pin_dir(&s.bpffs.path);
     let cli = s.node.pod("cli").unwrap();
+    assert_eq!(s.node.pod_programs(&cli.host_if).unwrap().len(), 1);
     let detach = |pins: &weir_proxy::loader::PinDir| {
         let (pins, dev) = (pins.clone(), cli.host_if.clone());
         // The device lives in the node namespace: resolve it there.
         s.node
             .ns
-            .run(move || pins.detach_tc(&dev, weir_proxy::loader::TcRole::FromPod))
+            .run(move || weir_proxy::loader::detach_pod_tc(&pins, &dev))
             .unwrap()
             .unwrap()
     };
     detach(&pins);
-    let links: Vec<String> = std::fs::read_dir(pins.links())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(
-        !links
-            .iter()
-            .any(|l| l.contains(&format!("@{}#", cli.host_if))),
-        "the client's link pin is gone: {links:?}"
-    );
+    let left = s.node.pod_programs(&cli.host_if).unwrap();
+    assert!(left.is_empty(), "the client's program is gone: {left:?}");
     // No program translates the VIP now (the node has no route for it either).
     let before = s.status().unwrap().counters["dnat_new"];
     let r = s.loadtest(&target, false, false).unwrap();
@@ -562,18 +565,6 @@ fn a_pod_veth_recreated_under_its_old_name_is_attached_again() {
         "500ms",
     ];
     assert_eq!(s.loadtest(&target, false, false).unwrap().error_count(), 0);
-    let links = weir_proxy::agent::pin_dir(&s.bpffs.path).links();
-    let pins = |dir: &std::path::Path| -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("tc_from_pod"))
-            .collect();
-        v.sort();
-        v
-    };
-    let before = pins(&links);
     let old_ip = s.node.pod("cli").unwrap().ip4;
     s.node.rewire_pod("cli").unwrap();
     // IPAM does not hand a released address out again at once: the pod record follows.
@@ -584,23 +575,9 @@ fn a_pod_veth_recreated_under_its_old_name_is_attached_again() {
     );
     let addrs = cli.ns.ip_output(&["addr", "show", "eth0"]).unwrap();
     assert!(addrs.contains(&format!("{}/32", cli.ip4)), "{addrs}");
-    // weir-cni DEL and ADD: the new device gets the program, the old pin goes.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let mut after = pins(&links);
-    while (after.len() != before.len() || after == before) && std::time::Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(50));
-        after = pins(&links);
-    }
-    assert_eq!(
-        after.len(),
-        before.len(),
-        "one link per device: {after:?}\n{}",
-        s.agent_log_tail()
-    );
-    assert_ne!(
-        after, before,
-        "the re-created device has its own link: {after:?}"
-    );
+    // weir-cni DEL and ADD: the new device (same name, new index) gets the program.
+    let progs = s.node.pod_programs(&cli.host_if).unwrap();
+    assert_eq!(progs.len(), 1, "{progs:?}\n{}", s.agent_log_tail());
     let r = s.loadtest(&target, false, false).unwrap();
     assert_eq!(
         r.ok, r.sent,
