@@ -129,6 +129,7 @@ fn desired(svcs: &[Svc]) -> Desired {
                     ip: s.vip.into(),
                     port: s.port,
                     proto: PROTO_TCP,
+                    scope: weir_common::SCOPE_ALL,
                 },
                 ServiceSpec {
                     name: s.name.clone(),

@@ -31,6 +31,7 @@ fn measure(fill_pct: u32, repeat: u32, new_flows: u16) -> Result<Vec<Row>> {
             ip: "198.19.0.10".parse()?,
             port: 80,
             proto: PROTO_TCP,
+            scope: weir_common::SCOPE_ALL,
         },
         svc,
     )]));

@@ -104,14 +104,24 @@ pub struct SvcKey {
     /// Network byte order.
     pub port: u16,
     pub proto: u8,
-    /// Reserved for the traffic scope (internal/external); 0 today.
+    /// Which clients the entry serves: [`SCOPE_ALL`] or [`SCOPE_EXTERNAL`].
     pub scope: u8,
     pub slot: u16,
     pub _pad: u16,
 }
 
+/// A frontend entry for every client.
+pub const SCOPE_ALL: u8 = 0;
+/// A frontend entry for clients outside the node (traffic arriving on an uplink), looked up
+/// before the `SCOPE_ALL` entry: externalTrafficPolicy `Local` gives external clients other
+/// backends than pods and the node itself get.
+pub const SCOPE_EXTERNAL: u8 = 1;
+
 pub const SVC_F_MAGLEV: u16 = 1 << 0;
 pub const SVC_F_AFFINITY: u16 = 1 << 1;
+/// With no backend, drop instead of reject: the service has endpoints, none for this traffic
+/// (a `Local` traffic policy and none on this node), as kube-proxy does.
+pub const SVC_F_DROP_EMPTY: u16 = 1 << 2;
 
 /// Master entry (slot 0): `count`, `flags`, `svc_id`, `affinity_timeout_s` are meaningful.
 /// Backend slot (slot ≥ 1): `backend_id` is meaningful.
@@ -240,9 +250,14 @@ pub enum Stat {
     SockBackendMissing,
     /// A new flow whose conntrack entries could not be written.
     DropConntrackInsert,
+    /// A new flow to a service whose endpoints are all elsewhere while its traffic policy is
+    /// `Local`.
+    DropNoLocalBackend,
+    /// The same, seen by the socket hooks.
+    SockDropNoLocalBackend,
 }
 
-pub const STAT_COUNT: u32 = Stat::DropConntrackInsert as u32 + 1;
+pub const STAT_COUNT: u32 = Stat::SockDropNoLocalBackend as u32 + 1;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_no_service",
@@ -266,6 +281,8 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "sock_reject_no_backend",
     "sock_backend_missing",
     "drop_conntrack_insert",
+    "drop_no_local_backend",
+    "sock_drop_no_local_backend",
 ];
 
 const _: () = {

@@ -12,20 +12,31 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// The master entry (slot 0) of a service frontend, copied out.
+/// The master entry (slot 0) of a service frontend, copied out, with the scope it was found
+/// in. `external` traffic sees the frontend's `SCOPE_EXTERNAL` entry where there is one.
 #[inline(always)]
-pub fn lookup_service(addr: &Addr, port: u16, proto: u8) -> Option<SvcValue> {
+pub fn lookup_service(addr: &Addr, port: u16, proto: u8, external: bool) -> Option<(SvcValue, u8)> {
     let key = SvcKey {
         addr: *addr,
         port,
         proto,
-        scope: 0,
+        scope: SCOPE_ALL,
         slot: 0,
         _pad: 0,
     };
+    if external {
+        let ext = SvcKey {
+            scope: SCOPE_EXTERNAL,
+            ..key
+        };
+        // SAFETY: as below.
+        if let Some(v) = unsafe { SVC.get(&ext) } {
+            return Some((*v, SCOPE_EXTERNAL));
+        }
+    }
     // SAFETY: the value is copied at once; the map is not preallocated, so an update replaces
     // the element under RCU instead of recycling it.
-    unsafe { SVC.get(&key).copied() }
+    unsafe { SVC.get(&key).map(|v| (*v, SCOPE_ALL)) }
 }
 
 /// A 32-bit mix of the flow's client side (murmur3's finalizer over the words).
@@ -59,6 +70,7 @@ pub fn select_backend(
     vip: &Addr,
     port: u16,
     proto: u8,
+    scope: u8,
     master: &SvcValue,
     client: &Addr,
     hash: u32,
@@ -108,7 +120,7 @@ pub fn select_backend(
             addr: *vip,
             port,
             proto,
-            scope: 0,
+            scope,
             slot,
             _pad: 0,
         };

@@ -20,13 +20,13 @@ use sock::Family;
 /// Ingress of a pod's host-side veth: traffic from the pod, and replies of local backends.
 #[classifier]
 pub fn tc_from_pod(ctx: TcContext) -> i32 {
-    tc::handle(&ctx)
+    tc::handle(&ctx, false)
 }
 
 /// Ingress of a node uplink: traffic from other nodes and outside the cluster.
 #[classifier]
 pub fn tc_from_netdev(ctx: TcContext) -> i32 {
-    tc::handle(&ctx)
+    tc::handle(&ctx, true)
 }
 
 #[cgroup_sock_addr(connect4)]

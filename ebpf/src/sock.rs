@@ -95,9 +95,15 @@ pub fn forward(ctx: &SockAddrContext, fam: Family, sendmsg: bool) -> i32 {
     }
     let vip = user_addr(ctx, fam);
     let vport = user_port(ctx);
-    let Some(master) = lookup_service(&vip, vport, proto) else {
+    let Some((master, scope)) = lookup_service(&vip, vport, proto, false) else {
         return ALLOW;
     };
+    if master.count == 0 && master.flags & SVC_F_DROP_EMPTY != 0 {
+        // kube-proxy drops this traffic: leave the address alone, and the per-packet path,
+        // which sees the same entry, drops the packets.
+        count(Stat::SockDropNoLocalBackend);
+        return ALLOW;
+    }
     if master.count == 0 {
         count(Stat::SockRejectNoBackend);
         // SAFETY: a helper on an integer; kube-proxy's REJECT surfaces as ECONNREFUSED too.
@@ -124,14 +130,14 @@ pub fn forward(ctx: &SockAddrContext, fam: Family, sendmsg: bool) -> i32 {
         }
     }
     let hash = (cookie ^ (cookie >> 32)) as u32;
-    let (backend_id, be) = match select_backend(&vip, vport, proto, &master, &client_of(ctx), hash)
-    {
-        Ok(b) => b,
-        Err(_) => {
-            count(Stat::SockBackendMissing);
-            return ALLOW;
-        }
-    };
+    let (backend_id, be) =
+        match select_backend(&vip, vport, proto, scope, &master, &client_of(ctx), hash) {
+            Ok(b) => b,
+            Err(_) => {
+                count(Stat::SockBackendMissing);
+                return ALLOW;
+            }
+        };
     let rev_key = SockKey {
         cookie,
         addr: be.addr,

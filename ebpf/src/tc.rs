@@ -14,7 +14,9 @@ use crate::{
 const TC_ACT_SHOT: i32 = 2;
 
 #[inline(always)]
-pub fn handle(ctx: &TcContext) -> i32 {
+/// `external`: the packet arrived on an uplink, from outside the node; it sees a service's
+/// `SCOPE_EXTERNAL` entry where there is one.
+pub fn handle(ctx: &TcContext, external: bool) -> i32 {
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_OK as i32;
     };
@@ -29,7 +31,7 @@ pub fn handle(ctx: &TcContext) -> i32 {
             TC_ACT_OK as i32
         };
     }
-    match process(ctx, s) {
+    match process(ctx, s, external) {
         Ok(verdict) => verdict,
         Err(stat) => {
             count(stat);
@@ -60,7 +62,7 @@ fn lifetime(p: &Packet, closing: bool) -> u64 {
 }
 
 #[inline(always)]
-fn process(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
+fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat> {
     let p = &s.pkt;
     s.fwd_key = CtKey {
         src: p.src,
@@ -115,14 +117,14 @@ fn process(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
         }
     }
 
-    Ok(new_flow(ctx, s))
+    Ok(new_flow(ctx, s, external))
 }
 
 /// A packet with no live conntrack entry: a new flow to a service, or not ours at all.
 /// Out of line (its own stack frame), so it returns a plain verdict and counts its own drops.
 #[inline(never)]
-fn new_flow(ctx: &TcContext, s: &mut Scratch) -> i32 {
-    match try_new_flow(ctx, s) {
+fn new_flow(ctx: &TcContext, s: &mut Scratch, external: bool) -> i32 {
+    match try_new_flow(ctx, s, external) {
         Ok(v) => v,
         Err(stat) => {
             count(stat);
@@ -132,14 +134,14 @@ fn new_flow(ctx: &TcContext, s: &mut Scratch) -> i32 {
 }
 
 #[inline(always)]
-fn try_new_flow(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
+fn try_new_flow(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat> {
     let p = &s.pkt;
     let service = if !p.v6 && !maybe_service(&p.dst) {
         None
     } else {
-        lookup_service(&p.dst, p.dport, p.proto)
+        lookup_service(&p.dst, p.dport, p.proto, external)
     };
-    let Some(master) = service else {
+    let Some((master, scope)) = service else {
         // A connection that is not a service's, on the 4-tuple of an earlier service flow's
         // replies (the client reused its port, say to reach the backend directly): that reply
         // entry is stale and would rewrite the new connection's replies. Only SYNs pay this.
@@ -163,11 +165,15 @@ fn try_new_flow(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
         return Ok(TC_ACT_OK as i32);
     };
     if master.count == 0 {
+        if master.flags & SVC_F_DROP_EMPTY != 0 {
+            count(Stat::DropNoLocalBackend);
+            return Ok(TC_ACT_SHOT);
+        }
         return Ok(reject(ctx, s));
     }
     let now = now_ns();
     let hash = flow_hash(&p.src, p.sport, p.proto);
-    let (backend_id, be) = select_backend(&p.dst, p.dport, p.proto, &master, &p.src, hash)?;
+    let (backend_id, be) = select_backend(&p.dst, p.dport, p.proto, scope, &master, &p.src, hash)?;
     let hairpin = be.addr == p.src;
     let closing = p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     s.fwd = CtValue {

@@ -72,7 +72,10 @@ fn sync(cfg: &Config, programmer: &mut Programmer, maps: &mut AyaMaps) -> Result
             None => warn!(node = %node, "this node is not in the source; no podCIDRs for weir-cni"),
         }
     }
-    let m = model::build(&objs);
+    let m = model::build(
+        &objs,
+        &model::NodeContext::of(&objs, cfg.node_name.as_deref()),
+    );
     problems.extend(m.problems);
     for p in &problems {
         warn!(object = %p.object, "skipped: {}", p.message);

@@ -53,13 +53,13 @@ pub struct Programmed {
     pub vipnet: BTreeMap<u32, u64>,
 }
 
-/// `SvcKey` ordered by (address, port, protocol, slot), for stable dumps.
+/// `SvcKey` ordered by (address, port, protocol, scope, slot), for stable dumps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct SvcKeyOrd(pub [u8; 16], pub u16, pub u8, pub u16);
+pub struct SvcKeyOrd(pub [u8; 16], pub u16, pub u8, pub u8, pub u16);
 
 impl From<&SvcKey> for SvcKeyOrd {
     fn from(k: &SvcKey) -> Self {
-        SvcKeyOrd(k.addr.0, u16::from_be(k.port), k.proto, k.slot)
+        SvcKeyOrd(k.addr.0, u16::from_be(k.port), k.proto, k.scope, k.slot)
     }
 }
 
@@ -69,8 +69,8 @@ impl SvcKeyOrd {
             addr: weir_common::Addr(self.0),
             port: self.1.to_be(),
             proto: self.2,
-            scope: 0,
-            slot: self.3,
+            scope: self.3,
+            slot: self.4,
             _pad: 0,
         }
     }
@@ -260,9 +260,9 @@ impl FakeMaps {
 
     fn check(&mut self) {
         let st = &self.state;
-        for (k, v) in st.svc.iter().filter(|(k, _)| k.3 == 0) {
+        for (k, v) in st.svc.iter().filter(|(k, _)| k.4 == 0) {
             for slot in 1..=v.count {
-                let sk = SvcKeyOrd(k.0, k.1, k.2, slot);
+                let sk = SvcKeyOrd(k.0, k.1, k.2, k.3, slot);
                 match st.svc.get(&sk) {
                     None => self
                         .violations
@@ -277,7 +277,7 @@ impl FakeMaps {
                 }
             }
         }
-        for (k, _) in st.svc.iter().filter(|(k, _)| k.3 == 0) {
+        for (k, _) in st.svc.iter().filter(|(k, _)| k.4 == 0) {
             let a = weir_common::Addr(k.0);
             if a.is_v4() {
                 let (w, bit) = weir_common::vipnet_slot(a.v4_octets());

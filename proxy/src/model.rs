@@ -1,10 +1,8 @@
 //! Kubernetes objects to desired frontends.
 //!
-//! This covers what the data-path issue needs: ClusterIP services (single and dual stack),
-//! TCP/UDP ports, named and numeric target ports through EndpointSlices, ready endpoints,
-//! session affinity ClientIP and weir's Maglev annotation. The full kube-proxy rule set
-//! (NodePort, LoadBalancer, traffic policies, terminating endpoints, topology) is the
-//! control-plane issue's work and extends this module.
+//! The rules are kube-proxy's (`pkg/proxy`: `CategorizeEndpoints`, `topologyModeFromHints`,
+//! the proxiers' frontends): the same objects give the same frontends and the same backends
+//! per frontend, for the node named in the [`NodeContext`].
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
@@ -124,12 +122,178 @@ fn proto(p: Option<&String>) -> Result<u8, String> {
     }
 }
 
-/// Builds the desired frontends from the objects.
-pub fn build(objs: &Objects) -> Model {
+/// Label that hands a Service (or its EndpointSlices) to another proxy: kube-proxy ignores
+/// every object that carries it, and so does weir.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the EndpointSlice controller puts on the objects of headless services.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// What the model needs to know about the node it programs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// The node's name: endpoints with this `nodeName` are local.
+    pub name: Option<String>,
+    /// Its `topology.kubernetes.io/zone` label, for zone hints.
+    pub zone: Option<String>,
+    /// The addresses NodePorts are served on: the node's primary IP of each family, as
+    /// kube-proxy's default `--nodeport-addresses=primary`.
+    pub nodeport_ips: Vec<IpAddr>,
+}
+
+impl NodeContext {
+    /// The context of the node called `name`, from its Node object when the objects have it.
+    pub fn of(objs: &Objects, name: Option<&str>) -> Self {
+        let Some(name) = name else {
+            return NodeContext::default();
+        };
+        let mut ctx = NodeContext {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        let Some(node) = objs
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(name))
+        else {
+            return ctx;
+        };
+        ctx.zone = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ZONE_LABEL))
+            .cloned();
+        let addrs = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .cloned()
+            .unwrap_or_default();
+        // The primary address of each family: the first InternalIP, else the first ExternalIP.
+        for v4 in [true, false] {
+            let pick = |kind: &str| {
+                addrs
+                    .iter()
+                    .filter(|a| a.type_ == kind)
+                    .filter_map(|a| a.address.parse::<IpAddr>().ok())
+                    .find(|ip| ip.is_ipv4() == v4)
+            };
+            if let Some(ip) = pick("InternalIP").or_else(|| pick("ExternalIP")) {
+                ctx.nodeport_ips.push(ip);
+            }
+        }
+        ctx
+    }
+}
+
+fn labelled(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, key: &str) -> bool {
+    meta.labels.as_ref().is_some_and(|l| l.contains_key(key))
+}
+
+/// One endpoint of one service port, as kube-proxy sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Ep {
+    addr: SocketAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    local: bool,
+    zone_hints: Vec<String>,
+    node_hints: Vec<String>,
+}
+
+/// Where the topology hints send this node's traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    /// Hints are absent or ignored: every endpoint.
+    Any,
+    /// Endpoints hinted for this node.
+    Node,
+    /// Endpoints hinted for this node's zone.
+    Zone,
+}
+
+/// kube-proxy's `topologyModeFromHints`: node hints when every ready endpoint has some and one
+/// names this node; else zone hints when every ready endpoint has some and one names this
+/// node's zone; else none (hints are ignored whenever following them could leave this node
+/// without an endpoint).
+fn topology(eps: &[Ep], node: &NodeContext) -> Topology {
+    let ready = || eps.iter().filter(|e| e.ready);
+    let name = node.name.as_deref().unwrap_or_default();
+    let zone = node.zone.as_deref().unwrap_or_default();
+    if ready().all(|e| !e.node_hints.is_empty())
+        && ready().any(|e| !name.is_empty() && e.node_hints.iter().any(|h| h == name))
+    {
+        return Topology::Node;
+    }
+    if ready().all(|e| !e.zone_hints.is_empty())
+        && ready().any(|e| !zone.is_empty() && e.zone_hints.iter().any(|h| h == zone))
+    {
+        return Topology::Zone;
+    }
+    Topology::Any
+}
+
+fn available(e: &Ep, t: Topology, node: &NodeContext) -> bool {
+    match t {
+        Topology::Any => true,
+        Topology::Node => node.name.as_ref().is_some_and(|n| e.node_hints.contains(n)),
+        Topology::Zone => node.zone.as_ref().is_some_and(|z| e.zone_hints.contains(z)),
+    }
+}
+
+/// The endpoints of one service port, split the way kube-proxy's `CategorizeEndpoints` does.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Categorized {
+    /// For `Cluster` traffic policy: ready endpoints allowed by topology, or, when there is
+    /// no ready endpoint anywhere, the serving terminating ones.
+    cluster: Vec<SocketAddr>,
+    /// For `Local` policy: this node's ready endpoints, else its serving terminating ones.
+    local: Vec<SocketAddr>,
+    /// Whether any endpoint anywhere could take traffic: decides drop against reject.
+    any: bool,
+}
+
+fn categorize(eps: &[Ep], uses_cluster: bool, uses_local: bool, node: &NodeContext) -> Categorized {
+    let mut c = Categorized::default();
+    let pick = |f: &dyn Fn(&Ep) -> bool| -> Vec<SocketAddr> {
+        eps.iter().filter(|e| f(e)).map(|e| e.addr).collect()
+    };
+    if uses_cluster {
+        let t = topology(eps, node);
+        c.cluster = pick(&|e| e.ready && available(e, t, node));
+        if c.cluster.is_empty() {
+            c.cluster = pick(&|e| e.serving && e.terminating && available(e, t, node));
+        }
+        c.any = !c.cluster.is_empty();
+    }
+    if uses_local {
+        c.any |= eps.iter().any(|e| e.ready || (e.serving && e.terminating));
+        c.local = pick(&|e| e.local && e.ready);
+        if c.local.is_empty() {
+            c.local = pick(&|e| e.local && e.serving && e.terminating);
+        }
+    }
+    c
+}
+
+/// Builds the desired frontends from the objects, for the node described by `node`.
+///
+/// Follows kube-proxy: ClusterIP, NodePort (on the node's primary IPs), LoadBalancer ingress
+/// IPs and externalIPs; endpoint conditions with the fallback to serving terminating endpoints;
+/// internal and external traffic policy; topology hints. An object with a problem is reported
+/// and skipped; the rest is built.
+pub fn build(objs: &Objects, node: &NodeContext) -> Model {
     let mut m = Model::default();
     // EndpointSlices by (namespace, service name).
     let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in &objs.slices {
+        if labelled(&s.metadata, SERVICE_PROXY_NAME_LABEL) || labelled(&s.metadata, HEADLESS_LABEL)
+        {
+            continue;
+        }
         let ns = s
             .metadata
             .namespace
@@ -139,144 +303,225 @@ pub fn build(objs: &Objects) -> Model {
             .metadata
             .labels
             .as_ref()
-            .and_then(|l| l.get("kubernetes.io/service-name"))
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
         else {
             continue;
         };
         slices.entry((ns, svc.clone())).or_default().push(s);
     }
     for svc in &objs.services {
-        let ns = svc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let id = format!("{ns}/{name}");
-        let Some(spec) = &svc.spec else {
-            m.problems.push(Problem {
-                object: format!("Service {id}"),
-                message: "no spec".into(),
-            });
-            continue;
-        };
-        if spec.type_.as_deref() == Some("ExternalName") {
-            m.skipped.push(Skipped {
-                service: id,
-                reason: "ExternalName".into(),
-            });
-            continue;
-        }
-        let ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
-            (Some(ips), _) if !ips.is_empty() => ips.clone(),
-            (_, Some(ip)) => vec![ip.clone()],
-            _ => vec![],
-        };
-        if ips.is_empty() || ips.iter().any(|i| i == "None") {
-            m.skipped.push(Skipped {
-                service: id,
-                reason: "headless (no ClusterIP)".into(),
-            });
-            continue;
-        }
-        let maglev = svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
-            .is_some_and(|v| v == "maglev");
-        let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .map(|t| t.max(1) as u32)
-                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
-        });
-        let my_slices = slices
-            .get(&(ns.clone(), name.clone()))
-            .cloned()
-            .unwrap_or_default();
-        for ip in &ips {
-            let vip: IpAddr = match ip.parse() {
-                Ok(v) => v,
-                Err(_) => {
-                    m.problems.push(Problem {
-                        object: format!("Service {id}"),
-                        message: format!("clusterIP {ip:?} is not an IP address"),
-                    });
-                    continue;
-                }
-            };
-            for port in spec.ports.iter().flatten() {
-                let pname = port.name.clone().unwrap_or_default();
-                let object = format!(
-                    "Service {id} port {}",
-                    if pname.is_empty() {
-                        port.port.to_string()
-                    } else {
-                        pname.clone()
-                    }
-                );
-                let proto = match proto(port.protocol.as_ref()) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        m.problems.push(Problem { object, message: e });
-                        continue;
-                    }
-                };
-                let Ok(vport) = u16::try_from(port.port) else {
-                    m.problems.push(Problem {
-                        object,
-                        message: format!("port {} is out of range", port.port),
-                    });
-                    continue;
-                };
-                if vport == 0 {
-                    m.problems.push(Problem {
-                        object,
-                        message: "port 0".into(),
-                    });
-                    continue;
-                }
-                let backends = endpoints_for(&my_slices, vip.is_ipv4(), &pname, proto);
-                let fe = Frontend {
-                    ip: vip,
-                    port: vport,
-                    proto,
-                };
-                m.desired.insert(
-                    fe,
-                    ServiceSpec {
-                        name: format!(
-                            "{id}:{}",
-                            if pname.is_empty() {
-                                vport.to_string()
-                            } else {
-                                pname
-                            }
-                        ),
-                        backends,
-                        maglev,
-                        affinity_timeout_s: affinity,
-                    },
-                );
-            }
-        }
+        build_service(svc, &slices, node, &mut m);
     }
     m
 }
 
-/// Ready endpoints of the slices of the service's family whose port matches by name and
-/// protocol (an unnamed service port matches the slice's unnamed port).
+fn build_service(
+    svc: &Service,
+    slices: &BTreeMap<(String, String), Vec<&EndpointSlice>>,
+    node: &NodeContext,
+    m: &mut Model,
+) {
+    let ns = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let id = format!("{ns}/{name}");
+    let skip = |m: &mut Model, reason: &str| {
+        m.skipped.push(Skipped {
+            service: id.clone(),
+            reason: reason.into(),
+        })
+    };
+    let Some(spec) = &svc.spec else {
+        m.problems.push(Problem {
+            object: format!("Service {id}"),
+            message: "no spec".into(),
+        });
+        return;
+    };
+    if labelled(&svc.metadata, SERVICE_PROXY_NAME_LABEL) {
+        return skip(
+            m,
+            "labelled service.kubernetes.io/service-proxy-name (another proxy's)",
+        );
+    }
+    if labelled(&svc.metadata, HEADLESS_LABEL) {
+        return skip(m, "labelled service.kubernetes.io/headless");
+    }
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return skip(m, "ExternalName");
+    }
+    let ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.clone(),
+        (_, Some(ip)) if !ip.is_empty() => vec![ip.clone()],
+        _ => vec![],
+    };
+    if ips.iter().any(|i| i == "None") {
+        return skip(m, "headless (clusterIP None)");
+    }
+    if ips.is_empty() {
+        return skip(m, "no clusterIP");
+    }
+    let mut vips = Vec::new();
+    for ip in &ips {
+        match ip.parse::<IpAddr>() {
+            Ok(v) => vips.push(v),
+            Err(_) => m.problems.push(Problem {
+                object: format!("Service {id}"),
+                message: format!("clusterIP {ip:?} is not an IP address"),
+            }),
+        }
+    }
+    // The service's families are those of its cluster IPs (ipFamilies follows them).
+    let families: Vec<bool> = vips.iter().map(|v| v.is_ipv4()).collect();
+    let mut external_ips = Vec::new();
+    let mut ext = |m: &mut Model, what: &str, ip: &str| match ip.parse::<IpAddr>() {
+        Ok(v) if families.contains(&v.is_ipv4()) => external_ips.push(v),
+        Ok(v) => m.problems.push(Problem {
+            object: format!("Service {id}"),
+            message: format!(
+                "{what} {v} is IPv{}, not a family of the service",
+                if v.is_ipv4() { 4 } else { 6 }
+            ),
+        }),
+        Err(_) => m.problems.push(Problem {
+            object: format!("Service {id}"),
+            message: format!("{what} {ip:?} is not an IP address"),
+        }),
+    };
+    for ip in spec.external_ips.iter().flatten() {
+        ext(m, "externalIP", ip);
+    }
+    if spec.type_.as_deref() == Some("LoadBalancer") {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref());
+        for ing in ingress.into_iter().flatten() {
+            // ipMode Proxy: the load balancer proxies, and delivers to the node, not the IP.
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            if let Some(ip) = &ing.ip {
+                ext(m, "load balancer ingress IP", ip);
+            }
+        }
+    }
+    let node_port_type = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let maglev = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
+        .is_some_and(|v| v == "maglev");
+    let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .map(|t| t.max(1) as u32)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+    });
+    let my_slices = slices
+        .get(&(ns.clone(), name.clone()))
+        .cloned()
+        .unwrap_or_default();
+    if spec.ports.as_ref().is_none_or(|p| p.is_empty()) {
+        return skip(m, "no ports");
+    }
+    for port in spec.ports.iter().flatten() {
+        let pname = port.name.clone().unwrap_or_default();
+        let label = if pname.is_empty() {
+            port.port.to_string()
+        } else {
+            pname.clone()
+        };
+        let object = format!("Service {id} port {label}");
+        let proto = match proto(port.protocol.as_ref()) {
+            Ok(p) => p,
+            Err(e) => {
+                m.problems.push(Problem { object, message: e });
+                continue;
+            }
+        };
+        let Some(vport) = u16::try_from(port.port).ok().filter(|p| *p != 0) else {
+            m.problems.push(Problem {
+                object,
+                message: format!("port {} is out of range", port.port),
+            });
+            continue;
+        };
+        let node_port = match port.node_port {
+            Some(n) if node_port_type => match u16::try_from(n).ok().filter(|p| *p != 0) {
+                Some(p) => Some(p),
+                None => {
+                    m.problems.push(Problem {
+                        object: object.clone(),
+                        message: format!("nodePort {n} is out of range"),
+                    });
+                    None
+                }
+            },
+            _ => None,
+        };
+        for &vip in &vips {
+            let v4 = vip.is_ipv4();
+            let eps = endpoints_for(&my_slices, v4, &pname, proto, node, m);
+            let externals: Vec<Frontend> = external_ips
+                .iter()
+                .filter(|ip| ip.is_ipv4() == v4)
+                .map(|ip| Frontend::new(*ip, vport, proto))
+                .chain(node_port.into_iter().flat_map(|np| {
+                    node.nodeport_ips
+                        .iter()
+                        .filter(|ip| ip.is_ipv4() == v4)
+                        .map(move |ip| Frontend::new(*ip, np, proto))
+                }))
+                .collect();
+            let externally_accessible = !externals.is_empty();
+            // kube-proxy's UsesClusterEndpoints: external traffic from this node's own pods and
+            // the node itself always goes to cluster endpoints, whatever the external policy.
+            let uses_cluster = !internal_local || externally_accessible;
+            let uses_local = internal_local || (externally_accessible && external_local);
+            let c = categorize(&eps, uses_cluster, uses_local, node);
+            let spec_for = |backends: &[SocketAddr]| ServiceSpec {
+                name: format!("{id}:{label}"),
+                backends: backends.to_vec(),
+                maglev,
+                affinity_timeout_s: affinity,
+                drop_when_empty: c.any,
+            };
+            let internal = if internal_local { &c.local } else { &c.cluster };
+            m.desired
+                .insert(Frontend::new(vip, vport, proto), spec_for(internal));
+            for fe in externals {
+                m.desired.insert(fe, spec_for(&c.cluster));
+                if external_local {
+                    m.desired.insert(fe.external(), spec_for(&c.local));
+                }
+            }
+        }
+    }
+}
+
+/// The endpoints of the slices of the service's family whose port matches by name and
+/// protocol (an unnamed service port matches the slice's unnamed port). Like kube-proxy, only
+/// an endpoint's first address counts, and an endpoint in two slices counts once.
 fn endpoints_for(
     slices: &[&EndpointSlice],
     v4: bool,
     port_name: &str,
     proto_num: u8,
-) -> Vec<SocketAddr> {
+    node: &NodeContext,
+    m: &mut Model,
+) -> Vec<Ep> {
     let family = if v4 { "IPv4" } else { "IPv6" };
-    let mut out = Vec::new();
+    let mut out: Vec<Ep> = Vec::new();
     for s in slices.iter().filter(|s| s.address_type == family) {
         let Some(port) = s.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or("") == port_name
@@ -284,29 +529,57 @@ fn endpoints_for(
         }) else {
             continue;
         };
+        let slice_name = s.metadata.name.as_deref().unwrap_or_default();
         let Some(pnum) = port
             .port
             .and_then(|p| u16::try_from(p).ok())
             .filter(|p| *p != 0)
         else {
+            m.problems.push(Problem {
+                object: format!("EndpointSlice {slice_name}"),
+                message: format!("port {port_name:?} has no valid number"),
+            });
             continue;
         };
         for ep in s.endpoints.iter().flatten() {
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if !ready {
+            let Some(first) = ep.addresses.first() else {
+                continue;
+            };
+            let ip = match first.parse::<IpAddr>() {
+                Ok(ip) if ip.is_ipv4() == v4 => ip,
+                _ => {
+                    m.problems.push(Problem {
+                        object: format!("EndpointSlice {slice_name}"),
+                        message: format!("endpoint address {first:?} is not an {family} address"),
+                    });
+                    continue;
+                }
+            };
+            let addr = SocketAddr::new(ip, pnum);
+            if out.iter().any(|e| e.addr == addr) {
                 continue;
             }
-            for a in &ep.addresses {
-                if let Ok(ip) = a.parse::<IpAddr>() {
-                    if ip.is_ipv4() == v4 {
-                        out.push(SocketAddr::new(ip, pnum));
-                    }
-                }
-            }
+            let c = ep.conditions.as_ref();
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let hints = ep.hints.as_ref();
+            out.push(Ep {
+                addr,
+                ready,
+                serving: c.and_then(|c| c.serving).unwrap_or(ready),
+                terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                local: node.name.is_some() && ep.node_name == node.name,
+                zone_hints: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                    .unwrap_or_default(),
+                node_hints: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                    .unwrap_or_default(),
+            });
         }
     }
-    out.sort();
-    out.dedup();
+    out.sort_by_key(|e| e.addr);
     out
 }
 
@@ -359,11 +632,12 @@ spec: {clusterIP: 198.19.0.99, ports: [{port: 80, protocol: ICMP}, {name: ok, po
     fn builds_frontends_per_ip_and_port() {
         let (objs, problems) = parse_yaml(YAML);
         assert!(problems.is_empty(), "{problems:?}");
-        let m = build(&objs);
+        let m = build(&objs, &NodeContext::default());
         let web4 = Frontend {
             ip: "198.19.0.10".parse().unwrap(),
             port: 80,
             proto: PROTO_TCP,
+            scope: weir_common::SCOPE_ALL,
         };
         let spec = &m.desired[&web4];
         assert_eq!(spec.name, "demo/web:http");
@@ -378,6 +652,7 @@ spec: {clusterIP: 198.19.0.99, ports: [{port: 80, protocol: ICMP}, {name: ok, po
             ip: "fd00:19::10".parse().unwrap(),
             port: 80,
             proto: PROTO_TCP,
+            scope: weir_common::SCOPE_ALL,
         };
         assert_eq!(
             m.desired[&web6].backends,
@@ -387,6 +662,7 @@ spec: {clusterIP: 198.19.0.99, ports: [{port: 80, protocol: ICMP}, {name: ok, po
             ip: "198.19.0.10".parse().unwrap(),
             port: 53,
             proto: PROTO_UDP,
+            scope: weir_common::SCOPE_ALL,
         };
         assert_eq!(
             m.desired[&dns4].backends,
@@ -396,6 +672,7 @@ spec: {clusterIP: 198.19.0.99, ports: [{port: 80, protocol: ICMP}, {name: ok, po
             ip: "fd00:19::10".parse().unwrap(),
             port: 53,
             proto: PROTO_UDP,
+            scope: weir_common::SCOPE_ALL,
         };
         assert!(
             m.desired[&dns6].backends.is_empty(),
@@ -406,12 +683,12 @@ spec: {clusterIP: 198.19.0.99, ports: [{port: 80, protocol: ICMP}, {name: ok, po
     #[test]
     fn bad_and_headless_services_are_reported_not_fatal() {
         let (objs, _) = parse_yaml(YAML);
-        let m = build(&objs);
+        let m = build(&objs, &NodeContext::default());
         assert_eq!(
             m.skipped,
             vec![Skipped {
                 service: "demo/headless".into(),
-                reason: "headless (no ClusterIP)".into()
+                reason: "headless (clusterIP None)".into()
             }]
         );
         assert_eq!(m.problems.len(), 1);
@@ -426,10 +703,474 @@ spec: {clusterIP: 198.19.0.99, ports: [{port: 80, protocol: ICMP}, {name: ok, po
             ip: "198.19.0.99".parse().unwrap(),
             port: 81,
             proto: PROTO_TCP,
+            scope: weir_common::SCOPE_ALL,
         };
         assert!(
             m.desired.contains_key(&ok),
             "the good port of the broken service is still programmed"
+        );
+    }
+
+    /// An endpoint for the table: "ip" with conditions R(eady), S(erving), T(erminating) as
+    /// letters present, on `node`, with zone and node hints.
+    fn ep(ip: &str, cond: &str, node: &str, zones: &[&str], nodes: &[&str]) -> Ep {
+        Ep {
+            addr: SocketAddr::new(ip.parse().unwrap(), 80),
+            ready: cond.contains('R'),
+            serving: cond.contains('S'),
+            terminating: cond.contains('T'),
+            local: node == "node-a",
+            zone_hints: zones.iter().map(|z| z.to_string()).collect(),
+            node_hints: nodes.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    fn addrs(v: &[&str]) -> Vec<SocketAddr> {
+        v.iter()
+            .map(|ip| SocketAddr::new(ip.parse().unwrap(), 80))
+            .collect()
+    }
+
+    /// kube-proxy's `TestCategorizeEndpoints` (pkg/proxy/topology_test.go), case by case where
+    /// weir has the same inputs: this node is `node-a` in zone `zone-a`.
+    #[test]
+    fn categorize_follows_kube_proxy() {
+        struct Case {
+            name: &'static str,
+            eps: Vec<Ep>,
+            uses_cluster: bool,
+            uses_local: bool,
+            zone: Option<&'static str>,
+            cluster: &'static [&'static str],
+            local: &'static [&'static str],
+            any: bool,
+        }
+        let z = |ip: &str, zone: &'static str| ep(ip, "RS", "node-x", &[zone], &[]);
+        let cases = vec![
+            Case {
+                name: "hints used: only the endpoints hinted for this zone",
+                eps: vec![
+                    z("10.1.2.3", "zone-a"),
+                    z("10.1.2.4", "zone-b"),
+                    z("10.1.2.5", "zone-c"),
+                    z("10.1.2.6", "zone-a"),
+                ],
+                uses_cluster: true,
+                uses_local: false,
+                zone: Some("zone-a"),
+                cluster: &["10.1.2.3", "10.1.2.6"],
+                local: &[],
+                any: true,
+            },
+            Case {
+                name: "hints ignored when the node has no zone label",
+                eps: vec![z("10.1.2.3", "zone-a"), z("10.1.2.4", "zone-b")],
+                uses_cluster: true,
+                uses_local: false,
+                zone: None,
+                cluster: &["10.1.2.3", "10.1.2.4"],
+                local: &[],
+                any: true,
+            },
+            Case {
+                name: "hints ignored when no endpoint is hinted for this zone",
+                eps: vec![z("10.1.2.3", "zone-b"), z("10.1.2.4", "zone-c")],
+                uses_cluster: true,
+                uses_local: false,
+                zone: Some("zone-a"),
+                cluster: &["10.1.2.3", "10.1.2.4"],
+                local: &[],
+                any: true,
+            },
+            Case {
+                name: "hints ignored when one ready endpoint has none",
+                eps: vec![
+                    z("10.1.2.3", "zone-a"),
+                    ep("10.1.2.4", "RS", "node-x", &[], &[]),
+                ],
+                uses_cluster: true,
+                uses_local: false,
+                zone: Some("zone-a"),
+                cluster: &["10.1.2.3", "10.1.2.4"],
+                local: &[],
+                any: true,
+            },
+            Case {
+                name: "a not-ready endpoint without hints does not turn hints off",
+                eps: vec![
+                    z("10.1.2.3", "zone-a"),
+                    z("10.1.2.4", "zone-b"),
+                    ep("10.1.2.5", "", "node-x", &[], &[]),
+                ],
+                uses_cluster: true,
+                uses_local: false,
+                zone: Some("zone-a"),
+                cluster: &["10.1.2.3"],
+                local: &[],
+                any: true,
+            },
+            Case {
+                name: "an endpoint hinted for several zones counts for each",
+                eps: vec![
+                    ep("10.1.2.3", "RS", "node-x", &["zone-a", "zone-b"], &[]),
+                    z("10.1.2.4", "zone-b"),
+                    z("10.1.2.5", "zone-c"),
+                ],
+                uses_cluster: true,
+                uses_local: false,
+                zone: Some("zone-a"),
+                cluster: &["10.1.2.3"],
+                local: &[],
+                any: true,
+            },
+            Case {
+                name: "node hints (PreferSameNode) win over zone hints",
+                eps: vec![
+                    ep("10.1.2.3", "RS", "node-a", &["zone-a"], &["node-a"]),
+                    ep("10.1.2.4", "RS", "node-b", &["zone-a"], &["node-b"]),
+                ],
+                uses_cluster: true,
+                uses_local: false,
+                zone: Some("zone-a"),
+                cluster: &["10.1.2.3"],
+                local: &[],
+                any: true,
+            },
+            Case {
+                name: "node hints for other nodes only fall back to zone hints",
+                eps: vec![
+                    ep("10.1.2.3", "RS", "node-b", &["zone-a"], &["node-b"]),
+                    ep("10.1.2.4", "RS", "node-c", &["zone-b"], &["node-c"]),
+                ],
+                uses_cluster: true,
+                uses_local: false,
+                zone: Some("zone-a"),
+                cluster: &["10.1.2.3"],
+                local: &[],
+                any: true,
+            },
+            Case {
+                name: "internalTrafficPolicy Local: topology is not applied to local endpoints",
+                eps: vec![
+                    ep("10.0.0.0", "RS", "node-a", &["zone-b"], &[]),
+                    ep("10.0.0.1", "RS", "node-x", &["zone-a"], &[]),
+                ],
+                uses_cluster: false,
+                uses_local: true,
+                zone: Some("zone-a"),
+                cluster: &[],
+                local: &["10.0.0.0"],
+                any: true,
+            },
+            Case {
+                name: "Local with no local endpoint: none, but endpoints exist (drop, not reject)",
+                eps: vec![ep("10.0.0.1", "RS", "node-x", &[], &[])],
+                uses_cluster: false,
+                uses_local: true,
+                zone: None,
+                cluster: &[],
+                local: &[],
+                any: true,
+            },
+            Case {
+                name: "Local with no endpoint at all",
+                eps: vec![],
+                uses_cluster: false,
+                uses_local: true,
+                zone: None,
+                cluster: &[],
+                local: &[],
+                any: false,
+            },
+            Case {
+                name: "Cluster: no ready endpoint, fall back to serving terminating ones",
+                eps: vec![
+                    ep("10.0.0.0", "ST", "node-a", &[], &[]),
+                    ep("10.0.0.1", "ST", "node-x", &[], &[]),
+                    ep("10.0.0.2", "T", "node-x", &[], &[]),
+                ],
+                uses_cluster: true,
+                uses_local: false,
+                zone: None,
+                cluster: &["10.0.0.0", "10.0.0.1"],
+                local: &[],
+                any: true,
+            },
+            Case {
+                name: "Cluster: ready endpoints win over serving terminating ones",
+                eps: vec![
+                    ep("10.0.0.0", "RS", "node-x", &[], &[]),
+                    ep("10.0.0.1", "ST", "node-x", &[], &[]),
+                ],
+                uses_cluster: true,
+                uses_local: false,
+                zone: None,
+                cluster: &["10.0.0.0"],
+                local: &[],
+                any: true,
+            },
+            Case {
+                name: "Cluster: only terminating, none serving: nothing (reject)",
+                eps: vec![ep("10.0.0.0", "T", "node-x", &[], &[])],
+                uses_cluster: true,
+                uses_local: false,
+                zone: None,
+                cluster: &[],
+                local: &[],
+                any: false,
+            },
+            Case {
+                name: "Local: local terminating endpoints serve while remote ready ones exist",
+                eps: vec![
+                    ep("10.0.0.0", "ST", "node-a", &[], &[]),
+                    ep("10.0.0.1", "RS", "node-x", &[], &[]),
+                ],
+                uses_cluster: true,
+                uses_local: true,
+                zone: None,
+                cluster: &["10.0.0.1"],
+                local: &["10.0.0.0"],
+                any: true,
+            },
+            Case {
+                name: "Local: local ready endpoints win over local terminating ones",
+                eps: vec![
+                    ep("10.0.0.0", "ST", "node-a", &[], &[]),
+                    ep("10.0.0.1", "RS", "node-a", &[], &[]),
+                ],
+                uses_cluster: false,
+                uses_local: true,
+                zone: None,
+                cluster: &[],
+                local: &["10.0.0.1"],
+                any: true,
+            },
+            Case {
+                name: "Local: terminating but not serving does not count anywhere",
+                eps: vec![ep("10.0.0.0", "T", "node-a", &[], &[])],
+                uses_cluster: false,
+                uses_local: true,
+                zone: None,
+                cluster: &[],
+                local: &[],
+                any: false,
+            },
+        ];
+        for c in cases {
+            let node = NodeContext {
+                name: Some("node-a".into()),
+                zone: c.zone.map(String::from),
+                nodeport_ips: vec![],
+            };
+            let got = categorize(&c.eps, c.uses_cluster, c.uses_local, &node);
+            assert_eq!(got.cluster, addrs(c.cluster), "{}: cluster", c.name);
+            assert_eq!(got.local, addrs(c.local), "{}: local", c.name);
+            assert_eq!(got.any, c.any, "{}: any", c.name);
+        }
+    }
+
+    const KINDS: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}
+status:
+  addresses:
+  - {type: Hostname, address: node-a}
+  - {type: InternalIP, address: 198.18.0.2}
+  - {type: InternalIP, address: 198.18.0.3}
+  - {type: InternalIP, address: "fd00:18::2"}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.19.0.20
+  externalIPs: [198.18.9.1, "fd00:18::9"]
+  externalTrafficPolicy: Local
+  ports: [{name: http, port: 80, targetPort: http, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.18.9.2}, {ip: 198.18.9.3, ipMode: Proxy}, {hostname: lb.example}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: demo, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [198.18.1.1], nodeName: node-a}
+- {addresses: [198.18.1.2, 198.18.1.99], nodeName: node-b}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-2, namespace: demo, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{name: http, port: 9090}]
+endpoints:
+- {addresses: [198.18.1.3], nodeName: node-b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 198.19.0.21
+  clusterIPs: [198.19.0.21, "fd00:19::21"]
+  internalTrafficPolicy: Local
+  ports: [{port: 53, protocol: UDP, nodePort: 30053}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: np-1, namespace: demo, labels: {kubernetes.io/service-name: np}}
+addressType: IPv4
+ports: [{port: 5353, protocol: UDP}]
+endpoints:
+- {addresses: [198.18.1.4], nodeName: node-b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, namespace: demo, labels: {service.kubernetes.io/service-proxy-name: someone-else}}
+spec: {clusterIP: 198.19.0.22, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: demo}
+spec: {type: ExternalName, externalName: example.org}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hl, namespace: demo, labels: {service.kubernetes.io/headless: ""}}
+spec: {clusterIP: 198.19.0.23, ports: [{port: 80}]}
+"#;
+
+    fn fe4(ip: &str, port: u16, proto: u8) -> Frontend {
+        Frontend::new(ip.parse().unwrap(), port, proto)
+    }
+
+    fn sa(v: &[&str]) -> Vec<SocketAddr> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn every_frontend_kind_with_its_traffic_policy() {
+        let (objs, problems) = parse_yaml(KINDS);
+        assert!(problems.is_empty(), "{problems:?}");
+        let node = NodeContext::of(&objs, Some("node-a"));
+        assert_eq!(node.zone.as_deref(), Some("zone-a"));
+        assert_eq!(
+            node.nodeport_ips,
+            vec![
+                "198.18.0.2".parse::<IpAddr>().unwrap(),
+                "fd00:18::2".parse().unwrap()
+            ],
+            "the first InternalIP of each family"
+        );
+        let m = build(&objs, &node);
+        // Named target port: each slice has its own number; only the first address counts.
+        let cluster = sa(&["198.18.1.1:8080", "198.18.1.2:8080", "198.18.1.3:9090"]);
+        let local = sa(&["198.18.1.1:8080"]);
+        assert_eq!(
+            m.desired[&fe4("198.19.0.20", 80, PROTO_TCP)].backends,
+            cluster,
+            "ClusterIP"
+        );
+        // externalIP, load balancer IP and NodePort: everyone but external clients gets the
+        // cluster's endpoints; external clients get this node's.
+        for (ip, port) in [
+            ("198.18.9.1", 80),
+            ("198.18.9.2", 80),
+            ("198.18.0.2", 30080),
+        ] {
+            let f = fe4(ip, port, PROTO_TCP);
+            assert_eq!(m.desired[&f].backends, cluster, "{f}");
+            assert_eq!(m.desired[&f.external()].backends, local, "{f} external");
+        }
+        assert!(
+            !m.desired.contains_key(&fe4("198.18.9.3", 80, PROTO_TCP)),
+            "ipMode Proxy: the load balancer delivers to the node, not to its IP"
+        );
+        assert!(
+            !m.desired.contains_key(&fe4("198.18.0.3", 30080, PROTO_TCP)),
+            "NodePorts on the primary address of each family only"
+        );
+        assert!(
+            !m.desired
+                .keys()
+                .any(|f| f.ip == "fd00:18::9".parse::<IpAddr>().unwrap()),
+            "an IPv6 externalIP of an IPv4-only service is not programmed"
+        );
+        assert!(
+            m.problems
+                .iter()
+                .any(|p| p.to_string().contains("externalIP fd00:18::9 is IPv6")),
+            "{:?}",
+            m.problems
+        );
+        // internalTrafficPolicy Local, no local endpoint: ClusterIP drops; the NodePort
+        // (external policy Cluster) still reaches the remote endpoint.
+        let np = &m.desired[&fe4("198.19.0.21", 53, PROTO_UDP)];
+        assert!(np.backends.is_empty() && np.drop_when_empty, "{np:?}");
+        let np_port = &m.desired[&fe4("198.18.0.2", 30053, PROTO_UDP)];
+        assert_eq!(np_port.backends, sa(&["198.18.1.4:5353"]));
+        assert!(!m
+            .desired
+            .contains_key(&fe4("198.18.0.2", 30053, PROTO_UDP).external()));
+        // Dual stack: the IPv6 side has no slice, so no endpoint anywhere: reject.
+        let np6 = &m.desired[&fe4("fd00:19::21", 53, PROTO_UDP)];
+        assert!(np6.backends.is_empty() && !np6.drop_when_empty, "{np6:?}");
+        assert!(m.desired.contains_key(&fe4("fd00:18::2", 30053, PROTO_UDP)));
+        // Skipped the way kube-proxy skips them.
+        let mut skipped: Vec<(&str, &str)> = m
+            .skipped
+            .iter()
+            .map(|s| (s.service.as_str(), s.reason.as_str()))
+            .collect();
+        skipped.sort();
+        assert_eq!(
+            skipped,
+            vec![
+                ("demo/ext", "ExternalName"),
+                ("demo/hl", "labelled service.kubernetes.io/headless"),
+                (
+                    "demo/other",
+                    "labelled service.kubernetes.io/service-proxy-name (another proxy's)"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_endpoint_is_reported_and_the_rest_programmed() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec: {clusterIP: 198.19.0.30, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ["fd00:18::1"]}
+- {addresses: [not-an-ip]}
+- {addresses: [198.18.1.5]}
+"#;
+        let (objs, _) = parse_yaml(yaml);
+        let m = build(&objs, &NodeContext::default());
+        assert_eq!(
+            m.desired[&fe4("198.19.0.30", 80, PROTO_TCP)].backends,
+            sa(&["198.18.1.5:8080"])
+        );
+        assert_eq!(m.problems.len(), 2, "{:?}", m.problems);
+        assert!(
+            m.problems[0]
+                .to_string()
+                .starts_with("EndpointSlice web-1: endpoint address \"fd00:18::1\""),
+            "{}",
+            m.problems[0]
         );
     }
 

@@ -8,8 +8,8 @@ use std::{
 };
 
 use weir_common::{
-    Backend, MaglevTable, SvcKey, SvcValue, MAGLEV_M, MAGLEV_TABLE_LEN, SVC_F_AFFINITY,
-    SVC_F_MAGLEV,
+    Backend, MaglevTable, SvcKey, SvcValue, MAGLEV_M, MAGLEV_TABLE_LEN, SCOPE_ALL, SCOPE_EXTERNAL,
+    SVC_F_AFFINITY, SVC_F_DROP_EMPTY, SVC_F_MAGLEV,
 };
 
 use crate::{
@@ -24,26 +24,51 @@ pub struct Frontend {
     pub ip: IpAddr,
     pub port: u16,
     pub proto: u8,
+    /// `SCOPE_ALL`, or `SCOPE_EXTERNAL` for an entry that only external clients see.
+    pub scope: u8,
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}/{}",
+            "{}/{}{}",
             SocketAddr::new(self.ip, self.port),
-            proto_name(self.proto)
+            proto_name(self.proto),
+            if self.scope == SCOPE_EXTERNAL {
+                " (external)"
+            } else {
+                ""
+            }
         )
     }
 }
 
 impl Frontend {
+    /// A frontend for every client.
+    pub fn new(ip: IpAddr, port: u16, proto: u8) -> Self {
+        Frontend {
+            ip,
+            port,
+            proto,
+            scope: SCOPE_ALL,
+        }
+    }
+
+    /// The same address, port and protocol, for clients outside the node only.
+    pub fn external(self) -> Self {
+        Frontend {
+            scope: SCOPE_EXTERNAL,
+            ..self
+        }
+    }
+
     fn key(&self, slot: u16) -> SvcKey {
         SvcKey {
             addr: to_addr(self.ip),
             port: self.port.to_be(),
             proto: self.proto,
-            scope: 0,
+            scope: self.scope,
             slot,
             _pad: 0,
         }
@@ -59,6 +84,9 @@ pub struct ServiceSpec {
     pub maglev: bool,
     /// Session affinity ClientIP with this timeout.
     pub affinity_timeout_s: Option<u32>,
+    /// With no backends, drop rather than reject: the service has endpoints, none usable by
+    /// this frontend's traffic (a `Local` traffic policy).
+    pub drop_when_empty: bool,
 }
 
 pub type Desired = BTreeMap<Frontend, ServiceSpec>;
@@ -121,14 +149,15 @@ impl Programmer {
             p.next_backend_id = p.next_backend_id.max(id + 1);
         }
         let mut referenced = BTreeSet::new();
-        for (k, v) in dump.svc.iter().filter(|(k, _)| k.3 == 0) {
+        for (k, v) in dump.svc.iter().filter(|(k, _)| k.4 == 0) {
             let fe = Frontend {
                 ip: to_ip(&weir_common::Addr(k.0)),
                 port: k.1,
                 proto: k.2,
+                scope: k.3,
             };
             let slots: Vec<u32> = (1..=v.count)
-                .filter_map(|s| dump.svc.get(&crate::maps::SvcKeyOrd(k.0, k.1, k.2, s)))
+                .filter_map(|s| dump.svc.get(&crate::maps::SvcKeyOrd(k.0, k.1, k.2, k.3, s)))
                 .map(|s| s.backend_id)
                 .collect();
             for id in &slots {
@@ -322,6 +351,9 @@ impl Programmer {
             ));
         }
         let mut flags = 0;
+        if spec.drop_when_empty {
+            flags |= SVC_F_DROP_EMPTY;
+        }
         if spec.maglev {
             flags |= SVC_F_MAGLEV;
         }
@@ -522,6 +554,7 @@ mod tests {
             ip: ip.parse().unwrap(),
             port,
             proto,
+            scope: weir_common::SCOPE_ALL,
         }
     }
 

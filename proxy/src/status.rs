@@ -20,6 +20,8 @@ pub struct ServiceStatus {
     pub svc_id: u32,
     pub algorithm: &'static str,
     pub affinity_timeout_s: Option<u32>,
+    /// With no backend: "reject" (no endpoint anywhere) or "drop" (none for this traffic).
+    pub when_empty: &'static str,
     pub backends: Vec<String>,
 }
 
@@ -85,7 +87,16 @@ pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
                 )
                 .collect();
             ServiceStatus {
-                frontend: format!("{}/{}", fmt_addr(&k.addr, k.port), proto_name(k.proto)),
+                frontend: format!(
+                    "{}/{}{}",
+                    fmt_addr(&k.addr, k.port),
+                    proto_name(k.proto),
+                    if k.scope == weir_common::SCOPE_EXTERNAL {
+                        " (external)"
+                    } else {
+                        ""
+                    }
+                ),
                 svc_id: v.svc_id,
                 algorithm: if v.flags & SVC_F_MAGLEV != 0 {
                     "maglev"
@@ -93,6 +104,11 @@ pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
                     "random"
                 },
                 affinity_timeout_s: (v.flags & SVC_F_AFFINITY != 0).then_some(v.affinity_timeout_s),
+                when_empty: if v.flags & weir_common::SVC_F_DROP_EMPTY != 0 {
+                    "drop"
+                } else {
+                    "reject"
+                },
                 backends,
             }
         })
@@ -166,7 +182,9 @@ pub fn render(s: &Status) -> String {
             sv.frontend,
             sv.algorithm,
             aff,
-            if sv.backends.is_empty() {
+            if sv.backends.is_empty() && sv.when_empty == "drop" {
+                "(no endpoint for this traffic: dropped)".into()
+            } else if sv.backends.is_empty() {
                 "(no endpoints: rejected)".into()
             } else {
                 sv.backends.join(", ")

@@ -36,6 +36,7 @@ fn fe(ip: &str, port: u16, proto: u8) -> Frontend {
         ip: ip.parse().unwrap(),
         port,
         proto,
+        scope: weir_common::SCOPE_ALL,
     }
 }
 
@@ -285,6 +286,43 @@ fixtures! {
         out: Out::Exact(tcp("198.18.0.99", 40000, BE4, 8080, Tcp::Syn)),
         stats: &[(Stat::DnatNew, 1)],
     }]);
+    // externalTrafficPolicy Local: an uplink's traffic gets the external entry (this node's
+    // endpoints), pods get the cluster-wide one (kube-proxy's short-circuit).
+    lb4_external_policy_local_splits_uplink_and_pod_traffic => {
+        let mut d = services();
+        d.insert(fe(VIP4, 80, PROTO_TCP).external(), svc(&["198.18.1.12:8080"]));
+        (d, vec![
+            Step {
+                prog: TC_FROM_NETDEV,
+                input: tcp("198.18.0.99", 40000, VIP4, 80, Tcp::Syn),
+                verdict: OK,
+                out: Out::Exact(tcp("198.18.0.99", 40000, "198.18.1.12", 8080, Tcp::Syn)),
+                stats: &[(Stat::DnatNew, 1)],
+            },
+            step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
+        ])
+    };
+    // With endpoints elsewhere but none on this node, kube-proxy drops (not rejects) the
+    // traffic its Local policy covers; the rest still reaches the cluster's endpoints.
+    lb4_external_policy_local_without_local_endpoint_drops => {
+        let mut d = services();
+        d.insert(fe(VIP4, 80, PROTO_TCP).external(), ServiceSpec { drop_when_empty: true, ..svc(&[]) });
+        (d, vec![
+            Step {
+                prog: TC_FROM_NETDEV,
+                input: tcp("198.18.0.99", 40000, VIP4, 80, Tcp::Syn),
+                verdict: SHOT,
+                out: Out::Same,
+                stats: &[(Stat::DropNoLocalBackend, 1)],
+            },
+            step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
+        ])
+    };
+    lb4_internal_policy_local_without_local_endpoint_drops => {
+        let mut d = services();
+        d.insert(fe(EMPTY4, 80, PROTO_TCP), ServiceSpec { drop_when_empty: true, ..svc(&[]) });
+        (d, vec![step(tcp(CLI4, 40000, EMPTY4, 80, Tcp::Syn), SHOT, Out::Same, &[(Stat::DropNoLocalBackend, 1)])])
+    };
     // BPF_PROG_TEST_RUN itself refuses frames shorter than an Ethernet plus an IP header, so
     // those truncations are covered where the kernel lets a frame through: options or a
     // transport header running past the end.
