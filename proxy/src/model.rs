@@ -494,7 +494,7 @@ fn build_service(
                 backends: backends.to_vec(),
                 maglev,
                 affinity_timeout_s: affinity,
-                drop_when_empty: c.any,
+                drop_when_empty: backends.is_empty() && c.any,
             };
             let internal = if internal_local { &c.local } else { &c.cluster };
             m.desired
