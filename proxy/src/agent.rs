@@ -12,16 +12,46 @@ use tracing::{info, warn};
 use weir_cni::agent::{Reply, Request};
 
 use crate::{
+    kube_source::KubeSource,
     loader::{ensure_bpffs, Datapath, PinDir, TcRole},
     maps::AyaMaps,
     model,
     program::Programmer,
 };
 
+/// Where Services, EndpointSlices and the Node come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Multi-document YAML, reloaded when it changes.
+    File(PathBuf),
+    /// The Kubernetes API: in-cluster config, or this kubeconfig (else `KUBECONFIG` or
+    /// `~/.kube/config`).
+    Kube { kubeconfig: Option<PathBuf> },
+}
+
+impl std::str::FromStr for Source {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("file:") {
+            return Ok(Source::File(p.into()));
+        }
+        if s == "kube" {
+            return Ok(Source::Kube { kubeconfig: None });
+        }
+        if let Some(p) = s.strip_prefix("kube:") {
+            return Ok(Source::Kube {
+                kubeconfig: Some(p.into()),
+            });
+        }
+        Err(format!(
+            "{s:?}: expected file:PATH, kube (in-cluster or default kubeconfig) or kube:KUBECONFIG"
+        ))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Multi-document YAML of Services and EndpointSlices.
-    pub source: PathBuf,
+    pub source: Source,
     /// A bpffs mount; weir pins under `<bpffs>/weir`.
     pub bpffs: PathBuf,
     /// cgroup v2 directory for the socket-level hooks; None turns socket LB off.
@@ -60,22 +90,17 @@ fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
         .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
 }
 
-/// Reads the source and programs it. Problems with single objects are logged and skipped.
-fn sync(cfg: &Config, programmer: &mut Programmer, maps: &mut AyaMaps) -> Result<()> {
-    let text = fs::read_to_string(&cfg.source)
-        .with_context(|| format!("read source {}", cfg.source.display()))?;
+/// Builds the model from `objs` and programs the difference. Problems with single objects
+/// are logged and skipped; the rest is programmed.
+pub fn program_objects(
+    objs: &model::Objects,
+    mut problems: Vec<model::Problem>,
+    node_name: Option<&str>,
+    programmer: &mut Programmer,
+    w: &mut dyn crate::maps::MapWriter,
+) -> crate::program::ApplyStats {
     let started = Instant::now();
-    let (objs, mut problems) = model::parse_yaml(&text);
-    if let Some(node) = &cfg.node_name {
-        match model::pod_cidrs(&objs, node) {
-            Some(cidrs) => write_pod_cidrs(&cfg.pod_cidrs_file, cidrs)?,
-            None => warn!(node = %node, "this node is not in the source; no podCIDRs for weir-cni"),
-        }
-    }
-    let m = model::build(
-        &objs,
-        &model::NodeContext::of(&objs, cfg.node_name.as_deref()),
-    );
+    let m = model::build(objs, &model::NodeContext::of(objs, node_name));
     problems.extend(m.problems);
     for p in &problems {
         warn!(object = %p.object, "skipped: {}", p.message);
@@ -83,7 +108,7 @@ fn sync(cfg: &Config, programmer: &mut Programmer, maps: &mut AyaMaps) -> Result
     for s in &m.skipped {
         info!(service = %s.service, reason = %s.reason, "not programmed");
     }
-    let st = programmer.apply(&m.desired, maps);
+    let st = programmer.apply(&m.desired, w);
     for e in &st.errors {
         warn!("{e}");
     }
@@ -97,7 +122,56 @@ fn sync(cfg: &Config, programmer: &mut Programmer, maps: &mut AyaMaps) -> Result
         took_us = started.elapsed().as_micros() as u64,
         "programmed"
     );
+    st
+}
+
+/// Programs a snapshot of the objects, and writes this node's podCIDRs for weir-cni.
+fn sync(
+    cfg: &Config,
+    objs: &model::Objects,
+    problems: Vec<model::Problem>,
+    programmer: &mut Programmer,
+    maps: &mut AyaMaps,
+) -> Result<()> {
+    if let Some(node) = &cfg.node_name {
+        match model::pod_cidrs(objs, node) {
+            Some(cidrs) => write_pod_cidrs(&cfg.pod_cidrs_file, cidrs)?,
+            None => warn!(node = %node, "this node is not in the source; no podCIDRs for weir-cni"),
+        }
+    }
+    program_objects(objs, problems, cfg.node_name.as_deref(), programmer, maps);
     Ok(())
+}
+
+/// Reads the source file and programs it.
+fn sync_file(
+    cfg: &Config,
+    path: &Path,
+    programmer: &mut Programmer,
+    maps: &mut AyaMaps,
+) -> Result<()> {
+    let text =
+        fs::read_to_string(path).with_context(|| format!("read source {}", path.display()))?;
+    let (objs, problems) = model::parse_yaml(&text);
+    sync(cfg, &objs, problems, programmer, maps)
+}
+
+/// A client from this kubeconfig, else from the pod's service account (in-cluster), else from
+/// `KUBECONFIG` or `~/.kube/config`.
+async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p)
+                .with_context(|| format!("read kubeconfig {}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("use kubeconfig {}", p.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("find the Kubernetes API: no in-cluster config and no kubeconfig")?,
+    };
+    kube::Client::try_from(config).context("build the Kubernetes client")
 }
 
 /// Writes the podCIDRs file weir-cni reads, atomically, when its content changes.
@@ -243,6 +317,16 @@ pub async fn run(cfg: Config) -> Result<()> {
         None => None,
     };
     let mut last = None;
+    let kube = match &cfg.source {
+        Source::Kube { kubeconfig } => {
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            info!("watching the Kubernetes API");
+            Some(KubeSource::start(client, cfg.node_name.as_deref()))
+        }
+        Source::File(_) => None,
+    };
+    // A change arrived that is not programmed yet.
+    let mut kube_dirty = true;
     let mut ready = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // When each present device was first seen. With a CNI socket, a new pod device is left to
@@ -288,22 +372,45 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
         }
         first_poll = false;
-        let now = stamp(&cfg.source);
-        if now != last {
-            match sync(&cfg, &mut programmer, &mut maps) {
-                Ok(()) => last = now,
-                Err(e) => warn!("{e:#}"),
-            }
-            if !ready {
-                ready = true;
-                if let Some(f) = &cfg.ready_file {
-                    fs::write(f, b"ready\n").with_context(|| format!("write {}", f.display()))?;
+        let synced = match (&cfg.source, &kube) {
+            (Source::File(path), _) => {
+                let now = stamp(path);
+                let due = now != last;
+                if due {
+                    match sync_file(&cfg, path, &mut programmer, &mut maps) {
+                        Ok(()) => last = now,
+                        Err(e) => warn!("{e:#}"),
+                    }
                 }
+                due
+            }
+            (Source::Kube { .. }, Some(k)) if kube_dirty => match k.synced_objects() {
+                Some(objs) => {
+                    kube_dirty = false;
+                    if let Err(e) = sync(&cfg, &objs, Vec::new(), &mut programmer, &mut maps) {
+                        warn!("{e:#}");
+                    }
+                    true
+                }
+                None => false,
+            },
+            _ => false,
+        };
+        if synced && !ready {
+            ready = true;
+            if let Some(f) = &cfg.ready_file {
+                fs::write(f, b"ready\n").with_context(|| format!("write {}", f.display()))?;
             }
         }
-        if cfg.once {
+        if cfg.once && ready {
             return Ok(());
         }
+        let changed = async {
+            match &kube {
+                Some(k) => k.progress.changed.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         let accept = async {
             match &listener {
                 Some(l) => l.accept().await,
@@ -322,6 +429,9 @@ pub async fn run(cfg: Config) -> Result<()> {
                 }
                 // Serve the next request before the next poll: ADDs come in bursts.
                 continue;
+            }
+            _ = changed => {
+                kube_dirty = true;
             }
             _ = tokio::time::sleep(POLL_INTERVAL) => {}
             _ = tokio::signal::ctrl_c() => break,

@@ -3,6 +3,7 @@
 pub mod addr;
 pub mod agent;
 pub mod echo;
+pub mod kube_source;
 pub mod loader;
 pub mod loadtest;
 pub mod maglev;

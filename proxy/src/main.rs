@@ -1,7 +1,7 @@
 //! `weir`: the node agent and its tools.
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use weir_proxy::{agent, echo, loadtest, sandbox, status, topo};
 
@@ -20,16 +20,19 @@ struct Cli {
 enum Cmd {
     /// Run the node agent: load the eBPF programs and program services from a source.
     #[command(after_help = "Examples:\n  \
+        weir agent --source kube --node-name $NODE_NAME --netdev eth0\n  \
+        weir agent --source kube:/etc/kubernetes/kubeconfig --netdev eth0\n  \
         weir agent --source file:/etc/weir/services.yaml\n  \
         weir agent --source file:svc.yaml --bpffs /run/weir/bpf --cgroup /sys/fs/cgroup --netdev eth0\n  \
         weir agent --source file:svc.yaml --no-socket-lb --pod-interface-prefix lxc\n\n\
         The agent pins its maps and links under <bpffs>/weir; when it stops, the data path keeps\n\
         serving, and the next agent adopts it without dropping established flows.")]
     Agent {
-        /// Where Services and EndpointSlices come from: `file:PATH` (multi-document YAML,
-        /// reloaded when it changes).
+        /// Where Services, EndpointSlices and the Node come from: `file:PATH` (multi-document
+        /// YAML, reloaded when it changes), `kube` (in-cluster, else KUBECONFIG or
+        /// ~/.kube/config) or `kube:KUBECONFIG`.
         #[arg(long)]
-        source: String,
+        source: agent::Source,
         /// A bpffs mount (mounted if it is not one).
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
@@ -206,9 +209,6 @@ fn run(cli: Cli) -> Result<()> {
             pod_cidrs_file,
         } => {
             init_tracing();
-            let Some(path) = source.strip_prefix("file:") else {
-                bail!("--source {source:?}: only file:PATH is supported so far");
-            };
             let cgroup = if no_socket_lb {
                 None
             } else {
@@ -218,7 +218,7 @@ fn run(cli: Cli) -> Result<()> {
                 })
             };
             let cfg = agent::Config {
-                source: path.into(),
+                source,
                 bpffs,
                 cgroup,
                 pod_if_prefixes: pod_interface_prefix,

@@ -6,6 +6,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -21,9 +22,9 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 #[derive(Debug, Default)]
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub nodes: Vec<k8s_openapi::api::core::v1::Node>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
+    pub nodes: Vec<Arc<k8s_openapi::api::core::v1::Node>>,
 }
 
 /// The pod CIDRs of the node called `name` (`spec.podCIDRs`, else `spec.podCIDR`).
@@ -95,12 +96,11 @@ pub fn parse_yaml(text: &str) -> (Objects, Vec<Problem>) {
             .and_then(|k| k.kind);
         let res = match kind.as_deref() {
             Some("Service") => {
-                serde_yaml::from_value::<Service>(value).map(|s| objs.services.push(s))
+                serde_yaml::from_value::<Service>(value).map(|s| objs.services.push(Arc::new(s)))
             }
-            Some("EndpointSlice") => {
-                serde_yaml::from_value::<EndpointSlice>(value).map(|s| objs.slices.push(s))
-            }
-            Some("Node") => serde_yaml::from_value(value).map(|n| objs.nodes.push(n)),
+            Some("EndpointSlice") => serde_yaml::from_value::<EndpointSlice>(value)
+                .map(|s| objs.slices.push(Arc::new(s))),
+            Some("Node") => serde_yaml::from_value(value).map(|n| objs.nodes.push(Arc::new(n))),
             _ => Ok(()),
         };
         if let Err(e) = res {
