@@ -3,6 +3,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -16,6 +17,7 @@ use crate::{
     loader::{ensure_bpffs, Datapath, PinDir, TcRole},
     maps::AyaMaps,
     model,
+    observe::{Health, Metrics, Observed},
     program::Programmer,
 };
 
@@ -67,6 +69,12 @@ pub struct Config {
     /// This node's name: its `spec.podCIDRs` go to `pod_cidrs_file` for weir-cni's IPAM.
     pub node_name: Option<String>,
     pub pod_cidrs_file: PathBuf,
+    /// `/healthz` and `/livez` (kube-proxy: 0.0.0.0:10256); None: not served.
+    pub healthz_bind: Option<std::net::SocketAddr>,
+    /// `/metrics` (kube-proxy: 127.0.0.1:10249); None: not served.
+    pub metrics_bind: Option<std::net::SocketAddr>,
+    /// How long a change may wait to be programmed before `/healthz` fails.
+    pub health_timeout: Duration,
 }
 
 pub fn pin_dir(bpffs: &Path) -> PinDir {
@@ -90,6 +98,18 @@ fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
         .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
 }
 
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct Synced {
+    pub stats: crate::program::ApplyStats,
+    pub frontends: usize,
+    /// Services not programmed, by reason.
+    pub skipped: BTreeMap<String, i64>,
+    /// Objects (or parts) that could not be used.
+    pub problems: usize,
+    pub took: Duration,
+}
+
 /// Builds the model from `objs` and programs the difference. Problems with single objects
 /// are logged and skipped; the rest is programmed.
 pub fn program_objects(
@@ -98,7 +118,7 @@ pub fn program_objects(
     node_name: Option<&str>,
     programmer: &mut Programmer,
     w: &mut dyn crate::maps::MapWriter,
-) -> crate::program::ApplyStats {
+) -> Synced {
     let started = Instant::now();
     let m = model::build(objs, &model::NodeContext::of(objs, node_name));
     problems.extend(m.problems);
@@ -122,24 +142,66 @@ pub fn program_objects(
         took_us = started.elapsed().as_micros() as u64,
         "programmed"
     );
-    st
+    let mut skipped = BTreeMap::new();
+    for s in &m.skipped {
+        *skipped.entry(s.reason.clone()).or_insert(0) += 1;
+    }
+    Synced {
+        stats: st,
+        frontends: m.desired.len(),
+        skipped,
+        problems: problems.len(),
+        took: started.elapsed(),
+    }
 }
 
-/// Programs a snapshot of the objects, and writes this node's podCIDRs for weir-cni.
+/// Programs a snapshot of the objects, writes this node's podCIDRs for weir-cni, and
+/// records the sync for health and metrics.
 fn sync(
     cfg: &Config,
     objs: &model::Objects,
     problems: Vec<model::Problem>,
     programmer: &mut Programmer,
     maps: &mut AyaMaps,
+    obs: &Observed,
 ) -> Result<()> {
     if let Some(node) = &cfg.node_name {
         match model::pod_cidrs(objs, node) {
             Some(cidrs) => write_pod_cidrs(&cfg.pod_cidrs_file, cidrs)?,
             None => warn!(node = %node, "this node is not in the source; no podCIDRs for weir-cni"),
         }
+        obs.health
+            .set_node_eligible(crate::observe::node_eligible(objs, node));
     }
-    program_objects(objs, problems, cfg.node_name.as_deref(), programmer, maps);
+    let r = program_objects(objs, problems, cfg.node_name.as_deref(), programmer, maps);
+    let now = SystemTime::now();
+    let m = &obs.metrics;
+    m.sync_duration.observe(r.took.as_secs_f64());
+    m.last_sync.set(
+        now.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64(),
+    );
+    m.set_skipped(&r.skipped);
+    m.problems.set(r.problems as i64);
+    let f = programmer.fill();
+    m.set_map(
+        "services",
+        f.service_slots as i64,
+        weir_common::MAX_SERVICE_SLOTS as i64,
+    );
+    m.set_map(
+        "backends",
+        f.backends as i64,
+        weir_common::MAX_BACKENDS as i64,
+    );
+    m.set_map(
+        "maglev",
+        f.maglev_services as i64,
+        weir_common::MAX_MAGLEV_SERVICES as i64,
+    );
+    m.observe_programmed(objs, now);
+    obs.health.updated(now);
     Ok(())
 }
 
@@ -149,11 +211,17 @@ fn sync_file(
     path: &Path,
     programmer: &mut Programmer,
     maps: &mut AyaMaps,
+    obs: &Observed,
 ) -> Result<()> {
     let text =
         fs::read_to_string(path).with_context(|| format!("read source {}", path.display()))?;
-    let (objs, problems) = model::parse_yaml(&text);
-    sync(cfg, &objs, problems, programmer, maps)
+    let (objs, problems) = model::parse_stream(&text).map_err(|p| {
+        anyhow::anyhow!(
+            "source {}: {p}; nothing of it applied, what is programmed stays",
+            path.display()
+        )
+    })?;
+    sync(cfg, &objs, problems, programmer, maps, obs)
 }
 
 /// A client from this kubeconfig, else from the pod's service account (in-cluster), else from
@@ -327,6 +395,18 @@ pub async fn run(cfg: Config) -> Result<()> {
     };
     // A change arrived that is not programmed yet.
     let mut kube_dirty = true;
+    let obs = Arc::new(Observed {
+        health: Health::new(cfg.health_timeout),
+        metrics: Metrics::new(),
+    });
+    obs.health.queued(SystemTime::now());
+    if let Some(a) = cfg.healthz_bind {
+        crate::observe::serve(a, "/healthz and /livez", obs.clone()).await?;
+    }
+    if let Some(a) = cfg.metrics_bind {
+        crate::observe::serve(a, "/metrics", obs.clone()).await?;
+    }
+    let mut watch_errors = 0;
     let mut ready = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // When each present device was first seen. With a CNI socket, a new pod device is left to
@@ -377,9 +457,12 @@ pub async fn run(cfg: Config) -> Result<()> {
                 let now = stamp(path);
                 let due = now != last;
                 if due {
-                    match sync_file(&cfg, path, &mut programmer, &mut maps) {
-                        Ok(()) => last = now,
-                        Err(e) => warn!("{e:#}"),
+                    obs.health.queued(SystemTime::now());
+                    // Tried once per version of the file: a broken one is reported once, and
+                    // stays pending (so /healthz fails after the health timeout) until fixed.
+                    last = now;
+                    if let Err(e) = sync_file(&cfg, path, &mut programmer, &mut maps, &obs) {
+                        warn!("{e:#}");
                     }
                 }
                 due
@@ -387,7 +470,8 @@ pub async fn run(cfg: Config) -> Result<()> {
             (Source::Kube { .. }, Some(k)) if kube_dirty => match k.synced_objects() {
                 Some(objs) => {
                     kube_dirty = false;
-                    if let Err(e) = sync(&cfg, &objs, Vec::new(), &mut programmer, &mut maps) {
+                    if let Err(e) = sync(&cfg, &objs, Vec::new(), &mut programmer, &mut maps, &obs)
+                    {
                         warn!("{e:#}");
                     }
                     true
@@ -401,6 +485,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             if let Some(f) = &cfg.ready_file {
                 fs::write(f, b"ready\n").with_context(|| format!("write {}", f.display()))?;
             }
+        }
+        if let Some(k) = &kube {
+            let e = k.progress.errors.load(std::sync::atomic::Ordering::Relaxed);
+            obs.metrics.watch_errors.inc_by(e - watch_errors);
+            watch_errors = e;
         }
         if cfg.once && ready {
             return Ok(());
@@ -432,6 +521,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
             _ = changed => {
                 kube_dirty = true;
+                obs.health.queued(SystemTime::now());
             }
             _ = tokio::time::sleep(POLL_INTERVAL) => {}
             _ = tokio::signal::ctrl_c() => break,

@@ -9,6 +9,7 @@ pub mod loadtest;
 pub mod maglev;
 pub mod maps;
 pub mod model;
+pub mod observe;
 pub mod program;
 pub mod sandbox;
 pub mod sim;

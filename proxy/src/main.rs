@@ -17,6 +17,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Cmd {
     /// Run the node agent: load the eBPF programs and program services from a source.
     #[command(after_help = "Examples:\n  \
@@ -63,6 +64,16 @@ enum Cmd {
         /// Where the node's podCIDRs go for weir-cni's IPAM.
         #[arg(long, default_value = weir_cni::config::DEFAULT_POD_CIDRS_FILE)]
         pod_cidrs_file: PathBuf,
+        /// Address of /healthz and /livez, as kube-proxy's ("off": not served).
+        #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_bind)]
+        healthz_bind_address: Bind,
+        /// Address of the Prometheus /metrics, as kube-proxy's ("off": not served).
+        #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind)]
+        metrics_bind_address: Bind,
+        /// How long a change may wait to be programmed before /healthz fails (kube-proxy:
+        /// twice its sync period).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        health_timeout: Duration,
     },
     /// Build a simulated node in network namespaces, run load through its services, report,
     /// and remove everything it made (also on Ctrl-C).
@@ -193,6 +204,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// A listen address, or none.
+#[derive(Clone, Copy, Debug)]
+struct Bind(Option<std::net::SocketAddr>);
+
+fn parse_bind(s: &str) -> Result<Bind, String> {
+    if s == "off" || s.is_empty() {
+        return Ok(Bind(None));
+    }
+    s.parse()
+        .map(|a| Bind(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (an address such as 0.0.0.0:10256, or off)"))
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Agent {
@@ -207,6 +231,9 @@ fn run(cli: Cli) -> Result<()> {
             cni_socket,
             node_name,
             pod_cidrs_file,
+            healthz_bind_address,
+            metrics_bind_address,
+            health_timeout,
         } => {
             init_tracing();
             let cgroup = if no_socket_lb {
@@ -228,6 +255,9 @@ fn run(cli: Cli) -> Result<()> {
                 cni_socket: (!cni_socket.as_os_str().is_empty()).then_some(cni_socket),
                 node_name,
                 pod_cidrs_file,
+                healthz_bind: healthz_bind_address.0,
+                metrics_bind: metrics_bind_address.0,
+                health_timeout,
             };
             runtime()?.block_on(agent::run(cfg))
         }

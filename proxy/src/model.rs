@@ -73,9 +73,21 @@ struct Kind {
     kind: Option<String>,
 }
 
-/// Parses a multi-document YAML stream of Services and EndpointSlices. Other kinds are ignored;
-/// a document that does not parse is a problem, not a failure of the whole file.
+/// Parses a multi-document YAML stream of Services, EndpointSlices and Nodes, and reports a
+/// stream that is not YAML as a problem (see [`parse_stream`]).
 pub fn parse_yaml(text: &str) -> (Objects, Vec<Problem>) {
+    match parse_stream(text) {
+        Ok(r) => r,
+        Err(p) => (Objects::default(), vec![p]),
+    }
+}
+
+/// Parses a multi-document YAML stream of Services, EndpointSlices and Nodes. Other kinds are
+/// ignored; an object that does not deserialize is a problem, not a failure of the whole
+/// stream. A stream that is not YAML is an error: what follows the error cannot be read, so
+/// the stream says nothing reliable about the objects, and nothing of it must be applied (it
+/// would remove every service after the error).
+pub fn parse_stream(text: &str) -> Result<(Objects, Vec<Problem>), Problem> {
     let mut objs = Objects::default();
     let mut problems = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -83,12 +95,10 @@ pub fn parse_yaml(text: &str) -> (Objects, Vec<Problem>) {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
-                problems.push(Problem {
+                return Err(Problem {
                     object: format!("document {}", i + 1),
                     message: format!("not YAML: {e}"),
-                });
-                // The stream cannot be resynchronised after a syntax error.
-                break;
+                })
             }
         };
         let kind = serde_yaml::from_value::<Kind>(value.clone())
@@ -110,7 +120,7 @@ pub fn parse_yaml(text: &str) -> (Objects, Vec<Problem>) {
             });
         }
     }
-    (objs, problems)
+    Ok((objs, problems))
 }
 
 fn proto(p: Option<&String>) -> Result<u8, String> {

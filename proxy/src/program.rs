@@ -120,6 +120,14 @@ pub struct ApplyStats {
     pub errors: Vec<String>,
 }
 
+/// How full the maps the programmer writes are.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MapFill {
+    pub service_slots: usize,
+    pub backends: usize,
+    pub maglev_services: usize,
+}
+
 /// Knows what is in the maps and moves them to the desired state.
 #[derive(Debug, Default)]
 pub struct Programmer {
@@ -190,6 +198,19 @@ impl Programmer {
 
     pub fn programmed_frontends(&self) -> impl Iterator<Item = &Frontend> {
         self.services.keys()
+    }
+
+    /// Entries this programmer keeps in the service, backend and Maglev maps.
+    pub fn fill(&self) -> MapFill {
+        MapFill {
+            service_slots: self.services.values().map(|p| 1 + p.slots.len()).sum(),
+            backends: self.backend_ids.len(),
+            maglev_services: self
+                .services
+                .values()
+                .filter(|p| p.flags & SVC_F_MAGLEV != 0)
+                .count(),
+        }
     }
 
     /// Moves the maps to `desired`. A frontend that fails is reported in the stats and left as

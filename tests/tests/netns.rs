@@ -698,6 +698,25 @@ fn edits_of_the_source_file_are_followed_by_traffic() {
             }
         }
     }
+    // A file that is not YAML from some point on says nothing reliable: nothing of it is
+    // applied, and what is programmed stays.
+    let broken = yaml("Cluster", &[be1, be2]).replacen("kind: Node", "kind: Node\nkind: [", 1);
+    s.write_services(&broken).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(s.agent_log())
+        .unwrap()
+        .contains("nothing of it applied")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            s.agent_log_tail()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(frontend(&s.status().unwrap()), Some((0, "drop")));
+    let r = run(true);
+    assert_eq!(r.ok, 0, "still the last good state: {:?}", r.backends);
     // Deleted: the frontend goes, nothing else changes.
     s.write_services(SERVICES).unwrap();
     s.wait_programmed("edit deleted", |st| frontend(st).is_none())
@@ -707,4 +726,98 @@ fn edits_of_the_source_file_are_followed_by_traffic() {
         .services
         .iter()
         .any(|v| v.frontend == "198.19.0.10:80/TCP" && v.backends.len() == 3));
+}
+
+/// One HTTP GET to the agent, from inside the node namespace: (status code, body).
+fn get(s: &Sim, port: u16, path: &str) -> (u16, String) {
+    let path = path.to_string();
+    s.node
+        .ns
+        .run(move || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            write!(
+                c,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).unwrap();
+            let code = out[9..12].parse().unwrap();
+            let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+            (code, body)
+        })
+        .unwrap()
+}
+
+/// kube-proxy's health and metrics ports: /healthz follows the node's deletion, /livez does
+/// not; /metrics counts syncs, map fill, skipped services and the network programming latency
+/// of an EndpointSlice change from its trigger time.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn health_and_metrics_are_served_as_kube_proxy_serves_them() {
+    let s = sim(false);
+    let (code, body) = get(&s, 10256, "/healthz");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"nodeEligible\": true"), "{body}");
+    let (code, metrics) = get(&s, 10249, "/metrics");
+    assert_eq!(code, 200);
+    for want in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_count 1\n",
+        "weir_map_entries{map=\"services\"} 25\n",
+        "weir_map_capacity{map=\"services\"} 262144\n",
+    ] {
+        assert!(metrics.contains(want), "{want} in\n{metrics}");
+    }
+    // An EndpointSlice change triggered now, a skipped service, and the node being drained.
+    let trigger = k8s_openapi_now();
+    let text = SERVICES.replacen(
+        "metadata: {name: echo-v4, namespace: demo, labels: {kubernetes.io/service-name: echo}}",
+        &format!(
+            "metadata: {{name: echo-v4, namespace: demo, labels: {{kubernetes.io/service-name: echo}}, \
+             annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{trigger}\"}}}}"
+        ),
+        1,
+    ) + "---\napiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: demo}\n\
+         spec: {type: ExternalName, externalName: example.org}\n";
+    let text = text.replacen(
+        "spec:\n  podCIDR: 198.18.1.0/24\n",
+        "spec:\n  taints: [{key: ToBeDeletedByClusterAutoscaler, effect: NoSchedule}]\n  podCIDR: 198.18.1.0/24\n",
+        1,
+    );
+    assert!(text.contains("last-change-trigger-time") && text.contains("ToBeDeleted"));
+    s.write_services(&text).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (_, m) = get(&s, 10249, "/metrics");
+        if m.contains("kubeproxy_network_programming_duration_seconds_count 1\n") {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m}");
+        thread::sleep(Duration::from_millis(100));
+    };
+    // Within a second of the trigger (the agent reads the file every 200 ms).
+    assert!(
+        metrics.contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1.0\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("weir_objects_skipped{reason=\"ExternalName\"} 1\n"),
+        "{metrics}"
+    );
+    let (code, body) = get(&s, 10256, "/healthz");
+    assert_eq!(code, 503, "a node being deleted: {body}");
+    assert!(body.contains("\"nodeEligible\": false"), "{body}");
+    let (code, body) = get(&s, 10256, "/livez");
+    assert_eq!(code, 200, "{body}");
+}
+
+/// Now, as the API server writes times.
+fn k8s_openapi_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%NZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
