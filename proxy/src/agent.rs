@@ -138,6 +138,7 @@ pub fn program_objects(
         removed = st.services_removed,
         backends_added = st.backends_added,
         backends_removed = st.backends_removed,
+        udp_flows_purged = st.flows_purged,
         writes = st.writes,
         took_us = started.elapsed().as_micros() as u64,
         "programmed"

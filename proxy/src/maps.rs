@@ -3,6 +3,7 @@
 //! write, that a reader can never follow a slot to nothing.
 use std::{
     collections::BTreeMap,
+    collections::BTreeSet,
     path::{Path, PathBuf},
 };
 
@@ -41,6 +42,11 @@ pub trait MapWriter {
     fn put_vipnet(&mut self, word: u32, bits: u64) -> Result<(), WriteError>;
     /// Everything in the service and backend maps, to adopt what a previous run programmed.
     fn dump(&self) -> Result<Programmed, WriteError>;
+    /// Removes the conntrack entries of UDP flows to these (removed) backends: the next packet
+    /// of such a flow is balanced again instead of going to an endpoint that left. TCP
+    /// flows keep theirs (a terminating endpoint finishes its connections, as with
+    /// kube-proxy). Returns how many entries went.
+    fn purge_udp_flows(&mut self, backend_ids: &BTreeSet<u32>) -> Result<usize, WriteError>;
 }
 
 /// A snapshot of the service and backend maps.
@@ -92,6 +98,7 @@ pub struct AyaMaps {
     backends: HashMap<MapData, u32, Backend>,
     maglev: HashMap<MapData, u32, MaglevTable>,
     vipnet: Array<MapData, u64>,
+    ct: HashMap<MapData, weir_common::CtKey, weir_common::CtValue>,
 }
 
 fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, WriteError> {
@@ -142,11 +149,30 @@ impl AyaMaps {
             backends: open_typed(maps_dir, map_names::BACKENDS)?,
             maglev: open_typed(maps_dir, map_names::MAGLEV)?,
             vipnet: open_typed(maps_dir, map_names::VIPNET)?,
+            ct: open_typed(maps_dir, map_names::CT)?,
         })
     }
 }
 
 impl MapWriter for AyaMaps {
+    fn purge_udp_flows(&mut self, backend_ids: &BTreeSet<u32>) -> Result<usize, WriteError> {
+        // Collect first: deleting while iterating a hash map can skip or repeat keys.
+        let mut doomed = Vec::new();
+        for kv in self.ct.iter() {
+            let (k, v) = kv.map_err(failed(map_names::CT, "iterate", "conntrack".into()))?;
+            if k.proto == weir_common::PROTO_UDP && backend_ids.contains(&v.backend_id) {
+                doomed.push(k);
+            }
+        }
+        for k in &doomed {
+            ignore_missing(self.ct.remove(k)).map_err(failed(
+                map_names::CT,
+                "remove",
+                "conntrack entry".into(),
+            ))?;
+        }
+        Ok(doomed.len())
+    }
     fn put_backend(&mut self, id: u32, be: &Backend) -> Result<(), WriteError> {
         let what = format!("backend {id}");
         self.backends
@@ -241,6 +267,8 @@ pub struct FakeMaps {
     pub violations: Vec<String>,
     /// Fail the write with this index (0-based), to test partial failures.
     pub fail_at: Option<usize>,
+    /// The backend ids whose UDP flows were purged, in order.
+    pub purged: Vec<u32>,
 }
 
 impl FakeMaps {
@@ -301,6 +329,10 @@ impl FakeMaps {
 }
 
 impl MapWriter for FakeMaps {
+    fn purge_udp_flows(&mut self, backend_ids: &BTreeSet<u32>) -> Result<usize, WriteError> {
+        self.purged.extend(backend_ids);
+        Ok(0)
+    }
     fn put_backend(&mut self, id: u32, be: &Backend) -> Result<(), WriteError> {
         self.step()?;
         self.state.backends.insert(id, *be);

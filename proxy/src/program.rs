@@ -115,6 +115,8 @@ pub struct ApplyStats {
     pub services_removed: usize,
     pub backends_added: usize,
     pub backends_removed: usize,
+    /// Conntrack entries of UDP flows to removed backends, removed.
+    pub flows_purged: usize,
     pub writes: usize,
     /// Frontends that could not be (fully) programmed, with why. The rest are programmed.
     pub errors: Vec<String>,
@@ -267,11 +269,13 @@ impl Programmer {
             .filter(|(_, id)| !used.contains(id))
             .map(|(k, id)| (*k, *id))
             .collect();
+        let mut removed = BTreeSet::new();
         for (k, id) in unused {
             match counter.del_backend(id) {
                 Ok(()) => {
                     self.backend_ids.remove(&k);
                     st.backends_removed += 1;
+                    removed.insert(id);
                 }
                 Err(e) => st.errors.push(e.to_string()),
             }
@@ -281,11 +285,22 @@ impl Programmer {
                 continue;
             }
             match counter.del_backend(id) {
-                Ok(()) => st.backends_removed += 1,
+                Ok(()) => {
+                    st.backends_removed += 1;
+                    removed.insert(id);
+                }
                 Err(e) => {
                     st.errors.push(e.to_string());
                     self.orphans.insert(id);
                 }
+            }
+        }
+        if !removed.is_empty() {
+            match counter.purge_udp_flows(&removed) {
+                Ok(n) => st.flows_purged = n,
+                Err(e) => st
+                    .errors
+                    .push(format!("purge UDP flows of removed backends: {e}")),
             }
         }
         st.writes = counter.writes;
@@ -562,6 +577,9 @@ impl MapWriter for CountingWriter<'_> {
     fn dump(&self) -> Result<crate::maps::Programmed, WriteError> {
         self.inner.dump()
     }
+    fn purge_udp_flows(&mut self, backend_ids: &BTreeSet<u32>) -> Result<usize, WriteError> {
+        self.inner.purge_udp_flows(backend_ids)
+    }
 }
 
 #[cfg(test)]
@@ -759,6 +777,13 @@ mod tests {
             "B still has the pod"
         );
         assert!(maps.violations.is_empty(), "{:?}", maps.violations);
+        assert_eq!(
+            maps.purged,
+            vec![a_slot],
+            "the UDP flows of exactly the removed backend are purged"
+        );
+        assert_eq!(p.apply(&d, &mut maps).backends_removed, 0);
+        assert_eq!(maps.purged, vec![a_slot], "nothing removed, nothing purged");
     }
 
     #[test]

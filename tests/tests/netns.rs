@@ -821,3 +821,70 @@ fn k8s_openapi_now() -> String {
         .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
+
+/// A UDP flow whose endpoint leaves the service moves to one that is still in it: its
+/// conntrack entries are removed with the backend (kube-proxy's stale-UDP fix), so the next
+/// datagram is balanced again. The old pod still answers, so without the purge the flow would
+/// stay on it.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_udp_flow_leaves_an_endpoint_that_left_the_service() {
+    let s = sim(false);
+    let with = |ip: &str| {
+        format!(
+            "{SERVICES}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: demo}}\n\
+             spec: {{clusterIP: 198.19.0.21, ports: [{{name: dns, port: 53, protocol: UDP, targetPort: 8080}}]}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: dns-1, namespace: demo, labels: {{kubernetes.io/service-name: dns}}}}\n\
+             addressType: IPv4\nports: [{{name: dns, port: 8080, protocol: UDP}}]\n\
+             endpoints:\n- {{addresses: [{ip}]}}\n"
+        )
+    };
+    let on = |ip: &'static str| {
+        move |st: &weir_proxy::status::Status| {
+            st.services
+                .iter()
+                .any(|v| v.frontend == "198.19.0.21:53/UDP" && v.backends == [format!("{ip}:8080")])
+        }
+    };
+    s.write_services(&with("198.18.1.11")).unwrap();
+    s.wait_programmed("on be-1", on("198.18.1.11")).unwrap();
+    let flow = s
+        .loadtest_spawn(
+            &[
+                "198.19.0.21:53",
+                "--proto",
+                "udp",
+                "--rate",
+                "200",
+                "--duration",
+                "2s",
+                "--connections",
+                "1",
+                "--timeout",
+                "300ms",
+            ],
+            false,
+            false,
+        )
+        .unwrap();
+    thread::sleep(Duration::from_millis(700));
+    s.write_services(&with("198.18.1.12")).unwrap();
+    s.wait_programmed("on be-2", on("198.18.1.12")).unwrap();
+    let r = flow.wait().unwrap();
+    assert!(
+        r.backends.get("be-2").copied().unwrap_or(0) > 100,
+        "the flow moved to be-2: {:?}, errors {:?}\n{}",
+        r.backends,
+        r.errors,
+        s.agent_log_tail()
+    );
+    assert_eq!(r.ok, r.sent, "no datagram lost: {:?}", r.errors);
+    assert!(
+        std::fs::read_to_string(s.agent_log())
+            .unwrap()
+            .contains("udp_flows_purged=2"),
+        "both entries of the flow went: {}",
+        s.agent_log_tail()
+    );
+}
