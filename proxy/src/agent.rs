@@ -75,6 +75,9 @@ pub struct Config {
     pub metrics_bind: Option<std::net::SocketAddr>,
     /// How long a change may wait to be programmed before `/healthz` fails.
     pub health_timeout: Duration,
+    /// Where each sync writes, per Service, whether it is programmed and why not (read by
+    /// `weir status`).
+    pub state_file: Option<PathBuf>,
 }
 
 pub fn pin_dir(bpffs: &Path) -> PinDir {
@@ -107,6 +110,8 @@ pub struct Synced {
     pub skipped: BTreeMap<String, i64>,
     /// Objects (or parts) that could not be used.
     pub problems: usize,
+    /// Per Service: programmed or not, and why.
+    pub reports: Vec<model::ServiceReport>,
     pub took: Duration,
 }
 
@@ -121,7 +126,7 @@ pub fn program_objects(
 ) -> Synced {
     let started = Instant::now();
     let m = model::build(objs, &model::NodeContext::of(objs, node_name));
-    problems.extend(m.problems);
+    problems.extend(m.problems.iter().cloned());
     for p in &problems {
         warn!(object = %p.object, "skipped: {}", p.message);
     }
@@ -148,6 +153,7 @@ pub fn program_objects(
         *skipped.entry(s.reason.clone()).or_insert(0) += 1;
     }
     Synced {
+        reports: m.reports(&st.failed),
         stats: st,
         frontends: m.desired.len(),
         skipped,
@@ -203,7 +209,21 @@ fn sync(
     );
     m.observe_programmed(objs, now);
     obs.health.updated(now);
+    if let Some(f) = &cfg.state_file {
+        write_atomically(f, &serde_json::to_vec_pretty(&r.reports)?)?;
+    }
     Ok(())
+}
+
+/// Replaces `path` with `data` through a temporary file and a rename: readers see the old or
+/// the new content, never half of it.
+fn write_atomically(path: &Path, data: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, data).with_context(|| format!("write {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))
 }
 
 /// Reads the source file and programs it.

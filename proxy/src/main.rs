@@ -16,6 +16,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+const DEFAULT_STATE_FILE: &str = "/run/weir/services.json";
+
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per process
 enum Cmd {
@@ -74,6 +76,10 @@ enum Cmd {
         /// twice its sync period).
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         health_timeout: Duration,
+        /// Where each sync writes, per Service, whether it is programmed and why not ("" for
+        /// nowhere); `weir status` reads it.
+        #[arg(long, default_value = DEFAULT_STATE_FILE)]
+        state_file: PathBuf,
     },
     /// Build a simulated node in network namespaces, run load through its services, report,
     /// and remove everything it made (also on Ctrl-C).
@@ -144,6 +150,9 @@ enum Cmd {
         /// Conntrack entries to list.
         #[arg(long, default_value_t = 20)]
         conntrack: usize,
+        /// The agent's per-Service report (see `weir agent --state-file`).
+        #[arg(long, default_value = DEFAULT_STATE_FILE)]
+        state_file: PathBuf,
     },
     /// A TCP+UDP echo server that answers `<seq>` with `<name> <seq>`: a backend for tests.
     #[command(after_help = "Example:\n  weir echo-server --name be-1 --port 8080")]
@@ -234,6 +243,7 @@ fn run(cli: Cli) -> Result<()> {
             healthz_bind_address,
             metrics_bind_address,
             health_timeout,
+            state_file,
         } => {
             init_tracing();
             let cgroup = if no_socket_lb {
@@ -258,6 +268,7 @@ fn run(cli: Cli) -> Result<()> {
                 healthz_bind: healthz_bind_address.0,
                 metrics_bind: metrics_bind_address.0,
                 health_timeout,
+                state_file: (!state_file.as_os_str().is_empty()).then_some(state_file),
             };
             runtime()?.block_on(agent::run(cfg))
         }
@@ -318,8 +329,10 @@ fn run(cli: Cli) -> Result<()> {
             bpffs,
             json,
             conntrack,
+            state_file,
         } => {
-            let st = status::read(&agent::pin_dir(&bpffs).maps(), conntrack)?;
+            let mut st = status::read(&agent::pin_dir(&bpffs).maps(), conntrack)?;
+            st.by_service = status::read_reports(&state_file)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {

@@ -61,6 +61,69 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// Whether one Service is programmed, and why not, for `weir status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceReport {
+    /// `namespace/name`.
+    pub service: String,
+    /// `programmed`, `partly programmed` or `not programmed`.
+    pub state: String,
+    pub frontends: Vec<String>,
+    /// Why it is not programmed, or what of it could not be.
+    pub problems: Vec<String>,
+}
+
+/// The Service a problem's object belongs to: `Service ns/name[ port p]` or
+/// `EndpointSlice s of Service ns/name`.
+fn service_of(object: &str) -> Option<&str> {
+    let rest = object.split("Service ").nth(1)?;
+    Some(rest.split(' ').next().unwrap_or(rest))
+}
+
+impl Model {
+    /// One report per Service seen: its frontends, and why any of it is not programmed.
+    /// `failed` are frontends the map writer could not program, by service port name
+    /// (`ns/name:port`), with the error.
+    pub fn reports(&self, failed: &[(String, String)]) -> Vec<ServiceReport> {
+        let mut by: BTreeMap<String, (Vec<String>, Vec<String>, bool)> = BTreeMap::new();
+        let svc = |name: &str| name.rsplit_once(':').map_or(name, |(s, _)| s).to_string();
+        for (fe, spec) in &self.desired {
+            by.entry(svc(&spec.name))
+                .or_default()
+                .0
+                .push(fe.to_string());
+        }
+        for s in &self.skipped {
+            let e = by.entry(s.service.clone()).or_default();
+            e.1.push(s.reason.clone());
+            e.2 = true;
+        }
+        for p in &self.problems {
+            if let Some(s) = service_of(&p.object) {
+                by.entry(s.to_string()).or_default().1.push(p.to_string());
+            }
+        }
+        for (name, e) in failed {
+            by.entry(svc(name)).or_default().1.push(e.clone());
+        }
+        by.into_iter()
+            .map(|(service, (frontends, problems, skipped))| ServiceReport {
+                state: if skipped || frontends.is_empty() {
+                    "not programmed"
+                } else if problems.is_empty() {
+                    "programmed"
+                } else {
+                    "partly programmed"
+                }
+                .into(),
+                service,
+                frontends,
+                problems,
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Model {
     pub desired: Desired,
@@ -481,7 +544,7 @@ fn build_service(
         };
         for &vip in &vips {
             let v4 = vip.is_ipv4();
-            let eps = endpoints_for(&my_slices, v4, &pname, proto, node, m);
+            let eps = endpoints_for(&my_slices, v4, &pname, proto, node, m, &id);
             let externals: Vec<Frontend> = external_ips
                 .iter()
                 .filter(|ip| ip.is_ipv4() == v4)
@@ -529,6 +592,7 @@ fn endpoints_for(
     proto_num: u8,
     node: &NodeContext,
     m: &mut Model,
+    service: &str,
 ) -> Vec<Ep> {
     let family = if v4 { "IPv4" } else { "IPv6" };
     let mut out: Vec<Ep> = Vec::new();
@@ -546,7 +610,7 @@ fn endpoints_for(
             .filter(|p| *p != 0)
         else {
             m.problems.push(Problem {
-                object: format!("EndpointSlice {slice_name}"),
+                object: format!("EndpointSlice {slice_name} of Service {service}"),
                 message: format!("port {port_name:?} has no valid number"),
             });
             continue;
@@ -559,7 +623,7 @@ fn endpoints_for(
                 Ok(ip) if ip.is_ipv4() == v4 => ip,
                 _ => {
                     m.problems.push(Problem {
-                        object: format!("EndpointSlice {slice_name}"),
+                        object: format!("EndpointSlice {slice_name} of Service {service}"),
                         message: format!("endpoint address {first:?} is not an {family} address"),
                     });
                     continue;
@@ -709,6 +773,30 @@ spec: {clusterIP: 198.19.0.99, ports: [{port: 80, protocol: ICMP}, {name: ok, po
             "{}",
             m.problems[0]
         );
+        let reports = m.reports(&[]);
+        let state = |svc: &str| {
+            let r = reports.iter().find(|r| r.service == svc).unwrap();
+            (r.state.as_str(), r.frontends.len(), r.problems.clone())
+        };
+        assert_eq!(
+            state("demo/headless"),
+            (
+                "not programmed",
+                0,
+                vec!["headless (clusterIP None)".to_string()]
+            )
+        );
+        assert_eq!(
+            state("demo/broken"),
+            (
+                "partly programmed",
+                1,
+                vec!["Service demo/broken port 80: unknown protocol \"ICMP\"".to_string()]
+            )
+        );
+        assert_eq!(state("demo/web"), ("programmed", 4, vec![]));
+        let failed = [("demo/web:http".to_string(), "map full".to_string())];
+        assert_eq!(m.reports(&failed)[2].state, "partly programmed");
         let ok = Frontend {
             ip: "198.19.0.99".parse().unwrap(),
             port: 81,
@@ -1176,9 +1264,9 @@ endpoints:
         );
         assert_eq!(m.problems.len(), 2, "{:?}", m.problems);
         assert!(
-            m.problems[0]
-                .to_string()
-                .starts_with("EndpointSlice web-1: endpoint address \"fd00:18::1\""),
+            m.problems[0].to_string().starts_with(
+                "EndpointSlice web-1 of Service demo/web: endpoint address \"fd00:18::1\""
+            ),
             "{}",
             m.problems[0]
         );

@@ -117,6 +117,8 @@ pub struct ApplyStats {
     pub backends_removed: usize,
     /// Conntrack entries of UDP flows to removed backends, removed.
     pub flows_purged: usize,
+    /// Frontends not (fully) programmed, by service port name, with why.
+    pub failed: Vec<(String, String)>,
     pub writes: usize,
     /// Frontends that could not be (fully) programmed, with why. The rest are programmed.
     pub errors: Vec<String>,
@@ -233,6 +235,7 @@ impl Programmer {
         for (fe, spec) in desired {
             if let Err(e) = self.apply_one(fe, spec, &mut counter, &mut st) {
                 st.errors.push(format!("service {} ({fe}): {e}", spec.name));
+                st.failed.push((spec.name.clone(), format!("{fe}: {e}")));
             }
         }
         let stale: Vec<Frontend> = self

@@ -164,6 +164,8 @@ impl Sim {
             .arg(self.pod_cidrs_file())
             .arg("--node-name")
             .arg(NODE_NAME)
+            .arg("--state-file")
+            .arg(self.state_file())
             .arg("--ready-file")
             .arg(&ready)
             .env(
@@ -248,7 +250,14 @@ impl Sim {
     }
 
     pub fn status(&self) -> Result<status::Status> {
-        status::read(&self.maps_dir(), 64)
+        let mut st = status::read(&self.maps_dir(), 64)?;
+        st.by_service = status::read_reports(&self.state_file())?;
+        Ok(st)
+    }
+
+    /// The agent's per-Service report.
+    pub fn state_file(&self) -> PathBuf {
+        self.dir().join("services.json")
     }
 
     /// Waits until the programmed services satisfy `f` (the agent applies edits within

@@ -35,6 +35,9 @@ pub struct CtEntry {
 
 #[derive(Debug, Serialize)]
 pub struct Status {
+    /// The agent's last report per Service (None: no report file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by_service: Option<Vec<crate::model::ServiceReport>>,
     pub services: Vec<ServiceStatus>,
     pub backends: usize,
     pub conntrack_entries: usize,
@@ -154,6 +157,7 @@ pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
         counters.insert(STAT_NAMES[i as usize], n);
     }
     Ok(Status {
+        by_service: None,
         services,
         backends: backends.len(),
         conntrack_entries,
@@ -162,9 +166,39 @@ pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
     })
 }
 
+/// The agent's per-Service report, if it wrote one.
+pub fn read_reports(path: &Path) -> Result<Option<Vec<crate::model::ServiceReport>>> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .with_context(|| format!("read the agent's report {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
 pub fn render(s: &Status) -> String {
     use std::fmt::Write;
     let mut o = String::new();
+    if let Some(by) = &s.by_service {
+        let _ = writeln!(o, "by Service ({}, from the agent's last sync)", by.len());
+        for r in by {
+            let _ = writeln!(
+                o,
+                "  {:<28} {}{}",
+                r.service,
+                r.state,
+                if r.frontends.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} frontends)", r.frontends.len())
+                }
+            );
+            for p in &r.problems {
+                let _ = writeln!(o, "      {p}");
+            }
+        }
+    }
     let _ = writeln!(
         o,
         "services ({} frontends, {} backends)",

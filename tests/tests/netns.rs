@@ -806,6 +806,17 @@ fn health_and_metrics_are_served_as_kube_proxy_serves_them() {
         metrics.contains("weir_objects_skipped{reason=\"ExternalName\"} 1\n"),
         "{metrics}"
     );
+    let by = s.status().unwrap().by_service.unwrap();
+    let ext = by.iter().find(|r| r.service == "demo/ext").unwrap();
+    assert_eq!(
+        (ext.state.as_str(), ext.problems.as_slice()),
+        ("not programmed", ["ExternalName".to_string()].as_slice())
+    );
+    let echo = by.iter().find(|r| r.service == "demo/echo").unwrap();
+    assert_eq!(
+        (echo.state.as_str(), echo.frontends.len()),
+        ("programmed", 4)
+    );
     let (code, body) = get(&s, 10256, "/healthz");
     assert_eq!(code, 503, "a node being deleted: {body}");
     assert!(body.contains("\"nodeEligible\": false"), "{body}");
