@@ -110,11 +110,11 @@ fn services(n: usize) -> Vec<Svc> {
                 name: format!("bench/svc-{i}:http"),
                 vip,
                 port: 80 + (i / 65_534) as u16,
-                endpoint: if last {
+                endpoints: vec![if last {
                     Ipv4Addr::new(198, 18, 1, 11)
                 } else {
                     Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 64, 0)) + (i % 60_000) as u32)
-                },
+                }],
                 target_port: 8080,
             }
         })
@@ -133,7 +133,11 @@ fn desired(svcs: &[Svc]) -> Desired {
                 },
                 ServiceSpec {
                     name: s.name.clone(),
-                    backends: vec![SocketAddr::from((s.endpoint, s.target_port))],
+                    backends: s
+                        .endpoints
+                        .iter()
+                        .map(|e| SocketAddr::from((*e, s.target_port)))
+                        .collect(),
                     ..Default::default()
                 },
             )
@@ -141,7 +145,7 @@ fn desired(svcs: &[Svc]) -> Desired {
         .collect()
 }
 
-fn run_limited(mut cmd: Command, input: &Path, what: &str) -> Result<Duration> {
+pub(crate) fn run_limited(mut cmd: Command, input: &Path, what: &str) -> Result<Duration> {
     let started = Instant::now();
     let mut child = cmd
         .stdin(std::fs::File::open(input)?)
@@ -494,7 +498,7 @@ pub fn run(weir: &Path, quick: bool) -> Result<String> {
     Ok(o)
 }
 
-fn iptables_version() -> String {
+pub(crate) fn iptables_version() -> String {
     Command::new("iptables")
         .arg("--version")
         .output()

@@ -5,12 +5,12 @@
 //! needs it.
 use std::{fmt::Write, net::Ipv4Addr};
 
-/// One service with one endpoint: what B1 programs N of.
+/// One service port and its endpoints: what B1 and B2 program N of.
 pub struct Svc {
     pub name: String,
     pub vip: Ipv4Addr,
     pub port: u16,
-    pub endpoint: Ipv4Addr,
+    pub endpoints: Vec<Ipv4Addr>,
     pub target_port: u16,
 }
 
@@ -51,7 +51,14 @@ COMMIT\n*nat\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTIN
     );
     for s in svcs {
         let h = hash16(&s.name);
-        let _ = writeln!(o, ":KUBE-SVC-{h} - [0:0]\n:KUBE-SEP-{h} - [0:0]");
+        let _ = writeln!(o, ":KUBE-SVC-{h} - [0:0]");
+        for ep in &s.endpoints {
+            let _ = writeln!(
+                o,
+                ":KUBE-SEP-{} - [0:0]",
+                hash16(&format!("{}{ep}", s.name))
+            );
+        }
     }
     o.push_str(
         "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
@@ -64,15 +71,38 @@ COMMIT\n*nat\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTIN
     );
     for s in svcs {
         let h = hash16(&s.name);
-        let (n, vip, p, ep, tp) = (&s.name, s.vip, s.port, s.endpoint, s.target_port);
+        let (n, vip, p, tp) = (&s.name, s.vip, s.port, s.target_port);
         let _ = writeln!(
             o,
             "-A KUBE-SERVICES -d {vip}/32 -p tcp -m comment --comment \"{n} cluster IP\" -m tcp --dport {p} -j KUBE-SVC-{h}\n\
--A KUBE-SVC-{h} ! -s {CLUSTER_CIDR} -d {vip}/32 -p tcp -m comment --comment \"{n} cluster IP\" -m tcp --dport {p} -j KUBE-MARK-MASQ\n\
--A KUBE-SVC-{h} -m comment --comment \"{n} -> {ep}:{tp}\" -j KUBE-SEP-{h}\n\
--A KUBE-SEP-{h} -s {ep}/32 -m comment --comment \"{n}\" -j KUBE-MARK-MASQ\n\
--A KUBE-SEP-{h} -p tcp -m comment --comment \"{n}\" -m tcp -j DNAT --to-destination {ep}:{tp}"
+-A KUBE-SVC-{h} ! -s {CLUSTER_CIDR} -d {vip}/32 -p tcp -m comment --comment \"{n} cluster IP\" -m tcp --dport {p} -j KUBE-MARK-MASQ"
         );
+        // Endpoint i of k is taken with probability 1/(k-i), the last always: kube-proxy's
+        // statistic-mode random walk.
+        let k = s.endpoints.len();
+        for (i, ep) in s.endpoints.iter().enumerate() {
+            let sep = hash16(&format!("{n}{ep}"));
+            let stat = if i + 1 < k {
+                format!(
+                    " -m statistic --mode random --probability {:.11}",
+                    1.0 / (k - i) as f64
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                o,
+                "-A KUBE-SVC-{h} -m comment --comment \"{n} -> {ep}:{tp}\"{stat} -j KUBE-SEP-{sep}"
+            );
+        }
+        for ep in &s.endpoints {
+            let sep = hash16(&format!("{n}{ep}"));
+            let _ = writeln!(
+                o,
+                "-A KUBE-SEP-{sep} -s {ep}/32 -m comment --comment \"{n}\" -j KUBE-MARK-MASQ\n\
+-A KUBE-SEP-{sep} -p tcp -m comment --comment \"{n}\" -m tcp -j DNAT --to-destination {ep}:{tp}"
+            );
+        }
     }
     o.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\nCOMMIT\n");
     o
@@ -93,12 +123,29 @@ pub fn nftables(svcs: &[Svc]) -> String {
     );
     for s in svcs {
         let h = hash16(&s.name);
-        let (vip, p, ep, tp) = (s.vip, s.port, s.endpoint, s.target_port);
+        let (vip, p, tp) = (s.vip, s.port, s.target_port);
+        let eps: Vec<String> = s
+            .endpoints
+            .iter()
+            .map(|ep| hash16(&format!("{}{ep}", s.name)))
+            .collect();
+        let vmap: Vec<String> = eps
+            .iter()
+            .enumerate()
+            .map(|(i, e)| format!("{i} : goto endpoint-{e}-tcp"))
+            .collect();
         let _ = writeln!(
             o,
-            "  chain service-{h}-tcp {{ ip daddr {vip} tcp dport {p} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade; numgen random mod 1 vmap {{ 0 : goto endpoint-{h}-tcp }}; }}\n\
-  chain endpoint-{h}-tcp {{ ip saddr {ep} jump mark-for-masquerade; meta l4proto tcp dnat to {ep}:{tp}; }}"
+            "  chain service-{h}-tcp {{ ip daddr {vip} tcp dport {p} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade; numgen random mod {} vmap {{ {} }}; }}",
+            eps.len(),
+            vmap.join(", ")
         );
+        for (ep, e) in s.endpoints.iter().zip(&eps) {
+            let _ = writeln!(
+                o,
+                "  chain endpoint-{e}-tcp {{ ip saddr {ep} jump mark-for-masquerade; meta l4proto tcp dnat to {ep}:{tp}; }}"
+            );
+        }
     }
     o.push_str("  map service-ips {\n    type ipv4_addr . inet_proto . inet_service : verdict\n");
     if !svcs.is_empty() {

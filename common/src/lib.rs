@@ -45,8 +45,12 @@ pub mod prog_names {
     pub const GETPEERNAME6: &str = "sock_getpeername6";
 }
 
-pub const MAX_SERVICE_SLOTS: u32 = 262_144;
-pub const MAX_BACKENDS: u32 = 262_144;
+/// Service map entries: one master per frontend and one slot per endpoint. Sized for 100 000
+/// services of 10 endpoints each (1.1 M); the map is not preallocated, so only what is used
+/// costs memory.
+pub const MAX_SERVICE_SLOTS: u32 = 2_097_152;
+/// Backend ids: one per (frontend, endpoint). Not preallocated either.
+pub const MAX_BACKENDS: u32 = 2_097_152;
 pub const MAX_MAGLEV_SERVICES: u32 = 4_096;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_CT: u32 = 262_144;

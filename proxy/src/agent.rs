@@ -112,6 +112,8 @@ pub struct Synced {
     pub problems: usize,
     /// Per Service: programmed or not, and why.
     pub reports: Vec<model::ServiceReport>,
+    /// What was programmed.
+    pub desired: crate::program::Desired,
     pub took: Duration,
 }
 
@@ -154,8 +156,9 @@ pub fn program_objects(
     }
     Synced {
         reports: m.reports(&st.failed),
-        stats: st,
         frontends: m.desired.len(),
+        desired: m.desired,
+        stats: st,
         skipped,
         problems: problems.len(),
         took: started.elapsed(),
@@ -169,9 +172,9 @@ fn sync(
     objs: &model::Objects,
     problems: Vec<model::Problem>,
     programmer: &mut Programmer,
-    maps: &mut AyaMaps,
+    maps: &mut dyn crate::maps::MapWriter,
     obs: &Observed,
-) -> Result<()> {
+) -> Result<Synced> {
     if let Some(node) = &cfg.node_name {
         match model::pod_cidrs(objs, node) {
             Some(cidrs) => write_pod_cidrs(&cfg.pod_cidrs_file, cidrs)?,
@@ -183,14 +186,25 @@ fn sync(
     let r = program_objects(objs, problems, cfg.node_name.as_deref(), programmer, maps);
     let now = SystemTime::now();
     let m = &obs.metrics;
-    m.sync_duration.observe(r.took.as_secs_f64());
+    m.set_skipped(&r.skipped);
+    m.problems.set(r.problems as i64);
+    m.observe_programmed(objs, now);
+    record_sync(r.took, programmer, obs, now);
+    if let Some(f) = &cfg.state_file {
+        write_atomically(f, &serde_json::to_vec_pretty(&r.reports)?)?;
+    }
+    Ok(r)
+}
+
+/// Metrics and health after any sync.
+fn record_sync(took: Duration, programmer: &Programmer, obs: &Observed, now: SystemTime) {
+    let m = &obs.metrics;
+    m.sync_duration.observe(took.as_secs_f64());
     m.last_sync.set(
         now.duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs_f64(),
     );
-    m.set_skipped(&r.skipped);
-    m.problems.set(r.problems as i64);
     let f = programmer.fill();
     m.set_map(
         "services",
@@ -207,10 +221,120 @@ fn sync(
         f.maglev_services as i64,
         weir_common::MAX_MAGLEV_SERVICES as i64,
     );
-    m.observe_programmed(objs, now);
     obs.health.updated(now);
+}
+
+/// Programs what the Kubernetes watches changed: everything at the start, after a relist or a
+/// Node change; otherwise only the Services the events touched, rebuilt from the stores and
+/// written as changes.
+#[derive(Default)]
+pub struct KubeSync {
+    incremental: Option<Incremental>,
+}
+
+impl KubeSync {
+    /// One sync of what changed since the last; call once every kind is listed. Returns how
+    /// many Services were rebuilt alone, or None for a full sync.
+    pub fn step(
+        &mut self,
+        cfg: &Config,
+        k: &KubeSource,
+        programmer: &mut Programmer,
+        maps: &mut dyn crate::maps::MapWriter,
+        obs: &Observed,
+    ) -> Result<Option<usize>> {
+        let dirty = k.take_dirty();
+        if let Some(inc) = self.incremental.as_mut().filter(|_| !dirty.all) {
+            if !dirty.services.is_empty() {
+                sync_services(cfg, k, &dirty.services, inc, programmer, maps, obs)?;
+            }
+            return Ok(Some(dirty.services.len()));
+        }
+        let objs = k.objects();
+        self.incremental = None;
+        let r = sync(cfg, &objs, Vec::new(), programmer, maps, obs)?;
+        self.incremental = Some(Incremental {
+            by_service: model::ByService::new(&r.desired),
+            reports: r
+                .reports
+                .into_iter()
+                .map(|r| (r.service.clone(), r))
+                .collect(),
+        });
+        Ok(None)
+    }
+}
+
+/// The frontends and the report of each Service.
+#[derive(Default)]
+struct Incremental {
+    by_service: model::ByService,
+    reports: BTreeMap<String, model::ServiceReport>,
+}
+
+/// Rebuilds and programs only these Services (`namespace/name`) from the stores.
+fn sync_services(
+    cfg: &Config,
+    k: &KubeSource,
+    services: &std::collections::BTreeSet<String>,
+    inc: &mut Incremental,
+    programmer: &mut Programmer,
+    maps: &mut dyn crate::maps::MapWriter,
+    obs: &Observed,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut changed = crate::program::Desired::new();
+    let mut removed = Vec::new();
+    let mut slices = Vec::new();
+    for svc in services {
+        let objs = k.objects_of(svc);
+        let m = model::build(
+            &objs,
+            &model::NodeContext::of(&objs, cfg.node_name.as_deref()),
+        );
+        for p in &m.problems {
+            warn!(object = %p.object, "skipped: {}", p.message);
+        }
+        for s in &m.skipped {
+            info!(service = %s.service, reason = %s.reason, "not programmed");
+        }
+        inc.reports.remove(svc);
+        for r in m.reports(&[]) {
+            inc.reports.insert(r.service.clone(), r);
+        }
+        let (c, r) = inc.by_service.replace(svc, m.desired);
+        changed.extend(c);
+        removed.extend(r);
+        slices.extend(objs.slices);
+    }
+    let st = programmer.apply_changes(&changed, &removed, maps);
+    for e in &st.errors {
+        warn!("{e}");
+    }
+    for (name, e) in &st.failed {
+        if let Some(r) = inc.reports.get_mut(model::service_of_port(name)) {
+            r.problems.push(e.clone());
+            r.state = "partly programmed".into();
+        }
+    }
+    let took = started.elapsed();
+    info!(
+        services = services.len(),
+        changed = st.services_changed,
+        removed = st.services_removed,
+        backends_added = st.backends_added,
+        backends_removed = st.backends_removed,
+        udp_flows_purged = st.flows_purged,
+        writes = st.writes,
+        took_us = took.as_micros() as u64,
+        "programmed (incremental)"
+    );
+    let now = SystemTime::now();
+    obs.metrics.observe_some(&slices, now);
+    record_sync(took, programmer, obs, now);
     if let Some(f) = &cfg.state_file {
-        write_atomically(f, &serde_json::to_vec_pretty(&r.reports)?)?;
+        let all: Vec<&model::ServiceReport> = inc.reports.values().collect();
+        write_atomically(f, &serde_json::to_vec_pretty(&all)?)?;
     }
     Ok(())
 }
@@ -242,7 +366,7 @@ fn sync_file(
             path.display()
         )
     })?;
-    sync(cfg, &objs, problems, programmer, maps, obs)
+    sync(cfg, &objs, problems, programmer, maps, obs).map(|_| ())
 }
 
 /// A client from this kubeconfig, else from the pod's service account (in-cluster), else from
@@ -416,6 +540,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     };
     // A change arrived that is not programmed yet.
     let mut kube_dirty = true;
+    let mut kube_sync = KubeSync::default();
     let obs = Arc::new(Observed {
         health: Health::new(cfg.health_timeout),
         metrics: Metrics::new(),
@@ -488,17 +613,13 @@ pub async fn run(cfg: Config) -> Result<()> {
                 }
                 due
             }
-            (Source::Kube { .. }, Some(k)) if kube_dirty => match k.synced_objects() {
-                Some(objs) => {
-                    kube_dirty = false;
-                    if let Err(e) = sync(&cfg, &objs, Vec::new(), &mut programmer, &mut maps, &obs)
-                    {
-                        warn!("{e:#}");
-                    }
-                    true
+            (Source::Kube { .. }, Some(k)) if kube_dirty && k.progress.synced() => {
+                kube_dirty = false;
+                if let Err(e) = kube_sync.step(&cfg, k, &mut programmer, &mut maps, &obs) {
+                    warn!("{e:#}");
                 }
-                None => false,
-            },
+                true
+            }
             _ => false,
         };
         if synced && !ready {

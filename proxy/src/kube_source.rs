@@ -45,6 +45,32 @@ pub struct Progress {
     pub errors: AtomicU64,
     /// Events applied to the stores, all kinds.
     pub events: AtomicU64,
+    /// What changed since the last [`KubeSource::take_dirty`].
+    dirty: std::sync::Mutex<Dirty>,
+}
+
+/// What the watches changed: some Services (`namespace/name`, for a Service or one of its
+/// EndpointSlices), or everything (a relist, a Node change, the start).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Dirty {
+    pub all: bool,
+    pub services: std::collections::BTreeSet<String>,
+}
+
+impl Progress {
+    fn mark(&self, key: Option<String>) {
+        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        match key {
+            Some(k) if !d.all => {
+                d.services.insert(k);
+            }
+            Some(_) => {}
+            None => {
+                d.all = true;
+                d.services.clear();
+            }
+        }
+    }
 }
 
 impl Progress {
@@ -73,28 +99,48 @@ impl KubeSource {
     /// Node object is watched.
     pub fn start(client: Client, node: Option<&str>) -> KubeSource {
         let progress = Arc::new(Progress::default());
+        progress.mark(None);
         let (services, w) = reflector::store();
         let cfg = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
+        let svc_key = |s: &Service| Some(key(&s.metadata, s.metadata.name.as_deref()));
         spawn_watch(
             Api::<Service>::all(client.clone()),
             cfg.clone(),
             w,
             0,
             &progress,
+            svc_key,
         );
         let (slices, w) = reflector::store();
+        let slice_key = |s: &EndpointSlice| {
+            let owner = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL));
+            // A slice without a Service label programs nothing; any key will do.
+            Some(key(&s.metadata, owner.map(String::as_str)))
+        };
         spawn_watch(
             Api::<EndpointSlice>::all(client.clone()),
             cfg,
             w,
             1,
             &progress,
+            slice_key,
         );
         let (nodes, w) = reflector::store();
         match node {
             Some(name) => {
                 let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-                spawn_watch(Api::<Node>::all(client), cfg, w, 2, &progress);
+                spawn_watch(
+                    Api::<Node>::all(client),
+                    cfg,
+                    w,
+                    2,
+                    &progress,
+                    |_: &Node| None,
+                );
             }
             None => {
                 // No node name: no Node to watch, nothing to wait for.
@@ -116,6 +162,43 @@ impl KubeSource {
         self.progress.synced().then(|| self.objects())
     }
 
+    /// Takes what changed since the last call.
+    pub fn take_dirty(&self) -> Dirty {
+        std::mem::take(
+            &mut *self
+                .progress
+                .dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
+    /// The objects of one Service (`namespace/name`): the Service if it exists, its
+    /// EndpointSlices, and the Node. Scans the slices (no index yet).
+    pub fn objects_of(&self, service: &str) -> Objects {
+        let (ns, name) = service.split_once('/').unwrap_or(("", service));
+        let svc = self
+            .services
+            .get(&reflector::ObjectRef::new(name).within(ns));
+        Objects {
+            services: svc.into_iter().collect(),
+            slices: self
+                .slices
+                .state()
+                .into_iter()
+                .filter(|s| {
+                    s.metadata.namespace.as_deref() == Some(ns)
+                        && s.metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                            .is_some_and(|n| n == name)
+                })
+                .collect(),
+            nodes: self.nodes.state(),
+        }
+    }
+
     /// The objects as the stores hold them now (shared, not copied).
     pub fn objects(&self) -> Objects {
         Objects {
@@ -126,12 +209,27 @@ impl KubeSource {
     }
 }
 
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+fn key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    name: Option<&str>,
+) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        name.unwrap_or_default()
+    )
+}
+
+/// `key_of` names the Service an object's change touches; None: everything.
 fn spawn_watch<K>(
     api: Api<K>,
     cfg: watcher::Config,
     writer: reflector::store::Writer<K>,
     slot: usize,
     progress: &Arc<Progress>,
+    key_of: fn(&K) -> Option<String>,
 ) where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
@@ -143,13 +241,16 @@ fn spawn_watch<K>(
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(watcher::Event::InitDone) => {
+                    // A (re)list: objects may have gone without an event.
+                    progress.mark(None);
                     if !progress.listed[slot].swap(true, Ordering::AcqRel) {
                         info!(kind = %kind, "listed");
                     }
                     progress.changed.notify_one();
                 }
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
+                    progress.mark(key_of(&o));
                     progress.events.fetch_add(1, Ordering::Relaxed);
                     progress.changed.notify_one();
                 }

@@ -124,6 +124,48 @@ impl Model {
     }
 }
 
+/// The Service (`namespace/name`) of a service port name (`namespace/name:port`).
+pub fn service_of_port(name: &str) -> &str {
+    name.rsplit_once(':').map_or(name, |(s, _)| s)
+}
+
+/// The desired frontends grouped by Service: turns one Service's rebuilt model into map
+/// changes, so that a watch event costs what its Service costs, not what the cluster does.
+#[derive(Debug, Default)]
+pub struct ByService(BTreeMap<String, Desired>);
+
+impl ByService {
+    pub fn new(d: &Desired) -> Self {
+        let mut by: BTreeMap<String, Desired> = BTreeMap::new();
+        for (fe, spec) in d {
+            by.entry(service_of_port(&spec.name).to_string())
+                .or_default()
+                .insert(*fe, spec.clone());
+        }
+        ByService(by)
+    }
+
+    /// Replaces `service`'s frontends with `new` (empty: the Service is gone); returns the
+    /// frontends to write (new or different) and those to remove.
+    pub fn replace(&mut self, service: &str, new: Desired) -> (Desired, Vec<Frontend>) {
+        let old = self.0.remove(service).unwrap_or_default();
+        let removed = old
+            .keys()
+            .filter(|fe| !new.contains_key(fe))
+            .copied()
+            .collect();
+        let changed = new
+            .iter()
+            .filter(|(fe, spec)| old.get(fe) != Some(spec))
+            .map(|(fe, spec)| (*fe, spec.clone()))
+            .collect();
+        if !new.is_empty() {
+            self.0.insert(service.to_string(), new);
+        }
+        (changed, removed)
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Model {
     pub desired: Desired,

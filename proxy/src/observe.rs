@@ -253,9 +253,27 @@ impl Metrics {
     /// programmed took from its trigger time. Trigger times from before the agent started are
     /// not counted (kube-proxy skips them too): they measure the agent's absence.
     pub fn observe_programmed(&self, objs: &Objects, now: SystemTime) {
+        self.observe(&objs.slices, now, true)
+    }
+
+    /// The same for some slices only (an incremental sync): the others are left as seen.
+    pub fn observe_some(
+        &self,
+        slices: &[std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
+        now: SystemTime,
+    ) {
+        self.observe(slices, now, false)
+    }
+
+    fn observe(
+        &self,
+        slices: &[std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
+        now: SystemTime,
+        all: bool,
+    ) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = BTreeMap::new();
-        for s in &objs.slices {
+        let mut next = if all { BTreeMap::new() } else { seen.clone() };
+        for s in slices {
             let Some(t) = s
                 .metadata
                 .annotations

@@ -139,6 +139,8 @@ pub struct Programmer {
     /// What the service-prefix bitmap holds (non-zero words).
     vipnet: BTreeMap<u32, u64>,
     backend_ids: HashMap<BackendKey, u32>,
+    /// The same, by id.
+    backend_keys: HashMap<u32, BackendKey>,
     /// Backends found in the maps that no slot points at (a previous run stopped between
     /// writing a backend and its slot): removed on the next clean pass.
     orphans: BTreeSet<u32>,
@@ -176,6 +178,7 @@ impl Programmer {
                 if let Some(be) = dump.backends.get(id) {
                     let sa = SocketAddr::new(to_ip(&be.addr), u16::from_be(be.port));
                     p.backend_ids.insert(BackendKey(fe, sa), *id);
+                    p.backend_keys.insert(*id, BackendKey(fe, sa));
                     referenced.insert(*id);
                 }
             }
@@ -277,6 +280,7 @@ impl Programmer {
             match counter.del_backend(id) {
                 Ok(()) => {
                     self.backend_ids.remove(&k);
+                    self.backend_keys.remove(&id);
                     st.backends_removed += 1;
                     removed.insert(id);
                 }
@@ -300,6 +304,97 @@ impl Programmer {
         }
         if !removed.is_empty() {
             match counter.purge_udp_flows(&removed) {
+                Ok(n) => st.flows_purged = n,
+                Err(e) => st
+                    .errors
+                    .push(format!("purge UDP flows of removed backends: {e}")),
+            }
+        }
+        st.writes = counter.writes;
+        st
+    }
+
+    /// Moves only the frontends named: `changed` are programmed as given, `removed` are taken
+    /// out, and the others are not looked at. This is what a watch event needs: the cost
+    /// follows the size of the change, not the number of services. The same order as
+    /// [`Programmer::apply`] (make-before-break; backends last; UDP flows of removed
+    /// backends purged).
+    pub fn apply_changes(
+        &mut self,
+        changed: &Desired,
+        removed: &[Frontend],
+        w: &mut dyn MapWriter,
+    ) -> ApplyStats {
+        let mut st = ApplyStats::default();
+        let mut counter = CountingWriter {
+            inner: w,
+            writes: 0,
+        };
+        let mut want = self.vipnet.clone();
+        for (word, bits) in vipnet_of(changed.keys()) {
+            *want.entry(word).or_insert(0) |= bits;
+        }
+        if let Err(e) = self.write_vipnet(&want, &mut counter) {
+            st.errors.push(e.to_string());
+            st.writes = counter.writes;
+            return st;
+        }
+        let touched: Vec<Frontend> = changed.keys().chain(removed).copied().collect();
+        let before: BTreeSet<u32> = touched
+            .iter()
+            .filter_map(|fe| self.services.get(fe))
+            .flat_map(|p| p.slots.iter().copied())
+            .collect();
+        for (fe, spec) in changed {
+            if let Err(e) = self.apply_one(fe, spec, &mut counter, &mut st) {
+                st.errors.push(format!("service {} ({fe}): {e}", spec.name));
+                st.failed.push((spec.name.clone(), format!("{fe}: {e}")));
+            }
+        }
+        for fe in removed.iter().filter(|fe| !changed.contains_key(fe)) {
+            if !self.services.contains_key(fe) {
+                continue;
+            }
+            match self.remove_one(fe, &mut counter) {
+                Ok(()) => st.services_removed += 1,
+                Err(e) => st.errors.push(format!("remove {fe}: {e}")),
+            }
+        }
+        if !removed.is_empty() {
+            let now = vipnet_of(self.services.keys());
+            if let Err(e) = self.write_vipnet(&now, &mut counter) {
+                st.errors.push(e.to_string());
+            }
+        }
+        if touched
+            .iter()
+            .any(|fe| self.services.get(fe).is_some_and(|p| p.dirty))
+        {
+            st.writes = counter.writes;
+            return st;
+        }
+        // Each backend id belongs to one frontend: the ids the touched frontends dropped are
+        // used by nobody.
+        let after: BTreeSet<u32> = touched
+            .iter()
+            .filter_map(|fe| self.services.get(fe))
+            .flat_map(|p| p.slots.iter().copied())
+            .collect();
+        let mut gone = BTreeSet::new();
+        for id in before.difference(&after) {
+            match counter.del_backend(*id) {
+                Ok(()) => {
+                    if let Some(k) = self.backend_keys.remove(id) {
+                        self.backend_ids.remove(&k);
+                    }
+                    st.backends_removed += 1;
+                    gone.insert(*id);
+                }
+                Err(e) => st.errors.push(e.to_string()),
+            }
+        }
+        if !gone.is_empty() {
+            match counter.purge_udp_flows(&gone) {
                 Ok(n) => st.flows_purged = n,
                 Err(e) => st
                     .errors
@@ -356,6 +451,7 @@ impl Programmer {
         w.put_backend(id, &be)?;
         self.next_backend_id = id + 1;
         self.backend_ids.insert(key, id);
+        self.backend_keys.insert(id, key);
         st.backends_added += 1;
         Ok(id)
     }
@@ -787,6 +883,67 @@ mod tests {
         );
         assert_eq!(p.apply(&d, &mut maps).backends_removed, 0);
         assert_eq!(maps.purged, vec![a_slot], "nothing removed, nothing purged");
+    }
+
+    /// What the maps say, without ids: frontend -> its backends.
+    fn contents(maps: &FakeMaps) -> BTreeMap<String, Vec<String>> {
+        let st = &maps.state;
+        st.svc
+            .iter()
+            .filter(|(k, _)| k.4 == 0)
+            .map(|(k, v)| {
+                let mut bes: Vec<String> = (1..=v.count)
+                    .map(|slot| {
+                        let s = st.svc[&crate::maps::SvcKeyOrd(k.0, k.1, k.2, k.3, slot)];
+                        let b = st.backends[&s.backend_id];
+                        format!("{}:{}", to_ip(&b.addr), u16::from_be(b.port))
+                    })
+                    .collect();
+                bes.sort();
+                (format!("{}:{}", to_ip(&weir_common::Addr(k.0)), k.1), bes)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn applying_changes_only_reaches_what_a_full_apply_reaches() {
+        let (a, b, c) = (
+            fe("198.19.0.10", 80, PROTO_TCP),
+            fe("198.19.0.11", 80, PROTO_TCP),
+            fe("198.20.0.12", 80, PROTO_TCP),
+        );
+        let mut maps = FakeMaps::default();
+        let mut p = Programmer::adopt(&maps).unwrap();
+        let mut d = Desired::from([
+            (a, spec(&["198.18.1.2:8080", "198.18.1.3:8080"])),
+            (b, spec(&["198.18.1.4:8080"])),
+        ]);
+        p.apply(&d, &mut maps);
+        let writes = maps.writes;
+        // One endpoint of A replaced, B removed, C added: only they are written.
+        let changed = Desired::from([
+            (a, spec(&["198.18.1.2:8080", "198.18.1.5:8080"])),
+            (c, spec(&["198.18.1.6:8080"])),
+        ]);
+        let st = p.apply_changes(&changed, &[b], &mut maps);
+        assert!(st.errors.is_empty(), "{:?}", st.errors);
+        assert!(maps.violations.is_empty(), "{:?}", maps.violations);
+        assert_eq!((st.services_changed, st.services_removed), (2, 1));
+        assert_eq!((st.backends_added, st.backends_removed), (2, 2));
+        assert!(maps.writes - writes < 20, "{} writes", maps.writes - writes);
+        d.remove(&b);
+        d.extend(changed);
+        let mut fresh = FakeMaps::default();
+        Programmer::adopt(&fresh).unwrap().apply(&d, &mut fresh);
+        assert_eq!(contents(&maps), contents(&fresh));
+        assert_eq!(
+            maps.state.backends.len(),
+            fresh.state.backends.len(),
+            "no backend left behind"
+        );
+        assert_eq!(maps.state.vipnet, fresh.state.vipnet, "prefix bits follow");
+        // And a full apply afterwards finds nothing to do.
+        assert_eq!(p.apply(&d, &mut maps).writes, 0);
     }
 
     #[test]

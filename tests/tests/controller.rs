@@ -19,7 +19,11 @@ use http_body_util::StreamBody;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use weir_proxy::{
-    agent::program_objects, kube_source::KubeSource, maps::FakeMaps, program::Programmer,
+    agent::{Config, KubeSync, Source},
+    kube_source::KubeSource,
+    maps::FakeMaps,
+    observe::{Health, Metrics, Observed},
+    program::Programmer,
 };
 
 type Body = StreamBody<BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
@@ -202,6 +206,12 @@ impl Api {
     }
 }
 
+fn rand_tag() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    N.fetch_add(1, Ordering::Relaxed).to_string()
+}
+
 fn service(name: &str, ip: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "demo"},
@@ -241,28 +251,61 @@ struct Agent {
     source: KubeSource,
     programmer: Programmer,
     maps: FakeMaps,
+    sync: KubeSync,
+    cfg: Config,
+    obs: Observed,
+    /// What each sync was: None for a full one, Some(n) for n Services alone.
+    steps: Vec<Option<usize>>,
 }
 
 impl Agent {
     fn start(api: &Api) -> Agent {
+        let dir = std::env::temp_dir().join(format!("weir-controller-{}", std::process::id()));
         Agent {
             source: KubeSource::start(api.client(), Some("node-a")),
             programmer: Programmer::default(),
             maps: FakeMaps::default(),
+            sync: KubeSync::default(),
+            cfg: Config {
+                source: Source::Kube { kubeconfig: None },
+                bpffs: dir.join("bpffs"),
+                cgroup: None,
+                pod_if_prefixes: vec![],
+                netdevs: vec![],
+                ready_file: None,
+                once: false,
+                cni_socket: None,
+                node_name: Some("node-a".into()),
+                pod_cidrs_file: dir.join(format!("pod-cidrs-{}.json", rand_tag())),
+                healthz_bind: None,
+                metrics_bind: None,
+                health_timeout: Duration::from_secs(60),
+                state_file: None,
+            },
+            obs: Observed {
+                health: Health::new(Duration::from_secs(60)),
+                metrics: Metrics::new(),
+            },
+            steps: vec![],
         }
     }
 
     async fn until(&mut self, what: &str, want: impl Fn(&Agent) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if let Some(objs) = self.source.synced_objects() {
-                program_objects(
-                    &objs,
-                    Vec::new(),
-                    Some("node-a"),
-                    &mut self.programmer,
-                    &mut self.maps,
-                );
+            if self.source.progress.synced() {
+                // The agent's own step: everything first, then only what events touched.
+                let step = self
+                    .sync
+                    .step(
+                        &self.cfg,
+                        &self.source,
+                        &mut self.programmer,
+                        &mut self.maps,
+                        &self.obs,
+                    )
+                    .unwrap();
+                self.steps.push(step);
                 assert!(
                     self.maps.violations.is_empty(),
                     "{:?}",
@@ -342,6 +385,20 @@ async fn initial_list_then_watch_events_are_programmed() {
     })
     .await;
     assert_eq!(programmed(&a.maps).len(), 1, "{:?}", programmed(&a.maps));
+    assert_eq!(
+        a.maps.state.backends.len(),
+        0,
+        "web's backends went with it (api has no endpoints): {:?}",
+        a.maps.state.backends
+    );
+    // One full sync at the start; every event after it rebuilt only its Service.
+    let full = a.steps.iter().filter(|s| s.is_none()).count();
+    assert_eq!(full, 1, "{:?}", a.steps);
+    assert!(
+        a.steps.iter().all(|s| s.is_none_or(|n| n <= 1)),
+        "{:?}",
+        a.steps
+    );
 }
 
 #[tokio::test]
@@ -411,6 +468,11 @@ async fn a_relist_after_410_gone_removes_what_was_deleted_meanwhile() {
     assert!(
         api.coll(SERVICES, |c, _| c.lists) >= 2,
         "listed again after 410"
+    );
+    assert!(
+        a.steps.iter().filter(|s| s.is_none()).count() >= 2,
+        "a relist programs everything again: {:?}",
+        a.steps
     );
 }
 

@@ -766,7 +766,7 @@ fn health_and_metrics_are_served_as_kube_proxy_serves_them() {
     for want in [
         "kubeproxy_sync_proxy_rules_duration_seconds_count 1\n",
         "weir_map_entries{map=\"services\"} 25\n",
-        "weir_map_capacity{map=\"services\"} 262144\n",
+        "weir_map_capacity{map=\"services\"} 2097152\n",
     ] {
         assert!(metrics.contains(want), "{want} in\n{metrics}");
     }
