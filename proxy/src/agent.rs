@@ -115,6 +115,8 @@ pub struct Synced {
     /// What was programmed.
     pub desired: crate::program::Desired,
     pub took: Duration,
+    /// Of which the map writer's apply.
+    pub apply_took: Duration,
 }
 
 /// Builds the model from `objs` and programs the difference. Problems with single objects
@@ -135,7 +137,9 @@ pub fn program_objects(
     for s in &m.skipped {
         info!(service = %s.service, reason = %s.reason, "not programmed");
     }
+    let applying = Instant::now();
     let st = programmer.apply(&m.desired, w);
+    let apply_took = applying.elapsed();
     for e in &st.errors {
         warn!("{e}");
     }
@@ -162,6 +166,7 @@ pub fn program_objects(
         skipped,
         problems: problems.len(),
         took: started.elapsed(),
+        apply_took,
     }
 }
 
@@ -230,6 +235,20 @@ fn record_sync(took: Duration, programmer: &Programmer, obs: &Observed, now: Sys
 #[derive(Default)]
 pub struct KubeSync {
     incremental: Option<Incremental>,
+    /// What the last step did.
+    pub last: StepStats,
+}
+
+/// What one [`KubeSync::step`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StepStats {
+    /// Services rebuilt alone; None: a full sync.
+    pub rebuilt: Option<usize>,
+    /// Time in the map writer's apply (diff and writes).
+    pub map_work: Duration,
+    /// The whole step: model, apply, metrics, report.
+    pub total: Duration,
+    pub writes: usize,
 }
 
 impl KubeSync {
@@ -243,16 +262,31 @@ impl KubeSync {
         maps: &mut dyn crate::maps::MapWriter,
         obs: &Observed,
     ) -> Result<Option<usize>> {
+        let started = Instant::now();
         let dirty = k.take_dirty();
         if let Some(inc) = self.incremental.as_mut().filter(|_| !dirty.all) {
+            self.last = StepStats {
+                rebuilt: Some(dirty.services.len()),
+                ..Default::default()
+            };
             if !dirty.services.is_empty() {
-                sync_services(cfg, k, &dirty.services, inc, programmer, maps, obs)?;
+                let (map_work, writes) =
+                    sync_services(cfg, k, &dirty.services, inc, programmer, maps, obs)?;
+                self.last.map_work = map_work;
+                self.last.writes = writes;
             }
+            self.last.total = started.elapsed();
             return Ok(Some(dirty.services.len()));
         }
         let objs = k.objects();
         self.incremental = None;
         let r = sync(cfg, &objs, Vec::new(), programmer, maps, obs)?;
+        self.last = StepStats {
+            rebuilt: None,
+            map_work: r.apply_took,
+            total: started.elapsed(),
+            writes: r.stats.writes,
+        };
         self.incremental = Some(Incremental {
             by_service: model::ByService::new(&r.desired),
             reports: r
@@ -281,7 +315,7 @@ fn sync_services(
     programmer: &mut Programmer,
     maps: &mut dyn crate::maps::MapWriter,
     obs: &Observed,
-) -> Result<()> {
+) -> Result<(Duration, usize)> {
     let started = Instant::now();
     let mut changed = crate::program::Desired::new();
     let mut removed = Vec::new();
@@ -307,7 +341,9 @@ fn sync_services(
         removed.extend(r);
         slices.extend(objs.slices);
     }
+    let applying = Instant::now();
     let st = programmer.apply_changes(&changed, &removed, maps);
+    let map_work = applying.elapsed();
     for e in &st.errors {
         warn!("{e}");
     }
@@ -336,7 +372,7 @@ fn sync_services(
         let all: Vec<&model::ServiceReport> = inc.reports.values().collect();
         write_atomically(f, &serde_json::to_vec_pretty(&all)?)?;
     }
-    Ok(())
+    Ok((map_work, st.writes))
 }
 
 /// Replaces `path` with `data` through a temporary file and a rename: readers see the old or

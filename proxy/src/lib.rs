@@ -3,6 +3,8 @@
 pub mod addr;
 pub mod agent;
 pub mod echo;
+#[cfg(feature = "testkit")]
+pub mod fake_api;
 pub mod kube_source;
 pub mod loader;
 pub mod loadtest;

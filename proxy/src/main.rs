@@ -57,9 +57,9 @@ enum Cmd {
         /// Program once and exit (the data path stays programmed).
         #[arg(long)]
         once: bool,
-        /// Unix socket weir-cni asks on to attach a new pod's program ("" for none).
-        #[arg(long, default_value = weir_cni::config::DEFAULT_AGENT_SOCKET)]
-        cni_socket: PathBuf,
+        /// Unix socket weir-cni asks on to attach a new pod's program ("off": none).
+        #[arg(long, default_value = weir_cni::config::DEFAULT_AGENT_SOCKET, value_parser = parse_path)]
+        cni_socket: OptPath,
         /// This node's name; its spec.podCIDRs are written to --pod-cidrs-file for weir-cni.
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
@@ -76,10 +76,10 @@ enum Cmd {
         /// twice its sync period).
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         health_timeout: Duration,
-        /// Where each sync writes, per Service, whether it is programmed and why not ("" for
+        /// Where each sync writes, per Service, whether it is programmed and why not ("off":
         /// nowhere); `weir status` reads it.
-        #[arg(long, default_value = DEFAULT_STATE_FILE)]
-        state_file: PathBuf,
+        #[arg(long, default_value = DEFAULT_STATE_FILE, value_parser = parse_path)]
+        state_file: OptPath,
     },
     /// Build a simulated node in network namespaces, run load through its services, report,
     /// and remove everything it made (also on Ctrl-C).
@@ -213,6 +213,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// A path, or none ("off").
+#[derive(Clone, Debug)]
+struct OptPath(Option<PathBuf>);
+
+fn parse_path(s: &str) -> Result<OptPath, String> {
+    Ok(OptPath(
+        (s != "off" && !s.is_empty()).then(|| PathBuf::from(s)),
+    ))
+}
+
 /// A listen address, or none.
 #[derive(Clone, Copy, Debug)]
 struct Bind(Option<std::net::SocketAddr>);
@@ -262,13 +272,13 @@ fn run(cli: Cli) -> Result<()> {
                 netdevs: netdev,
                 ready_file,
                 once,
-                cni_socket: (!cni_socket.as_os_str().is_empty()).then_some(cni_socket),
+                cni_socket: cni_socket.0,
                 node_name,
                 pod_cidrs_file,
                 healthz_bind: healthz_bind_address.0,
                 metrics_bind: metrics_bind_address.0,
                 health_timeout,
-                state_file: (!state_file.as_os_str().is_empty()).then_some(state_file),
+                state_file: state_file.0,
             };
             runtime()?.block_on(agent::run(cfg))
         }
