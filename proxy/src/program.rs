@@ -269,49 +269,67 @@ impl Programmer {
             .values()
             .flat_map(|p| p.slots.iter().copied())
             .collect();
-        let unused: Vec<(BackendKey, u32)> = self
+        let unused: Vec<u32> = self
             .backend_ids
-            .iter()
-            .filter(|(_, id)| !used.contains(id))
-            .map(|(k, id)| (*k, *id))
+            .values()
+            .filter(|id| !used.contains(id))
+            .copied()
             .collect();
-        let mut removed = BTreeSet::new();
-        for (k, id) in unused {
-            match counter.del_backend(id) {
+        let orphans: BTreeSet<u32> = std::mem::take(&mut self.orphans)
+            .into_iter()
+            .filter(|id| !used.contains(id))
+            .collect();
+        let failed = self.release_backends(
+            unused.into_iter().chain(orphans.iter().copied()),
+            &mut counter,
+            &mut st,
+        );
+        // An orphan that could not be deleted stays one, for the next clean pass.
+        self.orphans
+            .extend(failed.into_iter().filter(|id| orphans.contains(id)));
+        st.writes = counter.writes;
+        st
+    }
+
+    /// Deletes backends no slot points at any more, forgets them, and purges the conntrack
+    /// entries of the UDP ones (an orphan's protocol is unknown: it is purged too). TCP
+    /// backends need no purge, and skipping it spares a walk of the whole conntrack map on
+    /// every endpoint change. Returns the ids that could not be deleted.
+    fn release_backends(
+        &mut self,
+        ids: impl IntoIterator<Item = u32>,
+        w: &mut dyn MapWriter,
+        st: &mut ApplyStats,
+    ) -> Vec<u32> {
+        let mut udp = BTreeSet::new();
+        let mut failed = Vec::new();
+        for id in ids {
+            match w.del_backend(id) {
                 Ok(()) => {
-                    self.backend_ids.remove(&k);
-                    self.backend_keys.remove(&id);
                     st.backends_removed += 1;
-                    removed.insert(id);
-                }
-                Err(e) => st.errors.push(e.to_string()),
-            }
-        }
-        for id in std::mem::take(&mut self.orphans) {
-            if used.contains(&id) {
-                continue;
-            }
-            match counter.del_backend(id) {
-                Ok(()) => {
-                    st.backends_removed += 1;
-                    removed.insert(id);
+                    let key = self.backend_keys.remove(&id);
+                    if let Some(k) = &key {
+                        self.backend_ids.remove(k);
+                    }
+                    if key.is_none_or(|k| k.0.proto == weir_common::PROTO_UDP) {
+                        udp.insert(id);
+                    }
                 }
                 Err(e) => {
                     st.errors.push(e.to_string());
-                    self.orphans.insert(id);
+                    failed.push(id);
                 }
             }
         }
-        if !removed.is_empty() {
-            match counter.purge_udp_flows(&removed) {
+        if !udp.is_empty() {
+            match w.purge_udp_flows(&udp) {
                 Ok(n) => st.flows_purged = n,
                 Err(e) => st
                     .errors
                     .push(format!("purge UDP flows of removed backends: {e}")),
             }
         }
-        st.writes = counter.writes;
-        st
+        failed
     }
 
     /// Moves only the frontends named: `changed` are programmed as given, `removed` are taken
@@ -380,27 +398,8 @@ impl Programmer {
             .filter_map(|fe| self.services.get(fe))
             .flat_map(|p| p.slots.iter().copied())
             .collect();
-        let mut gone = BTreeSet::new();
-        for id in before.difference(&after) {
-            match counter.del_backend(*id) {
-                Ok(()) => {
-                    if let Some(k) = self.backend_keys.remove(id) {
-                        self.backend_ids.remove(&k);
-                    }
-                    st.backends_removed += 1;
-                    gone.insert(*id);
-                }
-                Err(e) => st.errors.push(e.to_string()),
-            }
-        }
-        if !gone.is_empty() {
-            match counter.purge_udp_flows(&gone) {
-                Ok(n) => st.flows_purged = n,
-                Err(e) => st
-                    .errors
-                    .push(format!("purge UDP flows of removed backends: {e}")),
-            }
-        }
+        let dropped: Vec<u32> = before.difference(&after).copied().collect();
+        self.release_backends(dropped, &mut counter, &mut st);
         st.writes = counter.writes;
         st
     }
@@ -851,9 +850,10 @@ mod tests {
     fn a_shared_endpoint_has_one_id_per_service_and_leaves_one_alone() {
         let mut maps = FakeMaps::default();
         let mut p = Programmer::adopt(&maps).unwrap();
+        // UDP: a removed backend's flows are purged (TCP ones keep theirs).
         let (a, b) = (
-            fe("198.19.0.10", 80, PROTO_TCP),
-            fe("198.19.0.11", 80, PROTO_TCP),
+            fe("198.19.0.10", 80, PROTO_UDP),
+            fe("198.19.0.11", 80, PROTO_UDP),
         );
         let mut d = Desired::from([
             (a, spec(&["198.18.1.2:8080"])),
@@ -930,6 +930,10 @@ mod tests {
         assert!(maps.violations.is_empty(), "{:?}", maps.violations);
         assert_eq!((st.services_changed, st.services_removed), (2, 1));
         assert_eq!((st.backends_added, st.backends_removed), (2, 2));
+        assert!(
+            maps.purged.is_empty(),
+            "TCP backends leave no flow to purge: no conntrack walk"
+        );
         assert!(maps.writes - writes < 20, "{} writes", maps.writes - writes);
         d.remove(&b);
         d.extend(changed);
