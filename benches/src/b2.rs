@@ -28,7 +28,7 @@ use weir_proxy::{
     model::Objects,
     observe::{Health, Metrics, Observed},
     program::Programmer,
-    topo::{tag, BpfMount, Node, Proc},
+    topo::{tag, BpfMount, Node, Proc, RunDir},
 };
 
 use crate::{
@@ -95,9 +95,7 @@ fn objects(svcs: &[Svc]) -> Result<Objects> {
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
     v.sort();
-    v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
-        .map(|d| d.as_secs_f64() * 1e3)
-        .unwrap_or(f64::NAN)
+    crate::b6::pct(v, p)
 }
 
 struct Row {
@@ -168,22 +166,11 @@ fn weir_through_api(svcs: &[Svc], dir: &Path) -> Result<ApiRun> {
     let _dp = Datapath::load(pins.clone())?;
     let mut maps = AyaMaps::open(&pins.maps())?;
     let mut programmer = Programmer::adopt(&maps)?;
-    let cfg = Config {
-        source: Source::Kube { kubeconfig: None },
-        bpffs: bpffs.path.clone(),
-        cgroup: None,
-        pod_if_prefixes: vec![],
-        netdevs: vec![],
-        ready_file: None,
-        once: false,
-        cni_socket: None,
-        node_name: Some("bench-node".into()),
-        pod_cidrs_file: dir.join("pod-cidrs.json"),
-        healthz_bind: None,
-        metrics_bind: None,
-        health_timeout: Duration::from_secs(60),
-        state_file: None,
-    };
+    let cfg = Config::bare(
+        Source::Kube { kubeconfig: None },
+        "bench-node",
+        dir.join("pod-cidrs.json"),
+    );
     let obs = Observed {
         health: Health::new(cfg.health_timeout),
         metrics: Metrics::new(),
@@ -341,9 +328,9 @@ pub fn run(weir: &Path, quick: bool) -> Result<String> {
     } else {
         &[10_000, 100_000]
     };
-    let dir = Path::new("/run").join(format!("weir-b2{}", tag()));
-    std::fs::create_dir_all(&dir)?;
-    let _cleanup = Cleanup(dir.clone());
+    // Declared first, dropped last: after the mounts inside it.
+    let run_dir = RunDir::create(&format!("/run/weir-b2{}", tag()))?;
+    let dir = run_dir.0.clone();
     let mut rows = Vec::new();
     for &n in sizes {
         eprintln!("B2: {n} services × {ENDPOINTS} endpoints: generating");
@@ -431,13 +418,4 @@ pub fn run(weir: &Path, quick: bool) -> Result<String> {
           after the watch event; cold load of 100 000 services faster than `nft -f`; agent RSS at \
           most 150 MiB at 10 000 services / 100 000 endpoints.\n";
     Ok(s)
-}
-
-/// Removes the bench's directory (inputs, pins) on the way out.
-struct Cleanup(std::path::PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -136,7 +136,7 @@ fn burst(sim: &Sim, p: &Plugin, pods: &[Netns], command: &str) -> Result<Vec<Dur
     })
 }
 
-fn pct(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn pct(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

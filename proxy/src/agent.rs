@@ -80,6 +80,30 @@ pub struct Config {
     pub state_file: Option<PathBuf>,
 }
 
+impl Config {
+    /// Programs `source` for the node `node_name`, and nothing else: no socket hooks, no
+    /// devices, no CNI socket, no HTTP servers, no report file. For tests and benches that
+    /// drive the agent's sync steps themselves; the podCIDRs go to `pod_cidrs_file`.
+    pub fn bare(source: Source, node_name: &str, pod_cidrs_file: PathBuf) -> Config {
+        Config {
+            source,
+            bpffs: PathBuf::new(),
+            cgroup: None,
+            pod_if_prefixes: vec![],
+            netdevs: vec![],
+            ready_file: None,
+            once: false,
+            cni_socket: None,
+            node_name: Some(node_name.into()),
+            pod_cidrs_file,
+            healthz_bind: None,
+            metrics_bind: None,
+            health_timeout: Duration::from_secs(60),
+            state_file: None,
+        }
+    }
+}
+
 pub fn pin_dir(bpffs: &Path) -> PinDir {
     PinDir(bpffs.join("weir"))
 }
@@ -429,12 +453,7 @@ fn write_pod_cidrs(path: &Path, pod_cidrs: Vec<String>) -> Result<()> {
     if fs::read_to_string(path).ok().as_deref() == Some(text.as_str()) {
         return Ok(());
     }
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, &text).with_context(|| format!("write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
+    write_atomically(path, text.as_bytes())?;
     info!(file = %path.display(), pod_cidrs = %text, "wrote the node's podCIDRs");
     Ok(())
 }

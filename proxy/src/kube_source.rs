@@ -32,7 +32,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::model::Objects;
+use crate::model::{Objects, SERVICE_NAME_LABEL};
 
 /// What the watches have seen, shared with their tasks.
 #[derive(Debug, Default)]
@@ -208,8 +208,6 @@ impl KubeSource {
         }
     }
 }
-
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 fn key(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,

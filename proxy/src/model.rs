@@ -86,7 +86,7 @@ impl Model {
     /// (`ns/name:port`), with the error.
     pub fn reports(&self, failed: &[(String, String)]) -> Vec<ServiceReport> {
         let mut by: BTreeMap<String, (Vec<String>, Vec<String>, bool)> = BTreeMap::new();
-        let svc = |name: &str| name.rsplit_once(':').map_or(name, |(s, _)| s).to_string();
+        let svc = |name: &str| service_of_port(name).to_string();
         for (fe, spec) in &self.desired {
             by.entry(svc(&spec.name))
                 .or_default()
@@ -242,7 +242,8 @@ fn proto(p: Option<&String>) -> Result<u8, String> {
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Label the EndpointSlice controller puts on the objects of headless services.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// What the model needs to know about the node it programs.

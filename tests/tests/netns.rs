@@ -909,17 +909,10 @@ fn the_agent_follows_the_kubernetes_api() {
     use serde_json::json;
     use weir_proxy::{
         fake_api::{Api, NODES, SERVICES, SLICES},
-        topo::{tag, BpfMount, Node, Proc},
+        topo::{tag, BpfMount, Node, Proc, RunDir},
     };
-    struct Dir(std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
     let t = format!("a{}", tag());
-    let dir = Dir(std::path::PathBuf::from(format!("/run/weir-{t}")));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = RunDir::create(&format!("/run/weir-{t}")).unwrap();
     let node = Node::create(&t).unwrap();
     let bpffs = BpfMount::create(&dir.0.join("bpffs")).unwrap();
     let slice = |ips: &[&str]| {
