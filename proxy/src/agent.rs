@@ -130,10 +130,10 @@ fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
 pub struct Synced {
     pub stats: crate::program::ApplyStats,
     pub frontends: usize,
-    /// Services not programmed, by reason.
-    pub skipped: BTreeMap<String, i64>,
+    /// Services not programmed, with why.
+    pub skipped: BTreeMap<String, String>,
     /// Objects (or parts) that could not be used.
-    pub problems: usize,
+    pub problems: Vec<model::Problem>,
     /// Per Service: programmed or not, and why.
     pub reports: Vec<model::ServiceReport>,
     /// What was programmed.
@@ -155,12 +155,7 @@ pub fn program_objects(
     let started = Instant::now();
     let m = model::build(objs, &model::NodeContext::of(objs, node_name));
     problems.extend(m.problems.iter().cloned());
-    for p in &problems {
-        warn!(object = %p.object, "skipped: {}", p.message);
-    }
-    for s in &m.skipped {
-        info!(service = %s.service, reason = %s.reason, "not programmed");
-    }
+    log_model(&problems, &m.skipped);
     let applying = Instant::now();
     let st = programmer.apply(&m.desired, w);
     let apply_took = applying.elapsed();
@@ -178,17 +173,18 @@ pub fn program_objects(
         took_us = started.elapsed().as_micros() as u64,
         "programmed"
     );
-    let mut skipped = BTreeMap::new();
-    for s in &m.skipped {
-        *skipped.entry(s.reason.clone()).or_insert(0) += 1;
-    }
+    let skipped = m
+        .skipped
+        .iter()
+        .map(|s| (s.service.clone(), s.reason.clone()))
+        .collect();
     Synced {
         reports: m.reports(&st.failed),
         frontends: m.desired.len(),
         desired: m.desired,
         stats: st,
         skipped,
-        problems: problems.len(),
+        problems,
         took: started.elapsed(),
         apply_took,
     }
@@ -215,14 +211,32 @@ fn sync(
     let r = program_objects(objs, problems, cfg.node_name.as_deref(), programmer, maps);
     let now = SystemTime::now();
     let m = &obs.metrics;
-    m.set_skipped(&r.skipped);
-    m.problems.set(r.problems as i64);
+    set_object_metrics(obs, &r.skipped, r.problems.len());
     m.observe_programmed(objs, now);
     record_sync(r.took, programmer, obs, now);
     if let Some(f) = &cfg.state_file {
         write_atomically(f, &serde_json::to_vec_pretty(&r.reports)?)?;
     }
     Ok(r)
+}
+
+fn log_model(problems: &[model::Problem], skipped: &[model::Skipped]) {
+    for p in problems {
+        warn!(object = %p.object, "skipped: {}", p.message);
+    }
+    for s in skipped {
+        info!(service = %s.service, reason = %s.reason, "not programmed");
+    }
+}
+
+/// The gauges of what is not programmed: services by reason, and problems.
+fn set_object_metrics(obs: &Observed, skipped: &BTreeMap<String, String>, problems: usize) {
+    let mut by_reason = BTreeMap::new();
+    for reason in skipped.values() {
+        *by_reason.entry(reason.clone()).or_insert(0) += 1;
+    }
+    obs.metrics.set_skipped(&by_reason);
+    obs.metrics.problems.set(problems as i64);
 }
 
 /// Metrics and health after any sync.
@@ -311,7 +325,15 @@ impl KubeSync {
             total: started.elapsed(),
             writes: r.stats.writes,
         };
+        let mut problems: BTreeMap<String, usize> = BTreeMap::new();
+        for p in &r.problems {
+            *problems
+                .entry(model::service_of(&p.object).unwrap_or_default().to_string())
+                .or_insert(0) += 1;
+        }
         self.incremental = Some(Incremental {
+            skipped: r.skipped,
+            problems,
             by_service: model::ByService::new(&r.desired),
             reports: r
                 .reports
@@ -327,6 +349,9 @@ impl KubeSync {
 #[derive(Default)]
 struct Incremental {
     by_service: model::ByService,
+    /// Skipped Services, with why; problems by Service (`""`: of no Service).
+    skipped: BTreeMap<String, String>,
+    problems: BTreeMap<String, usize>,
     reports: BTreeMap<String, model::ServiceReport>,
 }
 
@@ -350,12 +375,12 @@ fn sync_services(
             &objs,
             &model::NodeContext::of(&objs, cfg.node_name.as_deref()),
         );
-        for p in &m.problems {
-            warn!(object = %p.object, "skipped: {}", p.message);
-        }
+        log_model(&m.problems, &m.skipped);
+        inc.skipped.remove(svc);
         for s in &m.skipped {
-            info!(service = %s.service, reason = %s.reason, "not programmed");
+            inc.skipped.insert(s.service.clone(), s.reason.clone());
         }
+        inc.problems.insert(svc.clone(), m.problems.len());
         inc.reports.remove(svc);
         for r in m.reports(&[]) {
             inc.reports.insert(r.service.clone(), r);
@@ -391,6 +416,7 @@ fn sync_services(
     );
     let now = SystemTime::now();
     obs.metrics.observe_some(&slices, now);
+    set_object_metrics(obs, &inc.skipped, inc.problems.values().sum());
     record_sync(took, programmer, obs, now);
     if let Some(f) = &cfg.state_file {
         let all: Vec<&model::ServiceReport> = inc.reports.values().collect();

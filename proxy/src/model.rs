@@ -75,7 +75,7 @@ pub struct ServiceReport {
 
 /// The Service a problem's object belongs to: `Service ns/name[ port p]` or
 /// `EndpointSlice s of Service ns/name`.
-fn service_of(object: &str) -> Option<&str> {
+pub fn service_of(object: &str) -> Option<&str> {
     let rest = object.split("Service ").nth(1)?;
     Some(rest.split(' ').next().unwrap_or(rest))
 }

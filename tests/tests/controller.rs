@@ -181,6 +181,20 @@ async fn initial_list_then_watch_events_are_programmed() {
         programmed(&a.maps).contains_key("198.19.0.11:80")
     })
     .await;
+    // An incremental sync keeps the gauges of what is not programmed current.
+    api.apply(
+        SERVICES,
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "ext", "namespace": "demo"},
+            "spec": {"type": "ExternalName", "externalName": "example.org"}}),
+    );
+    a.until("ExternalName counted as skipped", |a| {
+        a.obs
+            .metrics
+            .render()
+            .contains("weir_objects_skipped{reason=\"ExternalName\"} 1\n")
+    })
+    .await;
     api.delete(SERVICES, "demo/web", true);
     a.until("web deleted", |a| {
         !programmed(&a.maps).contains_key("198.19.0.10:80")
