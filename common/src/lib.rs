@@ -8,20 +8,19 @@
 
 use core::mem::size_of;
 
-/// Layout version carried in every map name; bump it when a layout below changes.
-pub const LAYOUT_VERSION: u32 = 1;
-
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
 
 /// Map names as the kernel sees them (15 characters at most) and as pinned.
+/// Each ends in the version of its layout (`_V1`, `_V2`); a layout change bumps that map's
+/// version, so an upgraded agent starts a new map instead of adopting one it would misread.
 pub mod map_names {
     pub const SVC: &str = "LB_SVC_V1";
     pub const BACKENDS: &str = "LB_BE_V1";
     pub const MAGLEV: &str = "LB_MAGLEV_V1";
     pub const AFFINITY: &str = "LB_AFF_V1";
-    pub const CT: &str = "CT_V1";
+    pub const CT: &str = "CT_V2";
     pub const SOCK_REV: &str = "LB_SKREV_V1";
     pub const SOCK_FWD: &str = "LB_SKFWD_V1";
     pub const STATS: &str = "STATS_V1";
@@ -190,21 +189,36 @@ pub const CT_DIR_FORWARD: u8 = 0;
 /// Reply entry (backend → client): rewrite the source to `nat_addr:nat_port` (the VIP).
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// Hairpin flow (the client is its own backend): the source is rewritten to the VIP as well.
+/// Hairpin flow (the client is its own backend): the source is rewritten to the VIP as well
+/// (forward: the source becomes `peer`; reply: the destination becomes `peer`).
 pub const CT_F_HAIRPIN: u8 = 1 << 0;
 /// A FIN or RST was seen; the entry lives `CT_LIFETIME_CLOSING_NS` more.
 pub const CT_F_CLOSING: u8 = 1 << 1;
+/// Source-NATed flow (external traffic to an endpoint on another node): forward packets leave
+/// from `peer` (a node address and a port of `SNAT_PORTS`); replies go back to `peer` (the
+/// client).
+pub const CT_F_SNAT: u8 = 1 << 2;
+
+/// The ports source NAT hands out, above Linux's default ephemeral range (32768–60999) so that
+/// they do not meet the node's own connections.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_COUNT: u32 = 65_536 - SNAT_PORT_MIN as u32;
+/// Random ports tried before a new flow is dropped for want of one.
+pub const SNAT_TRIES: u32 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
     pub nat_addr: Addr,
+    /// The other side's rewrite, for hairpin and source-NATed flows (see `CT_F_SNAT`).
+    pub peer_addr: Addr,
     pub nat_port: u16,
+    pub peer_port: u16,
     pub dir: u8,
     pub flags: u8,
+    pub _pad: u16,
     pub backend_id: u32,
     pub svc_id: u32,
-    pub _pad: u32,
     pub expires_ns: u64,
 }
 
@@ -259,9 +273,19 @@ pub enum Stat {
     DropNoLocalBackend,
     /// The same, seen by the socket hooks.
     SockDropNoLocalBackend,
+    /// A new external flow to an endpoint on another node, source-NATed.
+    SnatNew,
+    /// A new external flow dropped: no free SNAT port towards its endpoint.
+    DropSnatNoPort,
+    /// A packet the program routed itself: one whose source it rewrote (replies, hairpin and
+    /// source-NATed flows). Its new source may be an address of the node (a NodePort, the SNAT
+    /// address), which the kernel's input path would drop as a martian.
+    Routed,
+    /// A packet to route whose FIB lookup failed: left to the kernel.
+    RouteFallback,
 }
 
-pub const STAT_COUNT: u32 = Stat::SockDropNoLocalBackend as u32 + 1;
+pub const STAT_COUNT: u32 = Stat::RouteFallback as u32 + 1;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_no_service",
@@ -287,6 +311,10 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_conntrack_insert",
     "drop_no_local_backend",
     "sock_drop_no_local_backend",
+    "snat_new",
+    "drop_snat_no_port",
+    "routed",
+    "route_fallback",
 ];
 
 const _: () = {
@@ -298,7 +326,7 @@ const _: () = {
     assert!(size_of::<AffinityKey>() == 24);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<CtKey>() == 40);
-    assert!(size_of::<CtValue>() == 40);
+    assert!(size_of::<CtValue>() == 56);
     assert!(size_of::<SockKey>() == 32);
     assert!(size_of::<SockValue>() == 24);
 };

@@ -8,6 +8,7 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod route;
 mod sock;
 mod tc;
 

@@ -22,7 +22,7 @@ pub static MAGLEV: HashMap<u32, MaglevTable> =
 #[map(name = "LB_AFF_V1")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
 
-#[map(name = "CT_V1")]
+#[map(name = "CT_V2")]
 pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CT, 0);
 
 #[map(name = "LB_SKREV_V1")]
@@ -42,6 +42,10 @@ pub struct Scratch {
     pub rev: CtValue,
     /// The ICMP error being built by the reject path.
     pub icmp: [u8; 112],
+    /// FIB lookup parameters and result (see `route`).
+    pub fib: aya_ebpf::bindings::bpf_fib_lookup,
+    /// The next hop handed to the neighbour table.
+    pub nh: aya_ebpf::bindings::bpf_redir_neigh,
 }
 
 #[map(name = "SCRATCH_V1")]

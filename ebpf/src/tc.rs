@@ -1,6 +1,10 @@
 //! The per-packet path shared by `tc_from_pod` and `tc_from_netdev`: conntrack first (one
 //! lookup serves both directions), then the service lookup for new flows.
-use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_OK},
+    helpers::bpf_get_prandom_u32,
+    programs::TcContext,
+};
 use weir_common::*;
 
 use crate::{
@@ -9,6 +13,7 @@ use crate::{
     nat::{rewrite, Change},
     parse::{parse_out_of_line, Packet, TCP_FIN, TCP_RST},
     reject::reject,
+    route::{backend_is_behind_ingress, fib_src, route},
 };
 
 const TC_ACT_SHOT: i32 = 2;
@@ -92,39 +97,65 @@ fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat
                     e.expires_ns = want;
                 }
             }
-            let (nat_addr, nat_port, dir, hairpin) =
-                (e.nat_addr, e.nat_port, e.dir, e.flags & CT_F_HAIRPIN != 0);
-            if dir == CT_DIR_FORWARD {
-                let src = if hairpin {
-                    Change::new(&p.src, &p.dst, p.sport, p.sport)
+            let (nat_addr, nat_port, dir) = (e.nat_addr, e.nat_port, e.dir);
+            let (peer, peer_addr, peer_port) = (
+                e.flags & (CT_F_HAIRPIN | CT_F_SNAT) != 0,
+                e.peer_addr,
+                e.peer_port,
+            );
+            let (src, dst) = if dir == CT_DIR_FORWARD {
+                let src = if peer {
+                    Change::new(&p.src, &peer_addr, p.sport, peer_port)
                 } else {
                     Change::none()
                 };
-                let dst = Change::new(&p.dst, &nat_addr, p.dport, nat_port);
-                rewrite(ctx, p, &src, &dst)?;
-                count(Stat::DnatEstablished);
+                (src, Change::new(&p.dst, &nat_addr, p.dport, nat_port))
             } else {
-                let dst = if hairpin {
-                    Change::new(&p.dst, &p.src, p.dport, p.dport)
+                let dst = if peer {
+                    Change::new(&p.dst, &peer_addr, p.dport, peer_port)
                 } else {
                     Change::none()
                 };
-                let src = Change::new(&p.src, &nat_addr, p.sport, nat_port);
-                rewrite(ctx, p, &src, &dst)?;
-                count(Stat::RevNat);
+                (Change::new(&p.src, &nat_addr, p.sport, nat_port), dst)
+            };
+            rewrite(ctx, p, &src, &dst)?;
+            count(if dir == CT_DIR_FORWARD {
+                Stat::DnatEstablished
+            } else {
+                Stat::RevNat
+            });
+            // A packet whose source was rewritten is routed here (see `route`).
+            if src.on {
+                return Ok(route(ctx, s));
             }
             return Ok(TC_ACT_OK as i32);
         }
     }
 
-    Ok(new_flow(ctx, s, external))
+    // The steps of a new flow are out of line and called one after the other from here, never
+    // from each other: the verifier sums the stack frames of a call chain (512 bytes at most).
+    match new_flow(s, external) {
+        NEXT_REJECT => Ok(reject(ctx, s)),
+        NEXT_COMMIT => Ok(commit_new_flow(ctx, s, false)),
+        NEXT_COMMIT_MAY_SNAT => Ok(commit_new_flow(ctx, s, true)),
+        verdict => Ok(verdict),
+    }
 }
 
+/// What `new_flow` leaves to its caller, besides a final verdict.
+const NEXT_REJECT: i32 = 100;
+/// The backend is chosen (`s.fwd`): write the flow's entries and rewrite the packet.
+const NEXT_COMMIT: i32 = 101;
+/// The same, for external traffic any endpoint may serve: source NAT if the backend is
+/// elsewhere.
+const NEXT_COMMIT_MAY_SNAT: i32 = 102;
+
 /// A packet with no live conntrack entry: a new flow to a service, or not ours at all.
-/// Out of line (its own stack frame), so it returns a plain verdict and counts its own drops.
+/// Out of line (its own stack frame), so it returns a plain verdict or a `NEXT_` step, and
+/// counts its own drops.
 #[inline(never)]
-fn new_flow(ctx: &TcContext, s: &mut Scratch, external: bool) -> i32 {
-    match try_new_flow(ctx, s, external) {
+fn new_flow(s: &mut Scratch, external: bool) -> i32 {
+    match try_new_flow(s, external) {
         Ok(v) => v,
         Err(stat) => {
             count(stat);
@@ -134,7 +165,7 @@ fn new_flow(ctx: &TcContext, s: &mut Scratch, external: bool) -> i32 {
 }
 
 #[inline(always)]
-fn try_new_flow(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat> {
+fn try_new_flow(s: &mut Scratch, external: bool) -> Result<i32, Stat> {
     let p = &s.pkt;
     let service = if !p.v6 && !maybe_service(&p.dst) {
         None
@@ -169,52 +200,146 @@ fn try_new_flow(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32,
             count(Stat::DropNoLocalBackend);
             return Ok(TC_ACT_SHOT);
         }
-        return Ok(reject(ctx, s));
+        return Ok(NEXT_REJECT);
     }
     let now = now_ns();
     let hash = flow_hash(&p.src, p.sport, p.proto);
     let (backend_id, be) = select_backend(&p.dst, p.dport, p.proto, scope, &master, &p.src, hash)?;
-    let hairpin = be.addr == p.src;
     let closing = p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let hairpin = be.addr == p.src;
     s.fwd = CtValue {
         nat_addr: be.addr,
+        // Hairpin: the source becomes the VIP; source NAT replaces it below.
+        peer_addr: p.dst,
         nat_port: be.port,
+        peer_port: p.sport,
         dir: CT_DIR_FORWARD,
         flags: if hairpin { CT_F_HAIRPIN } else { 0 },
+        _pad: 0,
         backend_id,
         svc_id: master.svc_id,
-        _pad: 0,
         expires_ns: now + lifetime(p, closing),
     };
-    // The reply comes from the backend to the client, or, for a hairpin flow, to the VIP that
-    // became the source.
+    Ok(if external && scope == SCOPE_ALL && !hairpin {
+        NEXT_COMMIT_MAY_SNAT
+    } else {
+        NEXT_COMMIT
+    })
+}
+
+/// Writes the conntrack entries of the new flow `s.fwd` describes (backend chosen) and
+/// rewrites its first packet. Out of line, with its own stack frame; counts its own drops.
+#[inline(never)]
+fn commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> i32 {
+    match try_commit_new_flow(ctx, s, may_snat) {
+        Ok(v) => v,
+        Err(stat) => {
+            count(stat);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn try_commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> Result<i32, Stat> {
+    // External traffic any endpoint may serve (not a `Local` policy's), to an endpoint the
+    // node reaches back out of the device the traffic came in on: one on another node. Its
+    // replies would go from there straight to the client, who expects them from the frontend.
+    // As kube-proxy masquerades it, the source becomes the node's address on that route and a
+    // port of `SNAT_PORT_MIN..`. An endpoint on this node sees the client's own address.
+    let snat = may_snat && backend_is_behind_ingress(ctx, s);
+    if snat {
+        s.fwd.flags |= CT_F_SNAT;
+        s.fwd.peer_addr = fib_src(s);
+    }
+    let rewrites_source = s.fwd.flags & (CT_F_HAIRPIN | CT_F_SNAT) != 0;
+    // The reply comes from the backend to the client, or to the source the client was given
+    // (the VIP for a hairpin flow, the node's address for a source-NATed one). It leaves from
+    // the frontend, to the client.
     s.reply_key = CtKey {
-        src: be.addr,
-        dst: if hairpin { p.dst } else { p.src },
-        sport: be.port,
-        dport: p.sport,
-        proto: p.proto,
+        src: s.fwd.nat_addr,
+        dst: if rewrites_source {
+            s.fwd.peer_addr
+        } else {
+            s.fwd_key.src
+        },
+        sport: s.fwd.nat_port,
+        dport: s.fwd_key.sport,
+        proto: s.fwd_key.proto,
         _pad: [0; 3],
     };
     s.rev = s.fwd;
-    s.rev.nat_addr = p.dst;
-    s.rev.nat_port = p.dport;
+    s.rev.nat_addr = s.fwd_key.dst;
+    s.rev.nat_port = s.fwd_key.dport;
+    s.rev.peer_addr = s.fwd_key.src;
+    s.rev.peer_port = s.fwd_key.sport;
     s.rev.dir = CT_DIR_REPLY;
     // Reply entry first: once the forward entry exists, the reply can come back.
-    CT.insert(&s.reply_key, &s.rev, 0)
-        .map_err(|_| Stat::DropConntrackInsert)?;
+    if snat {
+        let port = claim_snat_port(s, now_ns());
+        if port == 0 {
+            return Err(Stat::DropSnatNoPort);
+        }
+        s.fwd.peer_port = port as u16;
+    } else {
+        CT.insert(&s.reply_key, &s.rev, 0)
+            .map_err(|_| Stat::DropConntrackInsert)?;
+    }
     CT.insert(&s.fwd_key, &s.fwd, 0)
         .map_err(|_| Stat::DropConntrackInsert)?;
-    let src = if hairpin {
-        Change::new(&p.src, &p.dst, p.sport, p.sport)
+    let src = if rewrites_source {
+        Change::new(
+            &s.fwd_key.src,
+            &s.fwd.peer_addr,
+            s.fwd_key.sport,
+            s.fwd.peer_port,
+        )
     } else {
         Change::none()
     };
-    let dst = Change::new(&p.dst, &be.addr, p.dport, be.port);
-    rewrite(ctx, p, &src, &dst)?;
-    if hairpin {
+    let dst = Change::new(
+        &s.fwd_key.dst,
+        &s.fwd.nat_addr,
+        s.fwd_key.dport,
+        s.fwd.nat_port,
+    );
+    rewrite(ctx, &s.pkt, &src, &dst)?;
+    if s.fwd.flags & CT_F_HAIRPIN != 0 {
         count(Stat::Hairpin);
     }
+    if snat {
+        count(Stat::SnatNew);
+    }
     count(Stat::DnatNew);
+    if rewrites_source {
+        return Ok(route(ctx, s));
+    }
     Ok(TC_ACT_OK as i32)
+}
+
+/// Claims a free source port towards the endpoint for a source-NATed flow by writing the reply
+/// entry (`s.reply_key`, `s.rev`) with it. A port is free when no entry holds it, or only one
+/// that expired. Returns the port in network byte order, or 0 when `SNAT_TRIES` random ports
+/// were all taken.
+#[inline(never)]
+fn claim_snat_port(s: &mut Scratch, now: u64) -> u32 {
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        // SAFETY: a helper without arguments.
+        let r = unsafe { bpf_get_prandom_u32() };
+        let port =
+            (SNAT_PORT_MIN as u32 + ((r as u64 * SNAT_PORT_COUNT as u64) >> 32) as u32) as u16;
+        s.reply_key.dport = port.to_be();
+        if CT.insert(&s.reply_key, &s.rev, BPF_NOEXIST as u64).is_ok() {
+            return port.to_be() as u32;
+        }
+        if let Some(e) = CT.get_ptr(&s.reply_key) {
+            // SAFETY: an LRU value pointer stays valid for this program run.
+            if unsafe { (*e).expires_ns } <= now && CT.insert(&s.reply_key, &s.rev, 0).is_ok() {
+                return port.to_be() as u32;
+            }
+        }
+        i += 1;
+    }
+    0
 }

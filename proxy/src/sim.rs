@@ -38,6 +38,8 @@ pub struct Options {
 // Field order is drop order.
 pub struct Sim {
     pub tag: String,
+    /// Node uplinks the agent attaches `tc_from_netdev` to when it (re)starts; none at first.
+    pub netdevs: Vec<String>,
     agent: Option<Proc>,
     echo: Vec<Proc>,
     pub cgroup: Cgroup,
@@ -59,6 +61,7 @@ impl Sim {
         let cgroup = Cgroup::create(&format!("weir-{tag}"))?;
         let mut sim = Sim {
             tag,
+            netdevs: Vec::new(),
             agent: None,
             echo: Vec::new(),
             cgroup,
@@ -174,6 +177,9 @@ impl Sim {
             )
             .stdout(log.try_clone()?)
             .stderr(log);
+        for dev in &self.netdevs {
+            cmd.arg("--netdev").arg(dev);
+        }
         if self.opts.socket_lb {
             cmd.arg("--cgroup").arg(&self.cgroup.path);
         } else {

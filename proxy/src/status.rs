@@ -30,6 +30,9 @@ pub struct CtEntry {
     pub flow: String,
     pub direction: &'static str,
     pub nat: String,
+    /// The other side's rewrite (hairpin and source-NATed flows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
     pub flags: Vec<&'static str>,
 }
 
@@ -131,6 +134,9 @@ pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
             if v.flags & CT_F_CLOSING != 0 {
                 flags.push("closing");
             }
+            if v.flags & weir_common::CT_F_SNAT != 0 {
+                flags.push("snat");
+            }
             conntrack.push(CtEntry {
                 flow: format!(
                     "{} {} -> {}",
@@ -144,6 +150,8 @@ pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
                     "reply"
                 },
                 nat: fmt_addr(&v.nat_addr, v.nat_port),
+                peer: (v.flags & (CT_F_HAIRPIN | weir_common::CT_F_SNAT) != 0)
+                    .then(|| fmt_addr(&v.peer_addr, v.peer_port)),
                 flags,
             });
         }
@@ -229,10 +237,14 @@ pub fn render(s: &Status) -> String {
     for c in &s.conntrack {
         let _ = writeln!(
             o,
-            "  {:<7} {}  nat {} {}",
+            "  {:<7} {}  nat {}{} {}",
             c.direction,
             c.flow,
             c.nat,
+            c.peer
+                .as_deref()
+                .map(|p| format!(" peer {p}"))
+                .unwrap_or_default(),
             c.flags.join(",")
         );
     }

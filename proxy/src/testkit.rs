@@ -7,7 +7,7 @@ use crate::{
     loader::{Datapath, PinDir},
     maps::{open_typed, AyaMaps},
     program::{ApplyStats, Desired, Programmer},
-    topo::{tag, BpfMount, RunDir},
+    topo::{enter, tag, BpfMount, Netns, RunDir},
 };
 use anyhow::{Context, Result};
 use aya::{
@@ -25,6 +25,18 @@ pub const OK: u32 = 0;
 pub const SHOT: u32 = 2;
 pub const REDIRECT: u32 = 7;
 
+/// The fixture namespace's routing table: the node's uplink `up0` (the node at `NODE4` and
+/// `NODE6`, other nodes' pods in `REMOTE_PODS4` and `REMOTE_PODS6` behind it, and external
+/// clients on its subnets), and `pods0`, behind which the pods of this node live (198.18.1.0/24,
+/// fd00:18::/64). Packets run with `run` enter on `lo`, with `run_on` on the device named.
+pub const UPLINK: &str = "up0";
+pub const NODE4: &str = "198.18.0.1";
+pub const NODE6: &str = "fd00:17::1";
+pub const REMOTE_POD4: &str = "198.18.2.5";
+pub const REMOTE_POD6: &str = "fd00:2::5";
+pub const EXTERNAL4: &str = "198.18.0.99";
+pub const EXTERNAL6: &str = "fd00:17::99";
+
 // Field order is drop order: programs and maps before the bpffs they are pinned on.
 pub struct Harness {
     pub dp: Datapath,
@@ -32,6 +44,18 @@ pub struct Harness {
     pub programmer: Programmer,
     _bpffs: BpfMount,
     _dir: RunDir,
+    /// The namespace the programs run in (see `UPLINK`); this thread is in it while the
+    /// harness lives.
+    pub ns: Netns,
+    home: std::fs::File,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Err(e) = nix::sched::setns(&self.home, nix::sched::CloneFlags::CLONE_NEWNET) {
+            eprintln!("weir: could not leave the fixture namespace: {e}");
+        }
+    }
 }
 
 impl Harness {
@@ -42,13 +66,53 @@ impl Harness {
         let dp = Datapath::load(pins.clone())?;
         let maps = AyaMaps::open(&pins.maps())?;
         let programmer = Programmer::adopt(&maps)?;
+        let home = std::fs::File::open("/proc/thread-self/ns/net").context("open own namespace")?;
+        let ns = Netns::create(&format!("weir-fx{}", tag()))?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        for (dev, cmds) in [
+            (
+                UPLINK,
+                vec![
+                    vec!["addr", "add", "198.18.0.1/24"],
+                    vec!["-6", "addr", "add", "fd00:17::1/64", "nodad"],
+                    vec!["route", "add", "198.18.2.0/24", "via", "198.18.0.2"],
+                    vec!["-6", "route", "add", "fd00:2::/64", "via", "fd00:17::2"],
+                ],
+            ),
+            (
+                "pods0",
+                vec![
+                    vec!["route", "add", "198.18.1.0/24"],
+                    vec!["-6", "route", "add", "fd00:18::/64"],
+                ],
+            ),
+        ] {
+            // Veth pairs (no dummy module here); the peers stay unused.
+            let peer = format!("{dev}p");
+            ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", &peer])?;
+            ns.ip(&["link", "set", &peer, "up"])?;
+            ns.ip(&["link", "set", dev, "up"])?;
+            for mut c in cmds {
+                c.extend(["dev", dev]);
+                ns.ip(&c)?;
+            }
+        }
+        enter(&ns.path())?;
         Ok(Harness {
             dp,
             maps,
             programmer,
             _bpffs: bpffs,
             _dir: dir,
+            ns,
+            home,
         })
+    }
+
+    /// The index of a device of the fixture namespace.
+    pub fn ifindex(&self, dev: &str) -> u32 {
+        nix::net::if_::if_nametoindex(dev).unwrap_or_else(|e| panic!("no device {dev}: {e}"))
     }
 
     /// The run directory (under /run) holding the bpffs this harness mounted.
@@ -76,13 +140,25 @@ impl Harness {
             .expect("a classifier")
     }
 
-    /// Runs `frame` through `prog` once: the verdict and the frame it leaves.
+    /// Runs `frame` through `prog` once, entering on `lo`: the verdict and the frame it
+    /// leaves.
     pub fn run(&mut self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run_on(prog, frame, 1)
+    }
+
+    /// Runs `frame` through `prog` once, entering on device `ifindex`.
+    pub fn run_on(&mut self, prog: &str, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        // `struct __sk_buff` up to `ifindex` (offset 40); every other field zero.
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let p = self.classifier(prog);
         let mut out = vec![0u8; frame.len() + 256];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.data_out = Some(&mut out);
+        if ifindex > 1 {
+            opts.ctx_in = Some(&ctx);
+        }
         let r = p.test_run(opts).expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)

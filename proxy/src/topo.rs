@@ -477,6 +477,43 @@ impl Node {
     }
 }
 
+/// A shared link-layer segment: a bridge in its own namespace `weir-<tag>-lan`, which other
+/// namespaces join through a veth each (the uplinks of nodes, an outside client).
+#[derive(Debug)]
+pub struct Lan {
+    pub ns: Netns,
+    ports: u32,
+}
+
+impl Lan {
+    pub fn create(tag: &str) -> Result<Self> {
+        let ns = Netns::create(&format!("weir-{tag}-lan"))?;
+        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        Ok(Lan { ns, ports: 0 })
+    }
+
+    /// Gives `ns` a device `dev` on the segment with addresses `addrs` (CIDR notation).
+    pub fn join(&mut self, ns: &Netns, dev: &str, addrs: &[&str]) -> Result<()> {
+        let port = format!("p{}", self.ports);
+        self.ports += 1;
+        self.ns.ip(&[
+            "link", "add", &port, "type", "veth", "peer", "name", dev, "netns", &ns.name,
+        ])?;
+        self.ns.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        ns.sysctl(&format!("net.ipv6.conf.{dev}.accept_dad"), "0")?;
+        ns.ip(&["link", "set", dev, "up"])?;
+        for a in addrs {
+            if a.contains(':') {
+                ns.ip(&["-6", "addr", "add", a, "dev", dev, "nodad"])?;
+            } else {
+                ns.ip(&["addr", "add", a, "dev", dev])?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A cgroup (v2) created for one run, removed on drop once empty.
 #[derive(Debug)]
 pub struct Cgroup {

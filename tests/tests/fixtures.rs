@@ -105,7 +105,13 @@ fn run_case(name: &str, desired: Desired, steps: Vec<Step>) -> Harness {
     h.program(&desired);
     for (i, s) in steps.into_iter().enumerate() {
         let before = h.stats();
-        let (verdict, out) = h.run(s.prog, &s.input);
+        // The uplink program sees packets entering on the uplink.
+        let ingress = if s.prog == TC_FROM_NETDEV {
+            h.ifindex(UPLINK)
+        } else {
+            1
+        };
+        let (verdict, out) = h.run_on(s.prog, &s.input, ingress);
         let after = h.stats();
         assert_eq!(verdict, s.verdict, "{name} step {i}: verdict");
         let want = match &s.out {
@@ -200,7 +206,7 @@ fixtures! {
     ]);
     lb4_clusterip_tcp_reply_revnat => (services(), vec![
         step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
-        step(tcp(BE4, 8080, CLI4, 40000, Tcp::Ack), OK, Out::Exact(tcp(VIP4, 80, CLI4, 40000, Tcp::Ack)), &[(Stat::RevNat, 1)]),
+        step(tcp(BE4, 8080, CLI4, 40000, Tcp::Ack), REDIRECT, Out::Exact(tcp(VIP4, 80, CLI4, 40000, Tcp::Ack)), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
     ]);
     lb4_clusterip_tcp_reply_of_other_flow_untouched => (services(), vec![
         step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
@@ -211,7 +217,7 @@ fixtures! {
     ]);
     lb4_clusterip_udp_both_ways => (services(), vec![
         step(udp(CLI4, 40000, VIP4, 53, b"7"), OK, Out::Exact(udp(CLI4, 40000, BE4, 5353, b"7")), &[(Stat::DnatNew, 1)]),
-        step(udp(BE4, 5353, CLI4, 40000, b"be-1 7"), OK, Out::Exact(udp(VIP4, 53, CLI4, 40000, b"be-1 7")), &[(Stat::RevNat, 1)]),
+        step(udp(BE4, 5353, CLI4, 40000, b"be-1 7"), REDIRECT, Out::Exact(udp(VIP4, 53, CLI4, 40000, b"be-1 7")), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
         step(udp(CLI4, 40000, VIP4, 53, b"8"), OK, Out::Exact(udp(CLI4, 40000, BE4, 5353, b"8")), &[(Stat::DnatEstablished, 1)]),
     ]);
     lb4_clusterip_udp_zero_checksum_kept => (services(), vec![
@@ -224,11 +230,11 @@ fixtures! {
     lb6_clusterip_tcp_reply_revnat => (services(), vec![
         step(tcp(CLI6, 40000, VIP6, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI6, 40000, BE6, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
         step(tcp(CLI6, 40000, VIP6, 80, Tcp::Ack), OK, Out::Exact(tcp(CLI6, 40000, BE6, 8080, Tcp::Ack)), &[(Stat::DnatEstablished, 1)]),
-        step(tcp(BE6, 8080, CLI6, 40000, Tcp::Ack), OK, Out::Exact(tcp(VIP6, 80, CLI6, 40000, Tcp::Ack)), &[(Stat::RevNat, 1)]),
+        step(tcp(BE6, 8080, CLI6, 40000, Tcp::Ack), REDIRECT, Out::Exact(tcp(VIP6, 80, CLI6, 40000, Tcp::Ack)), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
     ]);
     lb6_clusterip_udp_both_ways => (services(), vec![
         step(udp(CLI6, 40000, VIP6, 53, b"7"), OK, Out::Exact(udp(CLI6, 40000, BE6, 5353, b"7")), &[(Stat::DnatNew, 1)]),
-        step(udp(BE6, 5353, CLI6, 40000, b"be-1 7"), OK, Out::Exact(udp(VIP6, 53, CLI6, 40000, b"be-1 7")), &[(Stat::RevNat, 1)]),
+        step(udp(BE6, 5353, CLI6, 40000, b"be-1 7"), REDIRECT, Out::Exact(udp(VIP6, 53, CLI6, 40000, b"be-1 7")), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
     ]);
     lb4_unknown_port_passes => (services(), vec![
         step(tcp(CLI4, 40000, VIP4, 81, Tcp::Syn), OK, Out::Same, &[(Stat::PassNoService, 1)]),
@@ -260,10 +266,10 @@ fixtures! {
         (d, vec![
             // The pod reaches itself through its service: the source becomes the VIP, or the
             // pod's kernel would drop a packet from its own address arriving from outside.
-            step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(VIP4, 40000, CLI4, 8080, Tcp::Syn)),
-                 &[(Stat::DnatNew, 1), (Stat::Hairpin, 1)]),
-            step(tcp(CLI4, 8080, VIP4, 40000, Tcp::Ack), OK, Out::Exact(tcp(VIP4, 80, CLI4, 40000, Tcp::Ack)), &[(Stat::RevNat, 1)]),
-            step(tcp(CLI4, 40000, VIP4, 80, Tcp::Ack), OK, Out::Exact(tcp(VIP4, 40000, CLI4, 8080, Tcp::Ack)), &[(Stat::DnatEstablished, 1)]),
+            step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), REDIRECT, Out::Exact(tcp(VIP4, 40000, CLI4, 8080, Tcp::Syn)),
+                 &[(Stat::DnatNew, 1), (Stat::Hairpin, 1), (Stat::Routed, 1)]),
+            step(tcp(CLI4, 8080, VIP4, 40000, Tcp::Ack), REDIRECT, Out::Exact(tcp(VIP4, 80, CLI4, 40000, Tcp::Ack)), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
+            step(tcp(CLI4, 40000, VIP4, 80, Tcp::Ack), REDIRECT, Out::Exact(tcp(VIP4, 40000, CLI4, 8080, Tcp::Ack)), &[(Stat::DnatEstablished, 1), (Stat::Routed, 1)]),
         ])
     };
     lb4_syn_on_a_closed_flow_is_a_new_flow => (services(), vec![
@@ -655,14 +661,207 @@ fn lb4_affinity_ends_when_the_backend_leaves_the_service() {
     );
 }
 
+/// Runs one frame entering on `dev`: the verdict, the frame that leaves and the counters that
+/// moved.
+fn step_on(
+    h: &mut Harness,
+    prog: &str,
+    frame: &[u8],
+    dev: &str,
+) -> (u32, Vec<u8>, Vec<&'static str>) {
+    let before = h.stats();
+    let ingress = if dev == "lo" { 1 } else { h.ifindex(dev) };
+    let (verdict, out) = h.run_on(prog, frame, ingress);
+    let moved = h
+        .stats()
+        .iter()
+        .zip(&before)
+        .enumerate()
+        .flat_map(|(i, (a, b))| std::iter::repeat_n(weir_common::STAT_NAMES[i], (a - b) as usize))
+        .collect();
+    (verdict, out, moved)
+}
+
+/// The TCP source port of an Ethernet frame.
+fn tcp_sport(frame: &[u8]) -> u16 {
+    let l4 = if frame[12..14] == [0x86, 0xdd] {
+        14 + 40
+    } else {
+        14 + 20
+    };
+    u16::from_be_bytes([frame[l4], frame[l4 + 1]])
+}
+
+fn nodeport(node: &str, backend: &str) -> Desired {
+    Desired::from([(
+        fe(node, 30080, PROTO_TCP),
+        ServiceSpec {
+            name: "demo/np:http".into(),
+            backends: vec![SocketAddr::new(backend.parse().unwrap(), 8080)],
+            ..Default::default()
+        },
+    )])
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn external_traffic_to_an_endpoint_on_another_node_is_source_nated() {
+    for (node, ext, remote) in [
+        (NODE4, EXTERNAL4, REMOTE_POD4),
+        (NODE6, EXTERNAL6, REMOTE_POD6),
+    ] {
+        let mut h = Harness::new().unwrap();
+        h.program(&nodeport(node, remote));
+        // The client's SYN leaves by the uplink it came in on, from the node's address and a
+        // port of the SNAT range, routed by the program itself (the kernel would drop a packet
+        // arriving with a local source).
+        let (v, out, moved) = step_on(
+            &mut h,
+            TC_FROM_NETDEV,
+            &tcp(ext, 40000, node, 30080, Tcp::Syn),
+            UPLINK,
+        );
+        let port = tcp_sport(&out);
+        assert!(
+            port >= weir_common::SNAT_PORT_MIN,
+            "{node}: SNAT port {port}"
+        );
+        assert_eq!(v, REDIRECT, "{node}: SYN verdict");
+        assert!(
+            out == tcp(node, port, remote, 8080, Tcp::Syn),
+            "{node}: SYN\n{}",
+            hexdiff(&out, &tcp(node, port, remote, 8080, Tcp::Syn))
+        );
+        assert_eq!(
+            moved,
+            ["dnat_new", "snat_new", "routed"],
+            "{node}: SYN counters"
+        );
+        // The endpoint's reply comes back to that address and port: it leaves from the
+        // NodePort, to the client.
+        let (v, out, moved) = step_on(
+            &mut h,
+            TC_FROM_NETDEV,
+            &tcp(remote, 8080, node, port, Tcp::Ack),
+            UPLINK,
+        );
+        assert_eq!(v, REDIRECT, "{node}: reply verdict");
+        assert!(
+            out == tcp(node, 30080, ext, 40000, Tcp::Ack),
+            "{node}: reply\n{}",
+            hexdiff(&out, &tcp(node, 30080, ext, 40000, Tcp::Ack))
+        );
+        assert_eq!(moved, ["rev_nat", "routed"], "{node}: reply counters");
+        // The rest of the client's flow keeps the port.
+        let (v, out, moved) = step_on(
+            &mut h,
+            TC_FROM_NETDEV,
+            &tcp(ext, 40000, node, 30080, Tcp::Ack),
+            UPLINK,
+        );
+        assert_eq!(v, REDIRECT, "{node}: established verdict");
+        assert!(
+            out == tcp(node, port, remote, 8080, Tcp::Ack),
+            "{node}: established\n{}",
+            hexdiff(&out, &tcp(node, port, remote, 8080, Tcp::Ack))
+        );
+        assert_eq!(
+            moved,
+            ["dnat_established", "routed"],
+            "{node}: established counters"
+        );
+        // Every other client flow gets a port of its own towards the same endpoint.
+        let mut ports = std::collections::BTreeSet::from([port]);
+        for sport in 40001..40033 {
+            let (_, out, _) = step_on(
+                &mut h,
+                TC_FROM_NETDEV,
+                &tcp(ext, sport, node, 30080, Tcp::Syn),
+                UPLINK,
+            );
+            assert!(
+                ports.insert(tcp_sport(&out)),
+                "{node}: SNAT port {} handed out twice",
+                tcp_sport(&out)
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn external_traffic_to_an_endpoint_on_this_node_keeps_the_client_address() {
+    let mut h = Harness::new().unwrap();
+    h.program(&nodeport(NODE4, BE4));
+    // Forwarded by the kernel to the pod, with the client's address.
+    let (v, out, moved) = step_on(
+        &mut h,
+        TC_FROM_NETDEV,
+        &tcp(EXTERNAL4, 40000, NODE4, 30080, Tcp::Syn),
+        UPLINK,
+    );
+    assert_eq!(v, OK);
+    assert!(
+        out == tcp(EXTERNAL4, 40000, BE4, 8080, Tcp::Syn),
+        "SYN\n{}",
+        hexdiff(&out, &tcp(EXTERNAL4, 40000, BE4, 8080, Tcp::Syn))
+    );
+    assert_eq!(moved, ["dnat_new"]);
+    // The pod's reply now comes from the node's address: routed by the program, which the
+    // kernel's input path would have dropped as a martian.
+    let (v, out, moved) = step_on(
+        &mut h,
+        TC_FROM_POD,
+        &tcp(BE4, 8080, EXTERNAL4, 40000, Tcp::Ack),
+        "lo",
+    );
+    assert_eq!(v, REDIRECT);
+    assert!(
+        out == tcp(NODE4, 30080, EXTERNAL4, 40000, Tcp::Ack),
+        "reply\n{}",
+        hexdiff(&out, &tcp(NODE4, 30080, EXTERNAL4, 40000, Tcp::Ack))
+    );
+    assert_eq!(moved, ["rev_nat", "routed"]);
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_local_traffic_policy_is_never_source_nated() {
+    // The external entry of an `externalTrafficPolicy: Local` service; its endpoint behind
+    // the uplink only to show that the scope alone decides.
+    let mut h = Harness::new().unwrap();
+    let mut d = nodeport(NODE4, REMOTE_POD4);
+    let spec = d.values().next().unwrap().clone();
+    d.insert(fe(NODE4, 30080, PROTO_TCP).external(), spec);
+    h.program(&d);
+    let (v, out, moved) = step_on(
+        &mut h,
+        TC_FROM_NETDEV,
+        &tcp(EXTERNAL4, 40000, NODE4, 30080, Tcp::Syn),
+        UPLINK,
+    );
+    assert_eq!(v, OK);
+    assert!(
+        out == tcp(EXTERNAL4, 40000, REMOTE_POD4, 8080, Tcp::Syn),
+        "SYN\n{}",
+        hexdiff(&out, &tcp(EXTERNAL4, 40000, REMOTE_POD4, 8080, Tcp::Syn))
+    );
+    assert_eq!(moved, ["dnat_new"]);
+}
+
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn the_harness_removes_its_mount_and_directory() {
     let h = Harness::new().unwrap();
     let dir = h.run_dir().to_path_buf();
+    let ns = h.ns.name.clone();
     assert!(dir.join("bpffs").exists());
     drop(h);
     assert!(!dir.exists(), "{} left behind", dir.display());
+    assert!(
+        !std::path::Path::new("/run/netns").join(&ns).exists(),
+        "namespace {ns} left behind"
+    );
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(
         !mounts.contains(dir.to_str().unwrap()),

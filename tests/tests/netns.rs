@@ -1020,3 +1020,143 @@ fn the_agent_follows_the_kubernetes_api() {
         backends().is_none()
     });
 }
+
+/// NodePort from outside the cluster, with real packets: a client on the nodes' network
+/// reaches the simulated node's NodePort (IPv4 and IPv6, TCP and UDP), served by a pod of the
+/// node and by a pod of a second node. The second pod's traffic is source-NATed, so its replies
+/// come back through the node; with `externalTrafficPolicy: Local` only the node's own pod
+/// serves, with nothing source-NATed.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn an_outside_client_reaches_a_nodeport_served_here_and_on_another_node() {
+    use weir_proxy::topo::{Lan, Netns, Node, Proc};
+    let mut s = sim(true);
+    // The nodes' network: this node at .1, node-b at .2, the client at .99.
+    let mut lan = Lan::create(&s.tag).unwrap();
+    lan.join(&s.node.ns, "eth1", &["198.18.0.1/24", "fd00:17::1/64"])
+        .unwrap();
+    let mut node_b = Node::create(&format!("{}b", s.tag)).unwrap();
+    lan.join(&node_b.ns, "eth1", &["198.18.0.2/24", "fd00:17::2/64"])
+        .unwrap();
+    let outside = Netns::create(&format!("weir-{}-out", s.tag)).unwrap();
+    lan.join(&outside, "eth0", &["198.18.0.99/24", "fd00:17::99/64"])
+        .unwrap();
+    // node-b's pod at 198.18.1.50 / fd00:18::32, routed to through node-b.
+    let remote = node_b.add_pod("rp", 50).unwrap();
+    let mut echo = remote.ns.command(weir_bin().unwrap()).unwrap();
+    echo.args(["echo-server", "--name", "remote", "--port", "8080"])
+        .stdout(std::process::Stdio::null());
+    let _echo = Proc::spawn("echo remote", echo).unwrap();
+    s.node
+        .ns
+        .ip(&["route", "add", "198.18.1.50/32", "via", "198.18.0.2"])
+        .unwrap();
+    s.node
+        .ns
+        .ip(&["-6", "route", "add", "fd00:18::32/128", "via", "fd00:17::2"])
+        .unwrap();
+
+    let yaml = |policy: &str| {
+        let slice = |family: &str, local: &str, remote: &str| {
+            format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: np-{family}, namespace: demo, labels: {{kubernetes.io/service-name: np}}}}\n\
+                 addressType: {family}\nports: [{{name: tcp, port: 8080, protocol: TCP}}, {{name: udp, port: 8080, protocol: UDP}}]\n\
+                 endpoints:\n- {{addresses: [\"{local}\"], nodeName: sim-node}}\n- {{addresses: [\"{remote}\"], nodeName: node-b}}\n"
+            )
+        };
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: sim-node}}\n\
+             spec: {{podCIDRs: [198.18.1.0/24, \"fd00:18::/120\"]}}\n\
+             status: {{addresses: [{{type: InternalIP, address: 198.18.0.1}}, {{type: InternalIP, address: \"fd00:17::1\"}}]}}\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: demo}}\n\
+             spec: {{type: NodePort, externalTrafficPolicy: {policy}, ipFamilyPolicy: RequireDualStack,\n\
+             clusterIP: 198.19.0.30, clusterIPs: [198.19.0.30, \"fd00:19::30\"], ipFamilies: [IPv4, IPv6],\n\
+             ports: [{{name: tcp, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}},\n\
+             {{name: udp, port: 53, targetPort: 8080, nodePort: 30053, protocol: UDP}}]}}\n{}{}",
+            slice("IPv4", "198.18.1.11", "198.18.1.50"),
+            slice("IPv6", "fd00:18::b", "fd00:18::32"),
+        )
+    };
+    s.write_services(&yaml("Cluster")).unwrap();
+    // The agent again, now with the uplink.
+    s.netdevs = vec!["eth1".into()];
+    s.kill_agent();
+    s.start_agent().unwrap();
+    let backends_of = |st: &weir_proxy::status::Status, fe: &str| {
+        st.services
+            .iter()
+            .find(|v| v.frontend == fe)
+            .map(|v| v.backends.len())
+    };
+    s.wait_programmed("NodePort, policy Cluster", |st| {
+        backends_of(st, "198.18.0.1:30080/TCP") == Some(2)
+            && backends_of(st, "[fd00:17::1]:30053/UDP") == Some(2)
+    })
+    .unwrap();
+
+    let load = |target: &str, proto: &str| -> Report {
+        let mut cmd = outside.command(weir_bin().unwrap()).unwrap();
+        cmd.args([
+            "loadtest",
+            target,
+            "--proto",
+            proto,
+            "--rate",
+            "200",
+            "--duration",
+            "500ms",
+            "--timeout",
+            "500ms",
+            "--json",
+            "--quiet",
+        ]);
+        if proto == "tcp" {
+            cmd.arg("--new-conn");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "loadtest {target}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Report::from_json(&out.stdout).unwrap()
+    };
+    let targets = [
+        ("198.18.0.1:30080", "tcp"),
+        ("198.18.0.1:30053", "udp"),
+        ("[fd00:17::1]:30080", "tcp"),
+        ("[fd00:17::1]:30053", "udp"),
+    ];
+    let before = s.status().unwrap().counters;
+    for (target, proto) in targets {
+        let r = load(target, proto);
+        assert_eq!(r.ok, r.sent, "{target}/{proto}: {:?}", r.errors);
+        let served: Vec<&String> = r.backends.keys().collect();
+        assert_eq!(served, ["be-1", "remote"], "{target}/{proto}");
+    }
+    let after = s.status().unwrap().counters;
+    assert!(
+        after["snat_new"] > before["snat_new"] && after["routed"] > before["routed"],
+        "remote endpoints source-NATed, replies routed: {after:?}"
+    );
+    assert_eq!(after["route_fallback"], before["route_fallback"]);
+
+    // Local policy: only this node's pod, and nothing source-NATed.
+    s.write_services(&yaml("Local")).unwrap();
+    s.wait_programmed("NodePort, policy Local", |st| {
+        st.services
+            .iter()
+            .any(|v| v.frontend == "198.18.0.1:30080/TCP (external)" && v.backends.len() == 1)
+    })
+    .unwrap();
+    let before = s.status().unwrap().counters;
+    for (target, proto) in targets {
+        let r = load(target, proto);
+        assert_eq!(r.ok, r.sent, "{target}/{proto} Local: {:?}", r.errors);
+        let served: Vec<&String> = r.backends.keys().collect();
+        assert_eq!(served, ["be-1"], "{target}/{proto} Local");
+    }
+    let after = s.status().unwrap().counters;
+    assert_eq!(after["snat_new"], before["snat_new"], "Local: no SNAT");
+}

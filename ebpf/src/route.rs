@@ -1,0 +1,164 @@
+//! Routing a rewritten packet ourselves: a FIB lookup, then a redirect through the neighbour
+//! table, as the kernel's forwarding would do it. Needed for every packet whose source the
+//! programs rewrite: that source may be an address of the node (a NodePort's, or the source NAT
+//! address), and the kernel's input path drops a packet that arrives with a local source as a
+//! martian. Packets whose lookup fails (no route, MTU exceeded, forwarding off) are left to the
+//! kernel, counted as `route_fallback`.
+//!
+//! The TTL is not decremented, as for a packet the kernel would deliver locally.
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup, bpf_redir_neigh, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        BPF_FIB_LOOKUP_SRC, TC_ACT_OK, TC_ACT_REDIRECT,
+    },
+    helpers::generated::{
+        bpf_fib_lookup as fib_lookup_helper, bpf_redirect_neigh, bpf_skb_load_bytes,
+    },
+    programs::TcContext,
+};
+use weir_common::{Addr, Stat};
+
+use crate::maps::{count, Scratch};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// The device the packet came in on.
+#[inline(always)]
+pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a field of our own context.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Fills the FIB lookup parameters but the addresses, for a packet entering on the context's
+/// device.
+#[inline(always)]
+fn fill(ctx: &TcContext, s: &mut Scratch) {
+    let v6 = s.pkt.v6;
+    let f = &mut s.fib;
+    f.family = if v6 { AF_INET6 } else { AF_INET };
+    f.l4_protocol = s.pkt.proto;
+    f.sport = 0;
+    f.dport = 0;
+    f.__bindgen_anon_1.tot_len = 0;
+    f.ifindex = ingress_ifindex(ctx);
+    f.__bindgen_anon_2.flowinfo = 0;
+    f.__bindgen_anon_5.tbid = 0;
+}
+
+/// Copies `a` into an address field of the lookup: all 16 bytes for IPv6, the last 4 (the
+/// IPv4 address of a mapped one) into the first word for IPv4.
+#[inline(always)]
+fn put(field: &mut [u32; 4], a: &Addr, v6: bool) {
+    let w = |i: usize| u32::from_ne_bytes([a.0[i], a.0[i + 1], a.0[i + 2], a.0[i + 3]]);
+    if v6 {
+        *field = [w(0), w(4), w(8), w(12)];
+    } else {
+        *field = [w(12), 0, 0, 0];
+    }
+}
+
+/// Runs the lookup `s.fib` holds; true on a route the packet would be forwarded by.
+#[inline(always)]
+fn run(ctx: &TcContext, s: &mut Scratch, flags: u32) -> bool {
+    // SAFETY: the context is the program's own; the parameters are a map value of the size
+    // passed.
+    let rc = unsafe {
+        fib_lookup_helper(
+            ctx.skb.skb as *mut _,
+            &mut s.fib as *mut bpf_fib_lookup,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            flags,
+        )
+    };
+    rc == BPF_FIB_LKUP_RET_SUCCESS as i64
+}
+
+/// Whether the node forwards a new flow's first packet, once sent to its backend (`s.fwd_key`
+/// and `s.fwd`), back out of the device it came in on: to a backend on another node. Then
+/// `s.fib` also holds the node's source address on that route (see `fib_src`).
+#[inline(never)]
+pub fn backend_is_behind_ingress(ctx: &TcContext, s: &mut Scratch) -> bool {
+    fill(ctx, s);
+    let v6 = s.pkt.v6;
+    // SAFETY: plain integers in unions.
+    unsafe {
+        put(&mut s.fib.__bindgen_anon_3.ipv6_src, &s.fwd_key.src, v6);
+        put(&mut s.fib.__bindgen_anon_4.ipv6_dst, &s.fwd.nat_addr, v6);
+    }
+    run(ctx, s, BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC)
+        && s.fib.ifindex == ingress_ifindex(ctx)
+}
+
+/// The source address the last successful lookup found (IPv4-mapped for IPv4).
+#[inline(always)]
+pub fn fib_src(s: &Scratch) -> Addr {
+    // SAFETY: plain integers in a union; the family says which member the kernel wrote.
+    let w = unsafe { s.fib.__bindgen_anon_3.ipv6_src };
+    if s.pkt.v6 {
+        let mut a = [0u8; 16];
+        a[0..4].copy_from_slice(&w[0].to_ne_bytes());
+        a[4..8].copy_from_slice(&w[1].to_ne_bytes());
+        a[8..12].copy_from_slice(&w[2].to_ne_bytes());
+        a[12..16].copy_from_slice(&w[3].to_ne_bytes());
+        Addr(a)
+    } else {
+        Addr::from_v4(w[0].to_ne_bytes())
+    }
+}
+
+/// Sends the packet, as rewritten (its addresses are read back from it), out of the device the
+/// FIB names, with link-layer addresses from the neighbour table. Falls back to the kernel's
+/// own path.
+#[inline(never)]
+pub fn route(ctx: &TcContext, s: &mut Scratch) -> i32 {
+    fill(ctx, s);
+    let v6 = s.pkt.v6;
+    let (off, len) = if v6 {
+        (s.pkt.l3_off + 8, 16)
+    } else {
+        (s.pkt.l3_off + 12, 4)
+    };
+    // Straight from the packet into the parameters: source, then destination.
+    // SAFETY: the context is ours; each field holds 16 bytes, at least `len`.
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            off as u32,
+            &mut s.fib.__bindgen_anon_3 as *mut _ as *mut _,
+            len,
+        ) | bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            (off + len as usize) as u32,
+            &mut s.fib.__bindgen_anon_4 as *mut _ as *mut _,
+            len,
+        )
+    };
+    if rc != 0 {
+        count(Stat::RouteFallback);
+        return TC_ACT_OK as i32;
+    }
+    if !run(ctx, s, BPF_FIB_LOOKUP_SKIP_NEIGH) {
+        count(Stat::RouteFallback);
+        return TC_ACT_OK as i32;
+    }
+    // An IPv4 route may have an IPv6 next hop: the lookup says which family it wrote.
+    s.nh.nh_family = s.fib.family as u32;
+    // SAFETY: plain integers in unions.
+    s.nh.__bindgen_anon_1.ipv6_nh = unsafe { s.fib.__bindgen_anon_4.ipv6_dst };
+    // SAFETY: the next hop is a map value of the size passed.
+    let rc = unsafe {
+        bpf_redirect_neigh(
+            s.fib.ifindex,
+            &mut s.nh as *mut bpf_redir_neigh,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    };
+    if rc != TC_ACT_REDIRECT as i64 {
+        count(Stat::RouteFallback);
+        return TC_ACT_OK as i32;
+    }
+    count(Stat::Routed);
+    TC_ACT_REDIRECT as i32
+}
