@@ -155,6 +155,76 @@ pub struct Datapath {
     pins: PinDir,
 }
 
+/// A conntrack value as weir wrote it before `CT_V2` (no peer rewrite).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CtValueV1 {
+    pub nat_addr: weir_common::Addr,
+    pub nat_port: u16,
+    pub dir: u8,
+    pub flags: u8,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    pub _pad: u32,
+    pub expires_ns: u64,
+}
+
+// SAFETY: repr(C), Copy, integers only, no implicit padding (40 bytes, as the kernel map says).
+unsafe impl aya::Pod for CtValueV1 {}
+
+/// `bpf_map_update_elem` flag: fail if the key exists.
+const BPF_NOEXIST: u64 = 1;
+
+/// The conntrack map of weir before `CT_V2`.
+pub const CT_V1: &str = "CT_V1";
+
+/// Moves the flows of a conntrack map an earlier version pinned (`CT_V1`) into the current one
+/// and unpins it, so an upgrade keeps established flows. Hairpin entries get their peer (the
+/// VIP forward, the client back) as the old programs derived it from the packet. The old map
+/// lives on while the old programs still use it; entries they add meanwhile are not moved.
+/// Returns the number of entries moved.
+pub fn migrate_ct_v1(maps_dir: &Path) -> Result<usize> {
+    use aya::maps::{HashMap, MapData};
+    use weir_common::{CtKey, CtValue, CT_DIR_FORWARD, CT_F_HAIRPIN};
+    let path = maps_dir.join(CT_V1);
+    if !path.exists() {
+        return Ok(0);
+    }
+    let old: HashMap<MapData, CtKey, CtValueV1> = crate::maps::open_typed(maps_dir, CT_V1)?;
+    let mut new: HashMap<MapData, CtKey, CtValue> =
+        crate::maps::open_typed(maps_dir, weir_common::map_names::CT)?;
+    let mut moved = 0;
+    for kv in old.iter() {
+        let (k, v) = kv.context("read CT_V1")?;
+        let (peer_addr, peer_port) = match (v.flags & CT_F_HAIRPIN != 0, v.dir == CT_DIR_FORWARD) {
+            (false, _) => (weir_common::Addr::default(), 0),
+            (true, true) => (k.dst, k.sport),
+            (true, false) => (k.src, k.dport),
+        };
+        let value = CtValue {
+            nat_addr: v.nat_addr,
+            peer_addr,
+            nat_port: v.nat_port,
+            peer_port,
+            dir: v.dir,
+            flags: v.flags,
+            _pad: 0,
+            backend_id: v.backend_id,
+            svc_id: v.svc_id,
+            expires_ns: v.expires_ns,
+        };
+        // An entry the new programs wrote already is newer.
+        match new.insert(k, value, BPF_NOEXIST) {
+            Ok(()) => moved += 1,
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e).context("write CT_V2"),
+        }
+    }
+    unpin(&path)?;
+    Ok(moved)
+}
+
 fn is_not_found(e: &aya::programs::links::LinkError) -> bool {
     matches!(e, aya::programs::links::LinkError::SyscallError(s) if s.io_error.kind() == io::ErrorKind::NotFound)
 }
@@ -187,6 +257,13 @@ impl Datapath {
         for name in SOCK_PROGRAMS {
             let p: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             p.load().with_context(|| format!("load program {name}"))?;
+        }
+        let moved = migrate_ct_v1(&maps_dir)?;
+        if moved > 0 {
+            tracing::info!(
+                flows = moved,
+                "conntrack entries of the previous layout (CT_V1) moved to CT_V2"
+            );
         }
         Ok(Self { ebpf, pins })
     }

@@ -60,9 +60,16 @@ impl Drop for Harness {
 
 impl Harness {
     pub fn new() -> Result<Self> {
+        Self::new_with(|_| Ok(()))
+    }
+
+    /// A harness whose maps directory `prepare` fills first, as an earlier run would have.
+    pub fn new_with(prepare: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<Self> {
         let dir = RunDir::create(&format!("/run/weir-fx{}", tag()))?;
         let bpffs = BpfMount::create(&dir.0.join("bpffs"))?;
         let pins = PinDir(bpffs.path.join("weir"));
+        std::fs::create_dir_all(pins.maps())?;
+        prepare(&pins.maps())?;
         let dp = Datapath::load(pins.clone())?;
         let maps = AyaMaps::open(&pins.maps())?;
         let programmer = Programmer::adopt(&maps)?;

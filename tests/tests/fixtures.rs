@@ -849,6 +849,121 @@ fn a_local_traffic_policy_is_never_source_nated() {
     assert_eq!(moved, ["dnat_new"]);
 }
 
+/// Creates and pins an LRU hash map as an older weir would have (BPF_MAP_CREATE, BPF_OBJ_PIN).
+fn pin_lru_map(path: &std::path::Path, name: &str, key_size: u32, value_size: u32) {
+    let mut create = [0u8; 72];
+    for (i, v) in [9u32 /* LRU_HASH */, key_size, value_size, 1024]
+        .iter()
+        .enumerate()
+    {
+        create[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    create[28..28 + name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: BPF_MAP_CREATE with an attribute buffer of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, create.as_ptr(), create.len()) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut pin = [0u8; 16];
+    pin[..8].copy_from_slice(&(cpath.as_ptr() as u64).to_ne_bytes());
+    pin[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+    // SAFETY: BPF_OBJ_PIN with a path that outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), pin.len()) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our own descriptor; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+/// Flows tracked by the conntrack layout of earlier versions (`CT_V1`) keep working after an
+/// upgrade: the new agent moves them to `CT_V2`, with the hairpin peer the old programs took
+/// from the packet, and unpins the old map.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn an_upgrade_keeps_the_flows_of_the_previous_conntrack_layout() {
+    use weir_common::{CtKey, CT_F_HAIRPIN};
+    use weir_proxy::loader::{CtValueV1, CT_V1};
+    let a = |ip: &str| weir_proxy::addr::to_addr(ip.parse().unwrap());
+    let key = |src: &str, sport: u16, dst: &str, dport: u16| CtKey {
+        src: a(src),
+        dst: a(dst),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    let value = |nat: &str, port: u16, dir: u8, flags: u8| CtValueV1 {
+        nat_addr: a(nat),
+        nat_port: port.to_be(),
+        dir,
+        flags,
+        expires_ns: u64::MAX,
+        ..Default::default()
+    };
+    let mut old_path = None;
+    let mut h = Harness::new_with(|maps| {
+        pin_lru_map(&maps.join(CT_V1), CT_V1, 40, 40);
+        let mut old: aya::maps::HashMap<aya::maps::MapData, CtKey, CtValueV1> =
+            weir_proxy::maps::open_typed(maps, CT_V1)?;
+        // A plain flow, both ways, and a hairpin one (the pod is its own backend).
+        for (k, v) in [
+            (
+                key(CLI4, 40000, VIP4, 80),
+                value(BE4, 8080, CT_DIR_FORWARD, 0),
+            ),
+            (
+                key(BE4, 8080, CLI4, 40000),
+                value(VIP4, 80, CT_DIR_REPLY, 0),
+            ),
+            (
+                key(CLI4, 40001, VIP4, 80),
+                value(CLI4, 8080, CT_DIR_FORWARD, CT_F_HAIRPIN),
+            ),
+            (
+                key(CLI4, 8080, VIP4, 40001),
+                value(VIP4, 80, CT_DIR_REPLY, CT_F_HAIRPIN),
+            ),
+        ] {
+            old.insert(k, v, 0)?;
+        }
+        old_path = Some(maps.join(CT_V1));
+        Ok(())
+    })
+    .unwrap();
+    assert!(!old_path.unwrap().exists(), "CT_V1 still pinned");
+    assert_eq!(h.ct().len(), 4, "every flow moved");
+    // Each packet of both flows is translated as before the upgrade (no service is programmed:
+    // conntrack alone decides).
+    for (input, verdict, want) in [
+        (
+            tcp(CLI4, 40000, VIP4, 80, Tcp::Ack),
+            OK,
+            tcp(CLI4, 40000, BE4, 8080, Tcp::Ack),
+        ),
+        (
+            tcp(BE4, 8080, CLI4, 40000, Tcp::Ack),
+            REDIRECT,
+            tcp(VIP4, 80, CLI4, 40000, Tcp::Ack),
+        ),
+        (
+            tcp(CLI4, 40001, VIP4, 80, Tcp::Ack),
+            REDIRECT,
+            tcp(VIP4, 40001, CLI4, 8080, Tcp::Ack),
+        ),
+        (
+            tcp(CLI4, 8080, VIP4, 40001, Tcp::Ack),
+            REDIRECT,
+            tcp(VIP4, 80, CLI4, 40001, Tcp::Ack),
+        ),
+    ] {
+        let (v, out) = h.run(TC_FROM_POD, &input);
+        assert_eq!(v, verdict);
+        assert!(out == want, "{}", hexdiff(&out, &want));
+    }
+}
+
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn the_harness_removes_its_mount_and_directory() {
