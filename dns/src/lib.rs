@@ -1,4 +1,13 @@
-//! The cluster DNS zone and server that `weir agent` embeds.
+//! The cluster DNS zone and server that `weir agent` embeds (and `weir dns` runs alone).
 //!
-//! Not built yet: the work is tracked by the cluster DNS issue. This crate exists so that the
-//! workspace has the layout of `DESIGN.md` and its boundary (no dependency on `weir-proxy`).
+//! `zone` builds the records of the Kubernetes DNS specification (schema 1.1.0) from this
+//! crate's own view of Services, which the agent feeds it; `server` answers queries over UDP
+//! and TCP from the zone and relays the rest to upstream resolvers. No dependency on the agent.
+pub mod server;
+pub mod zone;
+
+pub use server::Handler;
+pub use zone::{Config, Endpoint, Kind, PodMode, Port, Service, Zone};
+
+#[cfg(test)]
+mod conformance;

@@ -16,6 +16,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     // ptp, bridge, host-local, tuning: the reference plugins weir-cni is compared with.
     "containernetworking-plugins",
+    // dig: DNS queries over real sockets in the DNS tests.
+    "bind9-dnsutils",
 ];
 
 #[derive(Parser)]

@@ -1,0 +1,285 @@
+//! Serving the zone over UDP and TCP: one query in, one message out. Names outside the cluster
+//! zone (and reverse names the zone does not hold) go to the upstream resolvers, the query
+//! relayed as it came.
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwapOption;
+use hickory_proto::{
+    op::{Edns, Message, MessageType, OpCode, ResponseCode},
+    rr::{LowerName, RData, RecordType},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream, UdpSocket},
+};
+
+use crate::zone::{Answer, Zone};
+
+/// The UDP payload size this server advertises and answers within at most (the DNS flag day
+/// 2020 figure, safe from fragmentation).
+pub const MAX_UDP_PAYLOAD: u16 = 1232;
+/// Without EDNS a UDP answer fits 512 bytes (RFC 1035).
+const CLASSIC_UDP: usize = 512;
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Counters, read by the agent's metrics endpoint.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub queries: AtomicU64,
+    pub answered_from_zone: AtomicU64,
+    pub nxdomain: AtomicU64,
+    pub servfail: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub truncated: AtomicU64,
+    pub malformed: AtomicU64,
+}
+
+/// What one query becomes.
+pub enum Reply {
+    Message(Vec<u8>),
+    /// Not ours: relay to the upstream resolvers.
+    Forward,
+    /// Not even a header: nothing to answer.
+    Drop,
+}
+
+/// The server's state: the zone (none until the first sync: SERVFAIL meanwhile) and the
+/// upstream resolvers.
+#[derive(Debug, Default)]
+pub struct Handler {
+    zone: ArcSwapOption<Zone>,
+    pub upstreams: Vec<SocketAddr>,
+    pub stats: Stats,
+}
+
+impl Handler {
+    pub fn new(upstreams: Vec<SocketAddr>) -> Self {
+        Handler {
+            upstreams,
+            ..Default::default()
+        }
+    }
+
+    /// Serves `zone` from now on (the first call makes the server ready).
+    pub fn set_zone(&self, zone: Zone) {
+        self.zone.store(Some(Arc::new(zone)));
+    }
+
+    pub fn ready(&self) -> bool {
+        self.zone.load().is_some()
+    }
+
+    /// The reply to one query; `udp` limits its size (truncation).
+    pub fn respond(&self, query: &[u8], udp: bool) -> Reply {
+        self.stats.queries.fetch_add(1, Ordering::Relaxed);
+        let req = match Message::from_vec(query) {
+            Ok(m) => m,
+            Err(_) => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                return match query.get(..2) {
+                    Some(id) => Reply::Message(error_reply(
+                        u16::from_be_bytes([id[0], id[1]]),
+                        ResponseCode::FormErr,
+                    )),
+                    None => Reply::Drop,
+                };
+            }
+        };
+        let mut resp = Message::new();
+        resp.set_id(req.id())
+            .set_message_type(MessageType::Response)
+            .set_op_code(req.op_code())
+            .set_recursion_desired(req.recursion_desired())
+            .set_recursion_available(true);
+        if let Some(e) = req.extensions() {
+            let mut edns = Edns::new();
+            edns.set_max_payload(MAX_UDP_PAYLOAD);
+            edns.set_dnssec_ok(e.flags().dnssec_ok);
+            resp.set_edns(edns);
+        }
+        if req.message_type() != MessageType::Query || req.op_code() != OpCode::Query {
+            resp.set_response_code(ResponseCode::NotImp);
+            return Reply::Message(encode(resp));
+        }
+        if req.queries().len() != 1 {
+            resp.set_response_code(ResponseCode::FormErr);
+            return Reply::Message(encode(resp));
+        }
+        let q = req.queries()[0].clone();
+        resp.add_query(q.clone());
+        let Some(zone) = self.zone.load_full() else {
+            self.stats.servfail.fetch_add(1, Ordering::Relaxed);
+            resp.set_response_code(ResponseCode::ServFail);
+            return Reply::Message(encode(resp));
+        };
+        let qname = LowerName::new(q.name());
+        let answer = zone.lookup(&qname, q.query_type());
+        match answer {
+            Answer::NotOurs => return Reply::Forward,
+            Answer::Records(records) => {
+                // SRV targets' addresses in the additional section (the specification's "may").
+                let mut extra = Vec::new();
+                for r in &records {
+                    if let RData::SRV(srv) = r.data() {
+                        let target = LowerName::new(srv.target());
+                        for t in [RecordType::A, RecordType::AAAA] {
+                            if let Answer::Records(a) = zone.lookup(&target, t) {
+                                extra.extend(a);
+                            }
+                        }
+                    }
+                }
+                resp.add_answers(records);
+                resp.add_additionals(extra);
+            }
+            Answer::NoData => {
+                resp.add_name_server(zone.soa().clone());
+            }
+            Answer::NxDomain => {
+                self.stats.nxdomain.fetch_add(1, Ordering::Relaxed);
+                resp.set_response_code(ResponseCode::NXDomain);
+                resp.add_name_server(zone.soa().clone());
+            }
+        }
+        self.stats
+            .answered_from_zone
+            .fetch_add(1, Ordering::Relaxed);
+        resp.set_authoritative(true);
+        let limit = if !udp {
+            u16::MAX as usize
+        } else if let Some(e) = req.extensions() {
+            (e.max_payload() as usize).clamp(CLASSIC_UDP, MAX_UDP_PAYLOAD as usize)
+        } else {
+            CLASSIC_UDP
+        };
+        let bytes = encode(resp.clone());
+        if bytes.len() <= limit {
+            return Reply::Message(bytes);
+        }
+        // Too big for this transport: the header and question only, with TC set, so that the
+        // client asks again over TCP.
+        self.stats.truncated.fetch_add(1, Ordering::Relaxed);
+        resp.take_answers();
+        resp.take_name_servers();
+        resp.take_additionals();
+        resp.set_truncated(true);
+        Reply::Message(encode(resp))
+    }
+
+    /// Relays `query` to the upstream resolvers, one after the other, over UDP; the reply as
+    /// the upstream sent it, or SERVFAIL when none answers.
+    pub async fn forward(&self, query: &[u8]) -> Vec<u8> {
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        for up in &self.upstreams {
+            if let Ok(Ok(reply)) = tokio::time::timeout(UPSTREAM_TIMEOUT, relay(*up, query)).await {
+                return reply;
+            }
+        }
+        self.stats.servfail.fetch_add(1, Ordering::Relaxed);
+        let id = u16::from_be_bytes([query[0], query[1]]);
+        error_reply(id, ResponseCode::ServFail)
+    }
+
+    async fn reply_to(&self, query: &[u8], udp: bool) -> Option<Vec<u8>> {
+        match self.respond(query, udp) {
+            Reply::Message(m) => Some(m),
+            Reply::Forward => Some(self.forward(query).await),
+            Reply::Drop => None,
+        }
+    }
+}
+
+async fn relay(up: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
+    let bind: SocketAddr = if up.is_ipv4() {
+        "0.0.0.0:0".parse().expect("valid")
+    } else {
+        "[::]:0".parse().expect("valid")
+    };
+    let sock = UdpSocket::bind(bind).await?;
+    sock.connect(up).await?;
+    sock.send(query).await?;
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let n = sock.recv(&mut buf).await?;
+        // Only the reply to this query (same id) counts.
+        if n >= 2 && buf[..2] == query[..2] {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+    }
+}
+
+fn encode(m: Message) -> Vec<u8> {
+    m.to_vec()
+        .unwrap_or_else(|_| error_reply(m.id(), ResponseCode::ServFail))
+}
+
+/// A bare reply: the id and a response code.
+fn error_reply(id: u16, rcode: ResponseCode) -> Vec<u8> {
+    let mut m = Message::new();
+    m.set_id(id)
+        .set_message_type(MessageType::Response)
+        .set_response_code(rcode);
+    m.to_vec().unwrap_or_default()
+}
+
+/// Answers UDP queries on `sock` until the task is dropped; each query is its own task only
+/// when it must be forwarded.
+pub async fn serve_udp(sock: Arc<UdpSocket>, h: Arc<Handler>) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (n, peer) = sock.recv_from(&mut buf).await?;
+        match h.respond(&buf[..n], true) {
+            Reply::Message(m) => {
+                let _ = sock.send_to(&m, peer).await;
+            }
+            Reply::Forward => {
+                let (sock, h, q) = (sock.clone(), h.clone(), buf[..n].to_vec());
+                tokio::spawn(async move {
+                    let m = h.forward(&q).await;
+                    let _ = sock.send_to(&m, peer).await;
+                });
+            }
+            Reply::Drop => {}
+        }
+    }
+}
+
+/// Answers TCP connections on `listener` (2-byte length-prefixed messages, several per
+/// connection) until the task is dropped.
+pub async fn serve_tcp(listener: TcpListener, h: Arc<Handler>) -> std::io::Result<()> {
+    loop {
+        let (conn, _) = listener.accept().await?;
+        let h = h.clone();
+        tokio::spawn(async move {
+            let _ = tcp_connection(conn, h).await;
+        });
+    }
+}
+
+async fn tcp_connection(mut conn: TcpStream, h: Arc<Handler>) -> std::io::Result<()> {
+    // An idle connection is closed after this long (RFC 7766 leaves it to the server).
+    let idle = Duration::from_secs(10);
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(idle, conn.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return Ok(()),
+        }
+        let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+        conn.read_exact(&mut q).await?;
+        if let Some(m) = h.reply_to(&q, false).await {
+            let mut out = Vec::with_capacity(m.len() + 2);
+            out.extend_from_slice(&(m.len() as u16).to_be_bytes());
+            out.extend_from_slice(&m);
+            conn.write_all(&out).await?;
+        }
+    }
+}
