@@ -31,6 +31,7 @@ fn ep(ips: &[&str], hostname: Option<&str>, ready: bool) -> Endpoint {
         ips: ips.iter().map(|i| ip(i)).collect(),
         hostname: hostname.map(Into::into),
         ready,
+        ports: vec![],
     }
 }
 
@@ -431,6 +432,7 @@ fn a_big_answer_is_truncated_over_udp_and_whole_over_tcp() {
                     ips: vec![format!("198.18.2.{i}").parse().unwrap()],
                     hostname: None,
                     ready: true,
+                    ports: vec![],
                 })
                 .collect(),
         ),

@@ -11,3 +11,4 @@ pub use zone::{Config, Endpoint, Kind, PodMode, Port, Service, Zone};
 
 #[cfg(test)]
 mod conformance;
+pub use hickory_proto::rr::Name;

@@ -26,7 +26,8 @@ pub struct Service {
     pub namespace: String,
     pub name: String,
     pub kind: Kind,
-    /// The Service's ports; only named ones get SRV records.
+    /// The Service's ports; only named ones get SRV records. A headless Service's SRV records
+    /// use each endpoint's own ports where it has them.
     pub ports: Vec<Port>,
 }
 
@@ -58,6 +59,8 @@ pub struct Endpoint {
     pub hostname: Option<String>,
     /// Ready, or the Service publishes not-ready addresses.
     pub ready: bool,
+    /// The ports of the endpoint (its EndpointSlice's); empty: the Service's.
+    pub ports: Vec<Port>,
 }
 
 /// How `<a-b-c-d>.<ns>.pod.<zone>` names are answered (CoreDNS's `pods` option).
@@ -213,7 +216,12 @@ impl Zone {
                                 RData::PTR(PTR(host_name.clone())),
                             ));
                         }
-                        for p in s.ports.iter().filter(|p| !p.name.is_empty()) {
+                        let ports = if e.ports.is_empty() {
+                            &s.ports
+                        } else {
+                            &e.ports
+                        };
+                        for p in ports.iter().filter(|p| !p.name.is_empty()) {
                             if let Some(n) = srv_name(p, &svc_name) {
                                 z.add(srv(n, ttl, p.port, host_name.clone()));
                             }

@@ -78,6 +78,8 @@ pub struct Config {
     /// Where each sync writes, per Service, whether it is programmed and why not (read by
     /// `weir status`).
     pub state_file: Option<PathBuf>,
+    /// The embedded cluster DNS server (None: not served).
+    pub dns: Option<crate::dns::Options>,
 }
 
 impl Config {
@@ -100,6 +102,7 @@ impl Config {
             metrics_bind: None,
             health_timeout: Duration::from_secs(60),
             state_file: None,
+            dns: None,
         }
     }
 }
@@ -443,6 +446,7 @@ fn sync_file(
     programmer: &mut Programmer,
     maps: &mut AyaMaps,
     obs: &Observed,
+    dns: Option<&weir_dns::Handler>,
 ) -> Result<()> {
     let text =
         fs::read_to_string(path).with_context(|| format!("read source {}", path.display()))?;
@@ -452,6 +456,9 @@ fn sync_file(
             path.display()
         )
     })?;
+    if let (Some(h), Some(opts)) = (dns, &cfg.dns) {
+        crate::dns::update(h, opts, &objs)?;
+    }
     sync(cfg, &objs, problems, programmer, maps, obs).map(|_| ())
 }
 
@@ -633,6 +640,14 @@ pub async fn run(cfg: Config) -> Result<()> {
     if let Some(a) = cfg.metrics_bind {
         crate::observe::serve(a, "/metrics", obs.clone()).await?;
     }
+    let dns = match &cfg.dns {
+        Some(opts) => {
+            let h = Arc::new(weir_dns::Handler::new(opts.upstreams.clone()));
+            crate::dns::serve(opts, h.clone()).await?;
+            Some(h)
+        }
+        None => None,
+    };
     let mut watch_errors = 0;
     let mut ready = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -688,7 +703,9 @@ pub async fn run(cfg: Config) -> Result<()> {
                     // Tried once per version of the file: a broken one is reported once, and
                     // stays pending (so /healthz fails after the health timeout) until fixed.
                     last = now;
-                    if let Err(e) = sync_file(&cfg, path, &mut programmer, &mut maps, &obs) {
+                    if let Err(e) =
+                        sync_file(&cfg, path, &mut programmer, &mut maps, &obs, dns.as_deref())
+                    {
                         warn!("{e:#}");
                     }
                 }
@@ -698,6 +715,12 @@ pub async fn run(cfg: Config) -> Result<()> {
                 kube_dirty = false;
                 if let Err(e) = kube_sync.step(&cfg, k, &mut programmer, &mut maps, &obs) {
                     warn!("{e:#}");
+                }
+                // The zone from the same stores (rebuilt whole for now).
+                if let (Some(h), Some(opts)) = (&dns, &cfg.dns) {
+                    if let Err(e) = crate::dns::update(h, opts, &k.objects()) {
+                        warn!("DNS: {e:#}");
+                    }
                 }
                 true
             }

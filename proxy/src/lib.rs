@@ -2,6 +2,7 @@
 //! code.
 pub mod addr;
 pub mod agent;
+pub mod dns;
 pub mod echo;
 #[cfg(feature = "testkit")]
 pub mod fake_api;

@@ -27,7 +27,8 @@ enum Cmd {
         weir agent --source kube:/etc/kubernetes/kubeconfig --netdev eth0\n  \
         weir agent --source file:/etc/weir/services.yaml\n  \
         weir agent --source file:svc.yaml --bpffs /run/weir/bpf --cgroup /sys/fs/cgroup --netdev eth0\n  \
-        weir agent --source file:svc.yaml --no-socket-lb --pod-interface-prefix lxc\n\n\
+        weir agent --source file:svc.yaml --no-socket-lb --pod-interface-prefix lxc\n  \
+        weir agent --source kube --node-name $NODE_NAME --dns-listen 169.254.20.10:53\n\n\
         The agent pins its maps and links under <bpffs>/weir; when it stops, the data path keeps\n\
         serving, and the next agent adopts it without dropping established flows.")]
     Agent {
@@ -80,6 +81,8 @@ enum Cmd {
         /// nowhere); `weir status` reads it.
         #[arg(long, default_value = DEFAULT_STATE_FILE, value_parser = parse_path)]
         state_file: OptPath,
+        #[command(flatten)]
+        dns: AgentDnsArgs,
     },
     /// Build a simulated node in network namespaces, run load through its services, report,
     /// and remove everything it made (also on Ctrl-C).
@@ -154,6 +157,22 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_STATE_FILE)]
         state_file: PathBuf,
     },
+    /// Serve cluster DNS alone, its zone from a YAML file (the agent embeds the same server).
+    #[command(after_help = "Examples:\n  \
+        weir dns --source file:services.yaml --listen 127.0.0.1:5353\n  \
+        weir dns --source file:svc.yaml --listen 198.18.0.53:53 --domain corp.internal --ttl 30\n  \
+        weir dns --source file:svc.yaml --listen [::1]:53 --pods insecure --upstream 198.18.0.1\n\n\
+        Names of the cluster domain are answered from the Services and EndpointSlices of the\n\
+        file (the Kubernetes DNS specification, schema 1.1.0); others are relayed to the\n\
+        upstream resolvers (default: the nameservers of /etc/resolv.conf).")]
+    Dns {
+        /// `file:PATH`: multi-document YAML of Services and EndpointSlices, reloaded when it
+        /// changes.
+        #[arg(long)]
+        source: agent::Source,
+        #[command(flatten)]
+        dns: DnsArgs,
+    },
     /// A TCP+UDP echo server that answers `<seq>` with `<name> <seq>`: a backend for tests.
     #[command(after_help = "Example:\n  weir echo-server --name be-1 --port 8080")]
     EchoServer {
@@ -165,6 +184,81 @@ enum Cmd {
         #[arg(long)]
         cpu: Option<usize>,
     },
+}
+
+/// The agent's embedded DNS server: off unless `--dns-listen` is given.
+#[derive(clap::Args, Debug)]
+struct AgentDnsArgs {
+    /// Serve cluster DNS on this address, UDP and TCP (repeatable; none: no DNS server).
+    #[arg(long)]
+    dns_listen: Vec<std::net::SocketAddr>,
+    /// The cluster domain.
+    #[arg(long, default_value = "cluster.local")]
+    dns_domain: String,
+    /// TTL of the DNS answers, in seconds.
+    #[arg(long, default_value_t = 5)]
+    dns_ttl: u32,
+    /// Pod records: disabled or insecure.
+    #[arg(long, default_value = "disabled", value_parser = weir_proxy::dns::parse_pod_mode)]
+    dns_pods: weir_dns::PodMode,
+    /// Resolver for names outside the cluster domain (repeatable; default: /etc/resolv.conf).
+    #[arg(long, value_parser = weir_proxy::dns::parse_upstream)]
+    dns_upstream: Vec<std::net::SocketAddr>,
+}
+
+impl AgentDnsArgs {
+    fn options(self) -> Option<weir_proxy::dns::Options> {
+        if self.dns_listen.is_empty() {
+            return None;
+        }
+        Some(
+            DnsArgs {
+                listen: self.dns_listen,
+                domain: self.dns_domain,
+                ttl: self.dns_ttl,
+                pods: self.dns_pods,
+                upstream: self.dns_upstream,
+            }
+            .options(),
+        )
+    }
+}
+
+/// The DNS server's options (`weir dns`).
+#[derive(clap::Args, Debug)]
+struct DnsArgs {
+    /// Address to answer DNS on, UDP and TCP (repeatable).
+    #[arg(long = "listen", default_value = "127.0.0.1:53")]
+    listen: Vec<std::net::SocketAddr>,
+    /// The cluster domain.
+    #[arg(long, default_value = "cluster.local")]
+    domain: String,
+    /// TTL of the answers, in seconds.
+    #[arg(long, default_value_t = 5)]
+    ttl: u32,
+    /// Pod records (`a-b-c-d.<ns>.pod.<domain>`): disabled or insecure.
+    #[arg(long, default_value = "disabled", value_parser = weir_proxy::dns::parse_pod_mode)]
+    pods: weir_dns::PodMode,
+    /// Resolver for names outside the cluster domain, IP or IP:PORT (repeatable; default: the
+    /// nameservers of /etc/resolv.conf).
+    #[arg(long, value_parser = weir_proxy::dns::parse_upstream)]
+    upstream: Vec<std::net::SocketAddr>,
+}
+
+impl DnsArgs {
+    fn options(self) -> weir_proxy::dns::Options {
+        weir_proxy::dns::Options {
+            listen: self.listen,
+            domain: self.domain,
+            ttl: self.ttl,
+            pods: self.pods,
+            upstreams: if self.upstream.is_empty() {
+                weir_proxy::dns::resolv_conf_upstreams(std::path::Path::new("/etc/resolv.conf"))
+            } else {
+                self.upstream
+            },
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -254,6 +348,7 @@ fn run(cli: Cli) -> Result<()> {
             metrics_bind_address,
             health_timeout,
             state_file,
+            dns,
         } => {
             init_tracing();
             let cgroup = if no_socket_lb {
@@ -279,6 +374,7 @@ fn run(cli: Cli) -> Result<()> {
                 metrics_bind: metrics_bind_address.0,
                 health_timeout,
                 state_file: state_file.0,
+                dns: dns.options(),
             };
             runtime()?.block_on(agent::run(cfg))
         }
@@ -349,6 +445,13 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", status::render(&st));
             }
             Ok(())
+        }
+        Cmd::Dns { source, dns } => {
+            init_tracing();
+            let agent::Source::File(path) = source else {
+                anyhow::bail!("weir dns reads a file source (file:PATH); the agent embeds the server for the Kubernetes API");
+            };
+            runtime()?.block_on(weir_proxy::dns::run_standalone(&path, dns.options()))
         }
         Cmd::EchoServer { name, port, cpu } => {
             if let Some(c) = cpu {

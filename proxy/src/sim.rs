@@ -40,6 +40,8 @@ pub struct Sim {
     pub tag: String,
     /// Node uplinks the agent attaches `tc_from_netdev` to when it (re)starts; none at first.
     pub netdevs: Vec<String>,
+    /// More arguments for the agent when it (re)starts.
+    pub agent_args: Vec<String>,
     agent: Option<Proc>,
     echo: Vec<Proc>,
     pub cgroup: Cgroup,
@@ -62,6 +64,7 @@ impl Sim {
         let mut sim = Sim {
             tag,
             netdevs: Vec::new(),
+            agent_args: Vec::new(),
             agent: None,
             echo: Vec::new(),
             cgroup,
@@ -180,6 +183,7 @@ impl Sim {
         for dev in &self.netdevs {
             cmd.arg("--netdev").arg(dev);
         }
+        cmd.args(&self.agent_args);
         if self.opts.socket_lb {
             cmd.arg("--cgroup").arg(&self.cgroup.path);
         } else {

@@ -1160,3 +1160,52 @@ fn an_outside_client_reaches_a_nodeport_served_here_and_on_another_node() {
     let after = s.status().unwrap().counters;
     assert_eq!(after["snat_new"], before["snat_new"], "Local: no SNAT");
 }
+
+/// The agent's embedded DNS server answers pods from the same source that programs the data
+/// path, and follows its edits.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn the_agent_answers_cluster_dns_from_its_source() {
+    let mut s = sim(true);
+    s.node
+        .ns
+        .ip(&["addr", "add", "198.18.0.53/32", "dev", "lo"])
+        .unwrap();
+    s.agent_args = vec![
+        "--dns-listen".into(),
+        "198.18.0.53:53".into(),
+        "--dns-upstream".into(),
+        "198.18.0.55".into(),
+    ];
+    s.kill_agent();
+    s.start_agent().unwrap();
+    let client = &s.node.pod("cli").unwrap().ns;
+    let dig = |name: &str| -> Vec<String> {
+        let out = client
+            .command("dig")
+            .unwrap()
+            .args(["@198.18.0.53", "+short", "+time=2", "+tries=1", name])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(dig("echo.demo.svc.cluster.local"), ["198.19.0.10"]);
+    // An edit of the source: a new Service appears in DNS.
+    s.write_services(&format!(
+        "{SERVICES}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: late, namespace: demo}}\n\
+         spec: {{clusterIP: 198.19.0.77, ports: [{{port: 80}}]}}\n"
+    ))
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while dig("late.demo.svc.cluster.local") != ["198.19.0.77"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            s.agent_log_tail()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}

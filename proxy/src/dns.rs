@@ -1,0 +1,253 @@
+//! The cluster DNS server, fed from the same objects as the data path: Kubernetes Services and
+//! EndpointSlices become `weir_dns` Services, whose zone the embedded server answers from.
+//! `weir dns` runs it alone with a file source; `weir agent --dns-listen` embeds it.
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use tracing::{info, warn};
+use weir_dns::{Config as ZoneConfig, Endpoint, Handler, Kind, PodMode, Port, Service, Zone};
+
+use crate::model::{self, Objects};
+
+/// How the server runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Addresses to answer on, UDP and TCP each.
+    pub listen: Vec<SocketAddr>,
+    /// The cluster domain.
+    pub domain: String,
+    pub ttl: u32,
+    pub pods: PodMode,
+    /// Resolvers for names outside the cluster zone.
+    pub upstreams: Vec<SocketAddr>,
+}
+
+impl Options {
+    fn zone_config(&self) -> Result<ZoneConfig> {
+        let mut domain = hickory_name(&self.domain)
+            .with_context(|| format!("cluster domain {:?}", self.domain))?;
+        domain.set_fqdn(true);
+        Ok(ZoneConfig {
+            domain,
+            ttl: self.ttl,
+            pods: self.pods,
+        })
+    }
+}
+
+fn hickory_name(s: &str) -> Result<weir_dns::Name> {
+    weir_dns::Name::from_ascii(s).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// `disabled` or `insecure`, as CoreDNS's `pods` option.
+pub fn parse_pod_mode(s: &str) -> Result<PodMode, String> {
+    match s {
+        "disabled" => Ok(PodMode::Disabled),
+        "insecure" => Ok(PodMode::Insecure),
+        _ => Err(format!("{s:?}: expected disabled or insecure")),
+    }
+}
+
+/// `IP` or `IP:PORT` (port 53 by default), IPv6 in brackets with a port.
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| format!("{s:?}: expected IP or IP:PORT"))
+}
+
+/// The `nameserver` lines of a resolv.conf (the node's own resolvers).
+pub fn resolv_conf_upstreams(path: &Path) -> Vec<SocketAddr> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+/// The DNS view of every Service in `objs`: ClusterIP Services by their cluster IPs, headless
+/// ones by their endpoints (ready, or all with `publishNotReadyAddresses`), ExternalName ones
+/// by their target. Unlike the data path, DNS serves Services whatever their proxy labels.
+pub fn services(objs: &Objects) -> Vec<Service> {
+    let mut slices: BTreeMap<(&str, &str), Vec<&k8s_openapi::api::discovery::v1::EndpointSlice>> =
+        BTreeMap::new();
+    for s in &objs.slices {
+        let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+        if let Some(svc) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(model::SERVICE_NAME_LABEL))
+        {
+            slices.entry((ns, svc.as_str())).or_default().push(s);
+        }
+    }
+    let mut out = Vec::new();
+    for svc in &objs.services {
+        let (Some(name), Some(spec)) = (svc.metadata.name.as_deref(), svc.spec.as_ref()) else {
+            continue;
+        };
+        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        let ports: Vec<Port> = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                Some(Port {
+                    name: p.name.clone().unwrap_or_default(),
+                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    port: u16::try_from(p.port).ok()?,
+                })
+            })
+            .collect();
+        let kind = if spec.type_.as_deref() == Some("ExternalName") {
+            match &spec.external_name {
+                Some(t) => Kind::ExternalName(t.clone()),
+                None => continue,
+            }
+        } else if spec.cluster_ip.as_deref() == Some("None") {
+            let publish_all = spec.publish_not_ready_addresses == Some(true);
+            let mut eps = Vec::new();
+            for s in slices.get(&(ns, name)).into_iter().flatten() {
+                if !matches!(s.address_type.as_str(), "IPv4" | "IPv6") {
+                    continue;
+                }
+                let slice_ports: Vec<Port> = s
+                    .ports
+                    .iter()
+                    .flatten()
+                    .filter_map(|p| {
+                        Some(Port {
+                            name: p.name.clone().unwrap_or_default(),
+                            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                            port: u16::try_from(p.port?).ok()?,
+                        })
+                    })
+                    .collect();
+                for e in s.endpoints.iter().flatten() {
+                    let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                    eps.push(Endpoint {
+                        ips: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                        hostname: e.hostname.clone(),
+                        ready: ready || publish_all,
+                        ports: slice_ports.clone(),
+                    });
+                }
+            }
+            Kind::Headless(eps)
+        } else {
+            let ips: Vec<IpAddr> = spec
+                .cluster_ips
+                .iter()
+                .flatten()
+                .chain(spec.cluster_ip.iter())
+                .filter_map(|ip| ip.parse().ok())
+                .collect();
+            let mut uniq = Vec::new();
+            for ip in ips {
+                if !uniq.contains(&ip) {
+                    uniq.push(ip);
+                }
+            }
+            if uniq.is_empty() {
+                continue;
+            }
+            Kind::ClusterIp(uniq)
+        };
+        out.push(Service {
+            namespace: ns.into(),
+            name: name.into(),
+            kind,
+            ports,
+        });
+    }
+    out
+}
+
+/// Builds the zone of `objs` and serves it from now on.
+pub fn update(h: &Handler, opts: &Options, objs: &Objects) -> Result<usize> {
+    let zone = Zone::build(opts.zone_config()?, &services(objs));
+    let n = zone.record_count;
+    h.set_zone(zone);
+    Ok(n)
+}
+
+/// Binds UDP and TCP on every listen address and answers there from `h` in the background.
+pub async fn serve(opts: &Options, h: Arc<Handler>) -> Result<()> {
+    opts.zone_config()?;
+    if opts.listen.is_empty() {
+        bail!("DNS: no address to listen on");
+    }
+    for a in &opts.listen {
+        let udp = tokio::net::UdpSocket::bind(a)
+            .await
+            .with_context(|| format!("DNS: bind UDP {a}"))?;
+        let tcp = tokio::net::TcpListener::bind(a)
+            .await
+            .with_context(|| format!("DNS: bind TCP {a}"))?;
+        let (h1, h2) = (h.clone(), h.clone());
+        let a = *a;
+        tokio::spawn(async move {
+            if let Err(e) = weir_dns::server::serve_udp(Arc::new(udp), h1).await {
+                warn!(listen = %a, "DNS over UDP stopped: {e}");
+            }
+        });
+        tokio::spawn(async move {
+            if let Err(e) = weir_dns::server::serve_tcp(tcp, h2).await {
+                warn!(listen = %a, "DNS over TCP stopped: {e}");
+            }
+        });
+        info!(listen = %a, "serving cluster DNS (UDP and TCP)");
+    }
+    Ok(())
+}
+
+/// `weir dns`: the server alone, its zone from a YAML file, rebuilt when the file changes.
+pub async fn run_standalone(source: &Path, opts: Options) -> Result<()> {
+    let h = Arc::new(Handler::new(opts.upstreams.clone()));
+    serve(&opts, h.clone()).await?;
+    if opts.upstreams.is_empty() {
+        warn!("no upstream resolvers: names outside the cluster zone get SERVFAIL");
+    }
+    let mut last = None;
+    loop {
+        let stamp = fs::metadata(source)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()));
+        if stamp != last {
+            last = stamp;
+            match fs::read_to_string(source)
+                .with_context(|| format!("read {}", source.display()))
+                .and_then(|text| {
+                    model::parse_stream(&text)
+                        .map_err(|p| anyhow::anyhow!("{}: {p}", source.display()))
+                }) {
+                Ok((objs, problems)) => {
+                    for p in problems {
+                        warn!("{p}");
+                    }
+                    let n = update(&h, &opts, &objs)?;
+                    info!(
+                        services = objs.services.len(),
+                        records = n,
+                        "zone rebuilt from {}",
+                        source.display()
+                    );
+                }
+                Err(e) => warn!("{e:#}; the zone served stays"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
