@@ -67,6 +67,12 @@ fn services() -> Vec<Service> {
             kind: Kind::ExternalName("www.example.com".into()),
             ports: vec![],
         },
+        Service {
+            namespace: "default".into(),
+            name: "alias".into(),
+            kind: Kind::ExternalName("kubernetes.default.svc.cluster.local".into()),
+            ports: vec![],
+        },
     ]
 }
 
@@ -94,7 +100,8 @@ fn query_bytes(name: &str, t: RecordType, edns: Option<u16>) -> Vec<u8> {
 fn ask_with(h: &Handler, name: &str, t: RecordType, edns: Option<u16>, udp: bool) -> Message {
     match h.respond(&query_bytes(name, t, edns), udp) {
         Reply::Message(m) => Message::from_vec(&m).unwrap(),
-        Reply::Forward => panic!("{name} {t}: forwarded"),
+        Reply::Forward(..) => panic!("{name} {t}: forwarded"),
+        Reply::Chase(_) => panic!("{name} {t}: chased upstream"),
         Reply::Drop => panic!("{name} {t}: dropped"),
     }
 }
@@ -276,15 +283,30 @@ fn a_headless_service_without_ready_endpoints_is_nxdomain() {
 }
 
 #[test]
-fn an_external_name_service_is_a_cname() {
-    for t in [RecordType::A, RecordType::AAAA, RecordType::CNAME] {
-        let m = ask("foo.default.svc.cluster.local.", t);
-        assert_eq!(
-            answers(&m),
-            ["foo.default.svc.cluster.local. 5 CNAME www.example.com."],
-            "{t}"
-        );
+fn an_external_name_service_is_a_cname_followed_upstream() {
+    let h = handler(Config::default());
+    let m = ask("foo.default.svc.cluster.local.", RecordType::CNAME);
+    assert_eq!(
+        answers(&m),
+        ["foo.default.svc.cluster.local. 5 CNAME www.example.com."]
+    );
+    // Asked for an address, the target's comes from upstream after the CNAME.
+    for t in [RecordType::A, RecordType::AAAA] {
+        let q = query_bytes("foo.default.svc.cluster.local.", t, None);
+        assert!(matches!(h.respond(&q, true), Reply::Chase(_)), "{t}");
     }
+}
+
+#[test]
+fn a_cname_into_the_zone_is_followed_in_the_answer() {
+    let m = ask("alias.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(
+        answers(&m),
+        [
+            "alias.default.svc.cluster.local. 5 CNAME kubernetes.default.svc.cluster.local.",
+            "kubernetes.default.svc.cluster.local. 5 A 198.19.0.1"
+        ]
+    );
 }
 
 #[test]
@@ -394,7 +416,7 @@ fn the_cluster_domain_is_configurable() {
             &query_bytes("kubernetes.default.svc.cluster.local.", RecordType::A, None),
             true
         ),
-        Reply::Forward
+        Reply::Forward(..)
     ));
 }
 
@@ -488,7 +510,7 @@ fn names_outside_the_zone_are_forwarded() {
         assert!(
             matches!(
                 h.respond(&query_bytes(n, RecordType::A, None), true),
-                Reply::Forward
+                Reply::Forward(..)
             ),
             "{n}"
         );

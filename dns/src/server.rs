@@ -2,18 +2,19 @@
 //! zone (and reverse names the zone does not hold) go to the upstream resolvers, the query
 //! relayed as it came.
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwapOption;
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, ResponseCode},
-    rr::{LowerName, RData, RecordType},
+    rr::{LowerName, Name, RData, RecordType},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -37,6 +38,7 @@ pub struct Stats {
     pub nxdomain: AtomicU64,
     pub servfail: AtomicU64,
     pub forwarded: AtomicU64,
+    pub cache_hits: AtomicU64,
     pub truncated: AtomicU64,
     pub malformed: AtomicU64,
 }
@@ -44,18 +46,103 @@ pub struct Stats {
 /// What one query becomes.
 pub enum Reply {
     Message(Vec<u8>),
-    /// Not ours: relay to the upstream resolvers.
-    Forward,
+    /// Not ours: relay to the upstream resolvers of this name.
+    Forward(LowerName, RecordType),
+    /// An answer that ends in a CNAME out of the zone (an ExternalName Service): the target's
+    /// records of the type asked come from upstream and are appended.
+    Chase(Box<Chase>),
     /// Not even a header: nothing to answer.
     Drop,
 }
 
-/// The server's state: the zone (none until the first sync: SERVFAIL meanwhile) and the
-/// upstream resolvers.
+pub struct Chase {
+    resp: Message,
+    target: Name,
+    qtype: RecordType,
+    limit: usize,
+}
+
+/// Upstream answers kept for their TTL (at most `CACHE_MAX_TTL`; negative answers at most
+/// `CACHE_MAX_NEGATIVE_TTL`), served with the TTLs counted down.
+#[derive(Debug, Default)]
+struct Cache {
+    entries: Mutex<HashMap<(LowerName, RecordType), (Instant, u32, Message)>>,
+}
+
+const CACHE_MAX_ENTRIES: usize = 10_000;
+const CACHE_MAX_TTL: u32 = 3600;
+const CACHE_MAX_NEGATIVE_TTL: u32 = 30;
+
+impl Cache {
+    fn get(&self, key: &(LowerName, RecordType)) -> Option<Message> {
+        let mut map = self.entries.lock().ok()?;
+        let (at, ttl, m) = map.get(key)?;
+        let age = at.elapsed().as_secs() as u32;
+        if age >= *ttl {
+            map.remove(key);
+            return None;
+        }
+        let mut m = m.clone();
+        for r in m.answers_mut().iter_mut() {
+            r.set_ttl(r.ttl().saturating_sub(age));
+        }
+        for r in m.name_servers_mut().iter_mut() {
+            r.set_ttl(r.ttl().saturating_sub(age));
+        }
+        Some(m)
+    }
+
+    fn put(&self, key: (LowerName, RecordType), m: &Message) {
+        if m.truncated()
+            || !matches!(
+                m.response_code(),
+                ResponseCode::NoError | ResponseCode::NXDomain
+            )
+        {
+            return;
+        }
+        let ttl = if m.answers().is_empty() {
+            m.name_servers()
+                .iter()
+                .map(|r| r.ttl())
+                .min()
+                .unwrap_or(0)
+                .min(CACHE_MAX_NEGATIVE_TTL)
+        } else {
+            m.answers()
+                .iter()
+                .map(|r| r.ttl())
+                .min()
+                .unwrap_or(0)
+                .min(CACHE_MAX_TTL)
+        };
+        if ttl == 0 {
+            return;
+        }
+        if let Ok(mut map) = self.entries.lock() {
+            if map.len() >= CACHE_MAX_ENTRIES {
+                // Full: expired entries go first, else an arbitrary one.
+                map.retain(|_, (at, ttl, _)| at.elapsed().as_secs() < *ttl as u64);
+                if map.len() >= CACHE_MAX_ENTRIES {
+                    if let Some(k) = map.keys().next().cloned() {
+                        map.remove(&k);
+                    }
+                }
+            }
+            map.insert(key, (Instant::now(), ttl, m.clone()));
+        }
+    }
+}
+
+/// The server's state: the zone (none until the first sync: SERVFAIL meanwhile), the
+/// upstream resolvers, and their answers' cache.
 #[derive(Debug, Default)]
 pub struct Handler {
     zone: ArcSwapOption<Zone>,
     pub upstreams: Vec<SocketAddr>,
+    /// Stub domains: names under a suffix go to its own resolvers (the longest suffix wins).
+    stubs: Vec<(LowerName, Vec<SocketAddr>)>,
+    cache: Cache,
     pub stats: Stats,
 }
 
@@ -65,6 +152,22 @@ impl Handler {
             upstreams,
             ..Default::default()
         }
+    }
+
+    /// Sends names under `suffix` to `resolvers` instead of the upstreams.
+    pub fn with_stub(mut self, suffix: Name, resolvers: Vec<SocketAddr>) -> Self {
+        self.stubs.push((LowerName::new(&suffix), resolvers));
+        self.stubs
+            .sort_by_key(|(s, _)| std::cmp::Reverse(s.num_labels()));
+        self
+    }
+
+    fn resolvers_of(&self, name: &LowerName) -> &[SocketAddr] {
+        self.stubs
+            .iter()
+            .find(|(suffix, _)| suffix.zone_of(name))
+            .map(|(_, r)| r.as_slice())
+            .unwrap_or(&self.upstreams)
     }
 
     /// Serves `zone` from now on (the first call makes the server ready).
@@ -121,9 +224,38 @@ impl Handler {
         };
         let qname = LowerName::new(q.name());
         let answer = zone.lookup(&qname, q.query_type());
+        let limit = if !udp {
+            u16::MAX as usize
+        } else if let Some(e) = req.extensions() {
+            (e.max_payload() as usize).clamp(CLASSIC_UDP, MAX_UDP_PAYLOAD as usize)
+        } else {
+            CLASSIC_UDP
+        };
         match answer {
-            Answer::NotOurs => return Reply::Forward,
-            Answer::Records(records) => {
+            Answer::NotOurs => return Reply::Forward(qname, q.query_type()),
+            Answer::Records(mut records) => {
+                // A CNAME (ExternalName) is followed: inside the zone here, outside upstream.
+                let mut hops = 0;
+                while let Some(RData::CNAME(t)) = records.last().map(|r| r.data().clone()) {
+                    if q.query_type() == RecordType::CNAME || hops == 8 {
+                        break;
+                    }
+                    hops += 1;
+                    match zone.lookup(&LowerName::new(&t.0), q.query_type()) {
+                        Answer::Records(more) => records.extend(more),
+                        Answer::NotOurs => {
+                            resp.add_answers(records);
+                            resp.set_authoritative(true);
+                            return Reply::Chase(Box::new(Chase {
+                                resp,
+                                target: t.0.clone(),
+                                qtype: q.query_type(),
+                                limit,
+                            }));
+                        }
+                        _ => break,
+                    }
+                }
                 // SRV targets' addresses in the additional section (the specification's "may").
                 let mut extra = Vec::new();
                 for r in &records {
@@ -152,48 +284,92 @@ impl Handler {
             .answered_from_zone
             .fetch_add(1, Ordering::Relaxed);
         resp.set_authoritative(true);
-        let limit = if !udp {
-            u16::MAX as usize
-        } else if let Some(e) = req.extensions() {
-            (e.max_payload() as usize).clamp(CLASSIC_UDP, MAX_UDP_PAYLOAD as usize)
-        } else {
-            CLASSIC_UDP
-        };
+        Reply::Message(self.fit(resp, limit))
+    }
+
+    /// Encodes `resp` within `limit` bytes: whole, or, too big for this transport, the header
+    /// and question only with TC set, so that the client asks again over TCP.
+    fn fit(&self, mut resp: Message, limit: usize) -> Vec<u8> {
         let bytes = encode(resp.clone());
         if bytes.len() <= limit {
-            return Reply::Message(bytes);
+            return bytes;
         }
-        // Too big for this transport: the header and question only, with TC set, so that the
-        // client asks again over TCP.
         self.stats.truncated.fetch_add(1, Ordering::Relaxed);
         resp.take_answers();
         resp.take_name_servers();
         resp.take_additionals();
         resp.set_truncated(true);
-        Reply::Message(encode(resp))
+        encode(resp)
     }
 
-    /// Relays `query` to the upstream resolvers, one after the other, over UDP; the reply as
-    /// the upstream sent it, or SERVFAIL when none answers.
-    pub async fn forward(&self, query: &[u8]) -> Vec<u8> {
+    /// Relays `query` (about `name`) to its resolvers, one after the other, over UDP, or
+    /// answers it from the cache; SERVFAIL when no resolver answers.
+    pub async fn forward(&self, query: &[u8], name: LowerName, qtype: RecordType) -> Vec<u8> {
+        let id = u16::from_be_bytes([query[0], query[1]]);
+        let key = (name, qtype);
+        if let Some(mut m) = self.cache.get(&key) {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            m.set_id(id);
+            return encode(m);
+        }
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-        for up in &self.upstreams {
+        for up in self.resolvers_of(&key.0) {
             if let Ok(Ok(reply)) = tokio::time::timeout(UPSTREAM_TIMEOUT, relay(*up, query)).await {
+                if let Ok(m) = Message::from_vec(&reply) {
+                    self.cache.put(key, &m);
+                }
                 return reply;
             }
         }
         self.stats.servfail.fetch_add(1, Ordering::Relaxed);
-        let id = u16::from_be_bytes([query[0], query[1]]);
         error_reply(id, ResponseCode::ServFail)
+    }
+
+    /// Completes a chased CNAME: the target's records from upstream (or the cache), appended
+    /// with the upstream's response code.
+    pub async fn chase(&self, c: Chase) -> Vec<u8> {
+        let Chase {
+            mut resp,
+            target,
+            qtype,
+            limit,
+        } = *Box::new(c);
+        let mut q = Message::new();
+        q.set_id(rand_id())
+            .set_message_type(MessageType::Query)
+            .set_op_code(OpCode::Query)
+            .set_recursion_desired(true)
+            .add_query(hickory_proto::op::Query::query(target.clone(), qtype));
+        let bytes = encode(q);
+        let reply = self.forward(&bytes, LowerName::new(&target), qtype).await;
+        match Message::from_vec(&reply) {
+            Ok(m) => {
+                resp.set_response_code(m.response_code());
+                resp.add_answers(m.answers().iter().cloned());
+            }
+            Err(_) => {
+                resp.set_response_code(ResponseCode::ServFail);
+            }
+        }
+        self.fit(resp, limit)
     }
 
     async fn reply_to(&self, query: &[u8], udp: bool) -> Option<Vec<u8>> {
         match self.respond(query, udp) {
             Reply::Message(m) => Some(m),
-            Reply::Forward => Some(self.forward(query).await),
+            Reply::Forward(name, t) => Some(self.forward(query, name, t).await),
+            Reply::Chase(c) => Some(self.chase(*c).await),
             Reply::Drop => None,
         }
     }
+}
+
+/// A query id nobody can guess from the previous one.
+fn rand_id() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish() as u16
 }
 
 async fn relay(up: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -240,10 +416,17 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, h: Arc<Handler>) -> std::io::Result
             Reply::Message(m) => {
                 let _ = sock.send_to(&m, peer).await;
             }
-            Reply::Forward => {
+            Reply::Forward(name, t) => {
                 let (sock, h, q) = (sock.clone(), h.clone(), buf[..n].to_vec());
                 tokio::spawn(async move {
-                    let m = h.forward(&q).await;
+                    let m = h.forward(&q, name, t).await;
+                    let _ = sock.send_to(&m, peer).await;
+                });
+            }
+            Reply::Chase(c) => {
+                let (sock, h) = (sock.clone(), h.clone());
+                tokio::spawn(async move {
+                    let m = h.chase(*c).await;
                     let _ = sock.send_to(&m, peer).await;
                 });
             }

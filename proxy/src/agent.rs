@@ -642,7 +642,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     let dns = match &cfg.dns {
         Some(opts) => {
-            let h = Arc::new(weir_dns::Handler::new(opts.upstreams.clone()));
+            let h = Arc::new(crate::dns::handler(opts)?);
             crate::dns::serve(opts, h.clone()).await?;
             Some(h)
         }

@@ -27,6 +27,8 @@ pub struct Options {
     pub pods: PodMode,
     /// Resolvers for names outside the cluster zone.
     pub upstreams: Vec<SocketAddr>,
+    /// Stub domains: names under the suffix go to its resolver.
+    pub stubs: Vec<(String, SocketAddr)>,
 }
 
 impl Options {
@@ -63,6 +65,30 @@ pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
     s.parse::<IpAddr>()
         .map(|ip| SocketAddr::new(ip, 53))
         .map_err(|_| format!("{s:?}: expected IP or IP:PORT"))
+}
+
+/// `SUFFIX=IP[:PORT]`: names under SUFFIX go to that resolver.
+pub fn parse_stub(s: &str) -> Result<(String, SocketAddr), String> {
+    let (suffix, ip) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected SUFFIX=IP[:PORT]"))?;
+    weir_dns::Name::from_ascii(suffix).map_err(|e| format!("{s:?}: {e}"))?;
+    Ok((suffix.into(), parse_upstream(ip)?))
+}
+
+/// The handler these options describe: upstreams and stub domains.
+pub fn handler(opts: &Options) -> Result<Handler> {
+    let mut h = Handler::new(opts.upstreams.clone());
+    let mut stubs: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
+    for (suffix, r) in &opts.stubs {
+        stubs.entry(suffix.clone()).or_default().push(*r);
+    }
+    for (suffix, resolvers) in stubs {
+        let mut n = hickory_name(&suffix).with_context(|| format!("stub domain {suffix:?}"))?;
+        n.set_fqdn(true);
+        h = h.with_stub(n, resolvers);
+    }
+    Ok(h)
 }
 
 /// The `nameserver` lines of a resolv.conf (the node's own resolvers).
@@ -215,7 +241,7 @@ pub async fn serve(opts: &Options, h: Arc<Handler>) -> Result<()> {
 
 /// `weir dns`: the server alone, its zone from a YAML file, rebuilt when the file changes.
 pub async fn run_standalone(source: &Path, opts: Options) -> Result<()> {
-    let h = Arc::new(Handler::new(opts.upstreams.clone()));
+    let h = Arc::new(handler(&opts)?);
     serve(&opts, h.clone()).await?;
     if opts.upstreams.is_empty() {
         warn!("no upstream resolvers: names outside the cluster zone get SERVFAIL");

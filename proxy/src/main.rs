@@ -161,7 +161,8 @@ enum Cmd {
     #[command(after_help = "Examples:\n  \
         weir dns --source file:services.yaml --listen 127.0.0.1:5353\n  \
         weir dns --source file:svc.yaml --listen 198.18.0.53:53 --domain corp.internal --ttl 30\n  \
-        weir dns --source file:svc.yaml --listen [::1]:53 --pods insecure --upstream 198.18.0.1\n\n\
+        weir dns --source file:svc.yaml --listen [::1]:53 --pods insecure --upstream 198.18.0.1\n  \
+        weir dns --source file:svc.yaml --listen 127.0.0.1:53 --stub-domain corp.example=10.0.0.53\n\n\
         Names of the cluster domain are answered from the Services and EndpointSlices of the\n\
         file (the Kubernetes DNS specification, schema 1.1.0); others are relayed to the\n\
         upstream resolvers (default: the nameservers of /etc/resolv.conf).")]
@@ -204,6 +205,9 @@ struct AgentDnsArgs {
     /// Resolver for names outside the cluster domain (repeatable; default: /etc/resolv.conf).
     #[arg(long, value_parser = weir_proxy::dns::parse_upstream)]
     dns_upstream: Vec<std::net::SocketAddr>,
+    /// Stub domain: names under SUFFIX go to this resolver, SUFFIX=IP[:PORT] (repeatable).
+    #[arg(long, value_parser = weir_proxy::dns::parse_stub)]
+    dns_stub_domain: Vec<(String, std::net::SocketAddr)>,
 }
 
 impl AgentDnsArgs {
@@ -218,6 +222,7 @@ impl AgentDnsArgs {
                 ttl: self.dns_ttl,
                 pods: self.dns_pods,
                 upstream: self.dns_upstream,
+                stub_domain: self.dns_stub_domain,
             }
             .options(),
         )
@@ -243,6 +248,9 @@ struct DnsArgs {
     /// nameservers of /etc/resolv.conf).
     #[arg(long, value_parser = weir_proxy::dns::parse_upstream)]
     upstream: Vec<std::net::SocketAddr>,
+    /// Stub domain: names under SUFFIX go to this resolver, SUFFIX=IP[:PORT] (repeatable).
+    #[arg(long, value_parser = weir_proxy::dns::parse_stub)]
+    stub_domain: Vec<(String, std::net::SocketAddr)>,
 }
 
 impl DnsArgs {
@@ -257,6 +265,7 @@ impl DnsArgs {
             } else {
                 self.upstream
             },
+            stubs: self.stub_domain,
         }
     }
 }

@@ -17,6 +17,7 @@ use weir_tests::weir_bin;
 
 const DNS: &str = "198.18.0.53";
 const UPSTREAM: &str = "198.18.0.54";
+const STUB: &str = "198.18.0.56";
 
 fn zone(web_ip: &str) -> String {
     let mut y = format!(
@@ -102,7 +103,7 @@ fn pods_resolve_cluster_names_over_real_sockets() {
     let t = format!("d{}", tag());
     let dir = RunDir::create(&format!("/run/weir-{t}")).unwrap();
     let mut node = Node::create(&t).unwrap();
-    for a in [DNS, UPSTREAM] {
+    for a in [DNS, UPSTREAM, STUB] {
         node.ns
             .ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"])
             .unwrap();
@@ -121,17 +122,36 @@ fn pods_resolve_cluster_names_over_real_sockets() {
     .unwrap();
     // Its own upstream is an address nothing answers on (and no route leads to): a query it
     // cannot answer goes nowhere outside the test.
-    let _upstream = spawn_dns(
+    let upstream = spawn_dns(
         &node,
         &up_source,
         UPSTREAM,
         &["--domain", "example.org", "--upstream", "198.18.0.55"],
     );
+    // A stub domain's server, for example.net.
+    let stub_source = dir.0.join("stub.yaml");
+    std::fs::write(
+        &stub_source,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\n\
+         spec: {clusterIP: 198.19.8.8, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    let _stub = spawn_dns(
+        &node,
+        &stub_source,
+        STUB,
+        &["--domain", "example.net", "--upstream", "198.18.0.55"],
+    );
     let _dns = spawn_dns(
         &node,
         &source,
         DNS,
-        &["--upstream", &format!("{UPSTREAM}:53")],
+        &[
+            "--upstream",
+            &format!("{UPSTREAM}:53"),
+            "--stub-domain",
+            &format!("example.net={STUB}"),
+        ],
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while short(pod_ns, &["web.demo.svc.cluster.local", "A"]) != ["198.19.0.10"] {
@@ -189,11 +209,29 @@ fn pods_resolve_cluster_names_over_real_sockets() {
         short(pod_ns, &["big.demo.svc.cluster.local", "A"]).len(),
         60
     );
-    // Outside the cluster domain: relayed to the upstream.
+    // Outside the cluster domain: relayed to the upstream, or to a stub domain's resolver.
     assert_eq!(
         short(pod_ns, &["web.demo.svc.example.org", "A"]),
         ["198.19.7.7"]
     );
+    assert_eq!(
+        short(pod_ns, &["web.demo.svc.example.net", "A"]),
+        ["198.19.8.8"]
+    );
+    // An ExternalName Service: its CNAME, and the target's address from upstream.
+    assert_eq!(
+        short(pod_ns, &["ext.demo.svc.cluster.local", "A"]),
+        ["198.19.7.7", "web.demo.svc.example.org."]
+    );
+    // Upstream answers are cached for their TTL (5 s here): with the upstream gone, the name
+    // still resolves.
+    drop(upstream);
+    assert_eq!(
+        short(pod_ns, &["web.demo.svc.example.org", "A"]),
+        ["198.19.7.7"]
+    );
+    let out = dig(pod_ns, &["never-asked.demo.svc.example.org", "A"]);
+    assert!(out.contains("status: SERVFAIL"), "{out}");
 
     // The C library's resolver, as a pod's: search path and ndots:5.
     let _resolv = ResolvConf::create(
