@@ -66,15 +66,19 @@ pub struct Chase {
 /// `CACHE_MAX_NEGATIVE_TTL`), served with the TTLs counted down.
 #[derive(Debug, Default)]
 struct Cache {
-    entries: Mutex<HashMap<(LowerName, RecordType), (Instant, u32, Message)>>,
+    entries: Mutex<HashMap<CacheKey, Cached>>,
 }
+
+type CacheKey = (LowerName, RecordType);
+/// When it was stored, for how many seconds, what.
+type Cached = (Instant, u32, Message);
 
 const CACHE_MAX_ENTRIES: usize = 10_000;
 const CACHE_MAX_TTL: u32 = 3600;
 const CACHE_MAX_NEGATIVE_TTL: u32 = 30;
 
 impl Cache {
-    fn get(&self, key: &(LowerName, RecordType)) -> Option<Message> {
+    fn get(&self, key: &CacheKey) -> Option<Message> {
         let mut map = self.entries.lock().ok()?;
         let (at, ttl, m) = map.get(key)?;
         let age = at.elapsed().as_secs() as u32;
@@ -92,7 +96,7 @@ impl Cache {
         Some(m)
     }
 
-    fn put(&self, key: (LowerName, RecordType), m: &Message) {
+    fn put(&self, key: CacheKey, m: &Message) {
         if m.truncated()
             || !matches!(
                 m.response_code(),
