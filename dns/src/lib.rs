@@ -4,6 +4,7 @@
 //! crate's own view of Services, which the agent feeds it; `server` answers queries over UDP
 //! and TCP from the zone and relays the rest to upstream resolvers. No dependency on the agent.
 pub mod server;
+pub mod stats;
 pub mod zone;
 
 pub use server::Handler;

@@ -4,10 +4,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{atomic::Ordering, Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -21,7 +18,10 @@ use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
 };
 
-use crate::zone::{Answer, Zone};
+use crate::{
+    stats::Stats,
+    zone::{Answer, Zone},
+};
 
 /// The UDP payload size this server advertises and answers within at most (the DNS flag day
 /// 2020 figure, safe from fragmentation).
@@ -29,19 +29,6 @@ pub const MAX_UDP_PAYLOAD: u16 = 1232;
 /// Without EDNS a UDP answer fits 512 bytes (RFC 1035).
 const CLASSIC_UDP: usize = 512;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Counters, read by the agent's metrics endpoint.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub queries: AtomicU64,
-    pub answered_from_zone: AtomicU64,
-    pub nxdomain: AtomicU64,
-    pub servfail: AtomicU64,
-    pub forwarded: AtomicU64,
-    pub cache_hits: AtomicU64,
-    pub truncated: AtomicU64,
-    pub malformed: AtomicU64,
-}
 
 /// What one query becomes.
 pub enum Reply {
@@ -185,7 +172,6 @@ impl Handler {
 
     /// The reply to one query; `udp` limits its size (truncation).
     pub fn respond(&self, query: &[u8], udp: bool) -> Reply {
-        self.stats.queries.fetch_add(1, Ordering::Relaxed);
         let req = match Message::from_vec(query) {
             Ok(m) => m,
             Err(_) => {
@@ -222,7 +208,6 @@ impl Handler {
         let q = req.queries()[0].clone();
         resp.add_query(q.clone());
         let Some(zone) = self.zone.load_full() else {
-            self.stats.servfail.fetch_add(1, Ordering::Relaxed);
             resp.set_response_code(ResponseCode::ServFail);
             return Reply::Message(encode(resp));
         };
@@ -279,14 +264,10 @@ impl Handler {
                 resp.add_name_server(zone.soa().clone());
             }
             Answer::NxDomain => {
-                self.stats.nxdomain.fetch_add(1, Ordering::Relaxed);
                 resp.set_response_code(ResponseCode::NXDomain);
                 resp.add_name_server(zone.soa().clone());
             }
         }
-        self.stats
-            .answered_from_zone
-            .fetch_add(1, Ordering::Relaxed);
         resp.set_authoritative(true);
         Reply::Message(self.fit(resp, limit))
     }
@@ -325,7 +306,6 @@ impl Handler {
                 return reply;
             }
         }
-        self.stats.servfail.fetch_add(1, Ordering::Relaxed);
         error_reply(id, ResponseCode::ServFail)
     }
 
@@ -416,14 +396,17 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, h: Arc<Handler>) -> std::io::Result
     let mut buf = vec![0u8; 65535];
     loop {
         let (n, peer) = sock.recv_from(&mut buf).await?;
+        let t0 = Instant::now();
         match h.respond(&buf[..n], true) {
             Reply::Message(m) => {
+                h.stats.replied(&m, t0.elapsed());
                 let _ = sock.send_to(&m, peer).await;
             }
             Reply::Forward(name, t) => {
                 let (sock, h, q) = (sock.clone(), h.clone(), buf[..n].to_vec());
                 tokio::spawn(async move {
                     let m = h.forward(&q, name, t).await;
+                    h.stats.replied(&m, t0.elapsed());
                     let _ = sock.send_to(&m, peer).await;
                 });
             }
@@ -431,6 +414,7 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, h: Arc<Handler>) -> std::io::Result
                 let (sock, h) = (sock.clone(), h.clone());
                 tokio::spawn(async move {
                     let m = h.chase(*c).await;
+                    h.stats.replied(&m, t0.elapsed());
                     let _ = sock.send_to(&m, peer).await;
                 });
             }
@@ -462,7 +446,9 @@ async fn tcp_connection(mut conn: TcpStream, h: Arc<Handler>) -> std::io::Result
         }
         let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
         conn.read_exact(&mut q).await?;
+        let t0 = Instant::now();
         if let Some(m) = h.reply_to(&q, false).await {
+            h.stats.replied(&m, t0.elapsed());
             let mut out = Vec::with_capacity(m.len() + 2);
             out.extend_from_slice(&(m.len() as u16).to_be_bytes());
             out.extend_from_slice(&m);

@@ -458,6 +458,7 @@ fn sync_file(
     })?;
     if let (Some(h), Some(opts)) = (dns, &cfg.dns) {
         crate::dns::update(h, opts, &objs)?;
+        obs.metrics.observe_dns(&objs, SystemTime::now());
     }
     sync(cfg, &objs, problems, programmer, maps, obs).map(|_| ())
 }
@@ -644,6 +645,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         Some(opts) => {
             let h = Arc::new(crate::dns::handler(opts)?);
             crate::dns::serve(opts, h.clone()).await?;
+            obs.metrics.set_dns(h.clone());
             Some(h)
         }
         None => None,
@@ -718,8 +720,10 @@ pub async fn run(cfg: Config) -> Result<()> {
                 }
                 // The zone from the same stores (rebuilt whole for now).
                 if let (Some(h), Some(opts)) = (&dns, &cfg.dns) {
-                    if let Err(e) = crate::dns::update(h, opts, &k.objects()) {
-                        warn!("DNS: {e:#}");
+                    let objs = k.objects();
+                    match crate::dns::update(h, opts, &objs) {
+                        Ok(_) => obs.metrics.observe_dns(&objs, SystemTime::now()),
+                        Err(e) => warn!("DNS: {e:#}"),
                     }
                 }
                 true

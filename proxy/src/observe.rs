@@ -166,8 +166,14 @@ pub struct Metrics {
     pub map_capacity: Family<Labels, Gauge>,
     pub watch_errors: Counter,
     pub healthz: Family<Labels, Counter>,
-    /// The trigger time last seen per EndpointSlice (namespace/name).
+    /// From an EndpointSlice change to the DNS zone that answers it.
+    pub dns_programming: Histogram,
+    /// The trigger time last seen per EndpointSlice (namespace/name), by the data path and
+    /// by DNS.
     seen: Mutex<BTreeMap<String, String>>,
+    dns_seen: Mutex<BTreeMap<String, String>>,
+    /// The embedded DNS server, whose counters `/metrics` shows.
+    dns: std::sync::OnceLock<std::sync::Arc<weir_dns::Handler>>,
     started: SystemTime,
 }
 
@@ -197,7 +203,10 @@ impl Metrics {
             map_capacity: Family::default(),
             watch_errors: Counter::default(),
             healthz: Family::default(),
+            dns_programming: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             seen: Mutex::new(BTreeMap::new()),
+            dns_seen: Mutex::new(BTreeMap::new()),
+            dns: std::sync::OnceLock::new(),
             started: SystemTime::now(),
             registry: Registry::default(),
         };
@@ -246,6 +255,11 @@ impl Metrics {
             "Answers of /healthz by HTTP code",
             m.healthz.clone(),
         );
+        registry.register(
+            "weir_dns_programming_duration_seconds",
+            "From an EndpointSlice change (its last-change-trigger-time) to the DNS zone that answers it",
+            m.dns_programming.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -254,6 +268,24 @@ impl Metrics {
     /// not counted (kube-proxy skips them too): they measure the agent's absence.
     pub fn observe_programmed(&self, objs: &Objects, now: SystemTime) {
         self.observe(&objs.slices, now, true)
+    }
+
+    /// The same for a DNS zone built from `objs` at `now`.
+    pub fn observe_dns(&self, objs: &Objects, now: SystemTime) {
+        let mut seen = self.dns_seen.lock().unwrap_or_else(|p| p.into_inner());
+        observe_into(
+            &objs.slices,
+            now,
+            self.started,
+            &mut seen,
+            true,
+            &self.dns_programming,
+        );
+    }
+
+    /// Shows the counters of this DNS server in `/metrics`.
+    pub fn set_dns(&self, h: std::sync::Arc<weir_dns::Handler>) {
+        let _ = self.dns.set(h);
     }
 
     /// The same for some slices only (an incremental sync): the others are left as seen.
@@ -272,33 +304,14 @@ impl Metrics {
         all: bool,
     ) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = if all { BTreeMap::new() } else { seen.clone() };
-        for s in slices {
-            let Some(t) = s
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-            else {
-                continue;
-            };
-            let key = format!(
-                "{}/{}",
-                s.metadata.namespace.as_deref().unwrap_or_default(),
-                s.metadata.name.as_deref().unwrap_or_default()
-            );
-            if seen.get(&key) != Some(t) {
-                if let Ok(ts) = t.parse::<k8s_openapi::jiff::Timestamp>() {
-                    let at = SystemTime::from(ts);
-                    if at >= self.started {
-                        let d = now.duration_since(at).unwrap_or_default();
-                        self.network_programming.observe(d.as_secs_f64());
-                    }
-                }
-            }
-            next.insert(key, t.clone());
-        }
-        *seen = next;
+        observe_into(
+            slices,
+            now,
+            self.started,
+            &mut seen,
+            all,
+            &self.network_programming,
+        );
     }
 
     /// Replaces the skipped-by-reason gauges with this sync's counts.
@@ -321,8 +334,56 @@ impl Metrics {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
+        if let Some(h) = self.dns.get() {
+            // Before the OpenMetrics end marker.
+            let dns = h.stats.render();
+            match out.rfind("# EOF") {
+                Some(i) => out.insert_str(i, &dns),
+                None => out.push_str(&dns),
+            }
+        }
         out
     }
+}
+
+/// Observes in `hist`, for each slice whose trigger time is new to `seen`, the time from it to
+/// `now`; trigger times from before `started` are not counted (they measure the agent's
+/// absence). `all`: `slices` are every slice (the others are forgotten).
+fn observe_into(
+    slices: &[std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
+    now: SystemTime,
+    started: SystemTime,
+    seen: &mut BTreeMap<String, String>,
+    all: bool,
+    hist: &Histogram,
+) {
+    let mut next = if all { BTreeMap::new() } else { seen.clone() };
+    for s in slices {
+        let Some(t) = s
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+        else {
+            continue;
+        };
+        let key = format!(
+            "{}/{}",
+            s.metadata.namespace.as_deref().unwrap_or_default(),
+            s.metadata.name.as_deref().unwrap_or_default()
+        );
+        if seen.get(&key) != Some(t) {
+            if let Ok(ts) = t.parse::<k8s_openapi::jiff::Timestamp>() {
+                let at = SystemTime::from(ts);
+                if at >= started {
+                    let d = now.duration_since(at).unwrap_or_default();
+                    hist.observe(d.as_secs_f64());
+                }
+            }
+        }
+        next.insert(key, t.clone());
+    }
+    *seen = next;
 }
 
 /// What the HTTP servers answer from.

@@ -1193,10 +1193,16 @@ fn the_agent_answers_cluster_dns_from_its_source() {
             .collect()
     };
     assert_eq!(dig("echo.demo.svc.cluster.local"), ["198.19.0.10"]);
-    // An edit of the source: a new Service appears in DNS.
+    // An edit of the source: a new Service appears in DNS, with an EndpointSlice whose
+    // trigger time the DNS programming histogram counts from.
     s.write_services(&format!(
         "{SERVICES}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: late, namespace: demo}}\n\
-         spec: {{clusterIP: 198.19.0.77, ports: [{{port: 80}}]}}\n"
+         spec: {{clusterIP: 198.19.0.77, ports: [{{port: 80}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: late-1, namespace: demo, labels: {{kubernetes.io/service-name: late}},\n\
+         annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{}\"}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [198.18.1.11]}}]\n",
+        k8s_openapi_now()
     ))
     .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -1208,4 +1214,38 @@ fn the_agent_answers_cluster_dns_from_its_source() {
         );
         thread::sleep(Duration::from_millis(50));
     }
+    // /metrics counts the replies by type and code, and has the DNS programming histogram.
+    let nxdomains = || -> u64 {
+        let (_, body) = get(&s, 10249, "/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix("weir_dns_replies_total{type=\"A\",rcode=\"NXDOMAIN\"} "))
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    let before = nxdomains();
+    let nx = client
+        .command("dig")
+        .unwrap()
+        .args([
+            "@198.18.0.53",
+            "+time=2",
+            "+tries=1",
+            "nope.demo.svc.cluster.local",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&nx.stdout).contains("NXDOMAIN"));
+    assert_eq!(nxdomains(), before + 1);
+    let (code, body) = get(&s, 10249, "/metrics");
+    assert_eq!(code, 200);
+    for line in [
+        "weir_dns_replies_total{type=\"A\",rcode=\"NOERROR\"}",
+        "weir_dns_programming_duration_seconds_count 1",
+        "weir_dns_reply_duration_seconds_bucket{le=\"+Inf\"}",
+    ] {
+        assert!(body.contains(line), "{line} missing from /metrics:\n{body}");
+    }
+    assert!(
+        body.trim_end().ends_with("# EOF"),
+        "OpenMetrics end marker last"
+    );
 }
