@@ -623,7 +623,17 @@ pub async fn run(cfg: Config) -> Result<()> {
         Source::Kube { kubeconfig } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
             info!("watching the Kubernetes API");
-            Some(KubeSource::start(client, cfg.node_name.as_deref()))
+            // DNS serves headless Services too, whose slices kube-proxy's selector leaves out.
+            let selector = if cfg.dns.is_some() {
+                None
+            } else {
+                Some(crate::kube_source::PROXY_LABEL_SELECTOR)
+            };
+            Some(KubeSource::start_with(
+                client,
+                cfg.node_name.as_deref(),
+                selector,
+            ))
         }
         Source::File(_) => None,
     };

@@ -96,12 +96,22 @@ pub const PROXY_LABEL_SELECTOR: &str =
 
 impl KubeSource {
     /// Starts the watches on the current tokio runtime. `node` is this node's name: only its
-    /// Node object is watched.
+    /// Node object is watched. Services and EndpointSlices are watched with kube-proxy's label
+    /// selector.
     pub fn start(client: Client, node: Option<&str>) -> KubeSource {
+        Self::start_with(client, node, Some(PROXY_LABEL_SELECTOR))
+    }
+
+    /// The same with this label selector, or none: cluster DNS needs every Service and slice,
+    /// headless ones included (the model skips what the data path must not program).
+    pub fn start_with(client: Client, node: Option<&str>, selector: Option<&str>) -> KubeSource {
         let progress = Arc::new(Progress::default());
         progress.mark(None);
         let (services, w) = reflector::store();
-        let cfg = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
+        let cfg = match selector {
+            Some(s) => watcher::Config::default().labels(s),
+            None => watcher::Config::default(),
+        };
         let svc_key = |s: &Service| Some(key(&s.metadata, s.metadata.name.as_deref()));
         spawn_watch(
             Api::<Service>::all(client.clone()),
