@@ -2,6 +2,7 @@
 //! release `weir` and passes it in WEIR_BIN).
 mod b1;
 mod b2;
+mod b5;
 mod b6;
 mod b8;
 mod kube_rules;
@@ -13,10 +14,10 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(
     about = "weir's benchmarks; each rewrites its section of benches/RESULTS.md",
-    after_help = "Examples:\n  cargo xtask bench\n  cargo xtask bench -- b8\n  cargo xtask bench -- b6\n  cargo xtask bench -- b2 --quick\n  cargo xtask bench -- b1 --quick"
+    after_help = "Examples:\n  cargo xtask bench\n  cargo xtask bench -- b8\n  cargo xtask bench -- b6\n  cargo xtask bench -- b2 --quick\n  cargo xtask bench -- b5\n  cargo xtask bench -- b1 --quick"
 )]
 struct Cli {
-    /// Which: b1, b2, b6, b8 or all.
+    /// Which: b1, b2, b5, b6, b8 or all.
     #[arg(default_value = "all")]
     which: String,
     /// Fewer sizes and shorter runs (a smoke run; results are still written).
@@ -41,6 +42,11 @@ fn main() -> Result<()> {
         let s = b2::run(&weir, cli.quick)?;
         print!("{s}");
         results::write_section("B2", &s)?;
+    }
+    if matches!(cli.which.as_str(), "b5" | "all") {
+        let s = b5::run(&weir, cli.quick)?;
+        print!("{s}");
+        results::write_section("B5", &s)?;
     }
     if matches!(cli.which.as_str(), "b1" | "all") {
         let s = b1::run(&weir, cli.quick)?;

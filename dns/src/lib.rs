@@ -12,4 +12,4 @@ pub use zone::{Config, Endpoint, Kind, PodMode, Port, Service, Zone};
 
 #[cfg(test)]
 mod conformance;
-pub use hickory_proto::rr::Name;
+pub use hickory_proto::rr::{Name, RecordType};

@@ -5,8 +5,9 @@
 //! Names are compared case-insensitively (the specification's rule): the index is keyed by
 //! lower-cased names.
 use std::{
-    collections::{BTreeSet, HashMap},
-    net::IpAddr,
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use hickory_proto::{
@@ -91,15 +92,32 @@ impl Default for Config {
     }
 }
 
-/// The records of one name, by type.
-#[derive(Debug, Default)]
-struct Node {
-    records: Vec<Record>,
+/// One record, compactly: the names it points at are shared, lower-case, fully qualified
+/// strings; hickory's records are made from it when a question is answered. (Kept as
+/// hickory `Record`s, the zone took 4 KB per object.)
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Rec {
+    A(Ipv4Addr),
+    Aaaa(Ipv6Addr),
+    /// Port and target.
+    Srv(u16, Arc<str>),
+    Ptr(Arc<str>),
+    Cname(Arc<str>),
+    Txt(Box<str>),
+    Soa,
 }
 
-impl Node {
-    fn of_type(&self, t: RecordType) -> impl Iterator<Item = &Record> {
-        self.records.iter().filter(move |r| r.record_type() == t)
+impl Rec {
+    fn record_type(&self) -> RecordType {
+        match self {
+            Rec::A(_) => RecordType::A,
+            Rec::Aaaa(_) => RecordType::AAAA,
+            Rec::Srv(..) => RecordType::SRV,
+            Rec::Ptr(_) => RecordType::PTR,
+            Rec::Cname(_) => RecordType::CNAME,
+            Rec::Txt(_) => RecordType::TXT,
+            Rec::Soa => RecordType::SOA,
+        }
     }
 }
 
@@ -129,36 +147,77 @@ impl Answer {
 #[derive(Debug)]
 pub struct Zone {
     cfg: Config,
-    names: HashMap<LowerName, Node>,
+    /// Lower-case fully qualified name (trailing dot) → its records.
+    names: HashMap<Arc<str>, Vec<Rec>>,
     /// Names that exist only because names below them do (`svc.<zone>`, `<ns>.svc.<zone>`,
     /// `_tcp.<service>…`): NODATA, not NXDOMAIN.
-    interior: BTreeSet<LowerName>,
+    interior: HashSet<Box<str>>,
     soa: Record,
-    pod_suffix: LowerName,
+    /// `<zone>.` and `pod.<zone>.`, lower-case.
+    domain: String,
+    pod_suffix: String,
     /// Records built, for memory figures.
     pub record_count: usize,
 }
 
-fn name(labels: &[&str], suffix: &Name) -> Option<Name> {
-    let mut n = Name::from_labels(labels.iter().map(|l| l.as_bytes())).ok()?;
-    n.set_fqdn(false);
-    n.append_domain(suffix).ok()
+/// The lower-case fully qualified text of `labels` under `suffix` (itself with a trailing
+/// dot), if each label is one DNS label.
+fn name(labels: &[&str], suffix: &str) -> Option<String> {
+    let mut out = String::new();
+    for l in labels {
+        if l.is_empty() || l.len() > 63 || l.contains('.') {
+            return None;
+        }
+        out.push_str(&l.to_ascii_lowercase());
+        out.push('.');
+    }
+    out.push_str(suffix);
+    (out.len() <= 254).then_some(out)
 }
 
-fn reverse(ip: IpAddr) -> Name {
-    Name::from(ip)
+/// The reverse name of an address, lower-case with a trailing dot.
+fn reverse(ip: IpAddr) -> String {
+    let mut n = Name::from(ip).to_ascii().to_ascii_lowercase();
+    if !n.ends_with('.') {
+        n.push('.');
+    }
+    n
+}
+
+/// `text` (a name of ours) as a hickory name.
+fn hname(text: &str) -> Name {
+    Name::from_ascii(text).unwrap_or_else(|_| Name::root())
+}
+
+/// The key of a question's name: lower-case with a trailing dot.
+fn key_of(qname: &LowerName) -> String {
+    let mut k = qname.to_string();
+    if !k.ends_with('.') {
+        k.push('.');
+    }
+    k
+}
+
+fn is_under(name: &str, suffix: &str) -> bool {
+    name == suffix || (name.ends_with(suffix) && name[..name.len() - suffix.len()].ends_with('.'))
 }
 
 impl Zone {
     pub fn build(cfg: Config, services: &[Service]) -> Zone {
         let ttl = cfg.ttl;
-        let domain = cfg.domain.clone();
+        let domain = {
+            let mut d = cfg.domain.to_ascii().to_ascii_lowercase();
+            if !d.ends_with('.') {
+                d.push('.');
+            }
+            d
+        };
         let soa = Record::from_rdata(
-            domain.clone(),
+            cfg.domain.clone(),
             ttl,
             RData::SOA(SOA::new(
-                name(&["ns", "dns"], &domain).expect("valid"),
-                name(&["hostmaster"], &domain).expect("valid"),
+                hname(&format!("ns.dns.{domain}")),
+                hname(&format!("hostmaster.{domain}")),
                 1,
                 7200,
                 1800,
@@ -167,37 +226,34 @@ impl Zone {
             )),
         );
         let mut z = Zone {
-            pod_suffix: LowerName::new(&name(&["pod"], &domain).expect("valid")),
+            pod_suffix: format!("pod.{domain}"),
+            domain: domain.clone(),
             cfg,
             names: HashMap::new(),
-            interior: BTreeSet::new(),
-            soa: soa.clone(),
+            interior: HashSet::new(),
+            soa,
             record_count: 0,
         };
-        z.add(soa);
-        z.add(Record::from_rdata(
-            name(&["dns-version"], &domain).expect("valid"),
-            ttl,
-            RData::TXT(TXT::new(vec![SCHEMA_VERSION.into()])),
-        ));
-        let svc_suffix = name(&["svc"], &domain).expect("valid");
+        z.add(domain.clone(), Rec::Soa);
+        z.add(
+            format!("dns-version.{domain}"),
+            Rec::Txt(SCHEMA_VERSION.into()),
+        );
+        let svc_suffix = format!("svc.{domain}");
         for s in services {
             let Some(svc_name) = name(&[&s.name, &s.namespace], &svc_suffix) else {
                 continue;
             };
+            let svc_name: Arc<str> = svc_name.into();
             match &s.kind {
                 Kind::ClusterIp(ips) => {
                     for ip in ips {
-                        z.add(addr_record(svc_name.clone(), ttl, *ip));
-                        z.add(Record::from_rdata(
-                            reverse(*ip),
-                            ttl,
-                            RData::PTR(PTR(svc_name.clone())),
-                        ));
+                        z.add_addr(svc_name.to_string(), *ip);
+                        z.add(reverse(*ip), Rec::Ptr(svc_name.clone()));
                     }
                     for p in s.ports.iter().filter(|p| !p.name.is_empty()) {
                         if let Some(n) = srv_name(p, &svc_name) {
-                            z.add(srv(n, ttl, p.port, svc_name.clone()));
+                            z.add(n, Rec::Srv(p.port, svc_name.clone()));
                         }
                     }
                 }
@@ -207,14 +263,11 @@ impl Zone {
                         let Some(host_name) = name(&[&host], &svc_name) else {
                             continue;
                         };
+                        let host_name: Arc<str> = host_name.into();
                         for ip in &e.ips {
-                            z.add(addr_record(svc_name.clone(), ttl, *ip));
-                            z.add(addr_record(host_name.clone(), ttl, *ip));
-                            z.add(Record::from_rdata(
-                                reverse(*ip),
-                                ttl,
-                                RData::PTR(PTR(host_name.clone())),
-                            ));
+                            z.add_addr(svc_name.to_string(), *ip);
+                            z.add_addr(host_name.to_string(), *ip);
+                            z.add(reverse(*ip), Rec::Ptr(host_name.clone()));
                         }
                         let ports = if e.ports.is_empty() {
                             &s.ports
@@ -223,43 +276,87 @@ impl Zone {
                         };
                         for p in ports.iter().filter(|p| !p.name.is_empty()) {
                             if let Some(n) = srv_name(p, &svc_name) {
-                                z.add(srv(n, ttl, p.port, host_name.clone()));
+                                z.add(n, Rec::Srv(p.port, host_name.clone()));
                             }
                         }
                     }
                 }
                 Kind::ExternalName(target) => {
-                    if let Ok(mut t) = Name::from_ascii(target) {
-                        t.set_fqdn(true);
-                        z.add(Record::from_rdata(
-                            svc_name.clone(),
-                            ttl,
-                            RData::CNAME(CNAME(t)),
-                        ));
+                    if let Ok(t) = Name::from_ascii(target) {
+                        let mut t = t.to_ascii();
+                        if !t.ends_with('.') {
+                            t.push('.');
+                        }
+                        z.add(svc_name.to_string(), Rec::Cname(t.into()));
                     }
                 }
             }
         }
+        for recs in z.names.values_mut() {
+            recs.shrink_to_fit();
+        }
+        z.names.shrink_to_fit();
+        z.interior.shrink_to_fit();
         z
     }
 
-    fn add(&mut self, r: Record) {
-        let key = LowerName::new(r.name());
-        // Every ancestor inside the zone exists (RFC 8020: NXDOMAIN means nothing below).
-        let mut up = r.name().base_name();
-        while self.cfg.domain.zone_of(&up) && up.num_labels() > self.cfg.domain.num_labels() {
-            self.interior.insert(LowerName::new(&up));
-            up = up.base_name();
+    fn add_addr(&mut self, name: String, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(v4) => self.add(name, Rec::A(v4)),
+            IpAddr::V6(v6) => self.add(name, Rec::Aaaa(v6)),
         }
-        let node = self.names.entry(key).or_default();
-        if !node.records.contains(&r) {
-            node.records.push(r);
+    }
+
+    fn add(&mut self, name: String, r: Rec) {
+        // Every ancestor inside the zone exists (RFC 8020: NXDOMAIN means nothing below).
+        if is_under(&name, &self.domain) {
+            let mut rest = name.as_str();
+            while let Some(i) = rest.find('.') {
+                rest = &rest[i + 1..];
+                if rest.len() <= self.domain.len() {
+                    break;
+                }
+                if !self.interior.contains(rest) {
+                    self.interior.insert(rest.into());
+                }
+            }
+        }
+        let recs = match self.names.get_mut(name.as_str()) {
+            Some(r) => r,
+            None => self.names.entry(name.into()).or_default(),
+        };
+        if !recs.contains(&r) {
+            recs.push(r);
             self.record_count += 1;
         }
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Every record of the zone (the SOA first is not promised).
+    pub fn records(&self) -> impl Iterator<Item = Record> + '_ {
+        self.names.iter().flat_map(move |(n, recs)| {
+            let owner = hname(n);
+            recs.iter()
+                .map(move |r| self.record(owner.clone(), r))
+                .collect::<Vec<_>>()
+        })
+    }
+
+    fn record(&self, owner: Name, r: &Rec) -> Record {
+        let ttl = self.cfg.ttl;
+        let data = match r {
+            Rec::A(v4) => RData::A(A(*v4)),
+            Rec::Aaaa(v6) => RData::AAAA(AAAA(*v6)),
+            Rec::Srv(port, t) => RData::SRV(SRV::new(0, 100, *port, hname(t))),
+            Rec::Ptr(t) => RData::PTR(PTR(hname(t))),
+            Rec::Cname(t) => RData::CNAME(CNAME(hname(t))),
+            Rec::Txt(s) => RData::TXT(TXT::new(vec![s.to_string()])),
+            Rec::Soa => return self.soa.clone(),
+        };
+        Record::from_rdata(owner, ttl, data)
     }
 
     /// The SOA record negative answers carry.
@@ -269,47 +366,47 @@ impl Zone {
 
     /// The answer to `qname`/`qtype`.
     pub fn lookup(&self, qname: &LowerName, qtype: RecordType) -> Answer {
-        let in_zone = LowerName::new(&self.cfg.domain).zone_of(qname);
-        if let Some(node) = self.names.get(qname) {
+        let key = key_of(qname);
+        if let Some(recs) = self.names.get(key.as_str()) {
+            let owner: Name = qname.into();
             // An ExternalName Service's name answers its CNAME whatever the type asked.
-            let cname: Vec<Record> = node.of_type(RecordType::CNAME).cloned().collect();
-            if !cname.is_empty() {
-                return Answer::Records(cname);
+            if let Some(c) = recs.iter().find(|r| matches!(r, Rec::Cname(_))) {
+                return Answer::Records(vec![self.record(owner, c)]);
             }
-            let recs: Vec<Record> = if qtype == RecordType::ANY {
-                node.records.clone()
-            } else {
-                node.of_type(qtype).cloned().collect()
-            };
-            return if recs.is_empty() {
+            let out: Vec<Record> = recs
+                .iter()
+                .filter(|r| qtype == RecordType::ANY || r.record_type() == qtype)
+                .map(|r| self.record(owner.clone(), r))
+                .collect();
+            return if out.is_empty() {
                 Answer::NoData
             } else {
-                Answer::Records(recs)
+                Answer::Records(out)
             };
         }
-        if !in_zone {
+        if !is_under(&key, &self.domain) {
             return Answer::NotOurs;
         }
-        if self.interior.contains(qname) {
+        if self.interior.contains(key.as_str()) {
             return Answer::NoData;
         }
-        if let Some(a) = self.pod(qname, qtype) {
+        if let Some(a) = self.pod(&key, qtype) {
             return a;
         }
         Answer::NxDomain
     }
 
     /// `<a-b-c-d>.<ns>.pod.<zone>` (and the dashed IPv6 form), in `Insecure` mode.
-    fn pod(&self, qname: &LowerName, qtype: RecordType) -> Option<Answer> {
-        if self.cfg.pods != PodMode::Insecure || !self.pod_suffix.zone_of(qname) {
+    fn pod(&self, key: &str, qtype: RecordType) -> Option<Answer> {
+        if self.cfg.pods != PodMode::Insecure || !is_under(key, &self.pod_suffix) {
             return None;
         }
-        let n: Name = qname.into();
         // Labels: the address, the namespace, then `pod.<zone>`.
-        if n.num_labels() != self.pod_suffix.num_labels() + 2 {
+        let head = &key[..key.len() - self.pod_suffix.len()];
+        let mut labels = head.trim_end_matches('.').split('.');
+        let (Some(first), Some(_ns), None) = (labels.next(), labels.next(), labels.next()) else {
             return None;
-        }
-        let first = String::from_utf8_lossy(n.iter().next()?).to_string();
+        };
         let ip: IpAddr = first
             .replace('-', ".")
             .parse()
@@ -321,7 +418,7 @@ impl Zone {
             RecordType::AAAA
         };
         Some(if qtype == want || qtype == RecordType::ANY {
-            Answer::Records(vec![addr_record(n, self.cfg.ttl, ip)])
+            Answer::Records(vec![addr_record(hname(key), self.cfg.ttl, ip)])
         } else {
             Answer::NoData
         })
@@ -335,7 +432,7 @@ fn addr_record(n: Name, ttl: u32, ip: IpAddr) -> Record {
     }
 }
 
-fn srv_name(p: &Port, svc: &Name) -> Option<Name> {
+fn srv_name(p: &Port, svc: &str) -> Option<String> {
     name(
         &[
             &format!("_{}", p.name),
@@ -343,11 +440,6 @@ fn srv_name(p: &Port, svc: &Name) -> Option<Name> {
         ],
         svc,
     )
-}
-
-fn srv(n: Name, ttl: u32, port: u16, target: Name) -> Record {
-    // Priority 0, weight 100: the values CoreDNS gives every target.
-    Record::from_rdata(n, ttl, RData::SRV(SRV::new(0, 100, port, target)))
 }
 
 /// `10-0-0-1` for 10.0.0.1, `fd00--1` for fd00::1: an endpoint's name when it has no hostname.

@@ -264,8 +264,13 @@ pub async fn run_standalone(source: &Path, opts: Options) -> Result<()> {
                         warn!("{p}");
                     }
                     let n = update(&h, &opts, &objs)?;
+                    let services = objs.services.len();
+                    drop(objs);
+                    // The parse's garbage back to the system: the zone is what stays.
+                    // SAFETY: malloc_trim only releases free heap memory.
+                    unsafe { libc::malloc_trim(0) };
                     info!(
-                        services = objs.services.len(),
+                        services,
                         records = n,
                         "zone rebuilt from {}",
                         source.display()
