@@ -18,6 +18,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     // dig: DNS queries over real sockets in the DNS tests.
     "bind9-dnsutils",
+    // B5: dnsperf, and the servers weir's DNS is measured beside (never started as services:
+    // see `apt_install`).
+    "dnsperf",
+    "knot",
+    "unbound",
 ];
 
 #[derive(Parser)]
@@ -174,10 +179,23 @@ fn setup() -> Result<()> {
             );
         }
         run(Command::new("apt-get").arg("update").arg("-qq"))?;
-        run(Command::new("apt-get")
+        // Packages with daemons (knot, unbound) must not start them on this machine: a
+        // policy-rc.d that denies every start, for the install only, unless one is there.
+        let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+        let ours = !policy.exists();
+        if ours {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
+            std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))?;
+        }
+        let installed = run(Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+        if ours {
+            let _ = std::fs::remove_file(policy);
+        }
+        installed?;
     }
     eprintln!("xtask: setup complete");
     Ok(())
