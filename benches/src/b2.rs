@@ -127,7 +127,7 @@ fn weir_cold(objs: &Objects, dir: &Path) -> Result<(f64, usize)> {
     let _dp = Datapath::load(pins.clone())?;
     let mut maps = AyaMaps::open(&pins.maps())?;
     let mut p = Programmer::adopt(&maps)?;
-    let r = program_objects(objs, Vec::new(), None, &mut p, &mut maps);
+    let r = program_objects(objs, Vec::new(), &Default::default(), &mut p, &mut maps);
     if !r.stats.errors.is_empty() {
         bail!(
             "weir cold: {:?}",

@@ -25,8 +25,9 @@ pub mod map_names {
     pub const SOCK_FWD: &str = "LB_SKFWD_V1";
     pub const STATS: &str = "STATS_V1";
     pub const VIPNET: &str = "LB_VIPNET_V1";
-    pub const ALL: [&str; 9] = [
-        SVC, BACKENDS, MAGLEV, AFFINITY, CT, SOCK_REV, SOCK_FWD, STATS, VIPNET,
+    pub const NODE_LOCAL: &str = "LB_NODELOC_V1";
+    pub const ALL: [&str; 10] = [
+        SVC, BACKENDS, MAGLEV, AFFINITY, CT, SOCK_REV, SOCK_FWD, STATS, VIPNET, NODE_LOCAL,
     ];
 }
 
@@ -125,6 +126,25 @@ pub const SVC_F_AFFINITY: u16 = 1 << 1;
 /// With no backend, drop instead of reject: the service has endpoints, none for this traffic
 /// (a `Local` traffic policy and none on this node), as kube-proxy does.
 pub const SVC_F_DROP_EMPTY: u16 = 1 << 2;
+/// The cluster DNS Service: while the node's own DNS server holds its lease (`NodeLocal`), the
+/// socket hooks send the service's traffic there instead of to a backend.
+pub const SVC_F_NODE_LOCAL: u16 = 1 << 3;
+
+/// The node's own server for `SVC_F_NODE_LOCAL` services (the agent's DNS), and its lease: the
+/// agent renews it every poll while the server answers; past `expires_ns` (monotonic coarse
+/// clock, as `bpf_ktime_get_coarse_ns`), traffic goes to the service's backends again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeLocal {
+    /// IPv4-mapped; all zero: none for IPv4.
+    pub addr4: Addr,
+    /// All zero: none for IPv6.
+    pub addr6: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+    pub expires_ns: u64,
+}
 
 /// Master entry (slot 0): `count`, `flags`, `svc_id`, `affinity_timeout_s` are meaningful.
 /// Backend slot (slot ≥ 1): `backend_id` is meaningful.
@@ -283,9 +303,11 @@ pub enum Stat {
     Routed,
     /// A packet to route whose FIB lookup failed: left to the kernel.
     RouteFallback,
+    /// A socket of a pod sent to the node's own DNS server (`SVC_F_NODE_LOCAL`).
+    SockNodeLocal,
 }
 
-pub const STAT_COUNT: u32 = Stat::RouteFallback as u32 + 1;
+pub const STAT_COUNT: u32 = Stat::SockNodeLocal as u32 + 1;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_no_service",
@@ -315,6 +337,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_snat_no_port",
     "routed",
     "route_fallback",
+    "sock_node_local",
 ];
 
 const _: () = {
@@ -329,6 +352,7 @@ const _: () = {
     assert!(size_of::<CtValue>() == 56);
     assert!(size_of::<SockKey>() == 32);
     assert!(size_of::<SockValue>() == 24);
+    assert!(size_of::<NodeLocal>() == 48);
 };
 
 #[cfg(feature = "user")]
@@ -346,4 +370,5 @@ mod pod {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockValue {}
+    unsafe impl aya::Pod for NodeLocal {}
 }

@@ -54,6 +54,9 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "LB_VIPNET_V1")]
 pub static VIPNET: Array<u64> = Array::pinned(VIPNET_WORDS, 0);
 
+#[map(name = "LB_NODELOC_V1")]
+pub static NODE_LOCAL: Array<NodeLocal> = Array::pinned(1, 0);
+
 #[map(name = "STATS_V1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
 

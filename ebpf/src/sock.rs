@@ -9,8 +9,8 @@ use aya_ebpf::{
 use weir_common::*;
 
 use crate::{
-    lb::{lookup_service, select_backend},
-    maps::{count, BACKENDS, SOCK_FWD, SOCK_REV},
+    lb::{lookup_service, now_ns, select_backend},
+    maps::{count, BACKENDS, NODE_LOCAL, SOCK_FWD, SOCK_REV},
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -98,6 +98,9 @@ pub fn forward(ctx: &SockAddrContext, fam: Family, sendmsg: bool) -> i32 {
     let Some((master, scope)) = lookup_service(&vip, vport, proto, false) else {
         return ALLOW;
     };
+    if master.flags & SVC_F_NODE_LOCAL != 0 && node_local(ctx, fam, &vip, vport) {
+        return ALLOW;
+    }
     if master.count == 0 && master.flags & SVC_F_DROP_EMPTY != 0 {
         // kube-proxy drops this traffic: leave the address alone, and the per-packet path,
         // which sees the same entry, drops the packets.
@@ -161,6 +164,36 @@ pub fn forward(ctx: &SockAddrContext, fam: Family, sendmsg: bool) -> i32 {
         Stat::SockConnect
     });
     ALLOW
+}
+
+/// Sends the socket to the node's own server while it holds its lease; false when it does
+/// not (or has no address of this family): the service's backends then.
+#[inline(always)]
+fn node_local(ctx: &SockAddrContext, fam: Family, vip: &Addr, vport: u16) -> bool {
+    // SAFETY: copied out at once.
+    let Some(l) = (unsafe { NODE_LOCAL.get(0).copied() }) else {
+        return false;
+    };
+    let addr = if fam == Family::V4 { l.addr4 } else { l.addr6 };
+    if addr.0 == [0; 16] || l.port == 0 || now_ns() >= l.expires_ns {
+        return false;
+    }
+    let rev_key = SockKey {
+        cookie: cookie(ctx),
+        addr,
+        port: l.port,
+        _pad: [0; 6],
+    };
+    let rev = SockValue {
+        addr: *vip,
+        port: vport,
+        _pad: 0,
+        backend_id: 0,
+    };
+    let _ = SOCK_REV.insert(&rev_key, &rev, 0);
+    set_user_addr(ctx, fam, &addr, l.port);
+    count(Stat::SockNodeLocal);
+    true
 }
 
 /// The client identity for session affinity: the socket's network namespace, which is what a

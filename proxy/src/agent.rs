@@ -151,12 +151,12 @@ pub struct Synced {
 pub fn program_objects(
     objs: &model::Objects,
     mut problems: Vec<model::Problem>,
-    node_name: Option<&str>,
+    node: &model::NodeContext,
     programmer: &mut Programmer,
     w: &mut dyn crate::maps::MapWriter,
 ) -> Synced {
     let started = Instant::now();
-    let m = model::build(objs, &model::NodeContext::of(objs, node_name));
+    let m = model::build(objs, node);
     problems.extend(m.problems.iter().cloned());
     log_model(&problems, &m.skipped);
     let applying = Instant::now();
@@ -211,7 +211,7 @@ fn sync(
         obs.health
             .set_node_eligible(crate::observe::node_eligible(objs, node));
     }
-    let r = program_objects(objs, problems, cfg.node_name.as_deref(), programmer, maps);
+    let r = program_objects(objs, problems, &node_context(cfg, objs), programmer, maps);
     let now = SystemTime::now();
     let m = &obs.metrics;
     set_object_metrics(obs, &r.skipped, r.problems.len());
@@ -221,6 +221,13 @@ fn sync(
         write_atomically(f, &serde_json::to_vec_pretty(&r.reports)?)?;
     }
     Ok(r)
+}
+
+/// This node as the model sees it: its Node object, and the DNS Service it serves itself.
+fn node_context(cfg: &Config, objs: &model::Objects) -> model::NodeContext {
+    let mut ctx = model::NodeContext::of(objs, cfg.node_name.as_deref());
+    ctx.node_local_service = cfg.dns.as_ref().and_then(|d| d.service.clone());
+    ctx
 }
 
 fn log_model(problems: &[model::Problem], skipped: &[model::Skipped]) {
@@ -374,10 +381,7 @@ fn sync_services(
     let mut slices = Vec::new();
     for svc in services {
         let objs = k.objects_of(svc);
-        let m = model::build(
-            &objs,
-            &model::NodeContext::of(&objs, cfg.node_name.as_deref()),
-        );
+        let m = model::build(&objs, &node_context(cfg, &objs));
         log_model(&m.problems, &m.skipped);
         inc.skipped.remove(svc);
         for s in &m.skipped {
@@ -494,6 +498,9 @@ fn write_pod_cidrs(path: &Path, pod_cidrs: Vec<String>) -> Result<()> {
 
 /// How often the agent looks at its devices and its source.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a renewal of the node-local DNS lease lasts: an agent that dies takes its node's
+/// DNS traffic with it for at most this long.
+const NODE_LOCAL_LEASE: Duration = Duration::from_secs(2);
 
 /// The pod devices the agent has attached `tc_from_pod` to, by (name, index).
 type Attached = BTreeSet<(String, u32)>;
@@ -751,6 +758,20 @@ pub async fn run(cfg: Config) -> Result<()> {
             obs.metrics.watch_errors.inc_by(e - watch_errors);
             watch_errors = e;
         }
+        // The node-local DNS lease, renewed while the server answers a query of its own.
+        if let (Some(h), Some(opts)) = (&dns, &cfg.dns) {
+            if opts.service.is_some() && h.ready() {
+                if crate::dns::probe(opts).await {
+                    if let Err(e) =
+                        crate::dns::write_lease(&dp.pins().maps(), opts, NODE_LOCAL_LEASE)
+                    {
+                        warn!("DNS lease: {e:#}");
+                    }
+                } else {
+                    warn!("DNS: the node's server does not answer; its lease is not renewed");
+                }
+            }
+        }
         if cfg.once && ready {
             return Ok(());
         }
@@ -788,7 +809,13 @@ pub async fn run(cfg: Config) -> Result<()> {
             _ = sigterm.recv() => break,
         }
     }
-    // Links and maps stay pinned: the data path keeps serving while the agent is away.
+    // Links and maps stay pinned: the data path keeps serving while the agent is away. Its
+    // DNS server does not: DNS traffic goes to the Service's backends from now on.
+    if let Some(opts) = cfg.dns.as_ref().filter(|o| o.service.is_some()) {
+        if let Err(e) = crate::dns::write_lease(&dp.pins().maps(), opts, Duration::ZERO) {
+            warn!("DNS lease: {e:#}");
+        }
+    }
     info!("stopping; the data path stays programmed");
     Ok(())
 }

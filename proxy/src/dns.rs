@@ -29,6 +29,84 @@ pub struct Options {
     pub upstreams: Vec<SocketAddr>,
     /// Stub domains: names under the suffix go to its resolver.
     pub stubs: Vec<(String, SocketAddr)>,
+    /// `namespace/name` of the cluster DNS Service whose traffic the node's own server takes
+    /// while it answers (the agent only; None: no node-local DNS).
+    pub service: Option<String>,
+}
+
+impl Options {
+    /// The address of each family the node-local redirection sends to: the first listen
+    /// address of that family that is not a wildcard.
+    pub fn local_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        let pick = |v4: bool| {
+            self.listen
+                .iter()
+                .find(|a| a.is_ipv4() == v4 && !a.ip().is_unspecified())
+                .copied()
+        };
+        (pick(true), pick(false))
+    }
+}
+
+/// Whether the server answers `dns-version.<domain>` TXT on its node-local address within
+/// 200 ms (the liveness the lease rests on).
+pub async fn probe(opts: &Options) -> bool {
+    let (v4, v6) = opts.local_addrs();
+    let Some(addr) = v4.or(v6) else {
+        return false;
+    };
+    let mut q = vec![0x77, 0x65, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in format!("dns-version.{}", opts.domain)
+        .split('.')
+        .filter(|l| !l.is_empty())
+    {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 16, 0, 1]);
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("valid")
+    } else {
+        "[::]:0".parse().expect("valid")
+    };
+    let attempt = async {
+        let sock = tokio::net::UdpSocket::bind(bind).await.ok()?;
+        sock.connect(addr).await.ok()?;
+        sock.send(&q).await.ok()?;
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).await.ok()?;
+        // Our id, a response, NOERROR.
+        (n >= 12 && buf[..2] == q[..2] && buf[2] & 0x80 != 0 && buf[3] & 0x0f == 0).then_some(())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(200), attempt).await,
+        Ok(Some(()))
+    )
+}
+
+/// Writes the node-local lease: the node's own server at `opts`' addresses, valid `for_` from
+/// now (zero: withdrawn at once). The socket hooks read it for the `SVC_F_NODE_LOCAL` Service.
+pub fn write_lease(maps_dir: &Path, opts: &Options, for_: Duration) -> Result<()> {
+    use weir_common::{map_names, NodeLocal};
+    let mut m: aya::maps::Array<aya::maps::MapData, NodeLocal> =
+        crate::maps::open_typed(maps_dir, map_names::NODE_LOCAL)?;
+    let (v4, v6) = opts.local_addrs();
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .context("read the monotonic clock")?;
+    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    let entry = NodeLocal {
+        addr4: v4.map(|a| crate::addr::to_addr(a.ip())).unwrap_or_default(),
+        addr6: v6.map(|a| crate::addr::to_addr(a.ip())).unwrap_or_default(),
+        port: v4.or(v6).map(|a| a.port()).unwrap_or(0).to_be(),
+        _pad: [0; 6],
+        expires_ns: if for_.is_zero() {
+            0
+        } else {
+            now_ns + for_.as_nanos() as u64
+        },
+    };
+    m.set(0, entry, 0)
+        .with_context(|| format!("write {}", map_names::NODE_LOCAL))
 }
 
 impl Options {

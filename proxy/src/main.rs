@@ -208,6 +208,10 @@ struct AgentDnsArgs {
     /// Stub domain: names under SUFFIX go to this resolver, SUFFIX=IP[:PORT] (repeatable).
     #[arg(long, value_parser = weir_proxy::dns::parse_stub)]
     dns_stub_domain: Vec<(String, std::net::SocketAddr)>,
+    /// The cluster DNS Service (NAMESPACE/NAME) whose queries from this node's pods go to this
+    /// server while it answers, and to the Service's endpoints when it does not ("off": never).
+    #[arg(long, default_value = "kube-system/kube-dns")]
+    dns_service: String,
 }
 
 impl AgentDnsArgs {
@@ -215,8 +219,10 @@ impl AgentDnsArgs {
         if self.dns_listen.is_empty() {
             return None;
         }
-        Some(
-            DnsArgs {
+        let service = (self.dns_service != "off").then_some(self.dns_service);
+        Some(weir_proxy::dns::Options {
+            service,
+            ..DnsArgs {
                 listen: self.dns_listen,
                 domain: self.dns_domain,
                 ttl: self.dns_ttl,
@@ -224,8 +230,8 @@ impl AgentDnsArgs {
                 upstream: self.dns_upstream,
                 stub_domain: self.dns_stub_domain,
             }
-            .options(),
-        )
+            .options()
+        })
     }
 }
 
@@ -266,6 +272,7 @@ impl DnsArgs {
                 self.upstream
             },
             stubs: self.stub_domain,
+            service: None,
         }
     }
 }

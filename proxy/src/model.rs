@@ -256,6 +256,9 @@ pub struct NodeContext {
     /// The addresses NodePorts are served on: the node's primary IP of each family, as
     /// kube-proxy's default `--nodeport-addresses=primary`.
     pub nodeport_ips: Vec<IpAddr>,
+    /// `namespace/name` of the cluster DNS Service, when this node serves DNS itself: its
+    /// cluster IPs' frontends prefer the node's own server (`SVC_F_NODE_LOCAL`).
+    pub node_local_service: Option<String>,
 }
 
 impl NodeContext {
@@ -611,10 +614,16 @@ fn build_service(
                 maglev,
                 affinity_timeout_s: affinity,
                 drop_when_empty: backends.is_empty() && c.any,
+                node_local: false,
             };
             let internal = if internal_local { &c.local } else { &c.cluster };
-            m.desired
-                .insert(Frontend::new(vip, vport, proto), spec_for(internal));
+            m.desired.insert(
+                Frontend::new(vip, vport, proto),
+                ServiceSpec {
+                    node_local: node.node_local_service.as_deref() == Some(id.as_str()),
+                    ..spec_for(internal)
+                },
+            );
             for fe in externals {
                 m.desired.insert(fe, spec_for(&c.cluster));
                 if external_local {
@@ -1101,7 +1110,7 @@ spec: {clusterIP: 198.19.0.99, ports: [{port: 80, protocol: ICMP}, {name: ok, po
             let node = NodeContext {
                 name: Some("node-a".into()),
                 zone: c.zone.map(String::from),
-                nodeport_ips: vec![],
+                ..Default::default()
             };
             let got = categorize(&c.eps, c.uses_cluster, c.uses_local, &node);
             assert_eq!(got.cluster, addrs(c.cluster), "{}: cluster", c.name);
@@ -1191,6 +1200,31 @@ spec: {clusterIP: 198.19.0.23, ports: [{port: 80}]}
 
     fn sa(v: &[&str]) -> Vec<SocketAddr> {
         v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn only_the_dns_services_cluster_ip_frontends_prefer_the_node() {
+        let (objs, _) = parse_yaml(KINDS);
+        let mut node = NodeContext::of(&objs, Some("node-a"));
+        let m = build(&objs, &node);
+        assert!(
+            m.desired.values().all(|s| !s.node_local),
+            "off unless asked"
+        );
+        node.node_local_service = Some("demo/lb".into());
+        let m = build(&objs, &node);
+        let local: Vec<String> = m
+            .desired
+            .iter()
+            .filter(|(_, s)| s.node_local)
+            .map(|(f, _)| f.to_string())
+            .collect();
+        // The cluster IP only: NodePorts, external and load balancer IPs keep their endpoints.
+        assert!(!local.is_empty());
+        assert!(
+            local.iter().all(|f| f.starts_with("198.19.0.20:")),
+            "{local:?}"
+        );
     }
 
     #[test]

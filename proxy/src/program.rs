@@ -87,6 +87,9 @@ pub struct ServiceSpec {
     /// With no backends, drop rather than reject: the service has endpoints, none usable by
     /// this frontend's traffic (a `Local` traffic policy).
     pub drop_when_empty: bool,
+    /// The cluster DNS Service's cluster IP frontend on a node that serves DNS itself: the
+    /// socket hooks prefer the node's own server while it holds its lease.
+    pub node_local: bool,
 }
 
 pub type Desired = BTreeMap<Frontend, ServiceSpec>;
@@ -490,6 +493,9 @@ impl Programmer {
         }
         if spec.maglev {
             flags |= SVC_F_MAGLEV;
+        }
+        if spec.node_local {
+            flags |= weir_common::SVC_F_NODE_LOCAL;
         }
         let timeout = spec.affinity_timeout_s.unwrap_or(0);
         if spec.affinity_timeout_s.is_some() {

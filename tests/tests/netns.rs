@@ -1249,3 +1249,105 @@ fn the_agent_answers_cluster_dns_from_its_source() {
         "OpenMetrics end marker last"
     );
 }
+
+/// Node-local DNS: a pod's queries to the cluster DNS Service go to its node's agent while the
+/// agent answers, to the Service's endpoints (the cluster's own DNS pods) once the agent is
+/// gone, and back to the node when it returns. No NOTRACK, no extra address in the pods.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn dns_service_queries_stay_on_the_node_and_fall_back_without_the_agent() {
+    use weir_proxy::topo::Proc;
+    let mut s = sim(true);
+    // The cluster's DNS deployment: a `weir dns` in pod be-2, with its own answer for web.
+    let central = s.dir().join("central.yaml");
+    std::fs::write(
+        &central,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\n\
+         spec: {clusterIP: 198.19.0.99, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    let mut cmd = s
+        .node
+        .pod("be-2")
+        .unwrap()
+        .ns
+        .command(weir_bin().unwrap())
+        .unwrap();
+    cmd.args(["dns", "--source"])
+        .arg(format!("file:{}", central.display()))
+        .args(["--listen", "198.18.1.12:53", "--upstream", "198.18.0.55"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _central = Proc::spawn("central dns", cmd).unwrap();
+    // The agent's source: kube-dns with be-2 as its endpoint, and web at 198.19.0.20.
+    s.write_services(&format!(
+        "{SERVICES}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: kube-dns, namespace: kube-system}}\n\
+         spec: {{clusterIP: 198.19.0.53, ports: [{{name: dns, port: 53, protocol: UDP}}, {{name: dns-tcp, port: 53, protocol: TCP}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: kube-dns-1, namespace: kube-system, labels: {{kubernetes.io/service-name: kube-dns}}}}\n\
+         addressType: IPv4\nports: [{{name: dns, port: 53, protocol: UDP}}, {{name: dns-tcp, port: 53, protocol: TCP}}]\n\
+         endpoints: [{{addresses: [198.18.1.12]}}]\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: demo}}\n\
+         spec: {{clusterIP: 198.19.0.20, ports: [{{port: 80}}]}}\n"
+    ))
+    .unwrap();
+    s.node
+        .ns
+        .ip(&["addr", "add", "198.18.0.53/32", "dev", "lo"])
+        .unwrap();
+    s.agent_args = vec![
+        "--dns-listen".into(),
+        "198.18.0.53:53".into(),
+        "--dns-upstream".into(),
+        "198.18.0.55".into(),
+    ];
+    s.kill_agent();
+    s.start_agent().unwrap();
+    wait_dns(&s, "agent up", "198.19.0.20");
+    assert_eq!(ask_dns(&s, "+tcp"), ["198.19.0.20"], "over TCP too");
+    assert!(s.status().unwrap().counters["sock_node_local"] > 0);
+    // The agent dies without a word (SIGKILL): once its lease runs out, the cluster's DNS.
+    s.kill_agent();
+    wait_dns(&s, "agent killed", "198.19.0.99");
+    assert_eq!(ask_dns(&s, "+tcp"), ["198.19.0.99"], "over TCP too");
+    // Back on the node when the agent returns.
+    s.start_agent().unwrap();
+    wait_dns(&s, "agent back", "198.19.0.20");
+}
+
+/// `dig @198.19.0.53 web.demo.svc.cluster.local` in the client pod, in the hooked cgroup.
+fn ask_dns(s: &Sim, transport: &str) -> Vec<String> {
+    let mut cmd = s.node.pod("cli").unwrap().ns.command("dig").unwrap();
+    s.cgroup.adopt(&mut cmd).unwrap();
+    let out = cmd
+        .args([
+            "@198.19.0.53",
+            "+short",
+            "+time=1",
+            "+tries=1",
+            transport,
+            "web.demo.svc.cluster.local",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits (5 s at most) until `ask_dns` over UDP answers `want`.
+fn wait_dns(s: &Sim, what: &str, want: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = ask_dns(s, "+notcp");
+        if got == [want] {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: got {got:?}, want {want}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
