@@ -661,7 +661,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let dns = match &cfg.dns {
         Some(opts) => {
             let h = Arc::new(crate::dns::handler(opts)?);
-            crate::dns::serve(opts, h.clone()).await?;
+            crate::dns::serve_on_own_thread(opts, h.clone())?;
             obs.metrics.set_dns(h.clone());
             Some(h)
         }

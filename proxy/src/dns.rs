@@ -317,6 +317,37 @@ pub async fn serve(opts: &Options, h: Arc<Handler>) -> Result<()> {
     Ok(())
 }
 
+/// Serves `h` on a thread of its own (with its own runtime), so that a long sync of the
+/// agent never holds a query up; returns once the sockets are bound.
+pub fn serve_on_own_thread(opts: &Options, h: Arc<Handler>) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let opts = opts.clone();
+    std::thread::Builder::new()
+        .name("weir-dns".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow::anyhow!("DNS: start a runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let bound = serve(&opts, h).await;
+                let failed = bound.is_err();
+                let _ = tx.send(bound);
+                if !failed {
+                    std::future::pending::<()>().await;
+                }
+            });
+        })
+        .context("DNS: start its thread")?;
+    rx.recv().context("DNS: its thread ended")?
+}
+
 /// `weir dns`: the server alone, its zone from a YAML file, rebuilt when the file changes.
 pub async fn run_standalone(source: &Path, opts: Options) -> Result<()> {
     let h = Arc::new(handler(&opts)?);
