@@ -144,6 +144,8 @@ pub struct Synced {
     pub took: Duration,
     /// Of which the map writer's apply.
     pub apply_took: Duration,
+    /// healthCheckNodePort → (Service, this node's ready endpoints).
+    pub health_checks: BTreeMap<u16, (String, usize)>,
 }
 
 /// Builds the model from `objs` and programs the difference. Problems with single objects
@@ -184,6 +186,7 @@ pub fn program_objects(
     Synced {
         reports: m.reports(&st.failed),
         frontends: m.desired.len(),
+        health_checks: m.health_checks.clone(),
         desired: m.desired,
         stats: st,
         skipped,
@@ -300,6 +303,14 @@ pub struct StepStats {
 }
 
 impl KubeSync {
+    /// healthCheckNodePort → (Service, this node's ready endpoints), as of the last step.
+    pub fn health_checks(&self) -> BTreeMap<u16, (String, usize)> {
+        self.incremental
+            .as_ref()
+            .map(|i| i.health_checks.clone())
+            .unwrap_or_default()
+    }
+
     /// One sync of what changed since the last; call once every kind is listed. Returns how
     /// many Services were rebuilt alone, or None for a full sync.
     pub fn step(
@@ -342,6 +353,7 @@ impl KubeSync {
                 .or_insert(0) += 1;
         }
         self.incremental = Some(Incremental {
+            health_checks: r.health_checks,
             skipped: r.skipped,
             problems,
             by_service: model::ByService::new(&r.desired),
@@ -363,6 +375,8 @@ struct Incremental {
     skipped: BTreeMap<String, String>,
     problems: BTreeMap<String, usize>,
     reports: BTreeMap<String, model::ServiceReport>,
+    /// healthCheckNodePort → (Service, this node's ready endpoints).
+    health_checks: BTreeMap<u16, (String, usize)>,
 }
 
 /// Rebuilds and programs only these Services (`namespace/name`) from the stores.
@@ -388,6 +402,8 @@ fn sync_services(
             inc.skipped.insert(s.service.clone(), s.reason.clone());
         }
         inc.problems.insert(svc.clone(), m.problems.len());
+        inc.health_checks.retain(|_, (s, _)| s != svc);
+        inc.health_checks.extend(m.health_checks.clone());
         inc.reports.remove(svc);
         for r in m.reports(&[]) {
             inc.reports.insert(r.service.clone(), r);
@@ -451,7 +467,7 @@ fn sync_file(
     maps: &mut AyaMaps,
     obs: &Observed,
     dns: Option<&weir_dns::Handler>,
-) -> Result<()> {
+) -> Result<Synced> {
     let text =
         fs::read_to_string(path).with_context(|| format!("read source {}", path.display()))?;
     let (objs, problems) = model::parse_stream(&text).map_err(|p| {
@@ -464,7 +480,7 @@ fn sync_file(
         crate::dns::update(h, opts, &objs)?;
         obs.metrics.observe_dns(&objs, SystemTime::now());
     }
-    sync(cfg, &objs, problems, programmer, maps, obs).map(|_| ())
+    sync(cfg, &objs, problems, programmer, maps, obs)
 }
 
 /// A client from this kubeconfig, else from the pod's service account (in-cluster), else from
@@ -667,6 +683,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
         None => None,
     };
+    let mut health_checks = crate::healthcheck::HealthChecks::default();
     let mut watch_errors = 0;
     let mut ready = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -722,10 +739,9 @@ pub async fn run(cfg: Config) -> Result<()> {
                     // Tried once per version of the file: a broken one is reported once, and
                     // stays pending (so /healthz fails after the health timeout) until fixed.
                     last = now;
-                    if let Err(e) =
-                        sync_file(&cfg, path, &mut programmer, &mut maps, &obs, dns.as_deref())
-                    {
-                        warn!("{e:#}");
+                    match sync_file(&cfg, path, &mut programmer, &mut maps, &obs, dns.as_deref()) {
+                        Ok(r) => health_checks.serve(&r.health_checks),
+                        Err(e) => warn!("{e:#}"),
                     }
                 }
                 due
@@ -735,6 +751,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 if let Err(e) = kube_sync.step(&cfg, k, &mut programmer, &mut maps, &obs) {
                     warn!("{e:#}");
                 }
+                health_checks.serve(&kube_sync.health_checks());
                 // The zone from the same stores (rebuilt whole for now).
                 if let (Some(h), Some(opts)) = (&dns, &cfg.dns) {
                     let objs = k.objects();

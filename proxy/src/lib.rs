@@ -6,6 +6,7 @@ pub mod dns;
 pub mod echo;
 #[cfg(feature = "testkit")]
 pub mod fake_api;
+pub mod healthcheck;
 pub mod kube_source;
 pub mod loader;
 pub mod loadtest;

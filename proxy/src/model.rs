@@ -171,6 +171,10 @@ pub struct Model {
     pub desired: Desired,
     pub problems: Vec<Problem>,
     pub skipped: Vec<Skipped>,
+    /// The `healthCheckNodePort` of each Service with `externalTrafficPolicy: Local` that has
+    /// one, with its Service (`namespace/name`) and the number of this node's ready endpoints,
+    /// as kube-proxy serves them to load balancers.
+    pub health_checks: BTreeMap<u16, (String, usize)>,
 }
 
 #[derive(Deserialize)]
@@ -553,6 +557,11 @@ fn build_service(
     if spec.ports.as_ref().is_none_or(|p| p.is_empty()) {
         return skip(m, "no ports");
     }
+    let health_port = spec
+        .health_check_node_port
+        .filter(|_| external_local)
+        .and_then(|p| u16::try_from(p).ok());
+    let mut local_ready = std::collections::BTreeSet::new();
     for port in spec.ports.iter().flatten() {
         let pname = port.name.clone().unwrap_or_default();
         let label = if pname.is_empty() {
@@ -608,6 +617,11 @@ fn build_service(
             let uses_cluster = !internal_local || externally_accessible;
             let uses_local = internal_local || (externally_accessible && external_local);
             let c = categorize(&eps, uses_cluster, uses_local, node);
+            local_ready.extend(
+                eps.iter()
+                    .filter(|e| e.local && e.ready)
+                    .map(|e| e.addr.ip()),
+            );
             let spec_for = |backends: &[SocketAddr]| ServiceSpec {
                 name: format!("{id}:{label}"),
                 backends: backends.to_vec(),
@@ -631,6 +645,9 @@ fn build_service(
                 }
             }
         }
+    }
+    if let Some(p) = health_port {
+        m.health_checks.insert(p, (id.clone(), local_ready.len()));
     }
 }
 
@@ -1138,6 +1155,7 @@ spec:
   clusterIP: 198.19.0.20
   externalIPs: [198.18.9.1, "fd00:18::9"]
   externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
   ports: [{name: http, port: 80, targetPort: http, nodePort: 30080}]
 status:
   loadBalancer:
@@ -1200,6 +1218,19 @@ spec: {clusterIP: 198.19.0.23, ports: [{port: 80}]}
 
     fn sa(v: &[&str]) -> Vec<SocketAddr> {
         v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_local_policy_health_check_counts_this_nodes_ready_endpoints() {
+        let (objs, _) = parse_yaml(KINDS);
+        let m = build(&objs, &NodeContext::of(&objs, Some("node-a")));
+        assert_eq!(
+            m.health_checks,
+            BTreeMap::from([(32000, ("demo/lb".to_string(), 1))])
+        );
+        // Another node has none of them: 0, which the server answers with 503.
+        let m = build(&objs, &NodeContext::of(&objs, Some("node-z")));
+        assert_eq!(m.health_checks[&32000].1, 0);
     }
 
     #[test]

@@ -1351,3 +1351,62 @@ fn wait_dns(s: &Sim, what: &str, want: &str) {
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// kube-proxy's health check for load balancers: the healthCheckNodePort of an
+/// `externalTrafficPolicy: Local` Service answers 200 while the node has a ready endpoint,
+/// 503 when it has none, and closes when the Service goes.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn the_health_check_node_port_follows_local_endpoints() {
+    let s = sim(true);
+    let yaml = |node: &str| {
+        format!(
+            "{SERVICES}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: demo}}\n\
+             spec: {{type: LoadBalancer, clusterIP: 198.19.0.40, externalTrafficPolicy: Local, healthCheckNodePort: 32100,\n\
+             ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30090}}]}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: lb-1, namespace: demo, labels: {{kubernetes.io/service-name: lb}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+             endpoints: [{{addresses: [198.18.1.11], nodeName: {node}}}]\n"
+        )
+    };
+    let ask = |s: &Sim| -> Option<(u16, String)> {
+        s.node
+            .ns
+            .run(|| {
+                use std::io::{Read, Write};
+                let mut c = std::net::TcpStream::connect(("127.0.0.1", 32100)).ok()?;
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                write!(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                let mut out = String::new();
+                // A connection the kernel took just before the listener closed is reset:
+                // the port is going, as a load balancer would see it.
+                c.read_to_string(&mut out).ok()?;
+                let code = out[9..12].parse().unwrap();
+                Some((code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
+            })
+            .unwrap()
+    };
+    let wait = |what: &str, f: &dyn Fn(Option<(u16, String)>) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !f(ask(&s)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {:?}\n{}",
+                ask(&s),
+                s.agent_log_tail()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    s.write_services(&yaml("sim-node")).unwrap();
+    wait("a local endpoint", &|r| r.is_some_and(|(c, _)| c == 200));
+    let (_, body) = ask(&s).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["localEndpoints"], 1, "{body}");
+    assert_eq!(v["service"]["name"], "lb", "{body}");
+    s.write_services(&yaml("node-b")).unwrap();
+    wait("no local endpoint", &|r| r.is_some_and(|(c, _)| c == 503));
+    s.write_services(SERVICES).unwrap();
+    wait("the Service gone", &|r| r.is_none());
+}
