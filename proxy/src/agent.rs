@@ -466,7 +466,7 @@ fn sync_file(
     programmer: &mut Programmer,
     maps: &mut AyaMaps,
     obs: &Observed,
-    dns: Option<&weir_dns::Handler>,
+    dns: Option<&crate::dns::ZoneFeed>,
 ) -> Result<Synced> {
     let text =
         fs::read_to_string(path).with_context(|| format!("read source {}", path.display()))?;
@@ -476,9 +476,9 @@ fn sync_file(
             path.display()
         )
     })?;
-    if let (Some(h), Some(opts)) = (dns, &cfg.dns) {
-        crate::dns::update(h, opts, &objs)?;
-        obs.metrics.observe_dns(&objs, SystemTime::now());
+    if let Some(feed) = dns {
+        let snapshot = objs.clone();
+        feed.rebuild(Box::new(move || snapshot));
     }
     sync(cfg, &objs, problems, programmer, maps, obs)
 }
@@ -674,11 +674,17 @@ pub async fn run(cfg: Config) -> Result<()> {
     if let Some(a) = cfg.metrics_bind {
         crate::observe::serve(a, "/metrics", obs.clone()).await?;
     }
+    let mut dns_feed = None;
     let dns = match &cfg.dns {
         Some(opts) => {
             let h = Arc::new(crate::dns::handler(opts)?);
             crate::dns::serve_on_own_thread(opts, h.clone())?;
             obs.metrics.set_dns(h.clone());
+            dns_feed = Some(crate::dns::ZoneFeed::start(
+                h.clone(),
+                opts.clone(),
+                obs.clone(),
+            )?);
             Some(h)
         }
         None => None,
@@ -739,7 +745,14 @@ pub async fn run(cfg: Config) -> Result<()> {
                     // Tried once per version of the file: a broken one is reported once, and
                     // stays pending (so /healthz fails after the health timeout) until fixed.
                     last = now;
-                    match sync_file(&cfg, path, &mut programmer, &mut maps, &obs, dns.as_deref()) {
+                    match sync_file(
+                        &cfg,
+                        path,
+                        &mut programmer,
+                        &mut maps,
+                        &obs,
+                        dns_feed.as_ref(),
+                    ) {
                         Ok(r) => health_checks.serve(&r.health_checks),
                         Err(e) => warn!("{e:#}"),
                     }
@@ -752,13 +765,10 @@ pub async fn run(cfg: Config) -> Result<()> {
                     warn!("{e:#}");
                 }
                 health_checks.serve(&kube_sync.health_checks());
-                // The zone from the same stores (rebuilt whole for now).
-                if let (Some(h), Some(opts)) = (&dns, &cfg.dns) {
-                    let objs = k.objects();
-                    match crate::dns::update(h, opts, &objs) {
-                        Ok(_) => obs.metrics.observe_dns(&objs, SystemTime::now()),
-                        Err(e) => warn!("DNS: {e:#}"),
-                    }
+                // The zone from the same stores, rebuilt on the DNS thread.
+                if let Some(feed) = &dns_feed {
+                    let k = k.clone();
+                    feed.rebuild(Box::new(move || k.objects()));
                 }
                 true
             }

@@ -348,6 +348,47 @@ pub fn serve_on_own_thread(opts: &Options, h: Arc<Handler>) -> Result<()> {
     rx.recv().context("DNS: its thread ended")?
 }
 
+/// What a zone is rebuilt from: a snapshot of the objects, taken when the rebuild starts.
+pub type Snapshot = Box<dyn FnOnce() -> Objects + Send>;
+
+/// The agent's zone builder: a thread of its own rebuilds the zone after changes, so that a
+/// rebuild (0.1 s at 10 000 services and 30 000 pods) never holds up the data path. Of a burst
+/// of changes, only the latest is built.
+pub struct ZoneFeed {
+    tx: std::sync::mpsc::Sender<Snapshot>,
+}
+
+impl ZoneFeed {
+    pub fn start(
+        h: Arc<Handler>,
+        opts: Options,
+        obs: Arc<crate::observe::Observed>,
+    ) -> Result<ZoneFeed> {
+        let (tx, rx) = std::sync::mpsc::channel::<Snapshot>();
+        std::thread::Builder::new()
+            .name("weir-dns-zone".into())
+            .spawn(move || {
+                while let Ok(mut snap) = rx.recv() {
+                    while let Ok(newer) = rx.try_recv() {
+                        snap = newer;
+                    }
+                    let objs = snap();
+                    match update(&h, &opts, &objs) {
+                        Ok(_) => obs.metrics.observe_dns(&objs, std::time::SystemTime::now()),
+                        Err(e) => warn!("DNS: {e:#}"),
+                    }
+                }
+            })
+            .context("DNS: start the zone builder")?;
+        Ok(ZoneFeed { tx })
+    }
+
+    /// Asks for a rebuild from this snapshot (taken on the builder's thread).
+    pub fn rebuild(&self, snapshot: Snapshot) {
+        let _ = self.tx.send(snapshot);
+    }
+}
+
 /// `weir dns`: the server alone, its zone from a YAML file, rebuilt when the file changes.
 pub async fn run_standalone(source: &Path, opts: Options) -> Result<()> {
     let h = Arc::new(handler(&opts)?);

@@ -20,7 +20,8 @@ pub const LB_ALGORITHM_ANNOTATION: &str = "weir.dev/lb-algorithm";
 /// kube-proxy's default ClientIP affinity timeout.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
-#[derive(Debug, Default)]
+/// Cloning shares the objects (`Arc`s).
+#[derive(Clone, Debug, Default)]
 pub struct Objects {
     pub services: Vec<Arc<Service>>,
     pub slices: Vec<Arc<EndpointSlice>>,
