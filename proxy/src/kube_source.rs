@@ -87,6 +87,101 @@ pub struct KubeSource {
     pub slices: Store<EndpointSlice>,
     pub nodes: Store<Node>,
     pub progress: Arc<Progress>,
+    /// The slices of each Service, so that rebuilding one Service reads its own slices only.
+    slice_index: Arc<SliceIndex>,
+}
+
+/// Service (`namespace/name`) → its EndpointSlices, kept from the watch events: applied after
+/// the store and before the change is announced, rebuilt by each relist.
+#[derive(Default)]
+struct SliceIndex {
+    inner: std::sync::Mutex<SliceIndexInner>,
+}
+
+#[derive(Default)]
+struct SliceIndexInner {
+    by_service: std::collections::HashMap<String, std::collections::BTreeSet<String>>,
+    /// Slice (`namespace/name`) → the Service it was filed under.
+    service_of: std::collections::HashMap<String, String>,
+    /// The index a relist in progress builds (swapped in at its end).
+    next: Option<Box<SliceIndexInner>>,
+}
+
+impl SliceIndexInner {
+    fn put(&mut self, slice: String, service: String) {
+        self.remove(&slice);
+        self.by_service
+            .entry(service.clone())
+            .or_default()
+            .insert(slice.clone());
+        self.service_of.insert(slice, service);
+    }
+
+    fn remove(&mut self, slice: &str) {
+        if let Some(old) = self.service_of.remove(slice) {
+            if let Some(set) = self.by_service.get_mut(&old) {
+                set.remove(slice);
+                if set.is_empty() {
+                    self.by_service.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+impl SliceIndex {
+    fn event(&self, ev: &watcher::Event<EndpointSlice>) {
+        let mut i = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let names = |s: &EndpointSlice| {
+            (
+                format!(
+                    "{}/{}",
+                    s.metadata.namespace.as_deref().unwrap_or_default(),
+                    s.metadata.name.as_deref().unwrap_or_default()
+                ),
+                slice_service(s),
+            )
+        };
+        match ev {
+            watcher::Event::Init => i.next = Some(Box::default()),
+            watcher::Event::InitApply(s) => {
+                let (slice, svc) = names(s);
+                if let Some(n) = i.next.as_mut() {
+                    n.put(slice, svc);
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(n) = i.next.take() {
+                    i.by_service = n.by_service;
+                    i.service_of = n.service_of;
+                }
+            }
+            watcher::Event::Apply(s) => {
+                let (slice, svc) = names(s);
+                i.put(slice, svc);
+            }
+            watcher::Event::Delete(s) => i.remove(&names(s).0),
+        }
+    }
+
+    fn slices_of(&self, service: &str) -> Vec<String> {
+        let i = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        i.by_service
+            .get(service)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The Service a slice belongs to (`namespace/<service-name label>`).
+fn slice_service(s: &EndpointSlice) -> String {
+    let owner = s
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL));
+    // A slice without a Service label programs nothing; any key will do.
+    key(&s.metadata, owner.map(String::as_str))
 }
 
 /// kube-proxy's selector: objects handed to another proxy, and headless services' objects,
@@ -122,22 +217,16 @@ impl KubeSource {
             svc_key,
         );
         let (slices, w) = reflector::store();
-        let slice_key = |s: &EndpointSlice| {
-            let owner = s
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL));
-            // A slice without a Service label programs nothing; any key will do.
-            Some(key(&s.metadata, owner.map(String::as_str)))
-        };
-        spawn_watch(
+        let slice_index = Arc::new(SliceIndex::default());
+        let index = slice_index.clone();
+        spawn_watch_with(
             Api::<EndpointSlice>::all(client.clone()),
             cfg,
             w,
             1,
             &progress,
-            slice_key,
+            |s: &EndpointSlice| Some(slice_service(s)),
+            move |ev| index.event(ev),
         );
         let (nodes, w) = reflector::store();
         match node {
@@ -163,6 +252,7 @@ impl KubeSource {
             slices,
             nodes,
             progress,
+            slice_index,
         }
     }
 
@@ -184,27 +274,28 @@ impl KubeSource {
     }
 
     /// The objects of one Service (`namespace/name`): the Service if it exists, its
-    /// EndpointSlices, and the Node. Scans the slices (no index yet).
+    /// EndpointSlices (from the index), and the Node.
     pub fn objects_of(&self, service: &str) -> Objects {
         let (ns, name) = service.split_once('/').unwrap_or(("", service));
         let svc = self
             .services
             .get(&reflector::ObjectRef::new(name).within(ns));
+        let slices = self
+            .slice_index
+            .slices_of(service)
+            .iter()
+            .filter_map(|s| {
+                let (sns, sname) = s.split_once('/')?;
+                let o = self
+                    .slices
+                    .get(&reflector::ObjectRef::new(sname).within(sns))?;
+                // Filed under this Service when the event came; check it still is.
+                (slice_service(&o) == service).then_some(o)
+            })
+            .collect();
         Objects {
             services: svc.into_iter().collect(),
-            slices: self
-                .slices
-                .state()
-                .into_iter()
-                .filter(|s| {
-                    s.metadata.namespace.as_deref() == Some(ns)
-                        && s.metadata
-                            .labels
-                            .as_ref()
-                            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                            .is_some_and(|n| n == name)
-                })
-                .collect(),
+            slices,
             nodes: self.nodes.state(),
         }
     }
@@ -242,11 +333,31 @@ fn spawn_watch<K>(
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
+    spawn_watch_with(api, cfg, writer, slot, progress, key_of, |_| {})
+}
+
+/// The same, with `on_event` called for each event after the store took it and before the
+/// change is announced.
+fn spawn_watch_with<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    slot: usize,
+    progress: &Arc<Progress>,
+    key_of: fn(&K) -> Option<String>,
+    on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
+) where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
     let progress = progress.clone();
     let kind = K::kind(&K::DynamicType::default()).into_owned();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(watcher(api, cfg).default_backoff().reflect(writer));
         while let Some(ev) = stream.next().await {
+            if let Ok(e) = &ev {
+                on_event(e);
+            }
             match ev {
                 Ok(watcher::Event::InitDone) => {
                     // A (re)list: objects may have gone without an event.
@@ -275,6 +386,36 @@ fn spawn_watch<K>(
 mod tests {
     use super::*;
     use crate::model::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
+
+    fn slice(name: &str, service: &str) -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "demo",
+                         "labels": {SERVICE_NAME_LABEL: service}},
+            "addressType": "IPv4", "endpoints": []}))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_slice_index_follows_events_relabels_and_relists() {
+        let i = SliceIndex::default();
+        i.event(&watcher::Event::Apply(slice("web-1", "web")));
+        i.event(&watcher::Event::Apply(slice("web-2", "web")));
+        i.event(&watcher::Event::Apply(slice("db-1", "db")));
+        assert_eq!(i.slices_of("demo/web"), ["demo/web-1", "demo/web-2"]);
+        // A slice relabelled to another Service moves.
+        i.event(&watcher::Event::Apply(slice("web-2", "db")));
+        assert_eq!(i.slices_of("demo/web"), ["demo/web-1"]);
+        assert_eq!(i.slices_of("demo/db"), ["demo/db-1", "demo/web-2"]);
+        i.event(&watcher::Event::Delete(slice("db-1", "db")));
+        assert_eq!(i.slices_of("demo/db"), ["demo/web-2"]);
+        // A relist replaces everything at its end: what it did not list is gone.
+        i.event(&watcher::Event::Init);
+        i.event(&watcher::Event::InitApply(slice("web-3", "web")));
+        assert_eq!(i.slices_of("demo/web"), ["demo/web-1"], "not before InitDone");
+        i.event(&watcher::Event::InitDone);
+        assert_eq!(i.slices_of("demo/web"), ["demo/web-3"]);
+        assert!(i.slices_of("demo/db").is_empty());
+    }
 
     #[test]
     fn the_selector_excludes_the_labels_the_model_skips() {
