@@ -675,6 +675,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         crate::observe::serve(a, "/metrics", obs.clone()).await?;
     }
     let mut dns_feed = None;
+    let mut last_probe = None;
     let dns = match &cfg.dns {
         Some(opts) => {
             let h = Arc::new(crate::dns::handler(opts)?);
@@ -785,9 +786,14 @@ pub async fn run(cfg: Config) -> Result<()> {
             obs.metrics.watch_errors.inc_by(e - watch_errors);
             watch_errors = e;
         }
-        // The node-local DNS lease, renewed while the server answers a query of its own.
+        // The node-local DNS lease, renewed while the server answers a query of its own; at
+        // most once a poll interval (a burst of CNI requests loops faster).
         if let (Some(h), Some(opts)) = (&dns, &cfg.dns) {
-            if opts.service.is_some() && h.ready() {
+            if opts.service.is_some()
+                && h.ready()
+                && last_probe.is_none_or(|t: Instant| t.elapsed() >= POLL_INTERVAL)
+            {
+                last_probe = Some(Instant::now());
                 if crate::dns::probe(opts).await {
                     if let Err(e) =
                         crate::dns::write_lease(&dp.pins().maps(), opts, NODE_LOCAL_LEASE)

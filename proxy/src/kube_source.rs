@@ -411,7 +411,11 @@ mod tests {
         // A relist replaces everything at its end: what it did not list is gone.
         i.event(&watcher::Event::Init);
         i.event(&watcher::Event::InitApply(slice("web-3", "web")));
-        assert_eq!(i.slices_of("demo/web"), ["demo/web-1"], "not before InitDone");
+        assert_eq!(
+            i.slices_of("demo/web"),
+            ["demo/web-1"],
+            "not before InitDone"
+        );
         i.event(&watcher::Event::InitDone);
         assert_eq!(i.slices_of("demo/web"), ["demo/web-3"]);
         assert!(i.slices_of("demo/db").is_empty());
