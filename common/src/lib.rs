@@ -91,6 +91,22 @@ impl Addr {
         let [a, b, c, d] = octets;
         Addr([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d])
     }
+
+    /// An address from the four 32-bit words the kernel's structures hold it in (as they lie
+    /// in memory: network byte order).
+    pub fn from_words(w: [u32; 4]) -> Self {
+        let mut a = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = w[i].to_ne_bytes();
+            a[i * 4] = b[0];
+            a[i * 4 + 1] = b[1];
+            a[i * 4 + 2] = b[2];
+            a[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        Addr(a)
+    }
     pub fn is_v4(&self) -> bool {
         self.0[..10] == [0; 10] && self.0[10] == 0xff && self.0[11] == 0xff
     }

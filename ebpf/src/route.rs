@@ -96,12 +96,7 @@ pub fn fib_src(s: &Scratch) -> Addr {
     // SAFETY: plain integers in a union; the family says which member the kernel wrote.
     let w = unsafe { s.fib.__bindgen_anon_3.ipv6_src };
     if s.pkt.v6 {
-        let mut a = [0u8; 16];
-        a[0..4].copy_from_slice(&w[0].to_ne_bytes());
-        a[4..8].copy_from_slice(&w[1].to_ne_bytes());
-        a[8..12].copy_from_slice(&w[2].to_ne_bytes());
-        a[12..16].copy_from_slice(&w[3].to_ne_bytes());
-        Addr(a)
+        Addr::from_words(w)
     } else {
         Addr::from_v4(w[0].to_ne_bytes())
     }

@@ -35,15 +35,7 @@ fn user_addr(ctx: &SockAddrContext, fam: Family) -> Addr {
     unsafe {
         match fam {
             Family::V4 => Addr::from_v4((*sa(ctx)).user_ip4.to_ne_bytes()),
-            Family::V6 => {
-                let w = (*sa(ctx)).user_ip6;
-                let mut a = [0u8; 16];
-                a[0..4].copy_from_slice(&w[0].to_ne_bytes());
-                a[4..8].copy_from_slice(&w[1].to_ne_bytes());
-                a[8..12].copy_from_slice(&w[2].to_ne_bytes());
-                a[12..16].copy_from_slice(&w[3].to_ne_bytes());
-                Addr(a)
-            }
+            Family::V6 => Addr::from_words((*sa(ctx)).user_ip6),
         }
     }
 }

@@ -180,6 +180,15 @@ pub fn resolv_conf_upstreams(path: &Path) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// A Service's or a slice's port (protocol TCP unless given); None without a valid number.
+fn port(name: &Option<String>, protocol: &Option<String>, number: Option<i32>) -> Option<Port> {
+    Some(Port {
+        name: name.clone().unwrap_or_default(),
+        protocol: protocol.clone().unwrap_or_else(|| "TCP".into()),
+        port: u16::try_from(number?).ok()?,
+    })
+}
+
 /// The DNS view of every Service in `objs`: ClusterIP Services by their cluster IPs, headless
 /// ones by their endpoints (ready, or all with `publishNotReadyAddresses`), ExternalName ones
 /// by their target. Unlike the data path, DNS serves Services whatever their proxy labels.
@@ -207,13 +216,7 @@ pub fn services(objs: &Objects) -> Vec<Service> {
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| {
-                Some(Port {
-                    name: p.name.clone().unwrap_or_default(),
-                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                    port: u16::try_from(p.port).ok()?,
-                })
-            })
+            .filter_map(|p| port(&p.name, &p.protocol, Some(p.port)))
             .collect();
         let kind = if spec.type_.as_deref() == Some("ExternalName") {
             match &spec.external_name {
@@ -231,13 +234,7 @@ pub fn services(objs: &Objects) -> Vec<Service> {
                     .ports
                     .iter()
                     .flatten()
-                    .filter_map(|p| {
-                        Some(Port {
-                            name: p.name.clone().unwrap_or_default(),
-                            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                            port: u16::try_from(p.port?).ok()?,
-                        })
-                    })
+                    .filter_map(|p| port(&p.name, &p.protocol, p.port))
                     .collect();
                 for e in s.endpoints.iter().flatten() {
                     let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);

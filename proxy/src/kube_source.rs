@@ -215,11 +215,12 @@ impl KubeSource {
             0,
             &progress,
             svc_key,
+            |_| {},
         );
         let (slices, w) = reflector::store();
         let slice_index = Arc::new(SliceIndex::default());
         let index = slice_index.clone();
-        spawn_watch_with(
+        spawn_watch(
             Api::<EndpointSlice>::all(client.clone()),
             cfg,
             w,
@@ -239,6 +240,7 @@ impl KubeSource {
                     2,
                     &progress,
                     |_: &Node| None,
+                    |_| {},
                 );
             }
             None => {
@@ -321,24 +323,9 @@ fn key(
     )
 }
 
-/// `key_of` names the Service an object's change touches; None: everything.
+/// `key_of` names the Service an object's change touches (None: everything); `on_event` is
+/// called for each event after the store took it and before the change is announced.
 fn spawn_watch<K>(
-    api: Api<K>,
-    cfg: watcher::Config,
-    writer: reflector::store::Writer<K>,
-    slot: usize,
-    progress: &Arc<Progress>,
-    key_of: fn(&K) -> Option<String>,
-) where
-    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    spawn_watch_with(api, cfg, writer, slot, progress, key_of, |_| {})
-}
-
-/// The same, with `on_event` called for each event after the store took it and before the
-/// change is announced.
-fn spawn_watch_with<K>(
     api: Api<K>,
     cfg: watcher::Config,
     writer: reflector::store::Writer<K>,

@@ -682,6 +682,22 @@ fn step_on(
     (verdict, out, moved)
 }
 
+/// Runs `frame` through `prog` entering on `dev`, and checks the verdict, the exact frame that
+/// leaves and the counters that moved.
+fn expect(
+    h: &mut Harness,
+    what: &str,
+    (prog, dev): (&str, &str),
+    frame: Vec<u8>,
+    (verdict, want): (u32, Vec<u8>),
+    moved: &[&str],
+) {
+    let (v, out, got) = step_on(h, prog, &frame, dev);
+    assert_eq!(v, verdict, "{what}: verdict");
+    assert!(out == want, "{what}: frame\n{}", hexdiff(&out, &want));
+    assert_eq!(got, moved, "{what}: counters");
+}
+
 /// The TCP source port of an Ethernet frame.
 fn tcp_sport(frame: &[u8]) -> u16 {
     let l4 = if frame[12..14] == [0x86, 0xdd] {
@@ -739,36 +755,22 @@ fn external_traffic_to_an_endpoint_on_another_node_is_source_nated() {
         );
         // The endpoint's reply comes back to that address and port: it leaves from the
         // NodePort, to the client.
-        let (v, out, moved) = step_on(
+        expect(
             &mut h,
-            TC_FROM_NETDEV,
-            &tcp(remote, 8080, node, port, Tcp::Ack),
-            UPLINK,
+            &format!("{node}: reply"),
+            (TC_FROM_NETDEV, UPLINK),
+            tcp(remote, 8080, node, port, Tcp::Ack),
+            (REDIRECT, tcp(node, 30080, ext, 40000, Tcp::Ack)),
+            &["rev_nat", "routed"],
         );
-        assert_eq!(v, REDIRECT, "{node}: reply verdict");
-        assert!(
-            out == tcp(node, 30080, ext, 40000, Tcp::Ack),
-            "{node}: reply\n{}",
-            hexdiff(&out, &tcp(node, 30080, ext, 40000, Tcp::Ack))
-        );
-        assert_eq!(moved, ["rev_nat", "routed"], "{node}: reply counters");
         // The rest of the client's flow keeps the port.
-        let (v, out, moved) = step_on(
+        expect(
             &mut h,
-            TC_FROM_NETDEV,
-            &tcp(ext, 40000, node, 30080, Tcp::Ack),
-            UPLINK,
-        );
-        assert_eq!(v, REDIRECT, "{node}: established verdict");
-        assert!(
-            out == tcp(node, port, remote, 8080, Tcp::Ack),
-            "{node}: established\n{}",
-            hexdiff(&out, &tcp(node, port, remote, 8080, Tcp::Ack))
-        );
-        assert_eq!(
-            moved,
-            ["dnat_established", "routed"],
-            "{node}: established counters"
+            &format!("{node}: established"),
+            (TC_FROM_NETDEV, UPLINK),
+            tcp(ext, 40000, node, 30080, Tcp::Ack),
+            (REDIRECT, tcp(node, port, remote, 8080, Tcp::Ack)),
+            &["dnat_established", "routed"],
         );
         // Every other client flow gets a port of its own towards the same endpoint.
         let mut ports = std::collections::BTreeSet::from([port]);
@@ -794,34 +796,24 @@ fn external_traffic_to_an_endpoint_on_this_node_keeps_the_client_address() {
     let mut h = Harness::new().unwrap();
     h.program(&nodeport(NODE4, BE4));
     // Forwarded by the kernel to the pod, with the client's address.
-    let (v, out, moved) = step_on(
+    expect(
         &mut h,
-        TC_FROM_NETDEV,
-        &tcp(EXTERNAL4, 40000, NODE4, 30080, Tcp::Syn),
-        UPLINK,
+        "SYN",
+        (TC_FROM_NETDEV, UPLINK),
+        tcp(EXTERNAL4, 40000, NODE4, 30080, Tcp::Syn),
+        (OK, tcp(EXTERNAL4, 40000, BE4, 8080, Tcp::Syn)),
+        &["dnat_new"],
     );
-    assert_eq!(v, OK);
-    assert!(
-        out == tcp(EXTERNAL4, 40000, BE4, 8080, Tcp::Syn),
-        "SYN\n{}",
-        hexdiff(&out, &tcp(EXTERNAL4, 40000, BE4, 8080, Tcp::Syn))
-    );
-    assert_eq!(moved, ["dnat_new"]);
     // The pod's reply now comes from the node's address: routed by the program, which the
     // kernel's input path would have dropped as a martian.
-    let (v, out, moved) = step_on(
+    expect(
         &mut h,
-        TC_FROM_POD,
-        &tcp(BE4, 8080, EXTERNAL4, 40000, Tcp::Ack),
-        "lo",
+        "reply",
+        (TC_FROM_POD, "lo"),
+        tcp(BE4, 8080, EXTERNAL4, 40000, Tcp::Ack),
+        (REDIRECT, tcp(NODE4, 30080, EXTERNAL4, 40000, Tcp::Ack)),
+        &["rev_nat", "routed"],
     );
-    assert_eq!(v, REDIRECT);
-    assert!(
-        out == tcp(NODE4, 30080, EXTERNAL4, 40000, Tcp::Ack),
-        "reply\n{}",
-        hexdiff(&out, &tcp(NODE4, 30080, EXTERNAL4, 40000, Tcp::Ack))
-    );
-    assert_eq!(moved, ["rev_nat", "routed"]);
 }
 
 #[test]
@@ -834,19 +826,14 @@ fn a_local_traffic_policy_is_never_source_nated() {
     let spec = d.values().next().unwrap().clone();
     d.insert(fe(NODE4, 30080, PROTO_TCP).external(), spec);
     h.program(&d);
-    let (v, out, moved) = step_on(
+    expect(
         &mut h,
-        TC_FROM_NETDEV,
-        &tcp(EXTERNAL4, 40000, NODE4, 30080, Tcp::Syn),
-        UPLINK,
+        "SYN",
+        (TC_FROM_NETDEV, UPLINK),
+        tcp(EXTERNAL4, 40000, NODE4, 30080, Tcp::Syn),
+        (OK, tcp(EXTERNAL4, 40000, REMOTE_POD4, 8080, Tcp::Syn)),
+        &["dnat_new"],
     );
-    assert_eq!(v, OK);
-    assert!(
-        out == tcp(EXTERNAL4, 40000, REMOTE_POD4, 8080, Tcp::Syn),
-        "SYN\n{}",
-        hexdiff(&out, &tcp(EXTERNAL4, 40000, REMOTE_POD4, 8080, Tcp::Syn))
-    );
-    assert_eq!(moved, ["dnat_new"]);
 }
 
 /// Creates and pins an LRU hash map as an older weir would have (BPF_MAP_CREATE, BPF_OBJ_PIN).

@@ -1167,18 +1167,7 @@ fn an_outside_client_reaches_a_nodeport_served_here_and_on_another_node() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn the_agent_answers_cluster_dns_from_its_source() {
     let mut s = sim(true);
-    s.node
-        .ns
-        .ip(&["addr", "add", "198.18.0.53/32", "dev", "lo"])
-        .unwrap();
-    s.agent_args = vec![
-        "--dns-listen".into(),
-        "198.18.0.53:53".into(),
-        "--dns-upstream".into(),
-        "198.18.0.55".into(),
-    ];
-    s.kill_agent();
-    s.start_agent().unwrap();
+    restart_with_dns(&mut s);
     let client = &s.node.pod("cli").unwrap().ns;
     let dig = |name: &str| -> Vec<String> {
         let out = client
@@ -1291,18 +1280,7 @@ fn dns_service_queries_stay_on_the_node_and_fall_back_without_the_agent() {
          spec: {{clusterIP: 198.19.0.20, ports: [{{port: 80}}]}}\n"
     ))
     .unwrap();
-    s.node
-        .ns
-        .ip(&["addr", "add", "198.18.0.53/32", "dev", "lo"])
-        .unwrap();
-    s.agent_args = vec![
-        "--dns-listen".into(),
-        "198.18.0.53:53".into(),
-        "--dns-upstream".into(),
-        "198.18.0.55".into(),
-    ];
-    s.kill_agent();
-    s.start_agent().unwrap();
+    restart_with_dns(&mut s);
     wait_dns(&s, "agent up", "198.19.0.20");
     assert_eq!(ask_dns(&s, "+tcp"), ["198.19.0.20"], "over TCP too");
     assert!(s.status().unwrap().counters["sock_node_local"] > 0);
@@ -1409,4 +1387,21 @@ fn the_health_check_node_port_follows_local_endpoints() {
     wait("no local endpoint", &|r| r.is_some_and(|(c, _)| c == 503));
     s.write_services(SERVICES).unwrap();
     wait("the Service gone", &|r| r.is_none());
+}
+
+/// Restarts the agent with its DNS server on 198.18.0.53 (added to the node), its upstream an
+/// address nothing answers on.
+fn restart_with_dns(s: &mut Sim) {
+    s.node
+        .ns
+        .ip(&["addr", "add", "198.18.0.53/32", "dev", "lo"])
+        .unwrap();
+    s.agent_args = vec![
+        "--dns-listen".into(),
+        "198.18.0.53:53".into(),
+        "--dns-upstream".into(),
+        "198.18.0.55".into(),
+    ];
+    s.kill_agent();
+    s.start_agent().unwrap();
 }
