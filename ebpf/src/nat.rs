@@ -40,6 +40,18 @@ impl Change {
         }
     }
 
+    /// No rewrite of an address that stays `addr` (which `new_addr` then holds).
+    #[inline(always)]
+    pub fn keep(addr: &Addr) -> Self {
+        Change {
+            old_addr: *addr,
+            new_addr: *addr,
+            old_port: 0,
+            new_port: 0,
+            on: false,
+        }
+    }
+
     #[inline(always)]
     pub fn none() -> Self {
         Change {

@@ -5,15 +5,14 @@
 //! martian. Packets whose lookup fails (no route, MTU exceeded, forwarding off) are left to the
 //! kernel, counted as `route_fallback`.
 //!
-//! The TTL is not decremented, as for a packet the kernel would deliver locally.
+//! The TTL is not decremented here (the kernel's forwarding would decrement it): a routing
+//! loop through this path is not cut short.
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup, bpf_redir_neigh, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
         BPF_FIB_LOOKUP_SRC, TC_ACT_OK, TC_ACT_REDIRECT,
     },
-    helpers::generated::{
-        bpf_fib_lookup as fib_lookup_helper, bpf_redirect_neigh, bpf_skb_load_bytes,
-    },
+    helpers::generated::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect_neigh},
     programs::TcContext,
 };
 use weir_common::{Addr, Stat};
@@ -102,36 +101,16 @@ pub fn fib_src(s: &Scratch) -> Addr {
     }
 }
 
-/// Sends the packet, as rewritten (its addresses are read back from it), out of the device the
-/// FIB names, with link-layer addresses from the neighbour table. Falls back to the kernel's
-/// own path.
+/// Sends the packet, rewritten to go from `src` to `dst`, out of the device the FIB names,
+/// with link-layer addresses from the neighbour table. Falls back to the kernel's own path.
 #[inline(never)]
-pub fn route(ctx: &TcContext, s: &mut Scratch) -> i32 {
+pub fn route(ctx: &TcContext, s: &mut Scratch, src: &Addr, dst: &Addr) -> i32 {
     fill(ctx, s);
     let v6 = s.pkt.v6;
-    let (off, len) = if v6 {
-        (s.pkt.l3_off + 8, 16)
-    } else {
-        (s.pkt.l3_off + 12, 4)
-    };
-    // Straight from the packet into the parameters: source, then destination.
-    // SAFETY: the context is ours; each field holds 16 bytes, at least `len`.
-    let rc = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const _,
-            off as u32,
-            &mut s.fib.__bindgen_anon_3 as *mut _ as *mut _,
-            len,
-        ) | bpf_skb_load_bytes(
-            ctx.skb.skb as *const _,
-            (off + len as usize) as u32,
-            &mut s.fib.__bindgen_anon_4 as *mut _ as *mut _,
-            len,
-        )
-    };
-    if rc != 0 {
-        count(Stat::RouteFallback);
-        return TC_ACT_OK as i32;
+    // SAFETY: plain integers in unions.
+    unsafe {
+        put(&mut s.fib.__bindgen_anon_3.ipv6_src, src, v6);
+        put(&mut s.fib.__bindgen_anon_4.ipv6_dst, dst, v6);
     }
     if !run(ctx, s, BPF_FIB_LOOKUP_SKIP_NEIGH) {
         count(Stat::RouteFallback);

@@ -114,7 +114,7 @@ fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat
                 let dst = if peer {
                     Change::new(&p.dst, &peer_addr, p.dport, peer_port)
                 } else {
-                    Change::none()
+                    Change::keep(&p.dst)
                 };
                 (Change::new(&p.src, &nat_addr, p.sport, nat_port), dst)
             };
@@ -126,7 +126,8 @@ fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat
             });
             // A packet whose source was rewritten is routed here (see `route`).
             if src.on {
-                return Ok(route(ctx, s));
+                // The destination as it now is (`keep` when unchanged).
+                return Ok(route(ctx, s, &src.new_addr, &dst.new_addr));
             }
             return Ok(TC_ACT_OK as i32);
         }
@@ -312,7 +313,8 @@ fn try_commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> Resu
     }
     count(Stat::DnatNew);
     if rewrites_source {
-        return Ok(route(ctx, s));
+        let (from, to) = (s.fwd.peer_addr, s.fwd.nat_addr);
+        return Ok(route(ctx, s, &from, &to));
     }
     Ok(TC_ACT_OK as i32)
 }
