@@ -107,6 +107,19 @@ impl Addr {
         }
         Addr(a)
     }
+
+    /// The four 32-bit words of the address as they lie in memory (the inverse of
+    /// `from_words`).
+    pub fn words(&self) -> [u32; 4] {
+        let b = &self.0;
+        [
+            u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+            u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+            u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+        ]
+    }
+
     pub fn is_v4(&self) -> bool {
         self.0[..10] == [0; 10] && self.0[10] == 0xff && self.0[11] == 0xff
     }

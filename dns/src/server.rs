@@ -317,14 +317,8 @@ impl Handler {
             target,
             qtype,
             limit,
-        } = *Box::new(c);
-        let mut q = Message::new();
-        q.set_id(rand_id())
-            .set_message_type(MessageType::Query)
-            .set_op_code(OpCode::Query)
-            .set_recursion_desired(true)
-            .add_query(hickory_proto::op::Query::query(target.clone(), qtype));
-        let bytes = encode(q);
+        } = c;
+        let bytes = query(&target, qtype);
         let reply = self.forward(&bytes, LowerName::new(&target), qtype).await;
         match Message::from_vec(&reply) {
             Ok(m) => {
@@ -348,12 +342,29 @@ impl Handler {
     }
 }
 
-/// A query id nobody can guess from the previous one.
-fn rand_id() -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
-    h.finish() as u16
+/// A recursive query for `name`/`qtype`, with an id nobody can guess from the previous one
+/// (each `RandomState` is seeded afresh).
+pub fn query(name: &Name, qtype: RecordType) -> Vec<u8> {
+    use std::hash::BuildHasher;
+    let id = std::collections::hash_map::RandomState::new().hash_one(0u8) as u16;
+    let mut q = Message::new();
+    q.set_id(id)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(hickory_proto::op::Query::query(name.clone(), qtype));
+    encode(q)
+}
+
+/// Whether the server at `addr` answers `name`/`qtype` with NOERROR within `within`.
+pub async fn probe(addr: SocketAddr, name: &Name, qtype: RecordType, within: Duration) -> bool {
+    let q = query(name, qtype);
+    match tokio::time::timeout(within, relay(addr, &q)).await {
+        Ok(Ok(reply)) => Message::from_vec(&reply).is_ok_and(|m| {
+            m.message_type() == MessageType::Response && m.response_code() == ResponseCode::NoError
+        }),
+        _ => false,
+    }
 }
 
 async fn relay(up: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {

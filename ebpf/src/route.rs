@@ -49,12 +49,8 @@ fn fill(ctx: &TcContext, s: &mut Scratch) {
 /// IPv4 address of a mapped one) into the first word for IPv4.
 #[inline(always)]
 fn put(field: &mut [u32; 4], a: &Addr, v6: bool) {
-    let w = |i: usize| u32::from_ne_bytes([a.0[i], a.0[i + 1], a.0[i + 2], a.0[i + 3]]);
-    if v6 {
-        *field = [w(0), w(4), w(8), w(12)];
-    } else {
-        *field = [w(12), 0, 0, 0];
-    }
+    let w = a.words();
+    *field = if v6 { w } else { [w[3], 0, 0, 0] };
 }
 
 /// Runs the lookup `s.fib` holds; true on a route the packet would be forwarded by.

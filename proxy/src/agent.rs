@@ -122,7 +122,7 @@ fn interfaces() -> BTreeSet<(String, u32)> {
         .unwrap_or_default()
 }
 
-fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
+pub(crate) fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
     fs::metadata(p)
         .ok()
         .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
@@ -676,6 +676,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     let mut dns_feed = None;
     let mut last_probe = None;
+    // The node-local lease, when this node takes its pods' DNS Service traffic.
+    let mut lease = match cfg.dns.as_ref().filter(|o| o.service.is_some()) {
+        Some(opts) => Some(crate::dns::Lease::open(&dp.pins().maps(), opts)?),
+        None => None,
+    };
     let dns = match &cfg.dns {
         Some(opts) => {
             let h = Arc::new(crate::dns::handler(opts)?);
@@ -788,16 +793,11 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
         // The node-local DNS lease, renewed while the server answers a query of its own; at
         // most once a poll interval (a burst of CNI requests loops faster).
-        if let (Some(h), Some(opts)) = (&dns, &cfg.dns) {
-            if opts.service.is_some()
-                && h.ready()
-                && last_probe.is_none_or(|t: Instant| t.elapsed() >= POLL_INTERVAL)
-            {
+        if let (Some(h), Some(opts), Some(lease)) = (&dns, &cfg.dns, lease.as_mut()) {
+            if h.ready() && last_probe.is_none_or(|t: Instant| t.elapsed() >= POLL_INTERVAL) {
                 last_probe = Some(Instant::now());
                 if crate::dns::probe(opts).await {
-                    if let Err(e) =
-                        crate::dns::write_lease(&dp.pins().maps(), opts, NODE_LOCAL_LEASE)
-                    {
+                    if let Err(e) = lease.renew(NODE_LOCAL_LEASE) {
                         warn!("DNS lease: {e:#}");
                     }
                 } else {
@@ -844,8 +844,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     // Links and maps stay pinned: the data path keeps serving while the agent is away. Its
     // DNS server does not: DNS traffic goes to the Service's backends from now on.
-    if let Some(opts) = cfg.dns.as_ref().filter(|o| o.service.is_some()) {
-        if let Err(e) = crate::dns::write_lease(&dp.pins().maps(), opts, Duration::ZERO) {
+    if let Some(lease) = lease.as_mut() {
+        if let Err(e) = lease.renew(Duration::ZERO) {
             warn!("DNS lease: {e:#}");
         }
     }

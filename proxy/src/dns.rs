@@ -52,61 +52,58 @@ impl Options {
 /// 200 ms (the liveness the lease rests on).
 pub async fn probe(opts: &Options) -> bool {
     let (v4, v6) = opts.local_addrs();
-    let Some(addr) = v4.or(v6) else {
+    let (Some(addr), Ok(name)) = (
+        v4.or(v6),
+        hickory_name(&format!(
+            "dns-version.{}.",
+            opts.domain.trim_end_matches('.')
+        )),
+    ) else {
         return false;
     };
-    let mut q = vec![0x77, 0x65, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in format!("dns-version.{}", opts.domain)
-        .split('.')
-        .filter(|l| !l.is_empty())
-    {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 16, 0, 1]);
-    let bind: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0".parse().expect("valid")
-    } else {
-        "[::]:0".parse().expect("valid")
-    };
-    let attempt = async {
-        let sock = tokio::net::UdpSocket::bind(bind).await.ok()?;
-        sock.connect(addr).await.ok()?;
-        sock.send(&q).await.ok()?;
-        let mut buf = [0u8; 512];
-        let n = sock.recv(&mut buf).await.ok()?;
-        // Our id, a response, NOERROR.
-        (n >= 12 && buf[..2] == q[..2] && buf[2] & 0x80 != 0 && buf[3] & 0x0f == 0).then_some(())
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_millis(200), attempt).await,
-        Ok(Some(()))
+    weir_dns::server::probe(
+        addr,
+        &name,
+        weir_dns::RecordType::TXT,
+        Duration::from_millis(200),
     )
+    .await
 }
 
-/// Writes the node-local lease: the node's own server at `opts`' addresses, valid `for_` from
-/// now (zero: withdrawn at once). The socket hooks read it for the `SVC_F_NODE_LOCAL` Service.
-pub fn write_lease(maps_dir: &Path, opts: &Options, for_: Duration) -> Result<()> {
-    use weir_common::{map_names, NodeLocal};
-    let mut m: aya::maps::Array<aya::maps::MapData, NodeLocal> =
-        crate::maps::open_typed(maps_dir, map_names::NODE_LOCAL)?;
-    let (v4, v6) = opts.local_addrs();
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .context("read the monotonic clock")?;
-    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
-    let entry = NodeLocal {
-        addr4: v4.map(|a| crate::addr::to_addr(a.ip())).unwrap_or_default(),
-        addr6: v6.map(|a| crate::addr::to_addr(a.ip())).unwrap_or_default(),
-        port: v4.or(v6).map(|a| a.port()).unwrap_or(0).to_be(),
-        _pad: [0; 6],
-        expires_ns: if for_.is_zero() {
+/// The node-local lease, its map opened once: the node's own server at the options'
+/// addresses. The socket hooks read it for the `SVC_F_NODE_LOCAL` Service.
+pub struct Lease {
+    map: aya::maps::Array<aya::maps::MapData, weir_common::NodeLocal>,
+    entry: weir_common::NodeLocal,
+}
+
+impl Lease {
+    pub fn open(maps_dir: &Path, opts: &Options) -> Result<Lease> {
+        let map = crate::maps::open_typed(maps_dir, weir_common::map_names::NODE_LOCAL)?;
+        let (v4, v6) = opts.local_addrs();
+        let entry = weir_common::NodeLocal {
+            addr4: v4.map(|a| crate::addr::to_addr(a.ip())).unwrap_or_default(),
+            addr6: v6.map(|a| crate::addr::to_addr(a.ip())).unwrap_or_default(),
+            port: v4.or(v6).map(|a| a.port()).unwrap_or(0).to_be(),
+            ..Default::default()
+        };
+        Ok(Lease { map, entry })
+    }
+
+    /// Valid `for_` from now; zero withdraws it at once.
+    pub fn renew(&mut self, for_: Duration) -> Result<()> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+            .context("read the monotonic clock")?;
+        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        self.entry.expires_ns = if for_.is_zero() {
             0
         } else {
             now_ns + for_.as_nanos() as u64
-        },
-    };
-    m.set(0, entry, 0)
-        .with_context(|| format!("write {}", map_names::NODE_LOCAL))
+        };
+        self.map
+            .set(0, self.entry, 0)
+            .with_context(|| format!("write {}", weir_common::map_names::NODE_LOCAL))
+    }
 }
 
 impl Options {
@@ -395,9 +392,7 @@ pub async fn run_standalone(source: &Path, opts: Options) -> Result<()> {
     }
     let mut last = None;
     loop {
-        let stamp = fs::metadata(source)
-            .ok()
-            .map(|m| (m.modified().ok(), m.len()));
+        let stamp = crate::agent::stamp(source);
         if stamp != last {
             last = stamp;
             match fs::read_to_string(source)
