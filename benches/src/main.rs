@@ -28,30 +28,24 @@ struct Cli {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let weir = weir_proxy::testkit::weir_bin()?;
-    if matches!(cli.which.as_str(), "b8" | "all") {
-        let s = b8::run(cli.quick)?;
-        print!("{s}");
-        results::write_section("B8", &s)?;
+    let quick = cli.quick;
+    type Bench<'a> = (&'a str, &'a str, Box<dyn Fn() -> Result<String> + 'a>);
+    let benches: [Bench; 5] = [
+        ("b8", "B8", Box::new(|| b8::run(quick))),
+        ("b6", "B6", Box::new(|| b6::run(&weir, quick))),
+        ("b2", "B2", Box::new(|| b2::run(&weir, quick))),
+        ("b5", "B5", Box::new(|| b5::run(&weir, quick))),
+        ("b1", "B1", Box::new(|| b1::run(&weir, quick))),
+    ];
+    if cli.which != "all" && !benches.iter().any(|(name, _, _)| *name == cli.which) {
+        anyhow::bail!("no benchmark {:?}: b1, b2, b5, b6, b8 or all", cli.which);
     }
-    if matches!(cli.which.as_str(), "b6" | "all") {
-        let s = b6::run(&weir, cli.quick)?;
-        print!("{s}");
-        results::write_section("B6", &s)?;
-    }
-    if matches!(cli.which.as_str(), "b2" | "all") {
-        let s = b2::run(&weir, cli.quick)?;
-        print!("{s}");
-        results::write_section("B2", &s)?;
-    }
-    if matches!(cli.which.as_str(), "b5" | "all") {
-        let s = b5::run(&weir, cli.quick)?;
-        print!("{s}");
-        results::write_section("B5", &s)?;
-    }
-    if matches!(cli.which.as_str(), "b1" | "all") {
-        let s = b1::run(&weir, cli.quick)?;
-        print!("{s}");
-        results::write_section("B1", &s)?;
+    for (name, section, run) in &benches {
+        if cli.which == "all" || cli.which == *name {
+            let s = run()?;
+            print!("{s}");
+            results::write_section(section, &s)?;
+        }
     }
     Ok(())
 }

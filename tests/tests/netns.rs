@@ -729,6 +729,16 @@ fn edits_of_the_source_file_are_followed_by_traffic() {
 }
 
 /// One HTTP GET to the agent, from inside the node namespace: (status code, body).
+/// `/metrics` answers 200 with each of these lines (or line prefixes); its body.
+fn assert_metrics(s: &Sim, lines: &[&str]) -> String {
+    let (code, body) = get(s, 10249, "/metrics");
+    assert_eq!(code, 200);
+    for line in lines {
+        assert!(body.contains(line), "{line} missing from /metrics:\n{body}");
+    }
+    body
+}
+
 fn get(s: &Sim, port: u16, path: &str) -> (u16, String) {
     let path = path.to_string();
     s.node
@@ -761,15 +771,14 @@ fn health_and_metrics_are_served_as_kube_proxy_serves_them() {
     let (code, body) = get(&s, 10256, "/healthz");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"nodeEligible\": true"), "{body}");
-    let (code, metrics) = get(&s, 10249, "/metrics");
-    assert_eq!(code, 200);
-    for want in [
-        "kubeproxy_sync_proxy_rules_duration_seconds_count 1\n",
-        "weir_map_entries{map=\"services\"} 25\n",
-        "weir_map_capacity{map=\"services\"} 2097152\n",
-    ] {
-        assert!(metrics.contains(want), "{want} in\n{metrics}");
-    }
+    assert_metrics(
+        &s,
+        &[
+            "kubeproxy_sync_proxy_rules_duration_seconds_count 1\n",
+            "weir_map_entries{map=\"services\"} 25\n",
+            "weir_map_capacity{map=\"services\"} 2097152\n",
+        ],
+    );
     // An EndpointSlice change triggered now, a skipped service, and the node being drained.
     let trigger = k8s_openapi_now();
     let text = SERVICES.replacen(
@@ -1224,15 +1233,14 @@ fn the_agent_answers_cluster_dns_from_its_source() {
         .unwrap();
     assert!(String::from_utf8_lossy(&nx.stdout).contains("NXDOMAIN"));
     assert_eq!(nxdomains(), before + 1);
-    let (code, body) = get(&s, 10249, "/metrics");
-    assert_eq!(code, 200);
-    for line in [
-        "weir_dns_replies_total{type=\"A\",rcode=\"NOERROR\"}",
-        "weir_dns_programming_duration_seconds_count 1",
-        "weir_dns_reply_duration_seconds_bucket{le=\"+Inf\"}",
-    ] {
-        assert!(body.contains(line), "{line} missing from /metrics:\n{body}");
-    }
+    let body = assert_metrics(
+        &s,
+        &[
+            "weir_dns_replies_total{type=\"A\",rcode=\"NOERROR\"}",
+            "weir_dns_programming_duration_seconds_count 1",
+            "weir_dns_reply_duration_seconds_bucket{le=\"+Inf\"}",
+        ],
+    );
     assert!(
         body.trim_end().ends_with("# EOF"),
         "OpenMetrics end marker last"
