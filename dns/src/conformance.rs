@@ -11,7 +11,7 @@ use hickory_proto::{
 
 use crate::{
     server::{Handler, Reply},
-    zone::{Config, Endpoint, Kind, PodMode, Port, Service, Zone},
+    zone::{Config, Endpoint, Kind, Pod, PodMode, Port, Service, Zone},
 };
 
 fn ip(s: &str) -> IpAddr {
@@ -348,6 +348,56 @@ fn pod_records_follow_the_pods_mode() {
         true,
     );
     assert_negative(&m, ResponseCode::NXDomain);
+}
+
+#[test]
+fn verified_pod_records_need_a_pod_of_that_namespace_with_that_address() {
+    let cfg = Config {
+        pods: PodMode::Verified,
+        ..Config::default()
+    };
+    let pods = [
+        Pod {
+            namespace: "default".into(),
+            ips: vec![ip("198.18.1.11"), ip("fd00:18::b")],
+        },
+        Pod {
+            namespace: "Other".into(),
+            ips: vec![ip("198.18.1.12")],
+        },
+    ];
+    let h = Handler::new(vec![]);
+    h.set_zone(Zone::build_with_pods(cfg, &services(), &pods));
+    let q = |name: &str, t| ask_with(&h, name, t, None, true);
+    assert_eq!(
+        answers(&q("198-18-1-11.default.pod.cluster.local.", RecordType::A)),
+        ["198-18-1-11.default.pod.cluster.local. 5 A 198.18.1.11"]
+    );
+    // Either spelling of an IPv6 address; namespaces compared without case.
+    assert_eq!(
+        answers(&q(
+            "fd00-18-0-0-0-0-0-b.default.pod.cluster.local.",
+            RecordType::AAAA
+        )),
+        ["fd00-18-0-0-0-0-0-b.default.pod.cluster.local. 5 AAAA fd00:18::b"]
+    );
+    assert_eq!(
+        answers(&q("198-18-1-12.other.pod.cluster.local.", RecordType::A)),
+        ["198-18-1-12.other.pod.cluster.local. 5 A 198.18.1.12"]
+    );
+    // A pod's address asked for with another type: the name exists.
+    assert_negative(
+        &q("198-18-1-11.default.pod.cluster.local.", RecordType::AAAA),
+        ResponseCode::NoError,
+    );
+    // No pod of that namespace has it, or no pod at all: no such name (insecure mode answers
+    // both).
+    for name in [
+        "198-18-1-12.default.pod.cluster.local.",
+        "198-18-1-99.default.pod.cluster.local.",
+    ] {
+        assert_negative(&q(name, RecordType::A), ResponseCode::NXDomain);
+    }
 }
 
 #[test]

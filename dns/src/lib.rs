@@ -8,7 +8,7 @@ pub mod stats;
 pub mod zone;
 
 pub use server::Handler;
-pub use zone::{Config, Endpoint, Kind, PodMode, Port, Service, Zone};
+pub use zone::{Config, Endpoint, Kind, Pod, PodMode, Port, Service, Zone};
 
 #[cfg(test)]
 mod conformance;

@@ -72,6 +72,16 @@ pub enum PodMode {
     Disabled,
     /// For any address, whether or not a pod has it (kube-dns's behaviour).
     Insecure,
+    /// Only for the address of a pod of that namespace (CoreDNS's `pods verified`): the zone
+    /// is given the pods.
+    Verified,
+}
+
+/// A pod as `pods verified` needs it: its namespace and addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub ips: Vec<IpAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -156,6 +166,8 @@ pub struct Zone {
     /// `<zone>.` and `pod.<zone>.`, lower-case.
     domain: String,
     pod_suffix: String,
+    /// `pods verified`: each pod address → the namespaces of the pods that have it.
+    pods: HashMap<IpAddr, Vec<Arc<str>>>,
     /// Records built, for memory figures.
     pub record_count: usize,
 }
@@ -204,6 +216,12 @@ fn is_under(name: &str, suffix: &str) -> bool {
 
 impl Zone {
     pub fn build(cfg: Config, services: &[Service]) -> Zone {
+        Self::build_with_pods(cfg, services, &[])
+    }
+
+    /// The zone of `services`, and of `pods` when the pods mode is `Verified` (otherwise they
+    /// are not needed, and ignored).
+    pub fn build_with_pods(cfg: Config, services: &[Service], pods: &[Pod]) -> Zone {
         let ttl = cfg.ttl;
         let domain = {
             let mut d = cfg.domain.to_ascii().to_ascii_lowercase();
@@ -232,8 +250,30 @@ impl Zone {
             names: HashMap::new(),
             interior: HashSet::new(),
             soa,
+            pods: HashMap::new(),
             record_count: 0,
         };
+        if z.cfg.pods == PodMode::Verified {
+            let mut namespaces: HashSet<Arc<str>> = HashSet::new();
+            for p in pods {
+                let lower = p.namespace.to_ascii_lowercase();
+                let ns = match namespaces.get(lower.as_str()) {
+                    Some(n) => n.clone(),
+                    None => {
+                        let n: Arc<str> = lower.into();
+                        namespaces.insert(n.clone());
+                        n
+                    }
+                };
+                for ip in &p.ips {
+                    let list = z.pods.entry(*ip).or_default();
+                    if !list.contains(&ns) {
+                        list.push(ns.clone());
+                    }
+                }
+            }
+            z.pods.shrink_to_fit();
+        }
         z.add(domain.clone(), Rec::Soa);
         z.add(
             format!("dns-version.{domain}"),
@@ -396,15 +436,16 @@ impl Zone {
         Answer::NxDomain
     }
 
-    /// `<a-b-c-d>.<ns>.pod.<zone>` (and the dashed IPv6 form), in `Insecure` mode.
+    /// `<a-b-c-d>.<ns>.pod.<zone>` (and the dashed IPv6 form): in `Insecure` mode for any
+    /// address, in `Verified` mode for the address of a pod of namespace `<ns>`.
     fn pod(&self, key: &str, qtype: RecordType) -> Option<Answer> {
-        if self.cfg.pods != PodMode::Insecure || !is_under(key, &self.pod_suffix) {
+        if self.cfg.pods == PodMode::Disabled || !is_under(key, &self.pod_suffix) {
             return None;
         }
         // Labels: the address, the namespace, then `pod.<zone>`.
         let head = &key[..key.len() - self.pod_suffix.len()];
         let mut labels = head.trim_end_matches('.').split('.');
-        let (Some(first), Some(_ns), None) = (labels.next(), labels.next(), labels.next()) else {
+        let (Some(first), Some(ns), None) = (labels.next(), labels.next(), labels.next()) else {
             return None;
         };
         let ip: IpAddr = first
@@ -412,6 +453,14 @@ impl Zone {
             .parse()
             .or_else(|_| first.replace('-', ":").parse())
             .ok()?;
+        if self.cfg.pods == PodMode::Verified
+            && !self
+                .pods
+                .get(&ip)
+                .is_some_and(|nss| nss.iter().any(|n| &**n == ns))
+        {
+            return None;
+        }
         let want = if ip.is_ipv4() {
             RecordType::A
         } else {

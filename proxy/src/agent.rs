@@ -652,10 +652,16 @@ pub async fn run(cfg: Config) -> Result<()> {
             } else {
                 Some(crate::kube_source::PROXY_LABEL_SELECTOR)
             };
+            // `pods verified` answers for pods the API has: watch them (only then).
+            let pods = cfg
+                .dns
+                .as_ref()
+                .is_some_and(|o| o.pods == weir_dns::PodMode::Verified);
             Some(KubeSource::start_with(
                 client,
                 cfg.node_name.as_deref(),
                 selector,
+                pods,
             ))
         }
         Source::File(_) => None,

@@ -123,12 +123,13 @@ fn hickory_name(s: &str) -> Result<weir_dns::Name> {
     weir_dns::Name::from_ascii(s).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-/// `disabled` or `insecure`, as CoreDNS's `pods` option.
+/// `disabled`, `insecure` or `verified`, as CoreDNS's `pods` option.
 pub fn parse_pod_mode(s: &str) -> Result<PodMode, String> {
     match s {
         "disabled" => Ok(PodMode::Disabled),
         "insecure" => Ok(PodMode::Insecure),
-        _ => Err(format!("{s:?}: expected disabled or insecure")),
+        "verified" => Ok(PodMode::Verified),
+        _ => Err(format!("{s:?}: expected disabled, insecure or verified")),
     }
 }
 
@@ -273,9 +274,44 @@ pub fn services(objs: &Objects) -> Vec<Service> {
     out
 }
 
+/// The pods `pods verified` answers for: those with addresses, not being deleted (CoreDNS
+/// drops a terminating pod from its index the same way).
+pub fn pods(objs: &Objects) -> Vec<weir_dns::Pod> {
+    objs.pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let status = p.status.as_ref()?;
+            let mut ips: Vec<IpAddr> = status
+                .pod_ips
+                .iter()
+                .flatten()
+                .map(|a| a.ip.as_str())
+                .chain(status.pod_ip.as_deref())
+                .filter_map(|ip| ip.parse().ok())
+                .collect();
+            ips.sort();
+            ips.dedup();
+            (!ips.is_empty()).then(|| weir_dns::Pod {
+                namespace: p
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+                ips,
+            })
+        })
+        .collect()
+}
+
 /// Builds the zone of `objs` and serves it from now on.
 pub fn update(h: &Handler, opts: &Options, objs: &Objects) -> Result<usize> {
-    let zone = Zone::build(opts.zone_config()?, &services(objs));
+    let pods = if opts.pods == PodMode::Verified {
+        pods(objs)
+    } else {
+        Vec::new()
+    };
+    let zone = Zone::build_with_pods(opts.zone_config()?, &services(objs), &pods);
     let n = zone.record_count;
     h.set_zone(zone);
     Ok(n)

@@ -22,6 +22,7 @@ pub type Body = StreamBody<BoxStream<'static, Result<Frame<Bytes>, Infallible>>>
 pub const SERVICES: &str = "/api/v1/services";
 pub const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 pub const NODES: &str = "/api/v1/nodes";
+pub const PODS: &str = "/api/v1/pods";
 
 /// One resource collection of the fake API server.
 #[derive(Default)]
@@ -48,6 +49,7 @@ fn list_kind(path: &str) -> (&'static str, &'static str) {
     match path {
         SLICES => ("discovery.k8s.io/v1", "EndpointSliceList"),
         NODES => ("v1", "NodeList"),
+        PODS => ("v1", "PodList"),
         _ => ("v1", "ServiceList"),
     }
 }
@@ -133,6 +135,7 @@ impl Api {
             SERVICES => SERVICES,
             SLICES => SLICES,
             NODES => NODES,
+            PODS => PODS,
             other => {
                 return Response::builder()
                     .status(StatusCode::NOT_FOUND)

@@ -1,5 +1,5 @@
-//! The Kubernetes API as a source: one watch per kind (Services, EndpointSlices, this Node)
-//! feeding reflector stores. The stores are the one cache of the agent: the data path is built
+//! The Kubernetes API as a source: one watch per kind (Services, EndpointSlices, this Node,
+//! and Pods for cluster DNS's `pods verified`) feeding reflector stores. The stores are the one cache of the agent: the data path is built
 //! from their snapshot, and the DNS server reads the same stores.
 //!
 //! kube-runtime's watcher lists, then watches; on `410 Gone` or a broken watch it lists again
@@ -17,7 +17,7 @@ use std::{
 
 use futures_util::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Node, Pod, PodStatus, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -39,8 +39,8 @@ use crate::model::{Objects, SERVICE_NAME_LABEL};
 pub struct Progress {
     /// A change arrived in any store.
     pub changed: Notify,
-    /// Each kind has completed its first list.
-    listed: [AtomicBool; 3],
+    /// Each kind has completed its first list (Services, slices, Node, Pods).
+    listed: [AtomicBool; 4],
     /// Errors of the watches (failed lists, broken watches, `410 Gone`), all kinds.
     pub errors: AtomicU64,
     /// Events applied to the stores, all kinds.
@@ -57,15 +57,26 @@ pub struct Dirty {
     pub services: std::collections::BTreeSet<String>,
 }
 
+/// What an object's change touches in the data path.
+#[derive(Debug)]
+enum Touch {
+    /// This Service (`namespace/name`).
+    Service(String),
+    /// Everything (the Node: its pod CIDRs and zone).
+    All,
+    /// Nothing: a Pod, which only cluster DNS reads.
+    Nothing,
+}
+
 impl Progress {
-    fn mark(&self, key: Option<String>) {
+    fn mark(&self, touch: Touch) {
         let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        match key {
-            Some(k) if !d.all => {
+        match touch {
+            Touch::Service(k) if !d.all => {
                 d.services.insert(k);
             }
-            Some(_) => {}
-            None => {
+            Touch::Service(_) | Touch::Nothing => {}
+            Touch::All => {
                 d.all = true;
                 d.services.clear();
             }
@@ -80,12 +91,15 @@ impl Progress {
     }
 }
 
-/// The three stores and their watches' progress.
+/// The stores and their watches' progress.
 #[derive(Clone)]
 pub struct KubeSource {
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
     pub nodes: Store<Node>,
+    /// Pods, stripped to what DNS reads (namespace, name, deletion, addresses); None unless
+    /// watched.
+    pub pods: Option<Store<Pod>>,
     pub progress: Arc<Progress>,
     /// The slices of each Service, so that rebuilding one Service reads its own slices only.
     slice_index: Arc<SliceIndex>,
@@ -194,20 +208,27 @@ impl KubeSource {
     /// Node object is watched. Services and EndpointSlices are watched with kube-proxy's label
     /// selector.
     pub fn start(client: Client, node: Option<&str>) -> KubeSource {
-        Self::start_with(client, node, Some(PROXY_LABEL_SELECTOR))
+        Self::start_with(client, node, Some(PROXY_LABEL_SELECTOR), false)
     }
 
     /// The same with this label selector, or none: cluster DNS needs every Service and slice,
-    /// headless ones included (the model skips what the data path must not program).
-    pub fn start_with(client: Client, node: Option<&str>, selector: Option<&str>) -> KubeSource {
+    /// headless ones included (the model skips what the data path must not program); and
+    /// with a watch of every Pod that has an address when `pods` (cluster DNS's
+    /// `pods verified`).
+    pub fn start_with(
+        client: Client,
+        node: Option<&str>,
+        selector: Option<&str>,
+        pods: bool,
+    ) -> KubeSource {
         let progress = Arc::new(Progress::default());
-        progress.mark(None);
+        progress.mark(Touch::All);
         let (services, w) = reflector::store();
         let cfg = match selector {
             Some(s) => watcher::Config::default().labels(s),
             None => watcher::Config::default(),
         };
-        let svc_key = |s: &Service| Some(key(&s.metadata, s.metadata.name.as_deref()));
+        let svc_key = |s: &Service| Touch::Service(key(&s.metadata, s.metadata.name.as_deref()));
         spawn_watch(
             Api::<Service>::all(client.clone()),
             cfg.clone(),
@@ -226,7 +247,7 @@ impl KubeSource {
             w,
             1,
             &progress,
-            |s: &EndpointSlice| Some(slice_service(s)),
+            |s: &EndpointSlice| Touch::Service(slice_service(s)),
             move |ev| index.event(ev),
         );
         let (nodes, w) = reflector::store();
@@ -234,12 +255,12 @@ impl KubeSource {
             Some(name) => {
                 let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
                 spawn_watch(
-                    Api::<Node>::all(client),
+                    Api::<Node>::all(client.clone()),
                     cfg,
                     w,
                     2,
                     &progress,
-                    |_: &Node| None,
+                    |_: &Node| Touch::All,
                     |_| {},
                 );
             }
@@ -249,10 +270,29 @@ impl KubeSource {
                 progress.listed[2].store(true, Ordering::Release);
             }
         }
+        let pods = if pods {
+            let (store, w) = reflector::store();
+            // CoreDNS's selector: a pod without an address has no record.
+            let cfg = watcher::Config::default().fields("status.podIP!=");
+            spawn_watch(
+                Api::<Pod>::all(client),
+                cfg,
+                w,
+                3,
+                &progress,
+                |_: &Pod| Touch::Nothing,
+                |_| {},
+            );
+            Some(store)
+        } else {
+            progress.listed[3].store(true, Ordering::Release);
+            None
+        };
         KubeSource {
             services,
             slices,
             nodes,
+            pods,
             progress,
             slice_index,
         }
@@ -299,6 +339,7 @@ impl KubeSource {
             services: svc.into_iter().collect(),
             slices,
             nodes: self.nodes.state(),
+            pods: Vec::new(),
         }
     }
 
@@ -308,6 +349,7 @@ impl KubeSource {
             services: self.services.state(),
             slices: self.slices.state(),
             nodes: self.nodes.state(),
+            pods: self.pods.as_ref().map(Store::state).unwrap_or_default(),
         }
     }
 }
@@ -323,24 +365,28 @@ fn key(
     )
 }
 
-/// `key_of` names the Service an object's change touches (None: everything); `on_event` is
-/// called for each event after the store took it and before the change is announced.
+/// `touches` says what an object's change touches in the data path; `on_event` is called for
+/// each event after the store took it and before the change is announced. Objects are stored
+/// without what the agent never reads ([`Strip`]).
 fn spawn_watch<K>(
     api: Api<K>,
     cfg: watcher::Config,
     writer: reflector::store::Writer<K>,
     slot: usize,
     progress: &Arc<Progress>,
-    key_of: fn(&K) -> Option<String>,
+    touches: fn(&K) -> Touch,
     on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
 ) where
-    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K: Resource + Strip + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let progress = progress.clone();
     let kind = K::kind(&K::DynamicType::default()).into_owned();
     tokio::spawn(async move {
-        let mut stream = std::pin::pin!(watcher(api, cfg).default_backoff().reflect(writer));
+        let mut stream = std::pin::pin!(watcher(api, cfg)
+            .default_backoff()
+            .modify(Strip::strip)
+            .reflect(writer));
         while let Some(ev) = stream.next().await {
             if let Ok(e) = &ev {
                 on_event(e);
@@ -348,7 +394,7 @@ fn spawn_watch<K>(
             match ev {
                 Ok(watcher::Event::InitDone) => {
                     // A (re)list: objects may have gone without an event.
-                    progress.mark(None);
+                    progress.mark(Touch::All);
                     if !progress.listed[slot].swap(true, Ordering::AcqRel) {
                         info!(kind = %kind, "listed");
                     }
@@ -356,7 +402,7 @@ fn spawn_watch<K>(
                 }
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
                 Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
-                    progress.mark(key_of(&o));
+                    progress.mark(touches(&o));
                     progress.events.fetch_add(1, Ordering::Relaxed);
                     progress.changed.notify_one();
                 }
@@ -367,6 +413,51 @@ fn spawn_watch<K>(
             }
         }
     });
+}
+
+/// What the stores keep of an object: `managedFields` never (often the larger part of an
+/// object); of a Pod, only its identity, deletion and addresses.
+trait Strip {
+    fn strip(&mut self);
+}
+
+impl Strip for Service {
+    fn strip(&mut self) {
+        self.metadata.managed_fields = None;
+    }
+}
+
+impl Strip for EndpointSlice {
+    fn strip(&mut self) {
+        self.metadata.managed_fields = None;
+    }
+}
+
+impl Strip for Node {
+    fn strip(&mut self) {
+        self.metadata.managed_fields = None;
+        // Images weigh most; the model reads the spec, the labels and the addresses.
+        if let Some(s) = self.status.as_mut() {
+            s.images = None;
+        }
+    }
+}
+
+impl Strip for Pod {
+    fn strip(&mut self) {
+        let m = &mut self.metadata;
+        m.managed_fields = None;
+        m.annotations = None;
+        m.labels = None;
+        m.owner_references = None;
+        m.finalizers = None;
+        self.spec = None;
+        self.status = self.status.take().map(|s| PodStatus {
+            pod_ip: s.pod_ip,
+            pod_ips: s.pod_ips,
+            ..Default::default()
+        });
+    }
 }
 
 #[cfg(test)]

@@ -199,7 +199,7 @@ struct AgentDnsArgs {
     /// TTL of the DNS answers, in seconds.
     #[arg(long, default_value_t = 5)]
     dns_ttl: u32,
-    /// Pod records: disabled or insecure.
+    /// Pod records: disabled, insecure, or verified (only for addresses pods have; watches Pods).
     #[arg(long, default_value = "disabled", value_parser = weir_proxy::dns::parse_pod_mode)]
     dns_pods: weir_dns::PodMode,
     /// Resolver for names outside the cluster domain (repeatable; default: /etc/resolv.conf).
@@ -247,7 +247,8 @@ struct DnsArgs {
     /// TTL of the answers, in seconds.
     #[arg(long, default_value_t = 5)]
     ttl: u32,
-    /// Pod records (`a-b-c-d.<ns>.pod.<domain>`): disabled or insecure.
+    /// Pod records (`a-b-c-d.<ns>.pod.<domain>`): disabled, insecure, or verified (only the
+    /// addresses of the Pods in the source file).
     #[arg(long, default_value = "disabled", value_parser = weir_proxy::dns::parse_pod_mode)]
     pods: weir_dns::PodMode,
     /// Resolver for names outside the cluster domain, IP or IP:PORT (repeatable; default: the

@@ -26,6 +26,9 @@ pub struct Objects {
     pub services: Vec<Arc<Service>>,
     pub slices: Vec<Arc<EndpointSlice>>,
     pub nodes: Vec<Arc<k8s_openapi::api::core::v1::Node>>,
+    /// Pods, for cluster DNS's `pods verified` only (the data path does not read them). Read
+    /// from the file source when it has them, watched from the API only in that mode.
+    pub pods: Vec<Arc<k8s_openapi::api::core::v1::Pod>>,
 }
 
 /// The pod CIDRs of the node called `name` (`spec.podCIDRs`, else `spec.podCIDR`).
@@ -192,7 +195,7 @@ pub fn parse_yaml(text: &str) -> (Objects, Vec<Problem>) {
     }
 }
 
-/// Parses a multi-document YAML stream of Services, EndpointSlices and Nodes. Other kinds are
+/// Parses a multi-document YAML stream of Services, EndpointSlices, Nodes and Pods. Other kinds are
 /// ignored; an object that does not deserialize is a problem, not a failure of the whole
 /// stream. A stream that is not YAML is an error: what follows the error cannot be read, so
 /// the stream says nothing reliable about the objects, and nothing of it must be applied (it
@@ -221,6 +224,7 @@ pub fn parse_stream(text: &str) -> Result<(Objects, Vec<Problem>), Problem> {
             Some("EndpointSlice") => serde_yaml::from_value::<EndpointSlice>(value)
                 .map(|s| objs.slices.push(Arc::new(s))),
             Some("Node") => serde_yaml::from_value(value).map(|n| objs.nodes.push(Arc::new(n))),
+            Some("Pod") => serde_yaml::from_value(value).map(|p| objs.pods.push(Arc::new(p))),
             _ => Ok(()),
         };
         if let Err(e) = res {

@@ -12,7 +12,7 @@ use std::{
 use serde_json::{json, Value};
 use weir_proxy::{
     agent::{Config, KubeSync, Source},
-    fake_api::{Api, NODES, SERVICES, SLICES},
+    fake_api::{Api, NODES, PODS, SERVICES, SLICES},
     kube_source::KubeSource,
     maps::FakeMaps,
     observe::{Health, Metrics, Observed},
@@ -73,9 +73,13 @@ struct Agent {
 
 impl Agent {
     fn start(api: &Api) -> Agent {
+        Self::start_source(KubeSource::start(api.client(), Some("node-a")))
+    }
+
+    fn start_source(source: KubeSource) -> Agent {
         let dir = std::env::temp_dir().join(format!("weir-controller-{}", std::process::id()));
         Agent {
-            source: KubeSource::start(api.client(), Some("node-a")),
+            source,
             programmer: Programmer::default(),
             maps: FakeMaps::default(),
             sync: KubeSync::default(),
@@ -313,4 +317,59 @@ async fn a_dropped_watch_reconnects_and_resumes_where_it_was() {
         lists_after, lists,
         "resumed from its resource version, without a new list"
     );
+}
+
+fn pod(name: &str, ip: &str, deleting: bool) -> Value {
+    let mut p = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "demo", "labels": {"app": "web"},
+                     "annotations": {"big": "x".repeat(1000)}},
+        "spec": {"containers": [{"name": "c", "image": "example/web"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+    if deleting {
+        p["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    }
+    p
+}
+
+#[tokio::test]
+async fn pods_are_watched_for_verified_dns_stripped_and_rebuild_no_service() {
+    let api = base();
+    api.apply(PODS, pod("web-a", "198.18.1.11", false));
+    let source = KubeSource::start_with(api.client(), Some("node-a"), None, true);
+    let mut a = Agent::start_source(source);
+    a.until("initial list, pods included", |a| {
+        programmed(&a.maps).get("198.19.0.10:80") == Some(&2) && a.source.objects().pods.len() == 1
+    })
+    .await;
+    // CoreDNS's selector: pods with an address.
+    let q = api.coll(PODS, |c, _| c.queries.clone());
+    assert!(q[0].contains("fieldSelector=status.podIP%21%3D"), "{q:?}");
+    // Stored without what DNS does not read.
+    let p = a.source.objects().pods[0].clone();
+    assert_eq!(p.metadata.name.as_deref(), Some("web-a"));
+    assert!(p.metadata.labels.is_none() && p.metadata.annotations.is_none());
+    assert!(p.spec.is_none());
+    let st = p.status.as_ref().unwrap();
+    assert_eq!(st.pod_ip.as_deref(), Some("198.18.1.11"));
+    assert!(st.phase.is_none());
+    // A pod event touches no Service of the data path; a terminating pod gets no record.
+    let steps = a.steps.len();
+    api.apply(PODS, pod("web-b", "198.18.1.12", false));
+    api.apply(PODS, pod("web-c", "198.18.1.13", true));
+    a.until("two more pods", |a| a.source.objects().pods.len() == 3)
+        .await;
+    assert!(
+        a.steps[steps..].iter().all(|s| *s == Some(0)),
+        "{:?}",
+        &a.steps[steps..]
+    );
+    let mut dns: Vec<String> = weir_proxy::dns::pods(&a.source.objects())
+        .iter()
+        .map(|p| format!("{} {:?}", p.namespace, p.ips))
+        .collect();
+    dns.sort();
+    assert_eq!(dns, ["demo [198.18.1.11]", "demo [198.18.1.12]"]);
+    api.delete(PODS, "demo/web-a", true);
+    a.until("pod deleted", |a| a.source.objects().pods.len() == 2)
+        .await;
 }

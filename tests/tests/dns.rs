@@ -46,6 +46,10 @@ fn zone(web_ip: &str) -> String {
     y
 }
 
+/// A pod of namespace demo, which `pods verified` answers for while the source has it.
+const POD: &str = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: demo}\n\
+                   status: {podIP: 198.18.1.21, podIPs: [{ip: 198.18.1.21}]}\n";
+
 /// The resolv.conf `ip netns exec` puts in place for a namespace, removed on drop.
 struct ResolvConf(PathBuf);
 
@@ -111,7 +115,7 @@ fn pods_resolve_cluster_names_over_real_sockets() {
     node.add_pod("cli", 10).unwrap();
     let pod_ns = &node.pod("cli").unwrap().ns;
     let source = dir.0.join("services.yaml");
-    std::fs::write(&source, zone("198.19.0.10")).unwrap();
+    std::fs::write(&source, zone("198.19.0.10") + POD).unwrap();
     // The upstream: another server, for the domain example.org.
     let up_source = dir.0.join("upstream.yaml");
     std::fs::write(
@@ -151,6 +155,8 @@ fn pods_resolve_cluster_names_over_real_sockets() {
             &format!("{UPSTREAM}:53"),
             "--stub-domain",
             &format!("example.net={STUB}"),
+            "--pods",
+            "verified",
         ],
     );
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -255,11 +261,25 @@ fn pods_resolve_cluster_names_over_real_sockets() {
         );
     }
 
-    // An edit of the source is answered within the reload interval.
+    // `pods verified`: the address of a pod of that namespace, and nothing else.
+    let pod_name = "198-18-1-21.demo.pod.cluster.local";
+    assert_eq!(short(pod_ns, &[pod_name, "A"]), ["198.18.1.21"]);
+    for name in [
+        "198-18-1-22.demo.pod.cluster.local",
+        "198-18-1-21.other.pod.cluster.local",
+    ] {
+        let out = dig(pod_ns, &[name, "A"]);
+        assert!(out.contains("status: NXDOMAIN"), "{name}: {out}");
+    }
+
+    // An edit of the source is answered within the reload interval: the new address, and the
+    // pod gone.
     std::fs::write(&source, zone("198.19.0.11")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while short(pod_ns, &["web.demo.svc.cluster.local", "A"]) != ["198.19.0.11"] {
         assert!(Instant::now() < deadline, "the edit was not followed");
         thread::sleep(Duration::from_millis(50));
     }
+    let out = dig(pod_ns, &[pod_name, "A"]);
+    assert!(out.contains("status: NXDOMAIN"), "{pod_name}: {out}");
 }
