@@ -82,7 +82,10 @@ pub const CT_LIFETIME_CLOSING_NS: u64 = 10 * 1_000_000_000;
 pub const CT_LIFETIME_SYN_NS: u64 = 60 * 1_000_000_000;
 
 /// An address: IPv6, or IPv4-mapped IPv6, in network byte order.
-#[repr(C)]
+///
+/// Aligned to 4 bytes (every struct here already places it so; the sizes below are checked):
+/// the eBPF programs then copy and compare addresses by words, not by 2-byte halves.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Addr(pub [u8; 16]);
 

@@ -40,6 +40,10 @@ pub struct Scratch {
     pub reply_key: CtKey,
     pub fwd: CtValue,
     pub rev: CtValue,
+    /// The rewrite of an established flow's packet (here, not on the stack: the verifier sums
+    /// the frames of a call chain).
+    pub chg_src: crate::nat::Change,
+    pub chg_dst: crate::nat::Change,
     /// The ICMP error being built by the reject path.
     pub icmp: [u8; 112],
     /// FIB lookup parameters and result (see `route`).

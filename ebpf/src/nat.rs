@@ -1,12 +1,13 @@
-//! Address and port rewrites. Bytes are written with `bpf_skb_store_bytes`, never with direct
-//! packet access: a TC program that writes packet data directly gets a prologue that un-clones
-//! every skb it sees, and TCP transmits clones, so every packet on the device, service or not,
-//! would pay a copy. The helper makes only the rewritten packets writable.
+//! Address and port rewrites. Bytes are written with `bpf_skb_store_bytes`, one call for the
+//! addresses, the ports and the IPv4 header checksum together, never with direct packet
+//! access: a TC program that writes packet data directly gets a prologue that un-clones every
+//! skb it sees, and TCP transmits clones, so every packet on the device, service or not, would
+//! pay a copy. The helper makes only the rewritten packets writable.
 //!
-//! Checksums are updated by difference, computed here: one `bpf_l3_csum_replace` for IPv4, and
-//! for L4 one `bpf_l4_csum_replace` for the pseudo-header part (addresses) and one for the rest
-//! (ports), which a CHECKSUM_PARTIAL packet (what veth hands over) must not see: only the
-//! kernel knows which kind of checksum the packet carries.
+//! Checksums are updated by difference, computed here: the IPv4 header's is written with the
+//! addresses; for L4, one `bpf_l4_csum_replace` for the pseudo-header part (addresses) and one
+//! for the rest (ports), which a CHECKSUM_PARTIAL packet (what veth hands over) must not see:
+//! only the kernel knows which kind of checksum the packet carries.
 use aya_ebpf::programs::TcContext;
 use weir_common::{Addr, Stat, PROTO_UDP};
 
@@ -108,44 +109,108 @@ fn rewrite_out_of_line(ctx: &TcContext, p: &Packet, src: &Change, dst: &Change) 
     }
 }
 
+/// Adds one side's differences (new - old) to `d`.
 #[inline(always)]
-fn side(ctx: &TcContext, p: &Packet, c: &Change, is_dst: bool, d: &mut Diffs) -> Result<(), Stat> {
+fn diff(p: &Packet, c: &Change, d: &mut Diffs) {
     if !c.on {
-        return Ok(());
+        return;
     }
     if p.v6 {
-        let off = p.l3_off + if is_dst { 24 } else { 8 };
-        ctx.store(off, &c.new_addr.0, 0)
-            .map_err(|_| Stat::DropRewriteFailed)?;
         let mut i = 0;
         while i < 16 {
             d.addr += (!word(&c.old_addr, i)) as u64 + word(&c.new_addr, i) as u64;
             i += 4;
         }
     } else {
-        let off = p.l3_off + if is_dst { 16 } else { 12 };
-        let (o, n) = (word(&c.old_addr, 12), word(&c.new_addr, 12));
-        ctx.store(off, &n, 0).map_err(|_| Stat::DropRewriteFailed)?;
-        d.addr += (!o) as u64 + n as u64;
+        d.addr += (!word(&c.old_addr, 12)) as u64 + word(&c.new_addr, 12) as u64;
     }
     if c.old_port != c.new_port {
-        let off = p.l4_off + if is_dst { 2 } else { 0 };
-        ctx.store(off, &c.new_port, 0)
-            .map_err(|_| Stat::DropRewriteFailed)?;
         d.port += (!c.old_port) as u64 + c.new_port as u64;
     }
-    Ok(())
+}
+
+/// The bytes of an IPv4 packet without options from the header checksum to the destination
+/// port: one store writes a whole rewrite, header checksum included.
+#[repr(C)]
+struct V4Span {
+    csum: u16,
+    src: [u8; 4],
+    dst: [u8; 4],
+    ports: [u16; 2],
+}
+
+/// The same bytes of an IPv4 header with options (the ports are stored apart).
+#[repr(C)]
+struct V4Header {
+    csum: u16,
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+/// The bytes of an IPv6 packet from the source address to the destination port.
+#[repr(C)]
+struct V6Span {
+    src: Addr,
+    dst: Addr,
+    ports: [u16; 2],
+}
+
+#[inline(always)]
+fn v4(a: &Addr) -> [u8; 4] {
+    [a.0[12], a.0[13], a.0[14], a.0[15]]
 }
 
 #[inline(always)]
 fn rewrite_inner(ctx: &TcContext, p: &Packet, src: &Change, dst: &Change) -> Result<(), Stat> {
     let mut d = Diffs { addr: 0, port: 0 };
-    side(ctx, p, src, false, &mut d)?;
-    side(ctx, p, dst, true, &mut d)?;
-    // The IPv4 header checksum covers the addresses: the same difference.
-    if !p.v6 && d.addr != 0 {
-        ctx.l3_csum_replace(p.l3_off + 10, 0, fold32(d.addr) as u64, 0)
-            .map_err(|_| Stat::DropRewriteFailed)?;
+    diff(p, src, &mut d);
+    diff(p, dst, &mut d);
+    // The packet's addresses and ports as they are to be: written in one store (two for an
+    // IPv4 header with options) instead of one per field; what does not change is written
+    // back as it was.
+    let (sa, sp) = if src.on {
+        (src.new_addr, src.new_port)
+    } else {
+        (p.src, p.sport)
+    };
+    let (da, dp) = if dst.on {
+        (dst.new_addr, dst.new_port)
+    } else {
+        (p.dst, p.dport)
+    };
+    let failed = |_| Stat::DropRewriteFailed;
+    if p.v6 {
+        let span = V6Span {
+            src: sa,
+            dst: da,
+            ports: [sp, dp],
+        };
+        ctx.store(p.l3_off + 8, &span, 0).map_err(failed)?;
+    } else {
+        // The header checksum by difference (RFC 1624: HC' = ~(~HC + ~m + m')), as
+        // `bpf_l3_csum_replace` would compute it, without the call.
+        let csum = if d.addr != 0 {
+            !fold16(fold32((!p.ip_csum) as u64 + d.addr))
+        } else {
+            p.ip_csum
+        };
+        if p.l4_off == p.l3_off + 20 {
+            let span = V4Span {
+                csum,
+                src: v4(&sa),
+                dst: v4(&da),
+                ports: [sp, dp],
+            };
+            ctx.store(p.l3_off + 10, &span, 0).map_err(failed)?;
+        } else {
+            let hdr = V4Header {
+                csum,
+                src: v4(&sa),
+                dst: v4(&da),
+            };
+            ctx.store(p.l3_off + 10, &hdr, 0).map_err(failed)?;
+            ctx.store(p.l4_off, &[sp, dp], 0).map_err(failed)?;
+        }
     }
     let mangled = if p.proto == PROTO_UDP && !p.v6 {
         BPF_F_MARK_MANGLED_0
@@ -159,12 +224,12 @@ fn rewrite_inner(ctx: &TcContext, p: &Packet, src: &Change, dst: &Change) -> Res
             fold32(d.addr) as u64,
             BPF_F_PSEUDO_HDR | mangled,
         )
-        .map_err(|_| Stat::DropRewriteFailed)?;
+        .map_err(failed)?;
     }
     if d.port != 0 {
         let diff = fold16(fold32(d.port)) as u64;
         ctx.l4_csum_replace(p.csum_off, 0, diff, mangled)
-            .map_err(|_| Stat::DropRewriteFailed)?;
+            .map_err(failed)?;
     }
     Ok(())
 }

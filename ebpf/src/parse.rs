@@ -24,6 +24,8 @@ pub struct Packet {
     pub proto: u8,
     pub v6: bool,
     pub tcp_flags: u8,
+    /// The IPv4 header checksum as it is in the packet (byte order kept); 0 for IPv6.
+    pub ip_csum: u16,
     pub l3_off: usize,
     pub l4_off: usize,
     /// Offset of the L4 checksum field.
@@ -80,6 +82,25 @@ pub fn parse_out_of_line(ctx: &TcContext, out: &mut Packet) -> u32 {
     }
 }
 
+/// The four words of an address, written as words (`Addr` is 4-aligned).
+#[inline(always)]
+fn set_words(a: &mut Addr, w: [u32; 4]) {
+    // SAFETY: `Addr` is 16 bytes with 4-byte alignment: exactly a `[u32; 4]`.
+    unsafe { (a as *mut Addr).cast::<[u32; 4]>().write(w) }
+}
+
+/// A word of the packet as it lies in memory (network byte order kept).
+#[inline(always)]
+fn word(b: &[u8], i: usize) -> u32 {
+    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// The third word of an IPv4-mapped address: `::ffff:` in memory order.
+const MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Writes the packet's fields straight into `out` (the per-CPU scratch) as they are read:
+/// built in locals and copied at the end, the addresses went through the stack byte by byte.
+/// On `Pass` or `Drop`, `out` holds a partial parse the caller does not read.
 #[inline(always)]
 fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
     let Some(eth_proto) = read::<[u8; 2]>(ctx, 12) else {
@@ -87,7 +108,7 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
     };
     let eth_proto = u16::from_be_bytes(eth_proto);
     let l3_off = ETH_HLEN;
-    let (src, dst, proto, l4_off, v6) = match eth_proto {
+    let (proto, l4_off) = match eth_proto {
         ETH_P_IP => {
             let Some(hdr) = read::<[u8; 20]>(ctx, l3_off) else {
                 return Parsed::Drop(Stat::DropTruncated);
@@ -104,27 +125,40 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
             if frag != 0 {
                 return Parsed::Pass(Stat::PassOtherProto);
             }
-            let src = Addr::from_v4([hdr[12], hdr[13], hdr[14], hdr[15]]);
-            let dst = Addr::from_v4([hdr[16], hdr[17], hdr[18], hdr[19]]);
-            (src, dst, hdr[9], l3_off + ihl, false)
+            out.ip_csum = u16::from_ne_bytes([hdr[10], hdr[11]]);
+            set_words(&mut out.src, [0, 0, MAPPED, word(&hdr, 12)]);
+            set_words(&mut out.dst, [0, 0, MAPPED, word(&hdr, 16)]);
+            out.v6 = false;
+            (hdr[9], l3_off + ihl)
         }
         ETH_P_IPV6 => {
-            let Some(vtc) = read::<u8>(ctx, l3_off) else {
+            let Some(hdr) = read::<[u8; IPV6_HLEN]>(ctx, l3_off) else {
                 return Parsed::Drop(Stat::DropTruncated);
             };
-            let Some(nexthdr) = read::<u8>(ctx, l3_off + 6) else {
-                return Parsed::Drop(Stat::DropTruncated);
-            };
-            let (Some(src), Some(dst)) = (
-                read::<Addr>(ctx, l3_off + 8),
-                read::<Addr>(ctx, l3_off + 24),
-            ) else {
-                return Parsed::Drop(Stat::DropTruncated);
-            };
-            if vtc >> 4 != 6 {
+            if hdr[0] >> 4 != 6 {
                 return Parsed::Drop(Stat::DropMalformed);
             }
-            (src, dst, nexthdr, l3_off + IPV6_HLEN, true)
+            out.ip_csum = 0;
+            set_words(
+                &mut out.src,
+                [
+                    word(&hdr, 8),
+                    word(&hdr, 12),
+                    word(&hdr, 16),
+                    word(&hdr, 20),
+                ],
+            );
+            set_words(
+                &mut out.dst,
+                [
+                    word(&hdr, 24),
+                    word(&hdr, 28),
+                    word(&hdr, 32),
+                    word(&hdr, 36),
+                ],
+            );
+            out.v6 = true;
+            (hdr[6], l3_off + IPV6_HLEN)
         }
         _ => return Parsed::Pass(Stat::PassNonIp),
     };
@@ -134,36 +168,29 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
         PROTO_SCTP => return Parsed::Pass(Stat::PassOtherProto),
         _ => return Parsed::Pass(Stat::PassOtherProto),
     };
-    let Some(ports) = read::<[u8; 4]>(ctx, l4_off) else {
-        return Parsed::Drop(Stat::DropTruncated);
-    };
     let mut tcp_flags = 0;
-    if proto == PROTO_TCP {
-        let Some(off_flags) = read::<[u8; 2]>(ctx, l4_off + 12) else {
+    let ports = if proto == PROTO_TCP {
+        let Some(tcp) = read::<[u8; 20]>(ctx, l4_off) else {
             return Parsed::Drop(Stat::DropTruncated);
         };
-        if read::<[u8; 20]>(ctx, l4_off).is_none() {
-            return Parsed::Drop(Stat::DropTruncated);
-        }
-        if ((off_flags[0] >> 4) as usize) * 4 < min_len {
+        if ((tcp[12] >> 4) as usize) * 4 < min_len {
             return Parsed::Drop(Stat::DropMalformed);
         }
-        tcp_flags = off_flags[1];
-    } else if read::<[u8; 8]>(ctx, l4_off).is_none() {
-        return Parsed::Drop(Stat::DropTruncated);
-    }
-    *out = Packet {
-        src,
-        dst,
-        // Kept in network byte order, as the maps store them.
-        sport: u16::from_ne_bytes([ports[0], ports[1]]),
-        dport: u16::from_ne_bytes([ports[2], ports[3]]),
-        proto,
-        v6,
-        tcp_flags,
-        l3_off,
-        l4_off,
-        csum_off: l4_off + csum_rel,
+        tcp_flags = tcp[13];
+        [tcp[0], tcp[1], tcp[2], tcp[3]]
+    } else {
+        let Some(udp) = read::<[u8; 8]>(ctx, l4_off) else {
+            return Parsed::Drop(Stat::DropTruncated);
+        };
+        [udp[0], udp[1], udp[2], udp[3]]
     };
+    // Kept in network byte order, as the maps store them.
+    out.sport = u16::from_ne_bytes([ports[0], ports[1]]);
+    out.dport = u16::from_ne_bytes([ports[2], ports[3]]);
+    out.proto = proto;
+    out.tcp_flags = tcp_flags;
+    out.l3_off = l3_off;
+    out.l4_off = l4_off;
+    out.csum_off = l4_off + csum_rel;
     Parsed::Packet
 }

@@ -162,8 +162,7 @@ pub fn forward(ctx: &SockAddrContext, fam: Family, sendmsg: bool) -> i32 {
 /// not (or has no address of this family): the service's backends then.
 #[inline(always)]
 fn node_local(ctx: &SockAddrContext, fam: Family, vip: &Addr, vport: u16) -> bool {
-    // SAFETY: copied out at once.
-    let Some(l) = (unsafe { NODE_LOCAL.get(0).copied() }) else {
+    let Some(l) = NODE_LOCAL.get(0).copied() else {
         return false;
     };
     let addr = if fam == Family::V4 { l.addr4 } else { l.addr6 };

@@ -66,17 +66,23 @@ fn lifetime(p: &Packet, closing: bool) -> u64 {
     }
 }
 
+/// Fills a conntrack key in place. Its pad bytes are left alone: the keys live in the per-CPU
+/// scratch value, zeroed when the map was made and never written with anything else (a
+/// struct literal here made LLVM copy the tuple through the stack and call `memset` for the
+/// three pad bytes, on every packet).
+#[inline(always)]
+fn set_key(k: &mut CtKey, src: &Addr, dst: &Addr, sport: u16, dport: u16, proto: u8) {
+    k.src = *src;
+    k.dst = *dst;
+    k.sport = sport;
+    k.dport = dport;
+    k.proto = proto;
+}
+
 #[inline(always)]
 fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat> {
     let p = &s.pkt;
-    s.fwd_key = CtKey {
-        src: p.src,
-        dst: p.dst,
-        sport: p.sport,
-        dport: p.dport,
-        proto: p.proto,
-        _pad: [0; 3],
-    };
+    set_key(&mut s.fwd_key, &p.src, &p.dst, p.sport, p.dport, p.proto);
     let syn = p.is_syn();
     if let Some(entry) = CT.get_ptr_mut(&s.fwd_key) {
         // SAFETY: an LRU value pointer stays valid for this program run.
@@ -103,31 +109,32 @@ fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat
                 e.peer_addr,
                 e.peer_port,
             );
-            let (src, dst) = if dir == CT_DIR_FORWARD {
-                let src = if peer {
+            if dir == CT_DIR_FORWARD {
+                s.chg_src = if peer {
                     Change::new(&p.src, &peer_addr, p.sport, peer_port)
                 } else {
                     Change::none()
                 };
-                (src, Change::new(&p.dst, &nat_addr, p.dport, nat_port))
+                s.chg_dst = Change::new(&p.dst, &nat_addr, p.dport, nat_port);
             } else {
-                let dst = if peer {
+                s.chg_dst = if peer {
                     Change::new(&p.dst, &peer_addr, p.dport, peer_port)
                 } else {
                     Change::keep(&p.dst)
                 };
-                (Change::new(&p.src, &nat_addr, p.sport, nat_port), dst)
-            };
-            rewrite(ctx, p, &src, &dst)?;
+                s.chg_src = Change::new(&p.src, &nat_addr, p.sport, nat_port);
+            }
+            rewrite(ctx, &s.pkt, &s.chg_src, &s.chg_dst)?;
             count(if dir == CT_DIR_FORWARD {
                 Stat::DnatEstablished
             } else {
                 Stat::RevNat
             });
             // A packet whose source was rewritten is routed here (see `route`).
-            if src.on {
+            if s.chg_src.on {
                 // The destination as it now is (`keep` when unchanged).
-                return Ok(route(ctx, s, &src.new_addr, &dst.new_addr));
+                let (from, to) = (s.chg_src.new_addr, s.chg_dst.new_addr);
+                return Ok(route(ctx, s, &from, &to));
             }
             return Ok(TC_ACT_OK as i32);
         }
@@ -178,14 +185,7 @@ fn try_new_flow(s: &mut Scratch, external: bool) -> Result<i32, Stat> {
         // replies (the client reused its port, say to reach the backend directly): that reply
         // entry is stale and would rewrite the new connection's replies. Only SYNs pay this.
         if p.is_syn() {
-            s.reply_key = CtKey {
-                src: p.dst,
-                dst: p.src,
-                sport: p.dport,
-                dport: p.sport,
-                proto: p.proto,
-                _pad: [0; 3],
-            };
+            set_key(&mut s.reply_key, &p.dst, &p.src, p.dport, p.sport, p.proto);
             if let Some(e) = CT.get_ptr(&s.reply_key) {
                 // SAFETY: an LRU value pointer stays valid for this program run.
                 if unsafe { (*e).dir } == CT_DIR_REPLY {
@@ -257,18 +257,19 @@ fn try_commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> Resu
     // The reply comes from the backend to the client, or to the source the client was given
     // (the VIP for a hairpin flow, the node's address for a source-NATed one). It leaves from
     // the frontend, to the client.
-    s.reply_key = CtKey {
-        src: s.fwd.nat_addr,
-        dst: if rewrites_source {
-            s.fwd.peer_addr
-        } else {
-            s.fwd_key.src
-        },
-        sport: s.fwd.nat_port,
-        dport: s.fwd_key.sport,
-        proto: s.fwd_key.proto,
-        _pad: [0; 3],
+    let reply_dst = if rewrites_source {
+        s.fwd.peer_addr
+    } else {
+        s.fwd_key.src
     };
+    set_key(
+        &mut s.reply_key,
+        &s.fwd.nat_addr,
+        &reply_dst,
+        s.fwd.nat_port,
+        s.fwd_key.sport,
+        s.fwd_key.proto,
+    );
     s.rev = s.fwd;
     s.rev.nat_addr = s.fwd_key.dst;
     s.rev.nat_port = s.fwd_key.dport;

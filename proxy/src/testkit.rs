@@ -1,7 +1,7 @@
 //! Test and benchmark kit (feature `testkit`): the production eBPF object loaded for real, its
 //! maps filled through the agent's own programmer and map writer, and packets run through the
 //! programs with BPF_PROG_TEST_RUN. Run with `cargo xtask test` (root).
-use std::path::PathBuf;
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use crate::{
     loader::{Datapath, PinDir},
@@ -235,6 +235,25 @@ pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: Tcp) -> Vec<u8> 
     };
     let mut v = Vec::new();
     t.write(&mut v, payload).expect("build TCP frame");
+    v
+}
+
+/// A SYN from an IPv4 address with 4 bytes of IP options (four no-ops).
+pub fn tcp_syn_with_ip_options(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
+    let (Ok(s), Ok(d)) = (src.parse::<Ipv4Addr>(), dst.parse::<Ipv4Addr>()) else {
+        panic!("bad IPv4 addresses {src} {dst}");
+    };
+    let mut ip =
+        etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber::TCP, s.octets(), d.octets())
+            .expect("an IPv4 header");
+    ip.options = etherparse::Ipv4Options::try_from(&[1u8, 1, 1, 1][..]).expect("IPv4 options");
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(POD_MAC, HOST_MAC)
+        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+        .tcp(sport, dport, 1000, 64240)
+        .syn()
+        .write(&mut v, b"")
+        .expect("build TCP frame");
     v
 }
 

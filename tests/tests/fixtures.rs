@@ -212,6 +212,10 @@ fixtures! {
         step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
         step(tcp(BE4, 8080, CLI4, 40001, Tcp::Ack), OK, Out::Same, &[(Stat::PassNoService, 1)]),
     ]);
+    lb4_clusterip_tcp_syn_with_ip_options_dnat => (services(), vec![
+        step(tcp_syn_with_ip_options(CLI4, 40000, VIP4, 80), OK,
+             Out::Exact(tcp_syn_with_ip_options(CLI4, 40000, BE4, 8080)), &[(Stat::DnatNew, 1)]),
+    ]);
     lb4_clusterip_udp_request_dnat => (services(), vec![
         step(udp(CLI4, 40000, VIP4, 53, b"7"), OK, Out::Exact(udp(CLI4, 40000, BE4, 5353, b"7")), &[(Stat::DnatNew, 1)]),
     ]);
