@@ -90,10 +90,17 @@ fn word(a: &Addr, i: usize) -> u32 {
     u32::from_ne_bytes([a.0[i], a.0[i + 1], a.0[i + 2], a.0[i + 3]])
 }
 
-/// Rewrites the source and the destination of the packet as the two changes say.
+/// Rewrites the source and the destination of the packet as the two changes say; `hop`: the
+/// program routes the packet, and decrements its TTL (hop limit) as a router does.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, p: &Packet, src: &Change, dst: &Change) -> Result<(), Stat> {
-    if rewrite_out_of_line(ctx, p, src, dst) == 0 {
+pub fn rewrite(
+    ctx: &TcContext,
+    p: &Packet,
+    src: &Change,
+    dst: &Change,
+    hop: bool,
+) -> Result<(), Stat> {
+    if rewrite_out_of_line(ctx, p, src, dst, hop) == 0 {
         Ok(())
     } else {
         Err(Stat::DropRewriteFailed)
@@ -102,8 +109,8 @@ pub fn rewrite(ctx: &TcContext, p: &Packet, src: &Change, dst: &Change) -> Resul
 
 /// Out of line: one copy of the code instead of one per call site. Returns 0 or -1.
 #[inline(never)]
-fn rewrite_out_of_line(ctx: &TcContext, p: &Packet, src: &Change, dst: &Change) -> i32 {
-    match rewrite_inner(ctx, p, src, dst) {
+fn rewrite_out_of_line(ctx: &TcContext, p: &Packet, src: &Change, dst: &Change, hop: bool) -> i32 {
+    match rewrite_inner(ctx, p, src, dst, hop) {
         Ok(()) => 0,
         Err(_) => -1,
     }
@@ -129,10 +136,12 @@ fn diff(p: &Packet, c: &Change, d: &mut Diffs) {
     }
 }
 
-/// The bytes of an IPv4 packet without options from the header checksum to the destination
-/// port: one store writes a whole rewrite, header checksum included.
+/// The bytes of an IPv4 packet without options from the TTL to the destination port: one
+/// store writes a whole rewrite, TTL and header checksum included.
 #[repr(C)]
 struct V4Span {
+    ttl: u8,
+    proto: u8,
     csum: u16,
     src: [u8; 4],
     dst: [u8; 4],
@@ -142,6 +151,8 @@ struct V4Span {
 /// The same bytes of an IPv4 header with options (the ports are stored apart).
 #[repr(C)]
 struct V4Header {
+    ttl: u8,
+    proto: u8,
     csum: u16,
     src: [u8; 4],
     dst: [u8; 4],
@@ -161,7 +172,13 @@ fn v4(a: &Addr) -> [u8; 4] {
 }
 
 #[inline(always)]
-fn rewrite_inner(ctx: &TcContext, p: &Packet, src: &Change, dst: &Change) -> Result<(), Stat> {
+fn rewrite_inner(
+    ctx: &TcContext,
+    p: &Packet,
+    src: &Change,
+    dst: &Change,
+    hop: bool,
+) -> Result<(), Stat> {
     let mut d = Diffs { addr: 0, port: 0 };
     diff(p, src, &mut d);
     diff(p, dst, &mut d);
@@ -186,29 +203,43 @@ fn rewrite_inner(ctx: &TcContext, p: &Packet, src: &Change, dst: &Change) -> Res
             ports: [sp, dp],
         };
         ctx.store(p.l3_off + 8, &span, 0).map_err(failed)?;
+        if hop {
+            ctx.store(p.l3_off + 7, &(p.ttl - 1), 0).map_err(failed)?;
+        }
     } else {
         // The header checksum by difference (RFC 1624: HC' = ~(~HC + ~m + m')), as
-        // `bpf_l3_csum_replace` would compute it, without the call.
-        let csum = if d.addr != 0 {
-            !fold16(fold32((!p.ip_csum) as u64 + d.addr))
+        // `bpf_l3_csum_replace` would compute it, without the call: the addresses, and the
+        // TTL, which shares a 16-bit word with the protocol.
+        let ttl = if hop { p.ttl - 1 } else { p.ttl };
+        let mut ip = d.addr;
+        if hop {
+            ip += (!u16::from_ne_bytes([p.ttl, p.proto])) as u64
+                + u16::from_ne_bytes([ttl, p.proto]) as u64;
+        }
+        let csum = if ip != 0 {
+            !fold16(fold32((!p.ip_csum) as u64 + ip))
         } else {
             p.ip_csum
         };
         if p.l4_off == p.l3_off + 20 {
             let span = V4Span {
+                ttl,
+                proto: p.proto,
                 csum,
                 src: v4(&sa),
                 dst: v4(&da),
                 ports: [sp, dp],
             };
-            ctx.store(p.l3_off + 10, &span, 0).map_err(failed)?;
+            ctx.store(p.l3_off + 8, &span, 0).map_err(failed)?;
         } else {
             let hdr = V4Header {
+                ttl,
+                proto: p.proto,
                 csum,
                 src: v4(&sa),
                 dst: v4(&da),
             };
-            ctx.store(p.l3_off + 10, &hdr, 0).map_err(failed)?;
+            ctx.store(p.l3_off + 8, &hdr, 0).map_err(failed)?;
             ctx.store(p.l4_off, &[sp, dp], 0).map_err(failed)?;
         }
     }

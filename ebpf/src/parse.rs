@@ -26,6 +26,8 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// The IPv4 header checksum as it is in the packet (byte order kept); 0 for IPv6.
     pub ip_csum: u16,
+    /// The IPv4 TTL or the IPv6 hop limit.
+    pub ttl: u8,
     pub l3_off: usize,
     pub l4_off: usize,
     /// Offset of the L4 checksum field.
@@ -126,6 +128,7 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
                 return Parsed::Pass(Stat::PassOtherProto);
             }
             out.ip_csum = u16::from_ne_bytes([hdr[10], hdr[11]]);
+            out.ttl = hdr[8];
             set_words(&mut out.src, [0, 0, MAPPED, word(&hdr, 12)]);
             set_words(&mut out.dst, [0, 0, MAPPED, word(&hdr, 16)]);
             out.v6 = false;
@@ -139,6 +142,7 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
                 return Parsed::Drop(Stat::DropMalformed);
             }
             out.ip_csum = 0;
+            out.ttl = hdr[7];
             set_words(
                 &mut out.src,
                 [

@@ -5,8 +5,9 @@
 //! martian. Packets whose lookup fails (no route, MTU exceeded, forwarding off) are left to the
 //! kernel, counted as `route_fallback`.
 //!
-//! The TTL is not decremented here (the kernel's forwarding would decrement it): a routing
-//! loop through this path is not cut short.
+//! A routed packet's TTL (hop limit) is decremented, as the kernel's forwarding does; one that
+//! arrives with 1 or less is left to the kernel too, whose forwarding drops it (with Time
+//! Exceeded where it may), counted as `route_fallback` as well.
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup, bpf_redir_neigh, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
@@ -97,10 +98,11 @@ pub fn fib_src(s: &Scratch) -> Addr {
     }
 }
 
-/// Sends the packet, rewritten to go from `src` to `dst`, out of the device the FIB names,
-/// with link-layer addresses from the neighbour table. Falls back to the kernel's own path.
+/// Looks up the route of the packet once rewritten to go from `src` to `dst` (the result
+/// stays in `s.fib` for `redirect`). True when the program is to send it itself: a route was
+/// found, and the TTL allows one more hop (the rewrite then decrements it).
 #[inline(never)]
-pub fn route(ctx: &TcContext, s: &mut Scratch, src: &Addr, dst: &Addr) -> i32 {
+pub fn lookup(ctx: &TcContext, s: &mut Scratch, src: &Addr, dst: &Addr) -> bool {
     fill(ctx, s);
     let v6 = s.pkt.v6;
     // SAFETY: plain integers in unions.
@@ -108,10 +110,20 @@ pub fn route(ctx: &TcContext, s: &mut Scratch, src: &Addr, dst: &Addr) -> i32 {
         put(&mut s.fib.__bindgen_anon_3.ipv6_src, src, v6);
         put(&mut s.fib.__bindgen_anon_4.ipv6_dst, dst, v6);
     }
-    if !run(ctx, s, BPF_FIB_LOOKUP_SKIP_NEIGH) {
-        count(Stat::RouteFallback);
-        return TC_ACT_OK as i32;
-    }
+    run(ctx, s, BPF_FIB_LOOKUP_SKIP_NEIGH) && s.pkt.ttl > 1
+}
+
+/// Leaves a rewritten packet `lookup` refused to the kernel.
+#[inline(always)]
+pub fn fallback() -> i32 {
+    count(Stat::RouteFallback);
+    TC_ACT_OK as i32
+}
+
+/// Sends the packet out of the device the last `lookup` found, with link-layer addresses from
+/// the neighbour table. Falls back to the kernel's own path.
+#[inline(never)]
+pub fn redirect(s: &mut Scratch) -> i32 {
     // An IPv4 route may have an IPv6 next hop: the lookup says which family it wrote.
     s.nh.nh_family = s.fib.family as u32;
     // SAFETY: plain integers in unions.
@@ -126,8 +138,7 @@ pub fn route(ctx: &TcContext, s: &mut Scratch, src: &Addr, dst: &Addr) -> i32 {
         )
     };
     if rc != TC_ACT_REDIRECT as i64 {
-        count(Stat::RouteFallback);
-        return TC_ACT_OK as i32;
+        return fallback();
     }
     count(Stat::Routed);
     TC_ACT_REDIRECT as i32

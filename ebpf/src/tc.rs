@@ -13,7 +13,7 @@ use crate::{
     nat::{rewrite, Change},
     parse::{parse_out_of_line, Packet, TCP_FIN, TCP_RST},
     reject::reject,
-    route::{backend_is_behind_ingress, fib_src, route},
+    route::{backend_is_behind_ingress, fallback, fib_src, lookup, redirect},
 };
 
 const TC_ACT_SHOT: i32 = 2;
@@ -124,17 +124,21 @@ fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat
                 };
                 s.chg_src = Change::new(&p.src, &nat_addr, p.sport, nat_port);
             }
-            rewrite(ctx, &s.pkt, &s.chg_src, &s.chg_dst)?;
+            // A packet whose source is rewritten is routed here (see `route.rs`): looked up
+            // first, so that the rewrite also counts the hop. The destination as it is to be
+            // (`keep` when unchanged).
+            let hop = s.chg_src.on && {
+                let (from, to) = (s.chg_src.new_addr, s.chg_dst.new_addr);
+                lookup(ctx, s, &from, &to)
+            };
+            rewrite(ctx, &s.pkt, &s.chg_src, &s.chg_dst, hop)?;
             count(if dir == CT_DIR_FORWARD {
                 Stat::DnatEstablished
             } else {
                 Stat::RevNat
             });
-            // A packet whose source was rewritten is routed here (see `route`).
             if s.chg_src.on {
-                // The destination as it now is (`keep` when unchanged).
-                let (from, to) = (s.chg_src.new_addr, s.chg_dst.new_addr);
-                return Ok(route(ctx, s, &from, &to));
+                return Ok(if hop { redirect(s) } else { fallback() });
             }
             return Ok(TC_ACT_OK as i32);
         }
@@ -305,7 +309,11 @@ fn try_commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> Resu
         s.fwd_key.dport,
         s.fwd.nat_port,
     );
-    rewrite(ctx, &s.pkt, &src, &dst)?;
+    let hop = rewrites_source && {
+        let (from, to) = (s.fwd.peer_addr, s.fwd.nat_addr);
+        lookup(ctx, s, &from, &to)
+    };
+    rewrite(ctx, &s.pkt, &src, &dst, hop)?;
     if s.fwd.flags & CT_F_HAIRPIN != 0 {
         count(Stat::Hairpin);
     }
@@ -314,8 +322,7 @@ fn try_commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> Resu
     }
     count(Stat::DnatNew);
     if rewrites_source {
-        let (from, to) = (s.fwd.peer_addr, s.fwd.nat_addr);
-        return Ok(route(ctx, s, &from, &to));
+        return Ok(if hop { redirect(s) } else { fallback() });
     }
     Ok(TC_ACT_OK as i32)
 }

@@ -282,6 +282,39 @@ fn ip_builder(src: &str, dst: &str) -> etherparse::PacketBuilderStep<etherparse:
     }
 }
 
+/// `frame` as a router forwards it: the TTL (hop limit) one less, the IPv4 header checksum
+/// recomputed. What the programs send when they route a packet themselves.
+pub fn routed(frame: Vec<u8>) -> Vec<u8> {
+    let ttl = match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x0800 => frame[22],
+        _ => frame[21],
+    };
+    with_ttl(frame, ttl - 1)
+}
+
+/// `frame` with this TTL (hop limit), the IPv4 header checksum recomputed.
+pub fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
+    match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x0800 => {
+            frame[22] = ttl;
+            let ihl = ((frame[14] & 0x0f) as usize) * 4;
+            frame[24] = 0;
+            frame[25] = 0;
+            let mut sum: u32 = frame[14..14 + ihl]
+                .chunks(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+                .sum();
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        }
+        0x86dd => frame[21] = ttl,
+        other => panic!("with_ttl: ethertype {other:#x}"),
+    }
+    frame
+}
+
 /// The Internet checksum of `bytes` folds to zero when the checksum field in them is right.
 pub fn checksum_ok(bytes: &[u8]) -> bool {
     let mut sum: u32 = 0;

@@ -206,7 +206,18 @@ fixtures! {
     ]);
     lb4_clusterip_tcp_reply_revnat => (services(), vec![
         step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
-        step(tcp(BE4, 8080, CLI4, 40000, Tcp::Ack), REDIRECT, Out::Exact(tcp(VIP4, 80, CLI4, 40000, Tcp::Ack)), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
+        step(tcp(BE4, 8080, CLI4, 40000, Tcp::Ack), REDIRECT, Out::Exact(routed(tcp(VIP4, 80, CLI4, 40000, Tcp::Ack))), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
+    ]);
+    // A reply whose TTL runs out here is translated, and left to the kernel's forwarding.
+    lb4_clusterip_reply_with_ttl_1_is_left_to_the_kernel => (services(), vec![
+        step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
+        step(with_ttl(tcp(BE4, 8080, CLI4, 40000, Tcp::Ack), 1), OK, Out::Exact(with_ttl(tcp(VIP4, 80, CLI4, 40000, Tcp::Ack), 1)),
+             &[(Stat::RevNat, 1), (Stat::RouteFallback, 1)]),
+    ]);
+    lb6_clusterip_reply_with_hop_limit_1_is_left_to_the_kernel => (services(), vec![
+        step(tcp(CLI6, 40000, VIP6, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI6, 40000, BE6, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
+        step(with_ttl(tcp(BE6, 8080, CLI6, 40000, Tcp::Ack), 1), OK, Out::Exact(with_ttl(tcp(VIP6, 80, CLI6, 40000, Tcp::Ack), 1)),
+             &[(Stat::RevNat, 1), (Stat::RouteFallback, 1)]),
     ]);
     lb4_clusterip_tcp_reply_of_other_flow_untouched => (services(), vec![
         step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
@@ -221,7 +232,7 @@ fixtures! {
     ]);
     lb4_clusterip_udp_both_ways => (services(), vec![
         step(udp(CLI4, 40000, VIP4, 53, b"7"), OK, Out::Exact(udp(CLI4, 40000, BE4, 5353, b"7")), &[(Stat::DnatNew, 1)]),
-        step(udp(BE4, 5353, CLI4, 40000, b"be-1 7"), REDIRECT, Out::Exact(udp(VIP4, 53, CLI4, 40000, b"be-1 7")), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
+        step(udp(BE4, 5353, CLI4, 40000, b"be-1 7"), REDIRECT, Out::Exact(routed(udp(VIP4, 53, CLI4, 40000, b"be-1 7"))), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
         step(udp(CLI4, 40000, VIP4, 53, b"8"), OK, Out::Exact(udp(CLI4, 40000, BE4, 5353, b"8")), &[(Stat::DnatEstablished, 1)]),
     ]);
     lb4_clusterip_udp_zero_checksum_kept => (services(), vec![
@@ -234,11 +245,11 @@ fixtures! {
     lb6_clusterip_tcp_reply_revnat => (services(), vec![
         step(tcp(CLI6, 40000, VIP6, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI6, 40000, BE6, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
         step(tcp(CLI6, 40000, VIP6, 80, Tcp::Ack), OK, Out::Exact(tcp(CLI6, 40000, BE6, 8080, Tcp::Ack)), &[(Stat::DnatEstablished, 1)]),
-        step(tcp(BE6, 8080, CLI6, 40000, Tcp::Ack), REDIRECT, Out::Exact(tcp(VIP6, 80, CLI6, 40000, Tcp::Ack)), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
+        step(tcp(BE6, 8080, CLI6, 40000, Tcp::Ack), REDIRECT, Out::Exact(routed(tcp(VIP6, 80, CLI6, 40000, Tcp::Ack))), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
     ]);
     lb6_clusterip_udp_both_ways => (services(), vec![
         step(udp(CLI6, 40000, VIP6, 53, b"7"), OK, Out::Exact(udp(CLI6, 40000, BE6, 5353, b"7")), &[(Stat::DnatNew, 1)]),
-        step(udp(BE6, 5353, CLI6, 40000, b"be-1 7"), REDIRECT, Out::Exact(udp(VIP6, 53, CLI6, 40000, b"be-1 7")), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
+        step(udp(BE6, 5353, CLI6, 40000, b"be-1 7"), REDIRECT, Out::Exact(routed(udp(VIP6, 53, CLI6, 40000, b"be-1 7"))), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
     ]);
     lb4_unknown_port_passes => (services(), vec![
         step(tcp(CLI4, 40000, VIP4, 81, Tcp::Syn), OK, Out::Same, &[(Stat::PassNoService, 1)]),
@@ -270,10 +281,10 @@ fixtures! {
         (d, vec![
             // The pod reaches itself through its service: the source becomes the VIP, or the
             // pod's kernel would drop a packet from its own address arriving from outside.
-            step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), REDIRECT, Out::Exact(tcp(VIP4, 40000, CLI4, 8080, Tcp::Syn)),
+            step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), REDIRECT, Out::Exact(routed(tcp(VIP4, 40000, CLI4, 8080, Tcp::Syn))),
                  &[(Stat::DnatNew, 1), (Stat::Hairpin, 1), (Stat::Routed, 1)]),
-            step(tcp(CLI4, 8080, VIP4, 40000, Tcp::Ack), REDIRECT, Out::Exact(tcp(VIP4, 80, CLI4, 40000, Tcp::Ack)), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
-            step(tcp(CLI4, 40000, VIP4, 80, Tcp::Ack), REDIRECT, Out::Exact(tcp(VIP4, 40000, CLI4, 8080, Tcp::Ack)), &[(Stat::DnatEstablished, 1), (Stat::Routed, 1)]),
+            step(tcp(CLI4, 8080, VIP4, 40000, Tcp::Ack), REDIRECT, Out::Exact(routed(tcp(VIP4, 80, CLI4, 40000, Tcp::Ack))), &[(Stat::RevNat, 1), (Stat::Routed, 1)]),
+            step(tcp(CLI4, 40000, VIP4, 80, Tcp::Ack), REDIRECT, Out::Exact(routed(tcp(VIP4, 40000, CLI4, 8080, Tcp::Ack))), &[(Stat::DnatEstablished, 1), (Stat::Routed, 1)]),
         ])
     };
     lb4_syn_on_a_closed_flow_is_a_new_flow => (services(), vec![
@@ -748,9 +759,9 @@ fn external_traffic_to_an_endpoint_on_another_node_is_source_nated() {
         );
         assert_eq!(v, REDIRECT, "{node}: SYN verdict");
         assert!(
-            out == tcp(node, port, remote, 8080, Tcp::Syn),
+            out == routed(tcp(node, port, remote, 8080, Tcp::Syn)),
             "{node}: SYN\n{}",
-            hexdiff(&out, &tcp(node, port, remote, 8080, Tcp::Syn))
+            hexdiff(&out, &routed(tcp(node, port, remote, 8080, Tcp::Syn)))
         );
         assert_eq!(
             moved,
@@ -764,7 +775,7 @@ fn external_traffic_to_an_endpoint_on_another_node_is_source_nated() {
             &format!("{node}: reply"),
             (TC_FROM_NETDEV, UPLINK),
             tcp(remote, 8080, node, port, Tcp::Ack),
-            (REDIRECT, tcp(node, 30080, ext, 40000, Tcp::Ack)),
+            (REDIRECT, routed(tcp(node, 30080, ext, 40000, Tcp::Ack))),
             &["rev_nat", "routed"],
         );
         // The rest of the client's flow keeps the port.
@@ -773,7 +784,7 @@ fn external_traffic_to_an_endpoint_on_another_node_is_source_nated() {
             &format!("{node}: established"),
             (TC_FROM_NETDEV, UPLINK),
             tcp(ext, 40000, node, 30080, Tcp::Ack),
-            (REDIRECT, tcp(node, port, remote, 8080, Tcp::Ack)),
+            (REDIRECT, routed(tcp(node, port, remote, 8080, Tcp::Ack))),
             &["dnat_established", "routed"],
         );
         // Every other client flow gets a port of its own towards the same endpoint.
@@ -815,7 +826,10 @@ fn external_traffic_to_an_endpoint_on_this_node_keeps_the_client_address() {
         "reply",
         (TC_FROM_POD, "lo"),
         tcp(BE4, 8080, EXTERNAL4, 40000, Tcp::Ack),
-        (REDIRECT, tcp(NODE4, 30080, EXTERNAL4, 40000, Tcp::Ack)),
+        (
+            REDIRECT,
+            routed(tcp(NODE4, 30080, EXTERNAL4, 40000, Tcp::Ack)),
+        ),
         &["rev_nat", "routed"],
     );
 }
@@ -936,17 +950,17 @@ fn an_upgrade_keeps_the_flows_of_the_previous_conntrack_layout() {
         (
             tcp(BE4, 8080, CLI4, 40000, Tcp::Ack),
             REDIRECT,
-            tcp(VIP4, 80, CLI4, 40000, Tcp::Ack),
+            routed(tcp(VIP4, 80, CLI4, 40000, Tcp::Ack)),
         ),
         (
             tcp(CLI4, 40001, VIP4, 80, Tcp::Ack),
             REDIRECT,
-            tcp(VIP4, 40001, CLI4, 8080, Tcp::Ack),
+            routed(tcp(VIP4, 40001, CLI4, 8080, Tcp::Ack)),
         ),
         (
             tcp(CLI4, 8080, VIP4, 40001, Tcp::Ack),
             REDIRECT,
-            tcp(VIP4, 80, CLI4, 40001, Tcp::Ack),
+            routed(tcp(VIP4, 80, CLI4, 40001, Tcp::Ack)),
         ),
     ] {
         let (v, out) = h.run(TC_FROM_POD, &input);
