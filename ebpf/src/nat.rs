@@ -136,26 +136,23 @@ fn diff(p: &Packet, c: &Change, d: &mut Diffs) {
     }
 }
 
-/// The bytes of an IPv4 packet without options from the TTL to the destination port: one
-/// store writes a whole rewrite, TTL and header checksum included.
+/// The bytes of an IPv4 header from the TTL to the destination address.
 #[repr(C)]
-struct V4Span {
-    ttl: u8,
-    proto: u8,
-    csum: u16,
-    src: [u8; 4],
-    dst: [u8; 4],
-    ports: [u16; 2],
-}
-
-/// The same bytes of an IPv4 header with options (the ports are stored apart).
-#[repr(C)]
+#[derive(Clone, Copy)]
 struct V4Header {
     ttl: u8,
     proto: u8,
     csum: u16,
     src: [u8; 4],
     dst: [u8; 4],
+}
+
+/// The same, then the ports, when no options lie between: one store writes a whole rewrite,
+/// TTL and header checksum included.
+#[repr(C)]
+struct V4Span {
+    hdr: V4Header,
+    ports: [u16; 2],
 }
 
 /// The bytes of an IPv6 packet from the source address to the destination port.
@@ -221,24 +218,20 @@ fn rewrite_inner(
         } else {
             p.ip_csum
         };
+        let hdr = V4Header {
+            ttl,
+            proto: p.proto,
+            csum,
+            src: v4(&sa),
+            dst: v4(&da),
+        };
         if p.l4_off == p.l3_off + 20 {
             let span = V4Span {
-                ttl,
-                proto: p.proto,
-                csum,
-                src: v4(&sa),
-                dst: v4(&da),
+                hdr,
                 ports: [sp, dp],
             };
             ctx.store(p.l3_off + 8, &span, 0).map_err(failed)?;
         } else {
-            let hdr = V4Header {
-                ttl,
-                proto: p.proto,
-                csum,
-                src: v4(&sa),
-                dst: v4(&da),
-            };
             ctx.store(p.l3_off + 8, &hdr, 0).map_err(failed)?;
             ctx.store(p.l4_off, &[sp, dp], 0).map_err(failed)?;
         }
