@@ -1,6 +1,7 @@
-//! The Kubernetes API as a source: one watch per kind (Services, EndpointSlices, this Node,
-//! and Pods for cluster DNS's `pods verified`) feeding reflector stores. The stores are the one cache of the agent: the data path is built
-//! from their snapshot, and the DNS server reads the same stores.
+//! The Kubernetes API as a source: one watch per kind (Services, EndpointSlices, this Node, and
+//! Pods for cluster DNS's `pods verified`) feeding reflector stores. The stores are the one
+//! cache of the agent: the data path is built from their snapshot, and the DNS server reads
+//! the same stores.
 //!
 //! kube-runtime's watcher lists, then watches; on `410 Gone` or a broken watch it lists again
 //! (the store swaps to the new list atomically at its end, so objects deleted while the watch
@@ -62,9 +63,9 @@ pub struct Dirty {
 enum Touch {
     /// This Service (`namespace/name`).
     Service(String),
-    /// Everything (the Node: its pod CIDRs and zone).
+    /// Everything (the Node: its pod CIDRs and zone; a relist of a kind the data path reads).
     All,
-    /// Nothing: a Pod, which only cluster DNS reads.
+    /// Nothing: a Pod, or a relist of Pods, which only cluster DNS reads.
     Nothing,
 }
 
@@ -228,7 +229,10 @@ impl KubeSource {
             Some(s) => watcher::Config::default().labels(s),
             None => watcher::Config::default(),
         };
-        let svc_key = |s: &Service| Touch::Service(key(&s.metadata, s.metadata.name.as_deref()));
+        let svc_key = |s: Option<&Service>| match s {
+            Some(s) => Touch::Service(key(&s.metadata, s.metadata.name.as_deref())),
+            None => Touch::All,
+        };
         spawn_watch(
             Api::<Service>::all(client.clone()),
             cfg.clone(),
@@ -247,7 +251,7 @@ impl KubeSource {
             w,
             1,
             &progress,
-            |s: &EndpointSlice| Touch::Service(slice_service(s)),
+            |s: Option<&EndpointSlice>| s.map_or(Touch::All, |s| Touch::Service(slice_service(s))),
             move |ev| index.event(ev),
         );
         let (nodes, w) = reflector::store();
@@ -260,7 +264,7 @@ impl KubeSource {
                     w,
                     2,
                     &progress,
-                    |_: &Node| Touch::All,
+                    |_: Option<&Node>| Touch::All,
                     |_| {},
                 );
             }
@@ -280,7 +284,7 @@ impl KubeSource {
                 w,
                 3,
                 &progress,
-                |_: &Pod| Touch::Nothing,
+                |_: Option<&Pod>| Touch::Nothing,
                 |_| {},
             );
             Some(store)
@@ -365,8 +369,9 @@ fn key(
     )
 }
 
-/// `touches` says what an object's change touches in the data path; `on_event` is called for
-/// each event after the store took it and before the change is announced. Objects are stored
+/// `touches` says what an object's change touches in the data path, and of `None`, what a
+/// relist of the kind touches; `on_event` is called for each event after the store took it and
+/// before the change is announced. Objects are stored
 /// without what the agent never reads ([`Strip`]).
 fn spawn_watch<K>(
     api: Api<K>,
@@ -374,7 +379,7 @@ fn spawn_watch<K>(
     writer: reflector::store::Writer<K>,
     slot: usize,
     progress: &Arc<Progress>,
-    touches: fn(&K) -> Touch,
+    touches: fn(Option<&K>) -> Touch,
     on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
 ) where
     K: Resource + Strip + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
@@ -394,7 +399,7 @@ fn spawn_watch<K>(
             match ev {
                 Ok(watcher::Event::InitDone) => {
                     // A (re)list: objects may have gone without an event.
-                    progress.mark(Touch::All);
+                    progress.mark(touches(None));
                     if !progress.listed[slot].swap(true, Ordering::AcqRel) {
                         info!(kind = %kind, "listed");
                     }
@@ -402,7 +407,7 @@ fn spawn_watch<K>(
                 }
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
                 Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
-                    progress.mark(touches(&o));
+                    progress.mark(touches(Some(&o)));
                     progress.events.fetch_add(1, Ordering::Relaxed);
                     progress.changed.notify_one();
                 }

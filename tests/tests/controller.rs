@@ -372,4 +372,15 @@ async fn pods_are_watched_for_verified_dns_stripped_and_rebuild_no_service() {
     api.delete(PODS, "demo/web-a", true);
     a.until("pod deleted", |a| a.source.objects().pods.len() == 2)
         .await;
+    // A relist of Pods (their watch expired) rebuilds no Service either: no full sync.
+    let steps = a.steps.len();
+    api.expire(PODS);
+    api.apply(PODS, pod("web-d", "198.18.1.14", false));
+    a.until("relisted", |a| a.source.objects().pods.len() == 3)
+        .await;
+    assert!(
+        a.steps[steps..].iter().all(|s| *s == Some(0)),
+        "{:?}",
+        &a.steps[steps..]
+    );
 }
