@@ -96,31 +96,23 @@ impl Addr {
     }
 
     /// An address from the four 32-bit words the kernel's structures hold it in (as they lie
-    /// in memory: network byte order).
+    /// in memory: network byte order). A plain reinterpretation: the eBPF programs build
+    /// addresses with it as four word stores.
     pub fn from_words(w: [u32; 4]) -> Self {
-        let mut a = [0u8; 16];
-        let mut i = 0;
-        while i < 4 {
-            let b = w[i].to_ne_bytes();
-            a[i * 4] = b[0];
-            a[i * 4 + 1] = b[1];
-            a[i * 4 + 2] = b[2];
-            a[i * 4 + 3] = b[3];
-            i += 1;
-        }
-        Addr(a)
+        // SAFETY: 16 bytes either way, every bit pattern valid for both.
+        Addr(unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(w) })
+    }
+
+    /// An IPv4-mapped address from the IPv4 address as it lies in memory.
+    pub fn from_v4_word(w: u32) -> Self {
+        Self::from_words([0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), w])
     }
 
     /// The four 32-bit words of the address as they lie in memory (the inverse of
     /// `from_words`).
     pub fn words(&self) -> [u32; 4] {
-        let b = &self.0;
-        [
-            u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
-            u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
-            u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
-            u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
-        ]
+        // SAFETY: 16 bytes either way, every bit pattern valid for both.
+        unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(self.0) }
     }
 
     pub fn is_v4(&self) -> bool {

@@ -85,11 +85,6 @@ fn fold16(mut s: u32) -> u16 {
     s as u16
 }
 
-#[inline(always)]
-fn word(a: &Addr, i: usize) -> u32 {
-    u32::from_ne_bytes([a.0[i], a.0[i + 1], a.0[i + 2], a.0[i + 3]])
-}
-
 /// Rewrites the source and the destination of the packet as the two changes say; `hop`: the
 /// program routes the packet, and decrements its TTL (hop limit) as a router does.
 #[inline(always)]
@@ -123,13 +118,14 @@ fn diff(p: &Packet, c: &Change, d: &mut Diffs) {
         return;
     }
     if p.v6 {
+        let (o, n) = (c.old_addr.words(), c.new_addr.words());
         let mut i = 0;
-        while i < 16 {
-            d.addr += (!word(&c.old_addr, i)) as u64 + word(&c.new_addr, i) as u64;
-            i += 4;
+        while i < 4 {
+            d.addr += (!o[i]) as u64 + n[i] as u64;
+            i += 1;
         }
     } else {
-        d.addr += (!word(&c.old_addr, 12)) as u64 + word(&c.new_addr, 12) as u64;
+        d.addr += (!c.old_addr.words()[3]) as u64 + c.new_addr.words()[3] as u64;
     }
     if c.old_port != c.new_port {
         d.port += (!c.old_port) as u64 + c.new_port as u64;
@@ -161,11 +157,6 @@ struct V6Span {
     src: Addr,
     dst: Addr,
     ports: [u16; 2],
-}
-
-#[inline(always)]
-fn v4(a: &Addr) -> [u8; 4] {
-    [a.0[12], a.0[13], a.0[14], a.0[15]]
 }
 
 #[inline(always)]
@@ -222,8 +213,8 @@ fn rewrite_inner(
             ttl,
             proto: p.proto,
             csum,
-            src: v4(&sa),
-            dst: v4(&da),
+            src: sa.v4_octets(),
+            dst: da.v4_octets(),
         };
         if p.l4_off == p.l3_off + 20 {
             let span = V4Span {

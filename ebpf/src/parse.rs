@@ -24,7 +24,7 @@ pub struct Packet {
     pub proto: u8,
     pub v6: bool,
     pub tcp_flags: u8,
-    /// The IPv4 header checksum as it is in the packet (byte order kept); 0 for IPv6.
+    /// The IPv4 header checksum as it is in the packet (byte order kept); not set for IPv6.
     pub ip_csum: u16,
     /// The IPv4 TTL or the IPv6 hop limit.
     pub ttl: u8,
@@ -84,21 +84,11 @@ pub fn parse_out_of_line(ctx: &TcContext, out: &mut Packet) -> u32 {
     }
 }
 
-/// The four words of an address, written as words (`Addr` is 4-aligned).
-#[inline(always)]
-fn set_words(a: &mut Addr, w: [u32; 4]) {
-    // SAFETY: `Addr` is 16 bytes with 4-byte alignment: exactly a `[u32; 4]`.
-    unsafe { (a as *mut Addr).cast::<[u32; 4]>().write(w) }
-}
-
 /// A word of the packet as it lies in memory (network byte order kept).
 #[inline(always)]
 fn word(b: &[u8], i: usize) -> u32 {
     u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
-
-/// The third word of an IPv4-mapped address: `::ffff:` in memory order.
-const MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Writes the packet's fields straight into `out` (the per-CPU scratch) as they are read:
 /// built in locals and copied at the end, the addresses went through the stack byte by byte.
@@ -129,8 +119,8 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
             }
             out.ip_csum = u16::from_ne_bytes([hdr[10], hdr[11]]);
             out.ttl = hdr[8];
-            set_words(&mut out.src, [0, 0, MAPPED, word(&hdr, 12)]);
-            set_words(&mut out.dst, [0, 0, MAPPED, word(&hdr, 16)]);
+            out.src = Addr::from_v4_word(word(&hdr, 12));
+            out.dst = Addr::from_v4_word(word(&hdr, 16));
             out.v6 = false;
             (hdr[9], l3_off + ihl)
         }
@@ -141,26 +131,19 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
             if hdr[0] >> 4 != 6 {
                 return Parsed::Drop(Stat::DropMalformed);
             }
-            out.ip_csum = 0;
             out.ttl = hdr[7];
-            set_words(
-                &mut out.src,
-                [
-                    word(&hdr, 8),
-                    word(&hdr, 12),
-                    word(&hdr, 16),
-                    word(&hdr, 20),
-                ],
-            );
-            set_words(
-                &mut out.dst,
-                [
-                    word(&hdr, 24),
-                    word(&hdr, 28),
-                    word(&hdr, 32),
-                    word(&hdr, 36),
-                ],
-            );
+            out.src = Addr::from_words([
+                word(&hdr, 8),
+                word(&hdr, 12),
+                word(&hdr, 16),
+                word(&hdr, 20),
+            ]);
+            out.dst = Addr::from_words([
+                word(&hdr, 24),
+                word(&hdr, 28),
+                word(&hdr, 32),
+                word(&hdr, 36),
+            ]);
             out.v6 = true;
             (hdr[6], l3_off + IPV6_HLEN)
         }

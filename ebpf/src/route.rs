@@ -94,7 +94,7 @@ pub fn fib_src(s: &Scratch) -> Addr {
     if s.pkt.v6 {
         Addr::from_words(w)
     } else {
-        Addr::from_v4(w[0].to_ne_bytes())
+        Addr::from_v4_word(w[0])
     }
 }
 
@@ -103,6 +103,10 @@ pub fn fib_src(s: &Scratch) -> Addr {
 /// found, and the TTL allows one more hop (the rewrite then decrements it).
 #[inline(never)]
 pub fn lookup(ctx: &TcContext, s: &mut Scratch, src: &Addr, dst: &Addr) -> bool {
+    // A packet with no hop left is the kernel's: no lookup for it.
+    if s.pkt.ttl <= 1 {
+        return false;
+    }
     fill(ctx, s);
     let v6 = s.pkt.v6;
     // SAFETY: plain integers in unions.
@@ -110,7 +114,7 @@ pub fn lookup(ctx: &TcContext, s: &mut Scratch, src: &Addr, dst: &Addr) -> bool 
         put(&mut s.fib.__bindgen_anon_3.ipv6_src, src, v6);
         put(&mut s.fib.__bindgen_anon_4.ipv6_dst, dst, v6);
     }
-    run(ctx, s, BPF_FIB_LOOKUP_SKIP_NEIGH) && s.pkt.ttl > 1
+    run(ctx, s, BPF_FIB_LOOKUP_SKIP_NEIGH)
 }
 
 /// Leaves a rewritten packet `lookup` refused to the kernel.

@@ -34,26 +34,36 @@ fn user_addr(ctx: &SockAddrContext, fam: Family) -> Addr {
     // SAFETY: the context is the kernel's bpf_sock_addr for this call.
     unsafe {
         match fam {
-            Family::V4 => Addr::from_v4((*sa(ctx)).user_ip4.to_ne_bytes()),
-            Family::V6 => Addr::from_words((*sa(ctx)).user_ip6),
+            Family::V4 => Addr::from_v4_word((*sa(ctx)).user_ip4),
+            Family::V6 => {
+                // Each word read on its own: the verifier allows 4-byte context loads only
+                // (copied as an array, LLVM loads 8 bytes at a time).
+                let w = core::ptr::addr_of!((*sa(ctx)).user_ip6).cast::<u32>();
+                Addr::from_words([
+                    core::ptr::read_volatile(w),
+                    core::ptr::read_volatile(w.add(1)),
+                    core::ptr::read_volatile(w.add(2)),
+                    core::ptr::read_volatile(w.add(3)),
+                ])
+            }
         }
     }
 }
 
 #[inline(always)]
 fn set_user_addr(ctx: &SockAddrContext, fam: Family, addr: &Addr, port: u16) {
-    let b = &addr.0;
+    let w = addr.words();
     // SAFETY: the context is the kernel's bpf_sock_addr for this call; these fields are writable
     // in the hooks that call this.
     unsafe {
         match fam {
-            Family::V4 => (*sa(ctx)).user_ip4 = u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+            Family::V4 => (*sa(ctx)).user_ip4 = w[3],
             Family::V6 => {
                 // Each word is written separately: the verifier allows 4-byte stores only.
-                (*sa(ctx)).user_ip6[0] = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
-                (*sa(ctx)).user_ip6[1] = u32::from_ne_bytes([b[4], b[5], b[6], b[7]]);
-                (*sa(ctx)).user_ip6[2] = u32::from_ne_bytes([b[8], b[9], b[10], b[11]]);
-                (*sa(ctx)).user_ip6[3] = u32::from_ne_bytes([b[12], b[13], b[14], b[15]]);
+                (*sa(ctx)).user_ip6[0] = w[0];
+                (*sa(ctx)).user_ip6[1] = w[1];
+                (*sa(ctx)).user_ip6[2] = w[2];
+                (*sa(ctx)).user_ip6[3] = w[3];
             }
         }
         (*sa(ctx)).user_port = port as u32;
