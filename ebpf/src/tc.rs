@@ -309,9 +309,15 @@ fn try_commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> Resu
         s.fwd_key.dport,
         s.fwd.nat_port,
     );
-    let hop = rewrites_source && {
-        let (from, to) = (s.fwd.peer_addr, s.fwd.nat_addr);
-        lookup(ctx, s, &from, &to)
+    // A source-NATed flow's route is the one `backend_is_behind_ingress` just found (`s.fib`
+    // holds it, next hop included): no second lookup.
+    let hop = if snat {
+        s.pkt.ttl > 1
+    } else {
+        rewrites_source && {
+            let (from, to) = (s.fwd.peer_addr, s.fwd.nat_addr);
+            lookup(ctx, s, &from, &to)
+        }
     };
     rewrite(ctx, &s.pkt, &src, &dst, hop)?;
     if s.fwd.flags & CT_F_HAIRPIN != 0 {
