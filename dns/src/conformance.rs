@@ -76,9 +76,23 @@ fn services() -> Vec<Service> {
     ]
 }
 
+/// The pods of the zone (read in `pods verified` mode only).
+fn pods() -> Vec<Pod> {
+    vec![
+        Pod {
+            namespace: "default".into(),
+            ips: vec![ip("198.18.1.11"), ip("fd00:18::b")],
+        },
+        Pod {
+            namespace: "Other".into(),
+            ips: vec![ip("198.18.1.12")],
+        },
+    ]
+}
+
 fn handler(cfg: Config) -> Handler {
     let h = Handler::new(vec![]);
-    h.set_zone(Zone::build(cfg, &services()));
+    h.set_zone(Zone::build_with_pods(cfg, &services(), &pods()));
     h
 }
 
@@ -356,18 +370,7 @@ fn verified_pod_records_need_a_pod_of_that_namespace_with_that_address() {
         pods: PodMode::Verified,
         ..Config::default()
     };
-    let pods = [
-        Pod {
-            namespace: "default".into(),
-            ips: vec![ip("198.18.1.11"), ip("fd00:18::b")],
-        },
-        Pod {
-            namespace: "Other".into(),
-            ips: vec![ip("198.18.1.12")],
-        },
-    ];
-    let h = Handler::new(vec![]);
-    h.set_zone(Zone::build_with_pods(cfg, &services(), &pods));
+    let h = handler(cfg);
     let q = |name: &str, t| ask_with(&h, name, t, None, true);
     assert_eq!(
         answers(&q("198-18-1-11.default.pod.cluster.local.", RecordType::A)),

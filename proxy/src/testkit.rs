@@ -300,14 +300,8 @@ pub fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
             let ihl = ((frame[14] & 0x0f) as usize) * 4;
             frame[24] = 0;
             frame[25] = 0;
-            let mut sum: u32 = frame[14..14 + ihl]
-                .chunks(2)
-                .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
-                .sum();
-            while sum > 0xffff {
-                sum = (sum & 0xffff) + (sum >> 16);
-            }
-            frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+            let sum = ones_sum(&frame[14..14 + ihl]);
+            frame[24..26].copy_from_slice(&(!sum).to_be_bytes());
         }
         0x86dd => frame[21] = ttl,
         other => panic!("with_ttl: ethertype {other:#x}"),
@@ -315,8 +309,9 @@ pub fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
     frame
 }
 
-/// The Internet checksum of `bytes` folds to zero when the checksum field in them is right.
-pub fn checksum_ok(bytes: &[u8]) -> bool {
+/// The one's complement sum of `bytes` as 16-bit words (the Internet checksum before its
+/// complement).
+fn ones_sum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for c in bytes.chunks(2) {
         sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
@@ -324,7 +319,12 @@ pub fn checksum_ok(bytes: &[u8]) -> bool {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    sum == 0xffff
+    sum as u16
+}
+
+/// The Internet checksum of `bytes` folds to zero when the checksum field in them is right.
+pub fn checksum_ok(bytes: &[u8]) -> bool {
+    ones_sum(bytes) == 0xffff
 }
 
 /// The release weir binary xtask built (WEIR_BIN).
