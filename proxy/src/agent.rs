@@ -58,6 +58,9 @@ pub struct Config {
     pub bpffs: PathBuf,
     /// cgroup v2 directory for the socket-level hooks; None turns socket LB off.
     pub cgroup: Option<PathBuf>,
+    /// Where the pods' network namespaces are pinned (`/var/run/netns`): connected UDP sockets
+    /// of removed backends are aborted there and in the agent's own namespace.
+    pub pod_netns_dir: Option<PathBuf>,
     /// Interfaces whose name starts with one of these are pod host-side veths.
     pub pod_if_prefixes: Vec<String>,
     pub netdevs: Vec<String>,
@@ -91,6 +94,7 @@ impl Config {
             source,
             bpffs: PathBuf::new(),
             cgroup: None,
+            pod_netns_dir: None,
             pod_if_prefixes: vec![],
             netdevs: vec![],
             ready_file: None,
@@ -628,6 +632,14 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     let mut maps = AyaMaps::open(&dp.pins().maps())?;
     let mut programmer = Programmer::adopt(&maps)?;
+    // Connected UDP sockets exist only where the hooks balance sockets.
+    let terminator = match &cfg.cgroup {
+        Some(_) => Some(crate::sockterm::Terminator::start(
+            &dp.pins().maps(),
+            cfg.pod_netns_dir.clone(),
+        )?),
+        None => None,
+    };
     let adopted = programmer.programmed_frontends().count();
     if adopted > 0 {
         info!(
@@ -786,6 +798,10 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
             _ => false,
         };
+        let gone = programmer.take_udp_backends_gone();
+        if let Some(t) = &terminator {
+            t.submit(gone);
+        }
         if synced && !ready {
             ready = true;
             if let Some(f) = &cfg.ready_file {

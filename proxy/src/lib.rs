@@ -17,6 +17,7 @@ pub mod observe;
 pub mod program;
 pub mod sandbox;
 pub mod sim;
+pub mod sockterm;
 pub mod status;
 #[cfg(feature = "testkit")]
 pub mod testkit;

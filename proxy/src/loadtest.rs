@@ -158,9 +158,15 @@ fn new_hist() -> Histogram<u64> {
 }
 
 fn classify(e: &io::Error) -> String {
+    // A connected UDP socket the agent aborted (its backend left) is unconnected again: a
+    // send without an address fails so.
+    if e.raw_os_error() == Some(libc::EDESTADDRREQ) {
+        return "disconnected".into();
+    }
     match e.kind() {
         io::ErrorKind::ConnectionRefused => "refused".into(),
         io::ErrorKind::ConnectionReset => "reset".into(),
+        io::ErrorKind::ConnectionAborted => "aborted".into(),
         io::ErrorKind::TimedOut => "timeout".into(),
         io::ErrorKind::PermissionDenied => "denied".into(),
         io::ErrorKind::UnexpectedEof => "closed".into(),
@@ -523,6 +529,11 @@ fn udp_worker(spec: &Spec, target: SocketAddr, sh: &Shared) -> Tally {
             let s = sock.as_ref().ok_or("closed")?;
             udp_exchange(s, target, connected, seq, Instant::now() + spec.timeout)
         })();
+        // A socket that failed (aborted because its backend left, say) is replaced, as a
+        // client would; one that only waited too long is kept (a late reply is skipped).
+        if res.as_ref().is_err_and(|k| k != "timeout") {
+            sock = None;
+        }
         record(&mut t, sh, due, res);
     }
     t

@@ -46,6 +46,11 @@ enum Cmd {
         /// Do not attach the socket-level hooks: every service packet takes the TC path.
         #[arg(long)]
         no_socket_lb: bool,
+        /// Where container runtimes pin pod network namespaces: connected UDP sockets that the
+        /// socket hooks sent to a backend which has left are aborted there (ECONNABORTED, so
+        /// the application connects again), and in the agent's own namespace.
+        #[arg(long, default_value = "/var/run/netns")]
+        pod_netns_dir: PathBuf,
         /// Pod host-side veths: interfaces whose name starts with this (repeatable).
         #[arg(long, default_value = "weir")]
         pod_interface_prefix: Vec<String>,
@@ -354,6 +359,7 @@ fn run(cli: Cli) -> Result<()> {
             bpffs,
             cgroup,
             no_socket_lb,
+            pod_netns_dir,
             pod_interface_prefix,
             netdev,
             ready_file,
@@ -380,6 +386,7 @@ fn run(cli: Cli) -> Result<()> {
                 source,
                 bpffs,
                 cgroup,
+                pod_netns_dir: Some(pod_netns_dir),
                 pod_if_prefixes: pod_interface_prefix,
                 netdevs: netdev,
                 ready_file,

@@ -149,6 +149,9 @@ pub struct Programmer {
     orphans: BTreeSet<u32>,
     next_backend_id: u32,
     next_svc_id: u32,
+    /// UDP backends released since the last `take_udp_backends_gone`, as (frontend, backend):
+    /// sockets the hooks connected to them through that frontend are aborted (`sockterm`).
+    udp_gone: Vec<(SocketAddr, SocketAddr)>,
 }
 
 impl Programmer {
@@ -204,6 +207,11 @@ impl Programmer {
             .copied()
             .collect();
         Ok(p)
+    }
+
+    /// The UDP backends released since the last call, as (frontend, backend).
+    pub fn take_udp_backends_gone(&mut self) -> Vec<(SocketAddr, SocketAddr)> {
+        std::mem::take(&mut self.udp_gone)
     }
 
     pub fn programmed_frontends(&self) -> impl Iterator<Item = &Frontend> {
@@ -316,6 +324,11 @@ impl Programmer {
                     }
                     if key.is_none_or(|k| k.0.proto == weir_common::PROTO_UDP) {
                         udp.insert(id);
+                    }
+                    if let Some(BackendKey(fe, addr)) = key {
+                        if fe.proto == weir_common::PROTO_UDP {
+                            self.udp_gone.push((SocketAddr::new(fe.ip, fe.port), addr));
+                        }
                     }
                 }
                 Err(e) => {
@@ -887,8 +900,17 @@ mod tests {
             vec![a_slot],
             "the UDP flows of exactly the removed backend are purged"
         );
+        assert_eq!(
+            p.take_udp_backends_gone(),
+            vec![(
+                "198.19.0.10:80".parse().unwrap(),
+                "198.18.1.2:8080".parse().unwrap()
+            )],
+            "sockets connected through A to the pod it dropped are to be aborted, not B's"
+        );
         assert_eq!(p.apply(&d, &mut maps).backends_removed, 0);
         assert_eq!(maps.purged, vec![a_slot], "nothing removed, nothing purged");
+        assert!(p.take_udp_backends_gone().is_empty());
     }
 
     /// What the maps say, without ids: frontend -> its backends.
@@ -937,8 +959,8 @@ mod tests {
         assert_eq!((st.services_changed, st.services_removed), (2, 1));
         assert_eq!((st.backends_added, st.backends_removed), (2, 2));
         assert!(
-            maps.purged.is_empty(),
-            "TCP backends leave no flow to purge: no conntrack walk"
+            maps.purged.is_empty() && p.take_udp_backends_gone().is_empty(),
+            "TCP backends leave no flow to purge (no conntrack walk) and no socket to abort"
         );
         assert!(maps.writes - writes < 20, "{} writes", maps.writes - writes);
         d.remove(&b);

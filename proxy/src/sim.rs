@@ -86,6 +86,7 @@ impl Sim {
         for i in 1..=sim.opts.backends {
             sim.node.add_pod_cni(&format!("be-{i}"), 10 + i as u8)?;
         }
+        sim.link_pod_netns()?;
         for i in 1..=sim.opts.backends {
             sim.start_echo(i)?;
         }
@@ -94,6 +95,26 @@ impl Sim {
 
     pub fn dir(&self) -> &Path {
         &self.dir.0
+    }
+
+    /// The agent's `--pod-netns-dir`: links to this node's pod namespaces only, so that the
+    /// agent looks in no namespace of the machine but these.
+    pub fn pod_netns_dir(&self) -> PathBuf {
+        self.dir().join("netns")
+    }
+
+    /// Links every pod's namespace into [`Sim::pod_netns_dir`].
+    pub fn link_pod_netns(&self) -> Result<()> {
+        let dir = self.pod_netns_dir();
+        fs::create_dir_all(&dir)?;
+        for pod in &self.node.pods {
+            let link = dir.join(&pod.ns.name);
+            if !link.exists() {
+                std::os::unix::fs::symlink(pod.ns.path(), &link)
+                    .with_context(|| format!("link {}", link.display()))?;
+            }
+        }
+        Ok(())
     }
 
     pub fn services_path(&self) -> PathBuf {
@@ -172,6 +193,8 @@ impl Sim {
             .arg(NODE_NAME)
             .arg("--state-file")
             .arg(self.state_file())
+            .arg("--pod-netns-dir")
+            .arg(self.pod_netns_dir())
             .arg("--ready-file")
             .arg(&ready)
             .env(

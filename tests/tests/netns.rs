@@ -846,20 +846,23 @@ fn k8s_openapi_now() -> String {
 /// conntrack entries are removed with the backend (kube-proxy's stale-UDP fix), so the next
 /// datagram is balanced again. The old pod still answers, so without the purge the flow would
 /// stay on it.
-#[test]
-#[ignore = "needs root: run with cargo xtask test"]
-fn a_udp_flow_leaves_an_endpoint_that_left_the_service() {
-    let s = sim(false);
-    let with = |ip: &str| {
-        format!(
-            "{SERVICES}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: demo}}\n\
-             spec: {{clusterIP: 198.19.0.21, ports: [{{name: dns, port: 53, protocol: UDP, targetPort: 8080}}]}}\n\
-             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata: {{name: dns-1, namespace: demo, labels: {{kubernetes.io/service-name: dns}}}}\n\
-             addressType: IPv4\nports: [{{name: dns, port: 8080, protocol: UDP}}]\n\
-             endpoints:\n- {{addresses: [{ip}]}}\n"
-        )
-    };
+/// The sandbox's services plus a UDP Service `198.19.0.21:53` whose one endpoint is `ip`.
+fn udp_service_on(ip: &str) -> String {
+    format!(
+        "{SERVICES}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: demo}}\n\
+         spec: {{clusterIP: 198.19.0.21, ports: [{{name: dns, port: 53, protocol: UDP, targetPort: 8080}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: dns-1, namespace: demo, labels: {{kubernetes.io/service-name: dns}}}}\n\
+         addressType: IPv4\nports: [{{name: dns, port: 8080, protocol: UDP}}]\n\
+         endpoints:\n- {{addresses: [{ip}]}}\n"
+    )
+}
+
+/// A UDP flow of one socket through `198.19.0.21:53` while its endpoint moves from be-1 to
+/// be-2: by the TC path (the socket stays connected to the service address; the flow's
+/// conntrack entries go) and by the socket hooks (the socket was connected to be-1 itself: the
+/// agent aborts it, the client connects again). Returns the flow's report and the agent's log.
+fn udp_flow_across_an_endpoint_change(s: &Sim, socket_lb: bool) -> (Report, String) {
     let on = |ip: &'static str| {
         move |st: &weir_proxy::status::Status| {
             st.services
@@ -867,31 +870,36 @@ fn a_udp_flow_leaves_an_endpoint_that_left_the_service() {
                 .any(|v| v.frontend == "198.19.0.21:53/UDP" && v.backends == [format!("{ip}:8080")])
         }
     };
-    s.write_services(&with("198.18.1.11")).unwrap();
+    s.write_services(&udp_service_on("198.18.1.11")).unwrap();
     s.wait_programmed("on be-1", on("198.18.1.11")).unwrap();
+    let args = |target| {
+        [
+            target,
+            "--proto",
+            "udp",
+            "--rate",
+            "200",
+            "--duration",
+            "2s",
+            "--connections",
+            "1",
+            "--timeout",
+            "300ms",
+        ]
+    };
     let flow = s
-        .loadtest_spawn(
-            &[
-                "198.19.0.21:53",
-                "--proto",
-                "udp",
-                "--rate",
-                "200",
-                "--duration",
-                "2s",
-                "--connections",
-                "1",
-                "--timeout",
-                "300ms",
-            ],
-            false,
-            false,
-        )
+        .loadtest_spawn(&args("198.19.0.21:53"), socket_lb, false)
+        .unwrap();
+    // The same pod by its own address: not the service's doing, so never aborted.
+    let direct = s
+        .loadtest_spawn(&args("198.18.1.11:8080"), socket_lb, false)
         .unwrap();
     thread::sleep(Duration::from_millis(700));
-    s.write_services(&with("198.18.1.12")).unwrap();
+    s.write_services(&udp_service_on("198.18.1.12")).unwrap();
     s.wait_programmed("on be-2", on("198.18.1.12")).unwrap();
     let r = flow.wait().unwrap();
+    let d = direct.wait().unwrap();
+    let log = std::fs::read_to_string(s.agent_log()).unwrap();
     assert!(
         r.backends.get("be-2").copied().unwrap_or(0) > 100,
         "the flow moved to be-2: {:?}, errors {:?}\n{}",
@@ -899,12 +907,50 @@ fn a_udp_flow_leaves_an_endpoint_that_left_the_service() {
         r.errors,
         s.agent_log_tail()
     );
+    assert_eq!(
+        (
+            d.ok,
+            d.sent,
+            d.backends.keys().map(|k| k.as_str()).collect::<Vec<_>>()
+        ),
+        (d.sent, d.sent, vec!["be-1"]),
+        "a socket connected to the pod itself stays: {:?}",
+        d.errors
+    );
+    (r, log)
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_udp_flow_leaves_an_endpoint_that_left_the_service() {
+    let s = sim(false);
+    let (r, log) = udp_flow_across_an_endpoint_change(&s, false);
     assert_eq!(r.ok, r.sent, "no datagram lost: {:?}", r.errors);
     assert!(
-        std::fs::read_to_string(s.agent_log())
-            .unwrap()
-            .contains("udp_flows_purged=2"),
+        log.contains("udp_flows_purged=2"),
         "both entries of the flow went: {}",
+        s.agent_log_tail()
+    );
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_connected_udp_socket_leaves_an_endpoint_that_left_the_service() {
+    let s = sim(true);
+    let (r, log) = udp_flow_across_an_endpoint_change(&s, true);
+    // One request fails on the aborted socket: ECONNABORTED if it was waiting for its reply,
+    // else EDESTADDRREQ on the send (an aborted UDP socket is unconnected).
+    assert!(
+        r.ok + 1 >= r.sent
+            && r.errors
+                .keys()
+                .all(|k| k == "aborted" || k == "disconnected"),
+        "at most the request in flight is lost: {:?}",
+        r.errors
+    );
+    assert!(
+        log.contains("udp_sockets_aborted=1"),
+        "exactly the client's socket was aborted: {}",
         s.agent_log_tail()
     );
 }
