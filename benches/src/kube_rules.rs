@@ -108,19 +108,37 @@ COMMIT\n*nat\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTIN
     o
 }
 
+/// kube-proxy's base chains: what hooks the table into the packet path.
+const NFT_BASE_CHAINS: &str = "\
+  chain nat-prerouting { type nat hook prerouting priority dstnat; policy accept; jump services; }\n\
+  chain nat-output { type nat hook output priority -100; policy accept; jump services; }\n\
+  chain nat-postrouting { type nat hook postrouting priority srcnat; policy accept; jump masquerading; }\n\
+  chain filter-forward { type filter hook forward priority -110; policy accept; ct state new jump firewall-check; }\n";
+
+/// `nft -f` inputs that unhook kube-proxy's table from the packet path (its base chains go;
+/// the service chains and maps stay) and hook it back, so that its rounds can be interleaved
+/// with the others' without loading the whole table again.
+pub fn nftables_hooks(on: bool) -> String {
+    if on {
+        format!("table ip kube-proxy {{\n{NFT_BASE_CHAINS}}}\n")
+    } else {
+        ["nat-prerouting", "nat-output", "nat-postrouting", "filter-forward"]
+            .iter()
+            .map(|c| format!("delete chain ip kube-proxy {c}\n"))
+            .collect()
+    }
+}
+
 /// An `nft -f` input in kube-proxy's nftables shape (KEP-3866).
 pub fn nftables(svcs: &[Svc]) -> String {
     let mut o = String::with_capacity(svcs.len() * 600);
     o.push_str(
         "table ip kube-proxy {\n\
   chain mark-for-masquerade { mark set mark or 0x4000; }\n\
-  chain masquerading { mark and 0x4000 == 0 return; mark set mark xor 0x4000; masquerade fully-random; }\n\
-  chain nat-prerouting { type nat hook prerouting priority dstnat; policy accept; jump services; }\n\
-  chain nat-output { type nat hook output priority -100; policy accept; jump services; }\n\
-  chain nat-postrouting { type nat hook postrouting priority srcnat; policy accept; jump masquerading; }\n\
-  chain filter-forward { type filter hook forward priority -110; policy accept; ct state new jump firewall-check; }\n\
-  chain firewall-check { }\n",
+  chain masquerading { mark and 0x4000 == 0 return; mark set mark xor 0x4000; masquerade fully-random; }\n",
     );
+    o.push_str(NFT_BASE_CHAINS);
+    o.push_str("  chain firewall-check { }\n");
     for s in svcs {
         let h = hash16(&s.name);
         let (vip, p, tp) = (s.vip, s.port, s.target_port);
