@@ -122,10 +122,15 @@ pub fn nftables_hooks(on: bool) -> String {
     if on {
         format!("table ip kube-proxy {{\n{NFT_BASE_CHAINS}}}\n")
     } else {
-        ["nat-prerouting", "nat-output", "nat-postrouting", "filter-forward"]
-            .iter()
-            .map(|c| format!("delete chain ip kube-proxy {c}\n"))
-            .collect()
+        [
+            "nat-prerouting",
+            "nat-output",
+            "nat-postrouting",
+            "filter-forward",
+        ]
+        .iter()
+        .map(|c| format!("delete chain ip kube-proxy {c}\n"))
+        .collect()
     }
 }
 

@@ -35,6 +35,7 @@ pub mod map_names {
 pub mod prog_names {
     pub const TC_FROM_POD: &str = "tc_from_pod";
     pub const TC_FROM_NETDEV: &str = "tc_from_netdev";
+    pub const TC_TO_POD: &str = "tc_to_pod";
     pub const CONNECT4: &str = "sock_connect4";
     pub const CONNECT6: &str = "sock_connect6";
     pub const SENDMSG4: &str = "sock_sendmsg4";
@@ -329,9 +330,11 @@ pub enum Stat {
     RouteFallback,
     /// A socket of a pod sent to the node's own DNS server (`SVC_F_NODE_LOCAL`).
     SockNodeLocal,
+    /// A new flow of the per-packet path sent to the node's own DNS server.
+    NodeLocal,
 }
 
-pub const STAT_COUNT: u32 = Stat::SockNodeLocal as u32 + 1;
+pub const STAT_COUNT: u32 = Stat::NodeLocal as u32 + 1;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_no_service",
@@ -362,6 +365,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "routed",
     "route_fallback",
     "sock_node_local",
+    "node_local",
 ];
 
 const _: () = {
@@ -377,6 +381,10 @@ const _: () = {
     assert!(size_of::<SockKey>() == 32);
     assert!(size_of::<SockValue>() == 24);
     assert!(size_of::<NodeLocal>() == 48);
+    // The programs pick the address of a family by index from `addr4` (lb.rs).
+    assert!(
+        core::mem::offset_of!(NodeLocal, addr6) == core::mem::offset_of!(NodeLocal, addr4) + 16
+    );
 };
 
 #[cfg(feature = "user")]

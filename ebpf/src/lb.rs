@@ -2,7 +2,7 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use weir_common::*;
 
-use crate::maps::{count, AFFINITY, BACKENDS, MAGLEV, SVC};
+use crate::maps::{count, AFFINITY, BACKENDS, MAGLEV, NODE_LOCAL, SVC};
 
 /// Monotonic time at tick resolution: lifetimes and affinity timeouts count in seconds, and a
 /// full clock read costs more than the rest of an established packet's work.
@@ -10,6 +10,31 @@ use crate::maps::{count, AFFINITY, BACKENDS, MAGLEV, SVC};
 pub fn now_ns() -> u64 {
     // SAFETY: a helper without arguments.
     unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The node's own server for a `SVC_F_NODE_LOCAL` service (address, port in network byte
+/// order) while it holds its lease and has an address of this family; None: the service's
+/// backends then.
+#[inline(always)]
+pub fn node_local_server(v6: bool) -> Option<(Addr, u16)> {
+    let l = NODE_LOCAL.get_ptr(0)?;
+    // LLVM turns the choice between the two address fields into pointer arithmetic on the
+    // flag; a flag loaded from memory is 0..=255 to the verifier, which then refuses the
+    // access. A volatile load and a mask bound it to 0..=1.
+    // SAFETY: reads of a local and of the map value the verifier checked non-null.
+    let i =
+        usize::from(unsafe { core::ptr::read_volatile(core::ptr::addr_of!(v6).cast::<u8>()) } & 1);
+    let (addr, port, expires) = unsafe {
+        (
+            *core::ptr::addr_of!((*l).addr4).add(i),
+            (*l).port,
+            (*l).expires_ns,
+        )
+    };
+    if addr.0 == [0; 16] || port == 0 || now_ns() >= expires {
+        return None;
+    }
+    Some((addr, port))
 }
 
 /// The master entry (slot 0) of a service frontend, copied out, with the scope it was found

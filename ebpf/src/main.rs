@@ -24,6 +24,13 @@ pub fn tc_from_pod(ctx: TcContext) -> i32 {
     tc::handle(&ctx, false)
 }
 
+/// Egress of a pod's host-side veth: replies to the pod from a service endpoint on the node
+/// itself (its own DNS server, a hostNetwork endpoint), which no ingress of ours sees.
+#[classifier]
+pub fn tc_to_pod(ctx: TcContext) -> i32 {
+    tc::to_pod(&ctx)
+}
+
 /// Ingress of a node uplink: traffic from other nodes and outside the cluster.
 #[classifier]
 pub fn tc_from_netdev(ctx: TcContext) -> i32 {

@@ -9,8 +9,8 @@ use aya_ebpf::{
 use weir_common::*;
 
 use crate::{
-    lb::{lookup_service, now_ns, select_backend},
-    maps::{count, BACKENDS, NODE_LOCAL, SOCK_FWD, SOCK_REV},
+    lb::{lookup_service, node_local_server, select_backend},
+    maps::{count, BACKENDS, SOCK_FWD, SOCK_REV},
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -172,17 +172,13 @@ pub fn forward(ctx: &SockAddrContext, fam: Family, sendmsg: bool) -> i32 {
 /// not (or has no address of this family): the service's backends then.
 #[inline(always)]
 fn node_local(ctx: &SockAddrContext, fam: Family, vip: &Addr, vport: u16) -> bool {
-    let Some(l) = NODE_LOCAL.get(0).copied() else {
+    let Some((addr, port)) = node_local_server(fam == Family::V6) else {
         return false;
     };
-    let addr = if fam == Family::V4 { l.addr4 } else { l.addr6 };
-    if addr.0 == [0; 16] || l.port == 0 || now_ns() >= l.expires_ns {
-        return false;
-    }
     let rev_key = SockKey {
         cookie: cookie(ctx),
         addr,
-        port: l.port,
+        port,
         _pad: [0; 6],
     };
     let rev = SockValue {
@@ -192,7 +188,7 @@ fn node_local(ctx: &SockAddrContext, fam: Family, vip: &Addr, vport: u16) -> boo
         backend_id: 0,
     };
     let _ = SOCK_REV.insert(&rev_key, &rev, 0);
-    set_user_addr(ctx, fam, &addr, l.port);
+    set_user_addr(ctx, fam, &addr, port);
     count(Stat::SockNodeLocal);
     true
 }

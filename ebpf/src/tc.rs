@@ -8,7 +8,7 @@ use aya_ebpf::{
 use weir_common::*;
 
 use crate::{
-    lb::{flow_hash, lookup_service, now_ns, select_backend},
+    lb::{flow_hash, lookup_service, node_local_server, now_ns, select_backend},
     maps::{count, count_raw, Scratch, CT, SCRATCH, VIPNET},
     nat::{rewrite, Change},
     parse::{parse_out_of_line, Packet, TCP_FIN, TCP_RST},
@@ -41,6 +41,76 @@ pub fn handle(ctx: &TcContext, external: bool) -> i32 {
         Err(stat) => {
             count(stat);
             TC_ACT_SHOT
+        }
+    }
+}
+
+/// A packet leaving for a pod. Only the node's own packets (no ingress device) can be replies
+/// of a flow the pod opened to a service endpoint on the node; they get the reverse NAT the
+/// ingress of a pod's veth gives replies of endpoints in pods. A forwarded packet was handled
+/// at the ingress it came in on: it costs one load here.
+#[inline(always)]
+pub fn to_pod(ctx: &TcContext) -> i32 {
+    // SAFETY: the context is the kernel's __sk_buff for this run; a 4-byte field read.
+    if unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).ingress_ifindex)) } != 0
+    {
+        return TC_ACT_OK as i32;
+    }
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_OK as i32;
+    };
+    // SAFETY: the per-CPU scratch slot is ours for this run; programs do not nest on a CPU.
+    let s = unsafe { &mut *s };
+    let parsed = parse_out_of_line(ctx, &mut s.pkt);
+    if parsed != 0 {
+        // The node's own packet: never dropped here, whatever its shape.
+        count_raw(parsed & 0xff);
+        return TC_ACT_OK as i32;
+    }
+    match reply_to_pod(ctx, s) {
+        Ok(verdict) => verdict,
+        Err(stat) => {
+            count(stat);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn reply_to_pod(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
+    let p = &s.pkt;
+    set_key(&mut s.fwd_key, &p.src, &p.dst, p.sport, p.dport, p.proto);
+    let Some(entry) = CT.get_ptr_mut(&s.fwd_key) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    // SAFETY: an LRU value pointer stays valid for this program run.
+    let e = unsafe { &mut *entry };
+    let now = now_ns();
+    // Hairpin and source-NATed flows have no reply from the node itself.
+    if e.dir != CT_DIR_REPLY || e.flags & (CT_F_HAIRPIN | CT_F_SNAT) != 0 || e.expires_ns <= now {
+        return Ok(TC_ACT_OK as i32);
+    }
+    refresh(e, p, now);
+    s.chg_src = Change::new(&p.src, &e.nat_addr, p.sport, e.nat_port);
+    s.chg_dst = Change::keep(&p.dst);
+    // Already on its way out of the pod's device: nothing to route.
+    rewrite(ctx, &s.pkt, &s.chg_src, &s.chg_dst, false)?;
+    count(Stat::RevNat);
+    Ok(TC_ACT_OK as i32)
+}
+
+/// Marks a flow closing on FIN or RST and pushes its expiry on, at most once a second (a
+/// write per packet would bounce the cache line).
+#[inline(always)]
+fn refresh(e: &mut CtValue, p: &Packet, now: u64) {
+    if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        e.flags |= CT_F_CLOSING;
+    }
+    let life = lifetime(p, e.flags & CT_F_CLOSING != 0);
+    if e.expires_ns < now + life - 1_000_000_000 || e.flags & CT_F_CLOSING != 0 {
+        let want = now + life;
+        if e.flags & CT_F_CLOSING == 0 || want < e.expires_ns {
+            e.expires_ns = want;
         }
     }
 }
@@ -92,17 +162,7 @@ fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat
         // backend choice and fresh entries, as Linux conntrack would do.
         let reopened = syn && e.flags & CT_F_CLOSING != 0 && e.dir == CT_DIR_FORWARD;
         if e.expires_ns > now && !reopened {
-            if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-                e.flags |= CT_F_CLOSING;
-            }
-            let life = lifetime(p, e.flags & CT_F_CLOSING != 0);
-            // Refresh at most once a second: a write per packet would bounce the cache line.
-            if e.expires_ns < now + life - 1_000_000_000 || e.flags & CT_F_CLOSING != 0 {
-                let want = now + life;
-                if e.flags & CT_F_CLOSING == 0 || want < e.expires_ns {
-                    e.expires_ns = want;
-                }
-            }
+            refresh(e, p, now);
             let (nat_addr, nat_port, dir) = (e.nat_addr, e.nat_port, e.dir);
             let (peer, peer_addr, peer_port) = (
                 e.flags & (CT_F_HAIRPIN | CT_F_SNAT) != 0,
@@ -208,9 +268,29 @@ fn try_new_flow(s: &mut Scratch, external: bool) -> Result<i32, Stat> {
         return Ok(NEXT_REJECT);
     }
     let now = now_ns();
+    let closing = p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    // The cluster DNS Service, while the node's own server holds its lease: to that server.
+    // Its replies leave from the node itself, and `to_pod` gives them the service's address.
+    if master.flags & SVC_F_NODE_LOCAL != 0 {
+        if let Some((addr, port)) = node_local_server(p.v6) {
+            s.fwd = CtValue {
+                nat_addr: addr,
+                peer_addr: p.dst,
+                nat_port: port,
+                peer_port: p.sport,
+                dir: CT_DIR_FORWARD,
+                flags: 0,
+                _pad: 0,
+                backend_id: 0,
+                svc_id: master.svc_id,
+                expires_ns: now + lifetime(p, closing),
+            };
+            count(Stat::NodeLocal);
+            return Ok(NEXT_COMMIT);
+        }
+    }
     let hash = flow_hash(&p.src, p.sport, p.proto);
     let (backend_id, be) = select_backend(&p.dst, p.dport, p.proto, scope, &master, &p.src, hash)?;
-    let closing = p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     let hairpin = be.addr == p.src;
     s.fwd = CtValue {
         nat_addr: be.addr,

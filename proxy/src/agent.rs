@@ -571,7 +571,7 @@ fn answer(req: Request, dp: &mut Datapath, attached: &mut Attached, ready: bool)
             match dp.pod_tc_attached(&ifname) {
                 Ok(true) => Reply::ok(),
                 Ok(false) => Reply::err(format!(
-                    "this agent's tc_from_pod does not run on {ifname} (index {ifindex})"
+                    "this agent's tc_from_pod and tc_to_pod do not both run on {ifname} (index {ifindex})"
                 )),
                 Err(e) => Reply::err(format!("{e:#}")),
             }

@@ -1,7 +1,7 @@
 //! A small TCP+UDP echo server that answers with its own name, so a client can tell which
 //! backend served it. Protocol: a request is `<seq>` (a line on TCP, a datagram on UDP); the
 //! answer is `<name> <seq>`.
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, Result};
 use tokio::{
@@ -9,9 +9,11 @@ use tokio::{
     net::{TcpListener, UdpSocket},
 };
 
-/// Serves TCP and UDP on `port` on every address (IPv4 and IPv6) until the task is dropped.
-pub async fn serve(name: String, port: u16) -> Result<()> {
-    let addr: SocketAddr = format!("[::]:{port}").parse()?;
+/// Serves TCP and UDP on `port` of `ip` (`::`: every address, IPv4 and IPv6) until the task
+/// is dropped. A UDP reply leaves from the address the socket is bound to, or, bound to every
+/// address, from the one the route to the client gives.
+pub async fn serve(name: String, ip: IpAddr, port: u16) -> Result<()> {
+    let addr = SocketAddr::new(ip, port);
     let tcp = TcpListener::bind(addr)
         .await
         .with_context(|| format!("bind TCP {addr}"))?;

@@ -250,7 +250,11 @@ impl Datapath {
                     maps_dir.display()
                 )
             })?;
-        for name in [prog_names::TC_FROM_POD, prog_names::TC_FROM_NETDEV] {
+        for name in [
+            prog_names::TC_FROM_POD,
+            prog_names::TC_TO_POD,
+            prog_names::TC_FROM_NETDEV,
+        ] {
             let p: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
             p.load().with_context(|| format!("load program {name}"))?;
         }
@@ -312,43 +316,43 @@ impl Datapath {
     /// the agent: it stays when the agent exits and goes when the veth is deleted. Replacing
     /// the program of a filter is atomic. A device that has a pinned TCX link from an earlier
     /// run keeps it, its program swapped: a filter beside it would translate twice.
+    ///
+    /// `tc_to_pod` goes on the device's egress the same way (a filter, always).
     pub fn attach_pod_tc(&mut self, ifname: &str) -> Result<()> {
-        if self.pins.has_tc(ifname, TcRole::FromPod) {
-            return self.attach_tc(ifname, TcRole::FromPod);
-        }
-        let name = TcRole::FromPod.program();
         match qdisc_add_clsact(ifname) {
             Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
             r => r.with_context(|| format!("add the clsact qdisc to {ifname}"))?,
         }
+        // Egress first: replies from the node are translated before the first query leaves.
+        self.attach_pod_filter(ifname, TcAttachType::Egress, prog_names::TC_TO_POD)?;
+        if self.pins.has_tc(ifname, TcRole::FromPod) {
+            return self.attach_tc(ifname, TcRole::FromPod);
+        }
+        self.attach_pod_filter(ifname, TcAttachType::Ingress, TcRole::FromPod.program())
+    }
+
+    /// Puts program `name` on `ifname`'s clsact `dir` as weir's pod filter, or replaces the
+    /// program of the filter there.
+    fn attach_pod_filter(&mut self, ifname: &str, dir: TcAttachType, name: &str) -> Result<()> {
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?.try_into()?;
         let options = || NlOptions {
             priority: POD_FILTER_PRIORITY,
             handle: TcHandle::from(POD_FILTER_HANDLE),
             classid: None,
         };
-        let id = match prog.attach_with_options(
-            ifname,
-            TcAttachType::Ingress,
-            TcAttachOptions::Netlink(options()),
-        ) {
+        let id = match prog.attach_with_options(ifname, dir, TcAttachOptions::Netlink(options())) {
             Ok(id) => id,
             Err(ProgramError::TcError(TcError::NetlinkError(e)))
                 if e.raw_os_error() == Some(libc::EEXIST) =>
             {
                 let o = options();
-                let old = SchedClassifierLink::attached(
-                    ifname,
-                    TcAttachType::Ingress,
-                    o.priority,
-                    o.handle,
-                    o.classid,
-                )
-                .with_context(|| format!("interface {ifname}"))?;
+                let old =
+                    SchedClassifierLink::attached(ifname, dir, o.priority, o.handle, o.classid)
+                        .with_context(|| format!("interface {ifname}"))?;
                 prog.attach_to_link(old)
                     .with_context(|| format!("replace program {name} on {ifname}"))?
             }
-            Err(e) => return Err(e).with_context(|| format!("attach {name} to {ifname} ingress")),
+            Err(e) => return Err(e).with_context(|| format!("attach {name} to {ifname} {dir:?}")),
         };
         // Dropping the link would delete the filter: it is the device's now.
         std::mem::forget(prog.take_link(id)?);
@@ -358,10 +362,18 @@ impl Datapath {
     /// Whether this run's `tc_from_pod` is what runs on `ifname`'s ingress (as a TCX link or a
     /// filter), asked of the kernel in the calling thread's network namespace.
     pub fn pod_tc_attached(&mut self, ifname: &str) -> Result<bool> {
-        let prog: &mut SchedClassifier =
-            program(&mut self.ebpf, TcRole::FromPod.program())?.try_into()?;
-        let id = prog.info()?.id();
-        Ok(tc_ingress(ifname)?.iter().any(|p| p.id == id))
+        let id = |ebpf: &mut Ebpf, name| -> Result<u32> {
+            let prog: &mut SchedClassifier = program(ebpf, name)?.try_into()?;
+            Ok(prog.info()?.id())
+        };
+        let (from, to) = (
+            id(&mut self.ebpf, TcRole::FromPod.program())?,
+            id(&mut self.ebpf, prog_names::TC_TO_POD)?,
+        );
+        Ok(tc_ingress(ifname)?.iter().any(|p| p.id == from)
+            && tc_filters(ifname, TcAttachType::Egress)?
+                .iter()
+                .any(|p| p.id == to))
     }
 
     /// Attaches the socket-level hooks to a cgroup (v2), or swaps the programs of the links a
@@ -418,8 +430,6 @@ pub struct TcProgram {
 /// The programs on `ifname`'s ingress in the calling thread's network namespace, in the order
 /// they run: TCX links first, then the clsact filters.
 pub fn tc_ingress(ifname: &str) -> Result<Vec<TcProgram>> {
-    let index =
-        nix::net::if_::if_nametoindex(ifname).with_context(|| format!("interface {ifname}"))?;
     let (_, tcx) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
         .with_context(|| format!("query the TCX links of {ifname}"))?;
     let mut out: Vec<TcProgram> = tcx
@@ -430,23 +440,38 @@ pub fn tc_ingress(ifname: &str) -> Result<Vec<TcProgram>> {
             filter: false,
         })
         .collect();
-    out.extend(ingress_filters(index).with_context(|| format!("list the filters of {ifname}"))?);
+    out.extend(tc_filters(ifname, TcAttachType::Ingress)?);
     Ok(out)
+}
+
+/// The BPF filters on `ifname`'s clsact ingress or egress (`tc filter show dev D ingress`), in
+/// the calling thread's network namespace.
+pub fn tc_filters(ifname: &str, dir: TcAttachType) -> Result<Vec<TcProgram>> {
+    let index =
+        nix::net::if_::if_nametoindex(ifname).with_context(|| format!("interface {ifname}"))?;
+    clsact_filters(index, dir == TcAttachType::Egress)
+        .with_context(|| format!("list the {dir:?} filters of {ifname}"))
 }
 
 /// Removes weir's pod program from `ifname`, filter or pinned TCX link; one that is not there
 /// is fine.
 pub fn detach_pod_tc(pins: &PinDir, ifname: &str) -> Result<()> {
     pins.detach_tc(ifname, TcRole::FromPod)?;
-    match qdisc_detach_program(ifname, TcAttachType::Ingress, TcRole::FromPod.program()) {
-        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
-        r => r.with_context(|| format!("delete the filter of {ifname}")),
+    for (dir, name) in [
+        (TcAttachType::Ingress, TcRole::FromPod.program()),
+        (TcAttachType::Egress, prog_names::TC_TO_POD),
+    ] {
+        match qdisc_detach_program(ifname, dir, name) {
+            Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            r => r.with_context(|| format!("delete the {dir:?} filter of {ifname}"))?,
+        }
     }
+    Ok(())
 }
 
-/// Dumps the BPF filters on a device's clsact ingress (`tc filter show dev D ingress`).
-fn ingress_filters(index: u32) -> io::Result<Vec<TcProgram>> {
+/// Dumps the BPF filters on a device's clsact ingress or egress.
+fn clsact_filters(index: u32, egress: bool) -> io::Result<Vec<TcProgram>> {
     use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
     use netlink_packet_route::{
         tc::{self, TcAttribute, TcFilterBpfOption, TcMessage, TcOption},
@@ -459,7 +484,11 @@ fn ingress_filters(index: u32) -> io::Result<Vec<TcProgram>> {
     msg.header.index = index as i32;
     msg.header.parent = tc::TcHandle {
         major: tc::TcHandle::INGRESS.major,
-        minor: tc::TcHandle::MIN_INGRESS,
+        minor: if egress {
+            tc::TcHandle::MIN_EGRESS
+        } else {
+            tc::TcHandle::MIN_INGRESS
+        },
     };
     let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetTrafficFilter(msg));
     req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;

@@ -562,7 +562,13 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        thread::spawn(move || rt.block_on(crate::echo::serve("local".into(), port)));
+        thread::spawn(move || {
+            rt.block_on(crate::echo::serve(
+                "local".into(),
+                std::net::Ipv6Addr::UNSPECIFIED.into(),
+                port,
+            ))
+        });
         thread::sleep(Duration::from_millis(100));
         let spec = Spec {
             target: format!("127.0.0.1:{port}"),

@@ -180,10 +180,15 @@ enum Cmd {
         dns: DnsArgs,
     },
     /// A TCP+UDP echo server that answers `<seq>` with `<name> <seq>`: a backend for tests.
-    #[command(after_help = "Example:\n  weir echo-server --name be-1 --port 8080")]
+    #[command(
+        after_help = "Examples:\n  weir echo-server --name be-1 --port 8080\n  weir echo-server --name node --address 198.18.0.60 --port 9090"
+    )]
     EchoServer {
         #[arg(long)]
         name: String,
+        /// The address to listen on (`::`: every address, both families).
+        #[arg(long, default_value = "::")]
+        address: std::net::IpAddr,
         #[arg(long, default_value_t = 8080)]
         port: u16,
         /// Pin the server to this CPU.
@@ -477,11 +482,16 @@ fn run(cli: Cli) -> Result<()> {
             };
             runtime()?.block_on(weir_proxy::dns::run_standalone(&path, dns.options()))
         }
-        Cmd::EchoServer { name, port, cpu } => {
+        Cmd::EchoServer {
+            name,
+            address,
+            port,
+            cpu,
+        } => {
             if let Some(c) = cpu {
                 topo::pin_to_cpu(c)?;
             }
-            runtime()?.block_on(echo::serve(name, port))
+            runtime()?.block_on(echo::serve(name, address, port))
         }
     }
 }

@@ -900,7 +900,10 @@ fn the_agent_attaches_the_pod_program_before_add_returns_and_releases_it_on_del(
             &check,
         )
         .unwrap();
-    assert!(!ok && out.contains("tc_from_pod does not run on"), "{out}");
+    assert!(
+        !ok && out.contains("tc_from_pod and tc_to_pod do not both run on"),
+        "{out}"
+    );
     cni.exec(
         &s.node.ns,
         "DEL",

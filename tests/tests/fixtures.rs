@@ -21,6 +21,7 @@ use weir_tests::*;
 
 const TC_FROM_POD: &str = "tc_from_pod";
 const TC_FROM_NETDEV: &str = "tc_from_netdev";
+const TC_TO_POD: &str = "tc_to_pod";
 
 const CLI4: &str = "198.18.1.10";
 const CLI6: &str = "fd00:18::a";
@@ -103,6 +104,12 @@ fn hexdiff(got: &[u8], want: &[u8]) -> String {
 fn run_case(name: &str, desired: Desired, steps: Vec<Step>) -> Harness {
     let mut h = Harness::new().expect("load the production object");
     h.program(&desired);
+    run_steps(&mut h, name, steps);
+    h
+}
+
+/// Runs the steps on the harness as it is, checking each.
+fn run_steps(h: &mut Harness, name: &str, steps: Vec<Step>) {
     for (i, s) in steps.into_iter().enumerate() {
         let before = h.stats();
         // The uplink program sees packets entering on the uplink.
@@ -137,7 +144,6 @@ fn run_case(name: &str, desired: Desired, steps: Vec<Step>) -> Harness {
         };
         assert_eq!(names(&delta), names(&expected), "{name} step {i}: counters");
     }
-    h
 }
 
 macro_rules! fixtures {
@@ -986,5 +992,105 @@ fn the_harness_removes_its_mount_and_directory() {
     assert!(
         !mounts.contains(dir.to_str().unwrap()),
         "bpffs left mounted"
+    );
+}
+
+/// Writes the node-local DNS lease: the node's server at `NODE4`/`NODE6` port 53, valid for a
+/// minute, or withdrawn.
+fn lease(h: &Harness, valid: bool) {
+    let mut m: aya::maps::Array<aya::maps::MapData, weir_common::NodeLocal> =
+        weir_proxy::maps::open_typed(&h.maps_dir(), weir_common::map_names::NODE_LOCAL).unwrap();
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).unwrap();
+    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    let entry = weir_common::NodeLocal {
+        addr4: to_addr(NODE4.parse().unwrap()),
+        addr6: to_addr(NODE6.parse().unwrap()),
+        port: 53u16.to_be(),
+        expires_ns: if valid { now_ns + 60_000_000_000 } else { 0 },
+        ..Default::default()
+    };
+    m.set(0, entry, 0).unwrap();
+}
+
+const NODE4: &str = "198.18.0.1";
+const NODE6: &str = "fd00:18::1";
+
+fn on(prog: &'static str, input: Vec<u8>, out: Out, stats: &'static [(Stat, u64)]) -> Step {
+    Step {
+        prog,
+        ..step(input, OK, out, stats)
+    }
+}
+
+/// The cluster DNS Service on the per-packet path (socket hooks off). While the node's server
+/// holds its lease, a query goes to it; its reply leaves the node itself through the pod's
+/// veth, where `tc_to_pod` gives it the service's address. A packet of the node that is no
+/// reply of such a flow leaves as it is. Without the lease, the Service's endpoint.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn node_local_dns_on_the_tc_path_both_ways() {
+    let mut d = services();
+    for f in [fe(VIP4, 53, PROTO_UDP), fe(VIP6, 53, PROTO_UDP)] {
+        d.get_mut(&f).unwrap().node_local = true;
+    }
+    let mut h = Harness::new().expect("load the production object");
+    h.program(&d);
+    lease(&h, true);
+    run_steps(
+        &mut h,
+        "node-local",
+        vec![
+            step(
+                udp(CLI4, 40000, VIP4, 53, b"7"),
+                OK,
+                Out::Exact(udp(CLI4, 40000, NODE4, 53, b"7")),
+                &[(Stat::NodeLocal, 1), (Stat::DnatNew, 1)],
+            ),
+            on(
+                TC_TO_POD,
+                udp(NODE4, 53, CLI4, 40000, b"a 7"),
+                Out::Exact(udp(VIP4, 53, CLI4, 40000, b"a 7")),
+                &[(Stat::RevNat, 1)],
+            ),
+            on(TC_TO_POD, udp(NODE4, 53, CLI4, 40001, b"x"), Out::Same, &[]),
+            on(
+                TC_TO_POD,
+                tcp(NODE4, 22, CLI4, 40000, Tcp::Ack),
+                Out::Same,
+                &[],
+            ),
+            step(
+                udp(CLI6, 40000, VIP6, 53, b"7"),
+                OK,
+                Out::Exact(udp(CLI6, 40000, NODE6, 53, b"7")),
+                &[(Stat::NodeLocal, 1), (Stat::DnatNew, 1)],
+            ),
+            on(
+                TC_TO_POD,
+                udp(NODE6, 53, CLI6, 40000, b"a 7"),
+                Out::Exact(udp(VIP6, 53, CLI6, 40000, b"a 7")),
+                &[(Stat::RevNat, 1)],
+            ),
+        ],
+    );
+    lease(&h, false);
+    run_steps(
+        &mut h,
+        "lease withdrawn",
+        vec![
+            step(
+                udp(CLI4, 40002, VIP4, 53, b"8"),
+                OK,
+                Out::Exact(udp(CLI4, 40002, BE4, 5353, b"8")),
+                &[(Stat::DnatNew, 1)],
+            ),
+            // The flow that went to the node's server keeps its entries until they expire.
+            on(
+                TC_TO_POD,
+                udp(NODE4, 53, CLI4, 40000, b"a 8"),
+                Out::Exact(udp(VIP4, 53, CLI4, 40000, b"a 8")),
+                &[(Stat::RevNat, 1)],
+            ),
+        ],
     );
 }

@@ -955,6 +955,73 @@ fn a_connected_udp_socket_leaves_an_endpoint_that_left_the_service() {
     );
 }
 
+/// A Service whose endpoint is the node itself (a hostNetwork pod, the API server on a
+/// control-plane node), reached by the per-packet path: the replies leave the node itself
+/// through the client's veth, which no ingress program sees; `tc_to_pod` gives them the
+/// Service's address. TCP and UDP.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_pod_reaches_an_endpoint_on_the_node_itself_by_the_tc_path() {
+    use weir_proxy::topo::Proc;
+    let s = sim(false);
+    s.node
+        .ns
+        .ip(&["addr", "add", "198.18.0.60/32", "dev", "lo"])
+        .unwrap();
+    let mut cmd = s.node.ns.command(weir_bin().unwrap()).unwrap();
+    // Bound to the endpoint's address, as a hostNetwork server of the node's address answers
+    // UDP from it.
+    cmd.args(["echo-server", "--name", "node", "--address", "198.18.0.60"])
+        .args(["--port", "9090"])
+        .stdout(std::process::Stdio::null());
+    let _echo = Proc::spawn("echo node", cmd).unwrap();
+    s.write_services(&format!(
+        "{SERVICES}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: hostnet, namespace: demo}}\n\
+         spec: {{clusterIP: 198.19.0.30, ports: [{{name: tcp, port: 80, targetPort: 9090}}, {{name: udp, port: 80, protocol: UDP, targetPort: 9090}}]}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: hostnet-1, namespace: demo, labels: {{kubernetes.io/service-name: hostnet}}}}\n\
+         addressType: IPv4\nports: [{{name: tcp, port: 9090}}, {{name: udp, port: 9090, protocol: UDP}}]\n\
+         endpoints: [{{addresses: [198.18.0.60]}}]\n"
+    ))
+    .unwrap();
+    s.wait_programmed("hostnet", |st| {
+        st.services
+            .iter()
+            .any(|v| v.frontend == "198.19.0.30:80/UDP" && v.backends == ["198.18.0.60:9090"])
+    })
+    .unwrap();
+    for proto in ["tcp", "udp"] {
+        let r = s
+            .loadtest(
+                &[
+                    "198.19.0.30:80",
+                    "--proto",
+                    proto,
+                    "--rate",
+                    "200",
+                    "--duration",
+                    "1s",
+                    "--connections",
+                    "4",
+                    "--timeout",
+                    "500ms",
+                ],
+                false,
+                false,
+            )
+            .unwrap();
+        assert_eq!(
+            (
+                r.ok,
+                r.backends.keys().map(|k| k.as_str()).collect::<Vec<_>>()
+            ),
+            (r.sent, vec!["node"]),
+            "{proto}: every request answered by the node, from the service address: {:?}",
+            r.errors
+        );
+    }
+}
+
 /// The agent binary against a Kubernetes API (the scripted one, served over HTTP inside the
 /// node namespace) through a kubeconfig: it lists, programs, writes the node's podCIDRs and its
 /// per-Service report, and follows a watch event.
@@ -1295,12 +1362,24 @@ fn the_agent_answers_cluster_dns_from_its_source() {
 
 /// Node-local DNS: a pod's queries to the cluster DNS Service go to its node's agent while the
 /// agent answers, to the Service's endpoints (the cluster's own DNS pods) once the agent is
-/// gone, and back to the node when it returns. No NOTRACK, no extra address in the pods.
+/// gone, and back to the node when it returns. No NOTRACK, no extra address in the pods. By the
+/// socket hooks, and by the per-packet path (the agent's replies leave the node itself through
+/// the pod's veth, where `tc_to_pod` gives them the Service's address).
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn dns_service_queries_stay_on_the_node_and_fall_back_without_the_agent() {
+    dns_queries_stay_on_the_node(true);
+}
+
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn dns_service_queries_stay_on_the_node_by_the_tc_path_too() {
+    dns_queries_stay_on_the_node(false);
+}
+
+fn dns_queries_stay_on_the_node(socket_lb: bool) {
     use weir_proxy::topo::Proc;
-    let mut s = sim(true);
+    let mut s = sim(socket_lb);
     // The cluster's DNS deployment: a `weir dns` in pod be-2, with its own answer for web.
     let central = s.dir().join("central.yaml");
     std::fs::write(
@@ -1337,7 +1416,12 @@ fn dns_service_queries_stay_on_the_node_and_fall_back_without_the_agent() {
     restart_with_dns(&mut s);
     wait_dns(&s, "agent up", "198.19.0.20");
     assert_eq!(ask_dns(&s, "+tcp"), ["198.19.0.20"], "over TCP too");
-    assert!(s.status().unwrap().counters["sock_node_local"] > 0);
+    let counter = if socket_lb {
+        "sock_node_local"
+    } else {
+        "node_local"
+    };
+    assert!(s.status().unwrap().counters[counter] > 0, "{counter}");
     // The agent dies without a word (SIGKILL): once its lease runs out, the cluster's DNS.
     s.kill_agent();
     wait_dns(&s, "agent killed", "198.19.0.99");
@@ -1347,10 +1431,13 @@ fn dns_service_queries_stay_on_the_node_and_fall_back_without_the_agent() {
     wait_dns(&s, "agent back", "198.19.0.20");
 }
 
-/// `dig @198.19.0.53 web.demo.svc.cluster.local` in the client pod, in the hooked cgroup.
+/// `dig @198.19.0.53 web.demo.svc.cluster.local` in the client pod (in the hooked cgroup when
+/// the node balances sockets).
 fn ask_dns(s: &Sim, transport: &str) -> Vec<String> {
     let mut cmd = s.node.pod("cli").unwrap().ns.command("dig").unwrap();
-    s.cgroup.adopt(&mut cmd).unwrap();
+    if s.opts.socket_lb {
+        s.cgroup.adopt(&mut cmd).unwrap();
+    }
     let out = cmd
         .args([
             "@198.19.0.53",
