@@ -14,7 +14,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use weir_common::PROTO_TCP;
 use weir_proxy::{
-    loader::{Datapath, PinDir, TcRole},
+    loader::{Datapath, PinDir},
     loadtest::Report,
     maps::AyaMaps,
     program::{Desired, Frontend, Programmer, ServiceSpec},
@@ -289,7 +289,9 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
         node.ns.run(move || -> Result<Duration> {
             let mut dp = Datapath::load(p2.clone())?;
             for i in &ifs {
-                dp.attach_tc(i, TcRole::FromPod)?;
+                // As the agent attaches a pod's veth: tc_from_pod on ingress, tc_to_pod on
+                // egress (clsact filters).
+                dp.attach_pod_tc(i)?;
             }
             dp.attach_cgroup(&cg)?;
             let Some(want) = program else {
@@ -309,8 +311,19 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
             Ok(started.elapsed())
         })?
     };
+    // Everything off: the cgroup links (pinned) and the pod filters (the devices' own).
+    let detach = || -> Result<()> {
+        pins.detach_all()?;
+        let (p2, ifs) = (pins.clone(), ifs.clone());
+        node.ns.run(move || -> Result<()> {
+            for i in &ifs {
+                weir_proxy::loader::detach_pod_tc(&p2, i)?;
+            }
+            Ok(())
+        })?
+    };
     let took = attach(Some(desired(&svcs)))?;
-    pins.detach_all()?;
+    detach()?;
     let note = format!(
         "{n} services programmed in {:.0} ms.",
         took.as_secs_f64() * 1000.0
@@ -334,7 +347,7 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
         attach(None)?;
         r.push(b.point(n, Mode::WeirSocket, &target, true, note.clone()));
         r.push(b.point(n, Mode::WeirTc, &target, false, note.clone()));
-        pins.detach_all()?;
+        detach()?;
         if let Ok(note) = &nft_note {
             nft_in("hook", kube_rules::nftables_hooks(true))?;
             r.push(b.point(n, Mode::Nftables, &target, false, note.clone()));
@@ -360,12 +373,12 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
     // The devices live in the node namespace: resolve them there.
     node.ns.run(move || -> Result<()> {
         for i in &ifs2 {
-            p2.detach_tc(i, TcRole::FromPod)?;
+            weir_proxy::loader::detach_pod_tc(&p2, i)?;
         }
         Ok(())
     })??;
     points.push(b.point(n, Mode::WeirSocketOnly, &target, true, String::new()));
-    pins.detach_all()?;
+    detach()?;
 
     // kube-proxy, iptables mode.
     let ipt = dir.join("iptables.rules");
