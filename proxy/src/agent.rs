@@ -111,6 +111,11 @@ impl Config {
     }
 }
 
+/// A cgroup v2 root has no `cgroup.type` (every other cgroup has one), wherever it is mounted.
+fn is_cgroup_root(cg: &Path) -> bool {
+    cg.is_dir() && !cg.join("cgroup.type").exists()
+}
+
 pub fn pin_dir(bpffs: &Path) -> PinDir {
     PinDir(bpffs.join("weir"))
 }
@@ -534,7 +539,7 @@ fn attach_pod(
 ) -> Result<()> {
     let started = Instant::now();
     dp.attach_pod_tc(&dev.0)
-        .with_context(|| format!("attach tc_from_pod to {}", dev.0))?;
+        .with_context(|| format!("attach the pod programs to {}", dev.0))?;
     info!(
         dev = %dev.0,
         index = dev.1,
@@ -626,6 +631,10 @@ pub async fn run(cfg: Config) -> Result<()> {
         dp.attach_cgroup(cg)?;
         info!(cgroup = %cg.display(), "socket load balancing attached");
     }
+    // The hooks on a cgroup v2 root see every pod's sockets: no pod flow takes the per-packet
+    // path to an endpoint on the node, and pod veths go without the egress program.
+    let every_pod_hooked = cfg.cgroup.as_ref().is_some_and(|cg| is_cgroup_root(cg));
+    dp.set_to_pod(!every_pod_hooked);
     for dev in &cfg.netdevs {
         dp.attach_tc(dev, TcRole::FromNetdev)?;
         info!(dev = %dev, "attached tc_from_netdev");
@@ -873,4 +882,23 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     info!("stopping; the data path stays programmed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_a_cgroup_v2_root_has_no_type() {
+        let Ok(root) = crate::topo::cgroup2_root() else {
+            return; // no cgroup v2 here: nothing to tell apart
+        };
+        assert!(super::is_cgroup_root(&root), "{}", root.display());
+        let child = std::fs::read_dir(&root)
+            .unwrap()
+            .flatten()
+            .find(|e| e.path().join("cgroup.procs").exists());
+        if let Some(c) = child {
+            assert!(!super::is_cgroup_root(&c.path()), "{}", c.path().display());
+        }
+        assert!(!super::is_cgroup_root(std::path::Path::new("/nonexistent")));
+    }
 }

@@ -153,6 +153,8 @@ fn unpin(path: &Path) -> Result<()> {
 pub struct Datapath {
     ebpf: Ebpf,
     pins: PinDir,
+    /// Whether pod veths get `tc_to_pod` on their egress (see [`Datapath::set_to_pod`]).
+    to_pod: bool,
 }
 
 /// A conntrack value as weir wrote it before `CT_V2` (no peer rewrite).
@@ -269,11 +271,24 @@ impl Datapath {
                 "conntrack entries of the previous layout (CT_V1) moved to CT_V2"
             );
         }
-        Ok(Self { ebpf, pins })
+        Ok(Self {
+            ebpf,
+            pins,
+            to_pod: true,
+        })
     }
 
     pub fn pins(&self) -> &PinDir {
         &self.pins
+    }
+
+    /// Whether pod veths get `tc_to_pod` (the default) from [`Datapath::attach_pod_tc`]. It is
+    /// needed only for flows of the per-packet path: with the socket hooks on every pod's
+    /// sockets, a pod's connection to an endpoint on the node is translated at `connect`
+    /// and no packet needs it, and a hook on egress costs every packet delivered to a pod
+    /// (B1). Off, `attach_pod_tc` also removes one an earlier run left.
+    pub fn set_to_pod(&mut self, on: bool) {
+        self.to_pod = on;
     }
 
     /// Attaches a TC program to `ifname` (ingress, TCX) in the calling thread's network
@@ -324,7 +339,11 @@ impl Datapath {
             r => r.with_context(|| format!("add the clsact qdisc to {ifname}"))?,
         }
         // Egress first: replies from the node are translated before the first query leaves.
-        self.attach_pod_filter(ifname, TcAttachType::Egress, prog_names::TC_TO_POD)?;
+        if self.to_pod {
+            self.attach_pod_filter(ifname, TcAttachType::Egress, prog_names::TC_TO_POD)?;
+        } else {
+            detach_pod_filter(ifname, TcAttachType::Egress, prog_names::TC_TO_POD)?;
+        }
         if self.pins.has_tc(ifname, TcRole::FromPod) {
             return self.attach_tc(ifname, TcRole::FromPod);
         }
@@ -371,9 +390,10 @@ impl Datapath {
             id(&mut self.ebpf, prog_names::TC_TO_POD)?,
         );
         Ok(tc_ingress(ifname)?.iter().any(|p| p.id == from)
-            && tc_filters(ifname, TcAttachType::Egress)?
-                .iter()
-                .any(|p| p.id == to))
+            && (!self.to_pod
+                || tc_filters(ifname, TcAttachType::Egress)?
+                    .iter()
+                    .any(|p| p.id == to)))
     }
 
     /// Attaches the socket-level hooks to a cgroup (v2), or swaps the programs of the links a
@@ -457,17 +477,17 @@ pub fn tc_filters(ifname: &str, dir: TcAttachType) -> Result<Vec<TcProgram>> {
 /// is fine.
 pub fn detach_pod_tc(pins: &PinDir, ifname: &str) -> Result<()> {
     pins.detach_tc(ifname, TcRole::FromPod)?;
-    for (dir, name) in [
-        (TcAttachType::Ingress, TcRole::FromPod.program()),
-        (TcAttachType::Egress, prog_names::TC_TO_POD),
-    ] {
-        match qdisc_detach_program(ifname, dir, name) {
-            Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            r => r.with_context(|| format!("delete the {dir:?} filter of {ifname}"))?,
-        }
+    detach_pod_filter(ifname, TcAttachType::Ingress, TcRole::FromPod.program())?;
+    detach_pod_filter(ifname, TcAttachType::Egress, prog_names::TC_TO_POD)
+}
+
+/// Removes the filter running `name` from `ifname`'s clsact `dir`; none there is fine.
+fn detach_pod_filter(ifname: &str, dir: TcAttachType, name: &str) -> Result<()> {
+    match qdisc_detach_program(ifname, dir, name) {
+        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        r => r.with_context(|| format!("delete the {dir:?} filter of {ifname}")),
     }
-    Ok(())
 }
 
 /// Dumps the BPF filters on a device's clsact ingress or egress.
