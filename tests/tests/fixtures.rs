@@ -1012,9 +1012,6 @@ fn lease(h: &Harness, valid: bool) {
     m.set(0, entry, 0).unwrap();
 }
 
-const NODE4: &str = "198.18.0.1";
-const NODE6: &str = "fd00:18::1";
-
 fn on(prog: &'static str, input: Vec<u8>, out: Out, stats: &'static [(Stat, u64)]) -> Step {
     Step {
         prog,
