@@ -164,8 +164,7 @@ fn diag_socket() -> io::Result<Socket> {
 fn diag_socket_in(path: &Path) -> io::Result<Socket> {
     let path = path.to_path_buf();
     thread::spawn(move || {
-        let f = fs::File::open(&path)?;
-        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        crate::topo::enter(&path).map_err(|e| io::Error::other(format!("{e:#}")))?;
         diag_socket()
     })
     .join()
