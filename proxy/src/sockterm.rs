@@ -52,11 +52,10 @@ pub struct SockRev(HashMap<MapData, SockKey, SockValue>);
 
 impl SockRev {
     pub fn open(maps_dir: &Path) -> Result<SockRev> {
-        let path = maps_dir.join(map_names::SOCK_REV);
-        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
-        let map = HashMap::try_from(aya::maps::Map::LruHashMap(data))
-            .with_context(|| format!("{} is not the socket map", path.display()))?;
-        Ok(SockRev(map))
+        Ok(SockRev(crate::maps::open_typed(
+            maps_dir,
+            map_names::SOCK_REV,
+        )?))
     }
 
     /// Whether the hooks connected the socket `cookie` to `backend` through `frontend`;

@@ -995,21 +995,28 @@ fn the_harness_removes_its_mount_and_directory() {
     );
 }
 
-/// Writes the node-local DNS lease: the node's server at `NODE4`/`NODE6` port 53, valid for a
-/// minute, or withdrawn.
+/// The node-local DNS lease as the agent writes it (`dns::Lease`): the node's server at
+/// `NODE4`/`NODE6` port 53, valid for a minute, or withdrawn.
 fn lease(h: &Harness, valid: bool) {
-    let mut m: aya::maps::Array<aya::maps::MapData, weir_common::NodeLocal> =
-        weir_proxy::maps::open_typed(&h.maps_dir(), weir_common::map_names::NODE_LOCAL).unwrap();
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).unwrap();
-    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
-    let entry = weir_common::NodeLocal {
-        addr4: to_addr(NODE4.parse().unwrap()),
-        addr6: to_addr(NODE6.parse().unwrap()),
-        port: 53u16.to_be(),
-        expires_ns: if valid { now_ns + 60_000_000_000 } else { 0 },
-        ..Default::default()
+    let opts = weir_proxy::dns::Options {
+        listen: vec![
+            SocketAddr::new(NODE4.parse().unwrap(), 53),
+            SocketAddr::new(NODE6.parse().unwrap(), 53),
+        ],
+        domain: "cluster.local".into(),
+        ttl: 5,
+        pods: Default::default(),
+        upstreams: vec![],
+        stubs: vec![],
+        service: Some("kube-system/kube-dns".into()),
     };
-    m.set(0, entry, 0).unwrap();
+    let mut l = weir_proxy::dns::Lease::open(&h.maps_dir(), &opts).unwrap();
+    l.renew(if valid {
+        std::time::Duration::from_secs(60)
+    } else {
+        std::time::Duration::ZERO
+    })
+    .unwrap();
 }
 
 fn on(prog: &'static str, input: Vec<u8>, out: Out, stats: &'static [(Stat, u64)]) -> Step {
