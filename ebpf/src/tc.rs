@@ -22,25 +22,34 @@ const TC_ACT_SHOT: i32 = 2;
 /// `external`: the packet arrived on an uplink, from outside the node; it sees a service's
 /// `SCOPE_EXTERNAL` entry where there is one.
 pub fn handle(ctx: &TcContext, external: bool) -> i32 {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return TC_ACT_OK as i32;
+    let s = match parsed(ctx) {
+        Ok(s) => s,
+        Err(code) if code & 0x200 != 0 => return TC_ACT_SHOT,
+        Err(_) => return TC_ACT_OK as i32,
     };
-    // SAFETY: the per-CPU scratch slot is ours for this run; programs do not nest on a CPU.
-    let s = unsafe { &mut *s };
-    let parsed = parse_out_of_line(ctx, &mut s.pkt);
-    if parsed != 0 {
-        count_raw(parsed & 0xff);
-        return if parsed & 0x200 != 0 {
-            TC_ACT_SHOT
-        } else {
-            TC_ACT_OK as i32
-        };
-    }
     match process(ctx, s, external) {
         Ok(verdict) => verdict,
         Err(stat) => {
             count(stat);
             TC_ACT_SHOT
+        }
+    }
+}
+
+/// The per-CPU scratch slot with the packet parsed into it. Err: the parser's code, counted
+/// (`0x200` set: a drop), or 0 when there is no slot.
+#[inline(always)]
+fn parsed(ctx: &TcContext) -> Result<&'static mut Scratch, u32> {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return Err(0);
+    };
+    // SAFETY: the per-CPU scratch slot is ours for this run; programs do not nest on a CPU.
+    let s = unsafe { &mut *s };
+    match parse_out_of_line(ctx, &mut s.pkt) {
+        0 => Ok(s),
+        code => {
+            count_raw(code & 0xff);
+            Err(code)
         }
     }
 }
@@ -56,17 +65,10 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
     {
         return TC_ACT_OK as i32;
     }
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+    // The node's own packet: never dropped here for its shape.
+    let Ok(s) = parsed(ctx) else {
         return TC_ACT_OK as i32;
     };
-    // SAFETY: the per-CPU scratch slot is ours for this run; programs do not nest on a CPU.
-    let s = unsafe { &mut *s };
-    let parsed = parse_out_of_line(ctx, &mut s.pkt);
-    if parsed != 0 {
-        // The node's own packet: never dropped here, whatever its shape.
-        count_raw(parsed & 0xff);
-        return TC_ACT_OK as i32;
-    }
     match reply_to_pod(ctx, s) {
         Ok(verdict) => verdict,
         Err(stat) => {
