@@ -332,16 +332,21 @@ impl Datapath {
     /// the program of a filter is atomic. A device that has a pinned TCX link from an earlier
     /// run keeps it, its program swapped: a filter beside it would translate twice.
     ///
-    /// `tc_to_pod` goes on the device's egress the same way (a filter, always).
+    /// `tc_to_pod` goes on the device's egress the same way (a filter, always), unless turned
+    /// off ([`Datapath::set_to_pod`]).
     pub fn attach_pod_tc(&mut self, ifname: &str) -> Result<()> {
-        match qdisc_add_clsact(ifname) {
-            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            r => r.with_context(|| format!("add the clsact qdisc to {ifname}"))?,
-        }
+        // A new device (weir-cni's ADD) gets a new qdisc: no filter of an earlier run to find.
+        let new_qdisc = match qdisc_add_clsact(ifname) {
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
+            r => {
+                r.with_context(|| format!("add the clsact qdisc to {ifname}"))?;
+                true
+            }
+        };
         // Egress first: replies from the node are translated before the first query leaves.
         if self.to_pod {
             self.attach_pod_filter(ifname, TcAttachType::Egress, prog_names::TC_TO_POD)?;
-        } else {
+        } else if !new_qdisc {
             detach_pod_filter(ifname, TcAttachType::Egress, prog_names::TC_TO_POD)?;
         }
         if self.pins.has_tc(ifname, TcRole::FromPod) {
@@ -379,7 +384,8 @@ impl Datapath {
     }
 
     /// Whether this run's `tc_from_pod` is what runs on `ifname`'s ingress (as a TCX link or a
-    /// filter), asked of the kernel in the calling thread's network namespace.
+    /// filter), and, unless it is turned off, its `tc_to_pod` on the egress, asked of the
+    /// kernel in the calling thread's network namespace.
     pub fn pod_tc_attached(&mut self, ifname: &str) -> Result<bool> {
         let id = |ebpf: &mut Ebpf, name| -> Result<u32> {
             let prog: &mut SchedClassifier = program(ebpf, name)?.try_into()?;

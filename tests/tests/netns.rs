@@ -550,6 +550,50 @@ fn detaching_the_tc_program_takes_the_pod_off_the_tc_path() {
     detach(&pins);
 }
 
+/// `tc_to_pod` follows the loader's setting: off (the agent with its socket hooks on a
+/// cgroup v2 root), attaching a pod again removes the egress filter an earlier run left while
+/// `tc_from_pod` stays, and CHECK's question holds; on, it is back.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn the_egress_program_follows_the_setting() {
+    use weir_proxy::loader::{tc_filters, Datapath};
+    let s = sim(false);
+    let pins = weir_proxy::agent::pin_dir(&s.bpffs.path);
+    let dev = s.node.pod("cli").unwrap().host_if.clone();
+    let names = s
+        .node
+        .ns
+        .run(move || {
+            let filters = |dir| -> Vec<String> {
+                tc_filters(&dev, dir)
+                    .unwrap()
+                    .into_iter()
+                    .map(|p| p.name)
+                    .collect()
+            };
+            let mut dp = Datapath::load(pins).unwrap();
+            let mut seen = Vec::new();
+            for on in [true, false, true] {
+                dp.set_to_pod(on);
+                dp.attach_pod_tc(&dev).unwrap();
+                seen.push((
+                    filters(aya::programs::TcAttachType::Ingress),
+                    filters(aya::programs::TcAttachType::Egress),
+                    dp.pod_tc_attached(&dev).unwrap(),
+                ));
+            }
+            seen
+        })
+        .unwrap();
+    let both = (
+        vec!["tc_from_pod".to_string()],
+        vec!["tc_to_pod".to_string()],
+        true,
+    );
+    let ingress_only = (vec!["tc_from_pod".to_string()], vec![], true);
+    assert_eq!(names, [both.clone(), ingress_only, both]);
+}
+
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn a_pod_veth_recreated_under_its_old_name_is_attached_again() {
