@@ -14,7 +14,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use weir_common::PROTO_TCP;
 use weir_proxy::{
-    loader::{Datapath, PinDir},
+    loader::{Datapath, PinDir, PodPrograms},
     loadtest::Report,
     maps::AyaMaps,
     program::{Desired, Frontend, Programmer, ServiceSpec},
@@ -73,7 +73,7 @@ fn median(mut ps: Vec<&Point>) -> Point {
 enum Mode {
     Floor,
     WeirSocket,
-    WeirSocketOnly,
+    WeirSocketPodPrograms,
     WeirTc,
     Iptables,
     Nftables,
@@ -84,7 +84,7 @@ impl Mode {
         match self {
             Mode::Floor => "plain routing to the pod (floor)",
             Mode::WeirSocket => "weir, socket LB",
-            Mode::WeirSocketOnly => "weir, socket LB, TC programs detached (ablation)",
+            Mode::WeirSocketPodPrograms => "weir, socket LB, pod programs kept",
             Mode::WeirTc => "weir, TC path",
             Mode::Iptables => "kube-proxy iptables shape",
             Mode::Nftables => "kube-proxy nftables shape",
@@ -293,16 +293,15 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
     // as the 5 % latency target.
     let pins = PinDir(bpffs.path.join("weir"));
     let ifs: Vec<String> = node.pods.iter().map(|p| p.host_if.clone()).collect();
-    // `to_pod`: tc_to_pod on the pod veths' egress, as the agent attaches it unless the socket
-    // hooks sit on the cgroup v2 root (then every pod is hooked and it is not needed).
-    let attach = |program: Option<Desired>, to_pod: bool| -> Result<Duration> {
+    // The pod veths' programs as the agent sets them: none when the socket hooks sit on the
+    // cgroup v2 root (every pod is hooked), else tc_from_pod on ingress and tc_to_pod on
+    // egress (clsact filters).
+    let attach = |program: Option<Desired>, pod_programs: PodPrograms| -> Result<Duration> {
         let (p2, cg, ifs) = (pins.clone(), cgroup.path.clone(), ifs.clone());
         node.ns.run(move || -> Result<Duration> {
             let mut dp = Datapath::load(p2.clone())?;
-            dp.set_to_pod(to_pod);
+            dp.set_pod_programs(pod_programs);
             for i in &ifs {
-                // As the agent attaches a pod's veth: tc_from_pod on ingress, tc_to_pod on
-                // egress (clsact filters).
                 dp.attach_pod_tc(i)?;
             }
             dp.attach_cgroup(&cg)?;
@@ -334,7 +333,7 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
             Ok(())
         })?
     };
-    let took = attach(Some(desired(&svcs)), true)?;
+    let took = attach(Some(desired(&svcs)), PodPrograms::PerPacket)?;
     detach()?;
     let note = format!(
         "{n} services programmed in {:.0} ms.",
@@ -357,9 +356,9 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
     for _ in 0..ROUNDS {
         let mut r = vec![b.point(n, Mode::Floor, "198.18.1.11:8080", false, String::new())];
         // Socket LB as on a node whose hooks see every pod; the TC path as on one without hooks.
-        attach(None, false)?;
+        attach(None, PodPrograms::None)?;
         r.push(b.point(n, Mode::WeirSocket, &target, true, note.clone()));
-        attach(None, true)?;
+        attach(None, PodPrograms::PerPacket)?;
         r.push(b.point(n, Mode::WeirTc, &target, false, note.clone()));
         detach()?;
         if let Ok(note) = &nft_note {
@@ -381,17 +380,10 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
             note: format!("not measured: {e:#}"),
         });
     }
-    // Ablation: the socket hooks alone, to tell their cost from the per-packet programs'.
-    attach(None, false)?;
-    let (p2, ifs2) = (pins.clone(), ifs.clone());
-    // The devices live in the node namespace: resolve them there.
-    node.ns.run(move || -> Result<()> {
-        for i in &ifs2 {
-            weir_proxy::loader::detach_pod_tc(&p2, i)?;
-        }
-        Ok(())
-    })??;
-    points.push(b.point(n, Mode::WeirSocketOnly, &target, true, String::new()));
+    // The socket hooks with the pod programs still on the veths, as on a node whose hooks sit
+    // on a cgroup below the root: what the programs cost packets that need none of them.
+    attach(None, PodPrograms::PerPacket)?;
+    points.push(b.point(n, Mode::WeirSocketPodPrograms, &target, true, String::new()));
     detach()?;
 
     // kube-proxy, iptables mode.
@@ -465,7 +457,10 @@ pub fn run(weir: &Path, quick: bool) -> Result<String> {
          and nftables shape, in the same node namespace, in the same run. The floor, weir and nftables rows are medians \
          of {ROUNDS} interleaved rounds: weir's programs are detached and kube-proxy's nftables table unhooked (its base \
          chains deleted; loaded once, before the rounds) while the others are measured. The iptables rows are measured \
-         once, after the rounds.\n",
+         once, after the rounds, and so is *socket LB, pod programs kept*. Pod veths carry what the agent gives them: \
+         nothing with the socket hooks on the cgroup v2 root (*socket LB*: every pod's sockets are balanced at \
+         `connect`), `tc_from_pod` and `tc_to_pod` otherwise (*pod programs kept*: hooks on a cgroup below the root; \
+         *TC path*: no hooks). No uplink is on this path, so `tc_to_netdev` is not either.\n",
         iptables_version()
     );
     let _ = writeln!(o, "| N | data path | connections/s | × floor | conn p50 / p99 µs | request p50 / p99 µs | notes |\n|---|---|---|---|---|---|---|");

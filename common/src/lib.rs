@@ -36,6 +36,7 @@ pub mod prog_names {
     pub const TC_FROM_POD: &str = "tc_from_pod";
     pub const TC_FROM_NETDEV: &str = "tc_from_netdev";
     pub const TC_TO_POD: &str = "tc_to_pod";
+    pub const TC_TO_NETDEV: &str = "tc_to_netdev";
     pub const CONNECT4: &str = "sock_connect4";
     pub const CONNECT6: &str = "sock_connect6";
     pub const SENDMSG4: &str = "sock_sendmsg4";

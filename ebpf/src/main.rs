@@ -37,6 +37,14 @@ pub fn tc_from_netdev(ctx: TcContext) -> i32 {
     tc::handle(&ctx, true)
 }
 
+/// Egress of a node uplink: replies of flows an uplink's ingress translated to an endpoint on
+/// the node that no program of ours sees the replies of (a pod whose veth carries none, the
+/// node itself).
+#[classifier]
+pub fn tc_to_netdev(ctx: TcContext) -> i32 {
+    tc::to_netdev(&ctx)
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
     sock::forward(&ctx, Family::V4, false)

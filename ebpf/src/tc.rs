@@ -69,8 +69,8 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
     let Ok(s) = parsed(ctx) else {
         return TC_ACT_OK as i32;
     };
-    match reply_to_pod(ctx, s) {
-        Ok(verdict) => verdict,
+    match reply_out(ctx, s) {
+        Ok(_) => TC_ACT_OK as i32,
         Err(stat) => {
             count(stat);
             TC_ACT_SHOT
@@ -78,27 +78,64 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
     }
 }
 
+/// A packet leaving the node by an uplink, the node's own or forwarded. Replies of flows an
+/// uplink's ingress translated to an endpoint on the node get their reverse NAT here when no
+/// program saw them on the way: the node's own (a hostNetwork endpoint), and a pod's when pod
+/// veths carry no program (every pod's sockets are balanced at `connect`). A packet still
+/// addressed to a Service that drops its traffic (no endpoint on the node for a `Local`
+/// policy) is dropped, as kube-proxy drops it: the socket hooks leave it untranslated for the
+/// per-packet path, and with no program on the pod's veth this is where it meets one.
+/// Nothing else is touched, whatever its shape.
 #[inline(always)]
-fn reply_to_pod(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat> {
+pub fn to_netdev(ctx: &TcContext) -> i32 {
+    let Ok(s) = parsed(ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    match reply_out(ctx, s) {
+        Ok(true) => TC_ACT_OK as i32,
+        Ok(false) => {
+            let p = &s.pkt;
+            if !p.v6 && !maybe_service(&p.dst) {
+                return TC_ACT_OK as i32;
+            }
+            match lookup_service(&p.dst, p.dport, p.proto, false) {
+                Some((m, _)) if m.count == 0 && m.flags & SVC_F_DROP_EMPTY != 0 => {
+                    count(Stat::DropNoLocalBackend);
+                    TC_ACT_SHOT
+                }
+                _ => TC_ACT_OK as i32,
+            }
+        }
+        Err(stat) => {
+            count(stat);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// The reverse NAT of a reply whose flow was translated at an ingress to an endpoint on the
+/// node, on a packet already routed (on its way out of a device): whether it was one.
+#[inline(always)]
+fn reply_out(ctx: &TcContext, s: &mut Scratch) -> Result<bool, Stat> {
     let p = &s.pkt;
     set_key(&mut s.fwd_key, &p.src, &p.dst, p.sport, p.dport, p.proto);
     let Some(entry) = CT.get_ptr_mut(&s.fwd_key) else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(false);
     };
     // SAFETY: an LRU value pointer stays valid for this program run.
     let e = unsafe { &mut *entry };
     let now = now_ns();
-    // Hairpin and source-NATed flows have no reply from the node itself.
+    // Hairpin and source-NATed flows have their replies translated where they come in.
     if e.dir != CT_DIR_REPLY || e.flags & (CT_F_HAIRPIN | CT_F_SNAT) != 0 || e.expires_ns <= now {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(false);
     }
     refresh(e, p, now);
     s.chg_src = Change::new(&p.src, &e.nat_addr, p.sport, e.nat_port);
     s.chg_dst = Change::keep(&p.dst);
-    // Already on its way out of the pod's device: nothing to route.
+    // Already on its way out of the device: nothing to route.
     rewrite(ctx, &s.pkt, &s.chg_src, &s.chg_dst, false)?;
     count(Stat::RevNat);
-    Ok(TC_ACT_OK as i32)
+    Ok(true)
 }
 
 /// Marks a flow closing on FIN or RST and pushes its expiry on, at most once a second (a

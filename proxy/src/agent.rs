@@ -14,7 +14,7 @@ use weir_cni::agent::{Reply, Request};
 
 use crate::{
     kube_source::KubeSource,
-    loader::{ensure_bpffs, Datapath, PinDir, TcRole},
+    loader::{ensure_bpffs, Datapath, PinDir, PodPrograms, TcRole},
     maps::AyaMaps,
     model,
     observe::{Health, Metrics, Observed},
@@ -58,6 +58,9 @@ pub struct Config {
     pub bpffs: PathBuf,
     /// cgroup v2 directory for the socket-level hooks; None turns socket LB off.
     pub cgroup: Option<PathBuf>,
+    /// What pod veths carry; None: decided from `cgroup` (none when it is a cgroup v2 root,
+    /// whose hooks see every pod's sockets).
+    pub pod_programs: Option<PodPrograms>,
     /// Where the pods' network namespaces are pinned (`/var/run/netns`): connected UDP sockets
     /// of removed backends are aborted there and in the agent's own namespace.
     pub pod_netns_dir: Option<PathBuf>,
@@ -94,6 +97,7 @@ impl Config {
             source,
             bpffs: PathBuf::new(),
             cgroup: None,
+            pod_programs: None,
             pod_netns_dir: None,
             pod_if_prefixes: vec![],
             netdevs: vec![],
@@ -540,13 +544,12 @@ fn attach_pod(
     let started = Instant::now();
     dp.attach_pod_tc(&dev.0)
         .with_context(|| format!("attach the pod programs to {}", dev.0))?;
-    info!(
-        dev = %dev.0,
-        index = dev.1,
-        by,
-        took_us = started.elapsed().as_micros() as u64,
-        "attached tc_from_pod"
-    );
+    let took_us = started.elapsed().as_micros() as u64;
+    if dp.pod_programs() == PodPrograms::None {
+        info!(dev = %dev.0, index = dev.1, by, took_us, "pod veth without programs (socket LB)");
+    } else {
+        info!(dev = %dev.0, index = dev.1, by, took_us, "attached tc_from_pod");
+    }
     attached.insert(dev);
     Ok(())
 }
@@ -575,6 +578,9 @@ fn answer(req: Request, dp: &mut Datapath, attached: &mut Attached, ready: bool)
             }
             match dp.pod_tc_attached(&ifname) {
                 Ok(true) => Reply::ok(),
+                Ok(false) if dp.pod_programs() == PodPrograms::None => Reply::err(format!(
+                    "tc_from_pod or tc_to_pod of an earlier run is still on {ifname} (index {ifindex}); this agent puts none on pod veths"
+                )),
                 Ok(false) => Reply::err(format!(
                     "this agent's tc_from_pod and tc_to_pod do not both run on {ifname} (index {ifindex})"
                 )),
@@ -631,13 +637,25 @@ pub async fn run(cfg: Config) -> Result<()> {
         dp.attach_cgroup(cg)?;
         info!(cgroup = %cg.display(), "socket load balancing attached");
     }
-    // The hooks on a cgroup v2 root see every pod's sockets: no pod flow takes the per-packet
-    // path to an endpoint on the node, and pod veths go without the egress program.
-    let every_pod_hooked = cfg.cgroup.as_ref().is_some_and(|cg| is_cgroup_root(cg));
-    dp.set_to_pod(!every_pod_hooked);
+    // The hooks on a cgroup v2 root see every pod's sockets: no pod packet is addressed to
+    // a service, and pod veths go without programs (every packet between pods pays for one
+    // that is there).
+    let pod_programs = cfg.pod_programs.unwrap_or(
+        if cfg.cgroup.as_ref().is_some_and(|cg| is_cgroup_root(cg)) {
+            PodPrograms::None
+        } else {
+            PodPrograms::PerPacket
+        },
+    );
+    dp.set_pod_programs(pod_programs);
+    info!(?pod_programs, "pod veth programs");
+    // Uplinks first: with no pod programs, replies of external flows a pod serves are
+    // translated on the uplink's egress, which must be in place before an earlier run's pod
+    // programs come off (the first poll).
     for dev in &cfg.netdevs {
         dp.attach_tc(dev, TcRole::FromNetdev)?;
-        info!(dev = %dev, "attached tc_from_netdev");
+        dp.attach_tc(dev, TcRole::ToNetdev)?;
+        info!(dev = %dev, "attached tc_from_netdev and tc_to_netdev");
     }
     let mut maps = AyaMaps::open(&dp.pins().maps())?;
     let mut programmer = Programmer::adopt(&maps)?;

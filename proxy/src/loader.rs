@@ -41,8 +41,10 @@ pub const SOCK_PROGRAMS: [&str; 8] = [
 pub enum TcRole {
     /// A pod's host-side veth.
     FromPod,
-    /// A node uplink.
+    /// A node uplink's ingress.
     FromNetdev,
+    /// A node uplink's egress.
+    ToNetdev,
 }
 
 impl TcRole {
@@ -50,8 +52,29 @@ impl TcRole {
         match self {
             TcRole::FromPod => prog_names::TC_FROM_POD,
             TcRole::FromNetdev => prog_names::TC_FROM_NETDEV,
+            TcRole::ToNetdev => prog_names::TC_TO_NETDEV,
         }
     }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            TcRole::FromPod | TcRole::FromNetdev => TcAttachType::Ingress,
+            TcRole::ToNetdev => TcAttachType::Egress,
+        }
+    }
+}
+
+/// What pod veths carry ([`Datapath::set_pod_programs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PodPrograms {
+    /// `tc_from_pod` on the ingress, `tc_to_pod` on the egress: pod flows may take the
+    /// per-packet path (no socket hooks, or hooks on a cgroup some pods are outside of).
+    #[default]
+    PerPacket,
+    /// None: the socket hooks balance every pod's sockets at `connect`, so no pod packet is
+    /// addressed to a service, and the replies of external flows a pod serves are translated
+    /// on the uplink's egress (`tc_to_netdev`). Packets between pods pass no program at all.
+    None,
 }
 
 /// Separates a device's name from its index in a TC link's pin name. Not `.`: bpffs refuses
@@ -153,8 +176,8 @@ fn unpin(path: &Path) -> Result<()> {
 pub struct Datapath {
     ebpf: Ebpf,
     pins: PinDir,
-    /// Whether pod veths get `tc_to_pod` on their egress (see [`Datapath::set_to_pod`]).
-    to_pod: bool,
+    /// What pod veths get from [`Datapath::attach_pod_tc`].
+    pod_programs: PodPrograms,
 }
 
 /// A conntrack value as weir wrote it before `CT_V2` (no peer rewrite).
@@ -256,6 +279,7 @@ impl Datapath {
             prog_names::TC_FROM_POD,
             prog_names::TC_TO_POD,
             prog_names::TC_FROM_NETDEV,
+            prog_names::TC_TO_NETDEV,
         ] {
             let p: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
             p.load().with_context(|| format!("load program {name}"))?;
@@ -274,7 +298,7 @@ impl Datapath {
         Ok(Self {
             ebpf,
             pins,
-            to_pod: true,
+            pod_programs: PodPrograms::PerPacket,
         })
     }
 
@@ -282,17 +306,21 @@ impl Datapath {
         &self.pins
     }
 
-    /// Whether pod veths get `tc_to_pod` (the default) from [`Datapath::attach_pod_tc`]. It is
-    /// needed only for flows of the per-packet path: with the socket hooks on every pod's
-    /// sockets, a pod's connection to an endpoint on the node is translated at `connect`
-    /// and no packet needs it, and a hook on egress costs every packet delivered to a pod
-    /// (B1). Off, `attach_pod_tc` also removes one an earlier run left.
-    pub fn set_to_pod(&mut self, on: bool) {
-        self.to_pod = on;
+    /// What [`Datapath::attach_pod_tc`] puts on pod veths ([`PodPrograms::PerPacket`] unless
+    /// set). With the socket hooks on every pod's sockets, no pod packet needs a program:
+    /// a classifier costs every packet that passes it, even one it returns at once (B1), so
+    /// [`PodPrograms::None`] leaves pod veths bare, and `attach_pod_tc` removes what an earlier
+    /// run put there. Uplinks carry `tc_to_netdev` on their egress in either case.
+    pub fn set_pod_programs(&mut self, p: PodPrograms) {
+        self.pod_programs = p;
     }
 
-    /// Attaches a TC program to `ifname` (ingress, TCX) in the calling thread's network
-    /// namespace, or swaps the program of the link a previous run pinned.
+    pub fn pod_programs(&self) -> PodPrograms {
+        self.pod_programs
+    }
+
+    /// Attaches a TC program to `ifname` (TCX, on the role's side) in the calling thread's
+    /// network namespace, or swaps the program of the link a previous run pinned.
     pub fn attach_tc(&mut self, ifname: &str, role: TcRole) -> Result<()> {
         let name = role.program();
         let pin = self.pins.tc_link(ifname, role)?;
@@ -308,10 +336,12 @@ impl Datapath {
                 let id = prog
                     .attach_with_options(
                         ifname,
-                        TcAttachType::Ingress,
+                        role.attach_type(),
                         TcAttachOptions::TcxOrder(LinkOrder::default()),
                     )
-                    .with_context(|| format!("attach {name} to {ifname} ingress"))?;
+                    .with_context(|| {
+                        format!("attach {name} to {ifname} {:?}", role.attach_type())
+                    })?;
                 let link: FdLink = prog.take_link(id)?.try_into()?;
                 link.pin(&pin)
                     .with_context(|| format!("pin link {}", pin.display()))?;
@@ -332,23 +362,15 @@ impl Datapath {
     /// the program of a filter is atomic. A device that has a pinned TCX link from an earlier
     /// run keeps it, its program swapped: a filter beside it would translate twice.
     ///
-    /// `tc_to_pod` goes on the device's egress the same way (a filter, always), unless turned
-    /// off ([`Datapath::set_to_pod`]).
+    /// `tc_to_pod` goes on the device's egress the same way (a filter, always). With
+    /// [`PodPrograms::None`] the device gets neither, and loses those an earlier run left.
     pub fn attach_pod_tc(&mut self, ifname: &str) -> Result<()> {
-        // A new device (weir-cni's ADD) gets a new qdisc: no filter of an earlier run to find.
-        let new_qdisc = match qdisc_add_clsact(ifname) {
-            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
-            r => {
-                r.with_context(|| format!("add the clsact qdisc to {ifname}"))?;
-                true
-            }
-        };
-        // Egress first: replies from the node are translated before the first query leaves.
-        if self.to_pod {
-            self.attach_pod_filter(ifname, TcAttachType::Egress, prog_names::TC_TO_POD)?;
-        } else if !new_qdisc {
-            detach_pod_filter(ifname, TcAttachType::Egress, prog_names::TC_TO_POD)?;
+        if self.pod_programs == PodPrograms::None {
+            return detach_pod_tc(&self.pins, ifname);
         }
+        qdisc_add_clsact_once(ifname)?;
+        // Egress first: replies from the node are translated before the first query leaves.
+        self.attach_pod_filter(ifname, TcAttachType::Egress, prog_names::TC_TO_POD)?;
         if self.pins.has_tc(ifname, TcRole::FromPod) {
             return self.attach_tc(ifname, TcRole::FromPod);
         }
@@ -384,8 +406,9 @@ impl Datapath {
     }
 
     /// Whether this run's `tc_from_pod` is what runs on `ifname`'s ingress (as a TCX link or a
-    /// filter), and, unless it is turned off, its `tc_to_pod` on the egress, asked of the
-    /// kernel in the calling thread's network namespace.
+    /// filter), and its `tc_to_pod` on the egress, asked of the kernel in the calling thread's
+    /// network namespace; with [`PodPrograms::None`], whether neither of weir's pod programs is
+    /// there.
     pub fn pod_tc_attached(&mut self, ifname: &str) -> Result<bool> {
         let id = |ebpf: &mut Ebpf, name| -> Result<u32> {
             let prog: &mut SchedClassifier = program(ebpf, name)?.try_into()?;
@@ -395,11 +418,17 @@ impl Datapath {
             id(&mut self.ebpf, TcRole::FromPod.program())?,
             id(&mut self.ebpf, prog_names::TC_TO_POD)?,
         );
+        if self.pod_programs == PodPrograms::None {
+            let ours = |p: &TcProgram| {
+                p.name == TcRole::FromPod.program() || p.name == prog_names::TC_TO_POD
+            };
+            return Ok(!tc_ingress(ifname)?.iter().any(ours)
+                && !tc_filters(ifname, TcAttachType::Egress)?.iter().any(ours));
+        }
         Ok(tc_ingress(ifname)?.iter().any(|p| p.id == from)
-            && (!self.to_pod
-                || tc_filters(ifname, TcAttachType::Egress)?
-                    .iter()
-                    .any(|p| p.id == to)))
+            && tc_filters(ifname, TcAttachType::Egress)?
+                .iter()
+                .any(|p| p.id == to))
     }
 
     /// Attaches the socket-level hooks to a cgroup (v2), or swaps the programs of the links a
@@ -479,8 +508,16 @@ pub fn tc_filters(ifname: &str, dir: TcAttachType) -> Result<Vec<TcProgram>> {
         .with_context(|| format!("list the {dir:?} filters of {ifname}"))
 }
 
-/// Removes weir's pod program from `ifname`, filter or pinned TCX link; one that is not there
-/// is fine.
+/// Gives `ifname` a clsact qdisc unless it has one.
+fn qdisc_add_clsact_once(ifname: &str) -> Result<()> {
+    match qdisc_add_clsact(ifname) {
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        r => r.with_context(|| format!("add the clsact qdisc to {ifname}")),
+    }
+}
+
+/// Removes weir's pod programs from `ifname`, filters or pinned TCX link; one that is not
+/// there is fine.
 pub fn detach_pod_tc(pins: &PinDir, ifname: &str) -> Result<()> {
     pins.detach_tc(ifname, TcRole::FromPod)?;
     detach_pod_filter(ifname, TcAttachType::Ingress, TcRole::FromPod.program())?;

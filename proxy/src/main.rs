@@ -46,6 +46,12 @@ enum Cmd {
         /// Do not attach the socket-level hooks: every service packet takes the TC path.
         #[arg(long)]
         no_socket_lb: bool,
+        /// What pod veths carry: `tc` (tc_from_pod and tc_to_pod: pod flows may take the
+        /// per-packet path), `none` (no program: right only when every pod's processes are in
+        /// --cgroup, such as kubepods.slice; replies of external flows are translated on the
+        /// --netdev egress), or `auto`: none when the hooks sit on a cgroup v2 root, else tc.
+        #[arg(long, value_enum, default_value = "auto")]
+        pod_programs: PodProgramsArg,
         /// Where container runtimes pin pod network namespaces: connected UDP sockets that the
         /// socket hooks sent to a backend which has left are aborted there (ECONNABORTED, so
         /// the application connects again), and in the agent's own namespace.
@@ -344,6 +350,14 @@ fn parse_path(s: &str) -> Result<OptPath, String> {
     ))
 }
 
+/// `weir agent --pod-programs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum PodProgramsArg {
+    Auto,
+    Tc,
+    None,
+}
+
 /// A listen address, or none.
 #[derive(Clone, Copy, Debug)]
 struct Bind(Option<std::net::SocketAddr>);
@@ -364,6 +378,7 @@ fn run(cli: Cli) -> Result<()> {
             bpffs,
             cgroup,
             no_socket_lb,
+            pod_programs,
             pod_netns_dir,
             pod_interface_prefix,
             netdev,
@@ -387,10 +402,18 @@ fn run(cli: Cli) -> Result<()> {
                     None => topo::cgroup2_root()?,
                 })
             };
+            if cgroup.is_none() && pod_programs == PodProgramsArg::None {
+                anyhow::bail!("--pod-programs none needs the socket hooks: every pod's flows would go untranslated with --no-socket-lb");
+            }
             let cfg = agent::Config {
                 source,
                 bpffs,
                 cgroup,
+                pod_programs: match pod_programs {
+                    PodProgramsArg::Auto => None,
+                    PodProgramsArg::Tc => Some(weir_proxy::loader::PodPrograms::PerPacket),
+                    PodProgramsArg::None => Some(weir_proxy::loader::PodPrograms::None),
+                },
                 pod_netns_dir: Some(pod_netns_dir),
                 pod_if_prefixes: pod_interface_prefix,
                 netdevs: netdev,

@@ -22,6 +22,7 @@ use weir_tests::*;
 const TC_FROM_POD: &str = "tc_from_pod";
 const TC_FROM_NETDEV: &str = "tc_from_netdev";
 const TC_TO_POD: &str = "tc_to_pod";
+const TC_TO_NETDEV: &str = "tc_to_netdev";
 
 const CLI4: &str = "198.18.1.10";
 const CLI6: &str = "fd00:18::a";
@@ -838,6 +839,93 @@ fn external_traffic_to_an_endpoint_on_this_node_keeps_the_client_address() {
         ),
         &["rev_nat", "routed"],
     );
+}
+
+/// With no program on pod veths (every pod's sockets balanced at `connect`), the reply of an
+/// external flow served by a pod of the node meets weir's programs only on the uplink's
+/// egress: `tc_to_netdev` gives it the NodePort's address, IPv4 and IPv6. What is no such
+/// reply leaves untouched, a source-NATed flow's reply included (translated where it comes
+/// in); a packet to a Service that drops its traffic (internal policy Local, no endpoint on
+/// the node), which the socket hooks leave untranslated, is dropped there.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn replies_of_external_flows_are_translated_on_the_uplink_egress() {
+    for (node, ext, be, remote, cli, empty) in [
+        (NODE4, EXTERNAL4, BE4, REMOTE_POD4, CLI4, EMPTY4),
+        (NODE6, EXTERNAL6, BE6, REMOTE_POD6, CLI6, EMPTY6),
+    ] {
+        let mut h = Harness::new().unwrap();
+        let mut d = nodeport(node, be);
+        d.insert(
+            fe(empty, 80, PROTO_TCP),
+            ServiceSpec {
+                drop_when_empty: true,
+                ..svc(&[])
+            },
+        );
+        h.program(&d);
+        expect(
+            &mut h,
+            &format!("{node}: SYN"),
+            (TC_FROM_NETDEV, UPLINK),
+            tcp(ext, 40000, node, 30080, Tcp::Syn),
+            (OK, tcp(ext, 40000, be, 8080, Tcp::Syn)),
+            &["dnat_new"],
+        );
+        expect(
+            &mut h,
+            &format!("{node}: reply"),
+            (TC_TO_NETDEV, UPLINK),
+            tcp(be, 8080, ext, 40000, Tcp::Ack),
+            (OK, tcp(node, 30080, ext, 40000, Tcp::Ack)),
+            &["rev_nat"],
+        );
+        for (what, frame) in [
+            ("another flow", tcp(be, 8080, ext, 40001, Tcp::Ack)),
+            ("a pod's own flow", tcp(cli, 40000, remote, 8080, Tcp::Syn)),
+            ("an unknown port", udp(be, 5353, ext, 40000, b"x")),
+        ] {
+            expect(
+                &mut h,
+                &format!("{node}: {what}"),
+                (TC_TO_NETDEV, UPLINK),
+                frame.clone(),
+                (OK, frame),
+                &[],
+            );
+        }
+        expect(
+            &mut h,
+            &format!("{node}: to a Service that drops"),
+            (TC_TO_NETDEV, UPLINK),
+            tcp(cli, 40000, empty, 80, Tcp::Syn),
+            (SHOT, tcp(cli, 40000, empty, 80, Tcp::Syn)),
+            &["drop_no_local_backend"],
+        );
+        // A source-NATed flow: its reply is translated at the uplink's ingress and leaves
+        // with the NodePort's address, which no entry of the egress matches.
+        h.program(&nodeport(node, remote));
+        let (_, out, _) = step_on(
+            &mut h,
+            TC_FROM_NETDEV,
+            &tcp(ext, 40002, node, 30080, Tcp::Syn),
+            UPLINK,
+        );
+        let port = tcp_sport(&out);
+        for frame in [
+            out.clone(),
+            tcp(node, 30080, ext, 40002, Tcp::Ack),
+            tcp(remote, 8080, node, port, Tcp::Ack),
+        ] {
+            let (v, o, moved) = step_on(&mut h, TC_TO_NETDEV, &frame, UPLINK);
+            assert_eq!((v, moved), (OK, vec![]), "{node}: source-NATed flow");
+            assert!(
+                o == frame,
+                "{node}: source-NATed flow\n{}",
+                hexdiff(&o, &frame)
+            );
+        }
+    }
 }
 
 #[test]

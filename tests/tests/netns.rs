@@ -550,13 +550,14 @@ fn detaching_the_tc_program_takes_the_pod_off_the_tc_path() {
     detach(&pins);
 }
 
-/// `tc_to_pod` follows the loader's setting: off (the agent with its socket hooks on a
-/// cgroup v2 root), attaching a pod again removes the egress filter an earlier run left while
-/// `tc_from_pod` stays, and CHECK's question holds; on, it is back.
+/// The pod programs follow the loader's setting: with none (the agent with its socket hooks
+/// on a cgroup v2 root), attaching a pod again removes both filters an earlier run left, and
+/// CHECK's question holds; per packet, both are back. CHECK fails while a filter of another
+/// setting is on the device.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
-fn the_egress_program_follows_the_setting() {
-    use weir_proxy::loader::{tc_filters, Datapath};
+fn the_pod_programs_follow_the_setting() {
+    use weir_proxy::loader::{tc_filters, Datapath, PodPrograms};
     let s = sim(false);
     let pins = weir_proxy::agent::pin_dir(&s.bpffs.path);
     let dev = s.node.pod("cli").unwrap().host_if.clone();
@@ -573,10 +574,19 @@ fn the_egress_program_follows_the_setting() {
             };
             let mut dp = Datapath::load(pins).unwrap();
             let mut seen = Vec::new();
-            for on in [true, false, true] {
-                dp.set_to_pod(on);
+            for p in [
+                PodPrograms::PerPacket,
+                PodPrograms::None,
+                PodPrograms::PerPacket,
+            ] {
+                // Asked before attaching: the device still has the other setting's programs.
+                let before = dp.pod_tc_attached(&dev).unwrap();
+                dp.set_pod_programs(p);
+                let stale = dp.pod_tc_attached(&dev).unwrap();
                 dp.attach_pod_tc(&dev).unwrap();
                 seen.push((
+                    before,
+                    stale,
                     filters(aya::programs::TcAttachType::Ingress),
                     filters(aya::programs::TcAttachType::Egress),
                     dp.pod_tc_attached(&dev).unwrap(),
@@ -585,13 +595,19 @@ fn the_egress_program_follows_the_setting() {
             seen
         })
         .unwrap();
-    let both = (
+    let (i, e) = (
         vec!["tc_from_pod".to_string()],
         vec!["tc_to_pod".to_string()],
-        true,
     );
-    let ingress_only = (vec!["tc_from_pod".to_string()], vec![], true);
-    assert_eq!(names, [both.clone(), ingress_only, both]);
+    assert_eq!(
+        names,
+        [
+            // The agent's programs are on the device, not this loader's.
+            (false, false, i.clone(), e.clone(), true),
+            (true, false, vec![], vec![], true),
+            (true, false, i, e, true),
+        ]
+    );
 }
 
 #[test]
@@ -1198,10 +1214,25 @@ fn the_agent_follows_the_kubernetes_api() {
 /// reaches the simulated node's NodePort (IPv4 and IPv6, TCP and UDP), served by a pod of the
 /// node and by a pod of a second node. The second pod's traffic is source-NATed, so its replies
 /// come back through the node; with `externalTrafficPolicy: Local` only the node's own pod
-/// serves, with nothing source-NATed.
+/// serves, with nothing source-NATed. A NodePort whose endpoint is the node itself (a
+/// hostNetwork pod) answers too: its replies leave by the uplink's egress, where
+/// `tc_to_netdev` translates them.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn an_outside_client_reaches_a_nodeport_served_here_and_on_another_node() {
+    nodeport_from_outside("tc");
+}
+
+/// The same with no program on the pod veths (`--pod-programs none`, the agent's choice when
+/// its socket hooks sit on the cgroup v2 root): the replies of the node's own pod meet weir
+/// only on the uplink's egress.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn an_outside_client_reaches_a_nodeport_with_no_pod_programs() {
+    nodeport_from_outside("none");
+}
+
+fn nodeport_from_outside(pod_programs: &str) {
     use weir_proxy::topo::{Lan, Netns, Node, Proc};
     let mut s = sim(true);
     // The nodes' network: this node at .1, node-b at .2, the client at .99.
@@ -1249,11 +1280,24 @@ fn an_outside_client_reaches_a_nodeport_served_here_and_on_another_node() {
              {{name: udp, port: 53, targetPort: 8080, nodePort: 30053, protocol: UDP}}]}}\n{}{}",
             slice("IPv4", "198.18.1.11", "198.18.1.50"),
             slice("IPv6", "fd00:18::b", "fd00:18::32"),
-        )
+        ) + "---\napiVersion: v1\nkind: Service\nmetadata: {name: hostnp, namespace: demo}\n\
+             spec: {type: NodePort, clusterIP: 198.19.0.31, ports: [{name: tcp, port: 80, targetPort: 9090, nodePort: 30090},\n\
+             {name: udp, port: 53, targetPort: 9090, nodePort: 30091, protocol: UDP}]}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {name: hostnp-1, namespace: demo, labels: {kubernetes.io/service-name: hostnp}}\n\
+             addressType: IPv4\nports: [{name: tcp, port: 9090}, {name: udp, port: 9090, protocol: UDP}]\n\
+             endpoints: [{addresses: [198.18.0.1], nodeName: sim-node}]\n"
     };
+    // The hostNetwork endpoint: a server of the node's namespace on the node's address.
+    let mut host = s.node.ns.command(weir_bin().unwrap()).unwrap();
+    host.args(["echo-server", "--name", "host", "--address", "198.18.0.1"])
+        .args(["--port", "9090"])
+        .stdout(std::process::Stdio::null());
+    let _host = Proc::spawn("echo host", host).unwrap();
     s.write_services(&yaml("Cluster")).unwrap();
     // The agent again, now with the uplink.
     s.netdevs = vec!["eth1".into()];
+    s.agent_args = vec!["--pod-programs".into(), pod_programs.into()];
     s.kill_agent();
     s.start_agent().unwrap();
     let backends_of = |st: &weir_proxy::status::Status, fe: &str| {
@@ -1295,6 +1339,34 @@ fn an_outside_client_reaches_a_nodeport_served_here_and_on_another_node() {
         );
         Report::from_json(&out.stdout).unwrap()
     };
+    // What the pod veths carry: the setting's programs, and nothing left of the other's.
+    let dev = s.node.pod("be-1").unwrap().host_if.clone();
+    let on_veth = s
+        .node
+        .ns
+        .run(move || {
+            use aya::programs::TcAttachType::{Egress, Ingress};
+            let names = |dir| -> Vec<String> {
+                weir_proxy::loader::tc_filters(&dev, dir)
+                    .unwrap()
+                    .into_iter()
+                    .map(|p| p.name)
+                    .collect()
+            };
+            (names(Ingress), names(Egress))
+        })
+        .unwrap();
+    let want: (Vec<String>, Vec<String>) = match pod_programs {
+        "none" => (vec![], vec![]),
+        _ => (vec!["tc_from_pod".into()], vec!["tc_to_pod".into()]),
+    };
+    assert_eq!(on_veth, want, "{pod_programs}: be-1's veth");
+    for (target, proto) in [("198.18.0.1:30090", "tcp"), ("198.18.0.1:30091", "udp")] {
+        let r = load(target, proto);
+        assert_eq!(r.ok, r.sent, "{target}/{proto}: {:?}", r.errors);
+        let served: Vec<&String> = r.backends.keys().collect();
+        assert_eq!(served, ["host"], "{target}/{proto}: the node itself");
+    }
     let targets = [
         ("198.18.0.1:30080", "tcp"),
         ("198.18.0.1:30053", "udp"),
