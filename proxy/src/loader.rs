@@ -250,6 +250,83 @@ pub fn migrate_ct_v1(maps_dir: &Path) -> Result<usize> {
     Ok(moved)
 }
 
+/// Counters a previous run counted, by index, to be carried into a counters map made anew.
+type Carried = Vec<(u32, aya::maps::PerCpuValues<u64>)>;
+
+/// Checks every map of the object that a previous run pinned against this build's
+/// definition, before the loader adopts it: aya reuses a pinned map whatever its shape. The
+/// counters map is made anew when its size changed (a version with more counters), its counts
+/// returned to be carried over; any other difference is an error naming the map, whose entries
+/// would be misread (a change of layout takes a new map name, as `CT_V2`).
+fn check_pinned_maps(maps_dir: &Path) -> Result<Carried> {
+    use aya::maps::{MapData, MapInfo, PerCpuArray};
+    let obj = aya_obj::Object::parse(OBJECT).context("parse the eBPF object")?;
+    let mut carried = Vec::new();
+    for (name, def) in &obj.maps {
+        let path = maps_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("read pinned map {}", path.display()))?;
+        let want = (def.key_size(), def.value_size(), def.max_entries());
+        let got = (info.key_size(), info.value_size(), info.max_entries());
+        if want == got {
+            continue;
+        }
+        if name == weir_common::map_names::STATS && (want.0, want.1) == (got.0, got.1) {
+            let old: PerCpuArray<MapData, u64> =
+                crate::maps::open_typed(maps_dir, weir_common::map_names::STATS)?;
+            for i in 0..got.2.min(want.2) {
+                carried.push((
+                    i,
+                    old.get(&i, 0)
+                        .with_context(|| format!("read {name}[{i}]"))?,
+                ));
+            }
+            // The old programs keep their map until they are replaced; counts they add
+            // meanwhile are lost.
+            unpin(&path)?;
+            tracing::info!(
+                map = %name,
+                was = got.2,
+                now = want.2,
+                "counters map made anew for this version's counters, counts carried over"
+            );
+            continue;
+        }
+        bail!(
+            "the pinned map {} has keys of {} bytes, values of {} bytes and {} entries, where this \
+             weir's programs expect {}, {} and {}: its entries would be misread. A change of layout \
+             takes a new map name; remove the pin to start that map empty",
+            path.display(),
+            got.0,
+            got.1,
+            got.2,
+            want.0,
+            want.1,
+            want.2
+        );
+    }
+    Ok(carried)
+}
+
+/// Writes carried counts into the counters map the loader made.
+fn restore_counters(maps_dir: &Path, carried: Carried) -> Result<()> {
+    use aya::maps::{MapData, PerCpuArray};
+    if carried.is_empty() {
+        return Ok(());
+    }
+    let name = weir_common::map_names::STATS;
+    let mut stats: PerCpuArray<MapData, u64> = crate::maps::open_typed(maps_dir, name)?;
+    for (i, v) in carried {
+        stats
+            .set(i, v, 0)
+            .with_context(|| format!("write {name}[{i}]"))?;
+    }
+    Ok(())
+}
+
 fn is_not_found(e: &aya::programs::links::LinkError) -> bool {
     matches!(e, aya::programs::links::LinkError::SyscallError(s) if s.io_error.kind() == io::ErrorKind::NotFound)
 }
@@ -266,6 +343,7 @@ impl Datapath {
                 .with_context(|| format!("create pin directory {}", d.display()))?;
         }
         let maps_dir = pins.maps();
+        let carried = check_pinned_maps(&maps_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(OBJECT)
@@ -288,6 +366,7 @@ impl Datapath {
             let p: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             p.load().with_context(|| format!("load program {name}"))?;
         }
+        restore_counters(&maps_dir, carried)?;
         let moved = migrate_ct_v1(&maps_dir)?;
         if moved > 0 {
             tracing::info!(

@@ -950,11 +950,16 @@ fn a_local_traffic_policy_is_never_source_nated() {
 
 /// Creates and pins an LRU hash map as an older weir would have (BPF_MAP_CREATE, BPF_OBJ_PIN).
 fn pin_lru_map(path: &std::path::Path, name: &str, key_size: u32, value_size: u32) {
+    pin_map(
+        path, name, 9, /* LRU_HASH */
+        key_size, value_size, 1024,
+    );
+}
+
+/// Creates and pins a map of `kind` (a `bpf_map_type`) with the sizes given.
+fn pin_map(path: &std::path::Path, name: &str, kind: u32, key: u32, value: u32, entries: u32) {
     let mut create = [0u8; 72];
-    for (i, v) in [9u32 /* LRU_HASH */, key_size, value_size, 1024]
-        .iter()
-        .enumerate()
-    {
+    for (i, v) in [kind, key, value, entries].iter().enumerate() {
         create[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
     }
     create[28..28 + name.len()].copy_from_slice(name.as_bytes());
@@ -974,6 +979,77 @@ fn pin_lru_map(path: &std::path::Path, name: &str, key_size: u32, value_size: u3
     assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
     // SAFETY: our own descriptor; the pin keeps the map.
     unsafe { libc::close(fd as i32) };
+}
+
+/// An upgrade that adds counters: the counters map the previous version pinned (fewer
+/// entries) is made anew at this version's size with its counts carried over, so the new
+/// counters count and every counter reads (`weir status` failed on the missing ones). A
+/// pinned map of another shape is refused with an error that names it, not misread.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn an_upgrade_with_more_counters_keeps_the_counts() {
+    use aya::maps::{MapData, PerCpuArray, PerCpuValues};
+    use weir_common::{map_names, STAT_COUNT};
+    let cpus = aya::util::nr_cpus().unwrap();
+    let mut h = Harness::new_with(|maps| {
+        pin_map(
+            &maps.join(map_names::STATS),
+            map_names::STATS,
+            6, /* PERCPU_ARRAY */
+            4,
+            8,
+            STAT_COUNT - 2,
+        );
+        let mut old: PerCpuArray<MapData, u64> =
+            weir_proxy::maps::open_typed(maps, map_names::STATS)?;
+        let dnat_new = Stat::DnatNew as u32;
+        old.set(dnat_new, PerCpuValues::try_from(vec![3u64; cpus])?, 0)?;
+        Ok(())
+    })
+    .expect("load over the smaller counters map");
+    let info = aya::maps::MapInfo::from_pin(h.maps_dir().join(map_names::STATS)).unwrap();
+    assert_eq!(info.max_entries(), STAT_COUNT, "the counters map's size");
+    let before = h.stats();
+    assert_eq!(
+        before[Stat::DnatNew as usize],
+        3 * cpus as u64,
+        "carried over"
+    );
+    h.program(&services());
+    let (_, _, moved) = step_on(
+        &mut h,
+        TC_FROM_POD,
+        &tcp(CLI4, 40000, VIP4, 80, Tcp::Syn),
+        "lo",
+    );
+    assert_eq!(moved, ["dnat_new"]);
+    assert_eq!(h.stats()[Stat::DnatNew as usize], 3 * cpus as u64 + 1);
+    // The last counter of this version counts too: a node-local query.
+    let mut d = services();
+    d.get_mut(&fe(VIP4, 53, PROTO_UDP)).unwrap().node_local = true;
+    h.program(&d);
+    lease(&h, true);
+    let (_, _, moved) = step_on(&mut h, TC_FROM_POD, &udp(CLI4, 40000, VIP4, 53, b"7"), "lo");
+    assert_eq!(moved, ["dnat_new", "node_local"]);
+
+    let err = Harness::new_with(|maps| {
+        pin_map(
+            &maps.join(map_names::BACKENDS),
+            map_names::BACKENDS,
+            1, /* HASH */
+            4,
+            4,
+            16,
+        );
+        Ok(())
+    })
+    .err()
+    .expect("a backends map of another shape is refused");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains(map_names::BACKENDS) && err.contains("would be misread"),
+        "{err}"
+    );
 }
 
 /// Flows tracked by the conntrack layout of earlier versions (`CT_V1`) keep working after an
