@@ -129,7 +129,11 @@ pub fn terminate(gone: &[Gone], rev: &mut SockRev, pod_netns_dir: Option<&Path>)
     let mut visit = |what: &str, sock: io::Result<Socket>, o: &mut Outcome| {
         o.namespaces += 1;
         match sock.and_then(|s| in_namespace(&s, &gone, rev)) {
-            Ok(n) => o.destroyed += n,
+            Ok((n, failed)) => {
+                o.destroyed += n;
+                o.errors
+                    .extend(failed.into_iter().map(|e| format!("{what}: {e}")));
+            }
             Err(e) => o.errors.push(format!("{what}: {e}")),
         }
     };
@@ -170,9 +174,14 @@ fn diag_socket_in(path: &Path) -> io::Result<Socket> {
     .map_err(|_| io::Error::other("namespace thread panicked"))?
 }
 
-/// Aborts the sockets of one namespace; returns how many.
-fn in_namespace(s: &Socket, gone: &BTreeSet<Gone>, rev: &mut SockRev) -> io::Result<usize> {
-    let mut n = 0;
+/// Aborts the sockets of one namespace; returns how many, and the sockets it failed to abort
+/// (one failure does not leave the others on their backend).
+fn in_namespace(
+    s: &Socket,
+    gone: &BTreeSet<Gone>,
+    rev: &mut SockRev,
+) -> io::Result<(usize, Vec<String>)> {
+    let (mut n, mut failed) = (0, Vec::new());
     for family in [AF_INET, AF_INET6] {
         let want = |a: &IpAddr| a.is_ipv4() == (family == AF_INET);
         if !gone.iter().any(|(_, be)| want(&be.ip())) {
@@ -191,11 +200,11 @@ fn in_namespace(s: &Socket, gone: &BTreeSet<Gone>, rev: &mut SockRev) -> io::Res
                 Ok(()) => n += 1,
                 // Closed meanwhile: nothing left to abort.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => return Err(e),
+                Err(e) => failed.push(format!("abort the socket connected to {peer}: {e}")),
             }
         }
     }
-    Ok(n)
+    Ok((n, failed))
 }
 
 /// The socket cookie as `bpf_get_socket_cookie` gives it: two native-endian words, low first.
