@@ -1259,6 +1259,15 @@ fn nodeport_from_outside(pod_programs: &str) {
         .ns
         .ip(&["-6", "route", "add", "fd00:18::32/128", "via", "fd00:17::2"])
         .unwrap();
+    // And node-b back to this node's client pod.
+    node_b
+        .ns
+        .ip(&["route", "add", "198.18.1.10/32", "via", "198.18.0.1"])
+        .unwrap();
+    node_b
+        .ns
+        .ip(&["-6", "route", "add", "fd00:18::a/128", "via", "fd00:17::1"])
+        .unwrap();
 
     let yaml = |policy: &str| {
         let slice = |family: &str, local: &str, remote: &str| {
@@ -1366,6 +1375,29 @@ fn nodeport_from_outside(pod_programs: &str) {
         assert_eq!(r.ok, r.sent, "{target}/{proto}: {:?}", r.errors);
         let served: Vec<&String> = r.backends.keys().collect();
         assert_eq!(served, ["host"], "{target}/{proto}: the node itself");
+    }
+    // The client pod (its sockets hooked) through the ClusterIP: balanced at `connect` over
+    // be-1 and node-b's pod; with no pod programs, its packets to node-b pass only the
+    // uplink's egress, untouched.
+    for (target, proto) in [("198.19.0.30:80", "tcp"), ("[fd00:19::30]:53", "udp")] {
+        let r = s
+            .loadtest(
+                &[
+                    target,
+                    "--proto",
+                    proto,
+                    "--rate",
+                    "200",
+                    "--duration",
+                    "500ms",
+                ],
+                true,
+                false,
+            )
+            .unwrap();
+        assert_eq!(r.ok, r.sent, "{target}/{proto} from a pod: {:?}", r.errors);
+        let served: Vec<&String> = r.backends.keys().collect();
+        assert_eq!(served, ["be-1", "remote"], "{target}/{proto} from a pod");
     }
     let targets = [
         ("198.18.0.1:30080", "tcp"),
