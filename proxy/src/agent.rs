@@ -154,6 +154,8 @@ pub struct Synced {
     pub reports: Vec<model::ServiceReport>,
     /// What was programmed.
     pub desired: crate::program::Desired,
+    /// Every Service's frontends, held or not.
+    pub claims: model::Claims,
     pub took: Duration,
     /// Of which the map writer's apply.
     pub apply_took: Duration,
@@ -201,6 +203,7 @@ pub fn program_objects(
         frontends: m.desired.len(),
         health_checks: m.health_checks.clone(),
         desired: m.desired,
+        claims: m.claims,
         stats: st,
         skipped,
         problems,
@@ -369,7 +372,7 @@ impl KubeSync {
             health_checks: r.health_checks,
             skipped: r.skipped,
             problems,
-            by_service: model::ByService::new(&r.desired),
+            by_service: model::ByService::new(&r.claims),
             reports: r
                 .reports
                 .into_iter()
@@ -408,7 +411,7 @@ fn sync_services(
     let mut slices = Vec::new();
     for svc in services {
         let objs = k.objects_of(svc);
-        let m = model::build(&objs, &node_context(cfg, &objs));
+        let mut m = model::build(&objs, &node_context(cfg, &objs));
         log_model(&m.problems, &m.skipped);
         inc.skipped.remove(svc);
         for s in &m.skipped {
@@ -421,7 +424,24 @@ fn sync_services(
         for r in m.reports(&[]) {
             inc.reports.insert(r.service.clone(), r);
         }
-        let (c, r) = inc.by_service.replace(svc, m.desired);
+        let (c, r, lost) = inc.by_service.replace(svc, m.claims.remove(svc));
+        if let Some(report) = inc.reports.get_mut(svc).filter(|_| !lost.is_empty()) {
+            for (fe, holder) in &lost {
+                report.frontends.retain(|f| *f != fe.to_string());
+                report.problems.push(format!(
+                    "{fe} is also a frontend of Service {holder}, which is older and keeps it"
+                ));
+            }
+            report.state = if report.frontends.is_empty() {
+                "not programmed"
+            } else {
+                "partly programmed"
+            }
+            .into();
+        }
+        for (fe, holder) in lost {
+            warn!(service = %svc, frontend = %fe, held_by = %holder, "frontend claimed by an older Service");
+        }
         changed.extend(c);
         removed.extend(r);
         slices.extend(objs.slices);

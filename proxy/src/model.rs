@@ -4,7 +4,7 @@
 //! the proxiers' frontends): the same objects give the same frontends and the same backends
 //! per frontend, for the node named in the [`NodeContext`].
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -133,46 +133,114 @@ pub fn service_of_port(name: &str) -> &str {
     name.rsplit_once(':').map_or(name, |(s, _)| s)
 }
 
-/// The desired frontends grouped by Service: turns one Service's rebuilt model into map
-/// changes, so that a watch event costs what its Service costs, not what the cluster does.
+/// Which of the Services claiming one frontend (an external IP or a load balancer address
+/// two Services share, with the same port) keeps it: the oldest (`creationTimestamp`), then
+/// the first by `namespace/name`. The others keep their other frontends, and a problem says
+/// what they lost; when the holder goes, the next one takes the frontend over.
+pub type Rank = (Option<i128>, String);
+
+pub fn rank_of(svc: &Service, id: &str) -> Rank {
+    (
+        svc.metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_nanosecond()),
+        id.to_string(),
+    )
+}
+
+/// Every Service's frontends, claimed, by `namespace/name`.
+pub type Claims = BTreeMap<String, (Rank, Desired)>;
+
+/// The frontends each Service claims, and who holds each: turns one Service's rebuilt model
+/// into map changes, so that a watch event costs what its Service costs, not what the cluster
+/// does.
 #[derive(Debug, Default)]
-pub struct ByService(BTreeMap<String, Desired>);
+pub struct ByService {
+    claims: Claims,
+    holders: BTreeMap<Frontend, BTreeSet<Rank>>,
+}
 
 impl ByService {
-    pub fn new(d: &Desired) -> Self {
-        let mut by: BTreeMap<String, Desired> = BTreeMap::new();
-        for (fe, spec) in d {
-            by.entry(service_of_port(&spec.name).to_string())
-                .or_default()
-                .insert(*fe, spec.clone());
+    pub fn new(claims: &Claims) -> Self {
+        let mut by = ByService::default();
+        for (service, (rank, d)) in claims {
+            by.claim(service, rank.clone(), d.clone());
         }
-        ByService(by)
+        by
     }
 
-    /// Replaces `service`'s frontends with `new` (empty: the Service is gone); returns the
-    /// frontends to write (new or different) and those to remove.
-    pub fn replace(&mut self, service: &str, new: Desired) -> (Desired, Vec<Frontend>) {
-        let old = self.0.remove(service).unwrap_or_default();
-        let removed = old
-            .keys()
-            .filter(|fe| !new.contains_key(fe))
-            .copied()
-            .collect();
-        let changed = new
-            .iter()
-            .filter(|(fe, spec)| old.get(fe) != Some(spec))
-            .map(|(fe, spec)| (*fe, spec.clone()))
-            .collect();
-        if !new.is_empty() {
-            self.0.insert(service.to_string(), new);
+    fn claim(&mut self, service: &str, rank: Rank, d: Desired) {
+        for fe in d.keys() {
+            self.holders.entry(*fe).or_default().insert(rank.clone());
         }
-        (changed, removed)
+        self.claims.insert(service.to_string(), (rank, d));
+    }
+
+    /// What the maps hold for `fe`: the spec of its oldest claimant.
+    fn held(&self, fe: &Frontend) -> Option<&ServiceSpec> {
+        let (_, holder) = self.holders.get(fe)?.first()?;
+        self.claims.get(holder)?.1.get(fe)
+    }
+
+    /// Replaces `service`'s claims with `new` (None: the Service is gone or skipped); returns
+    /// the frontends to write (new or different, a frontend passed on to the next claimant
+    /// included), those to remove, and those `service` claims that an older Service holds.
+    pub fn replace(
+        &mut self,
+        service: &str,
+        new: Option<(Rank, Desired)>,
+    ) -> (Desired, Vec<Frontend>, Vec<(Frontend, String)>) {
+        let mut touched: BTreeSet<Frontend> = BTreeSet::new();
+        for (_, d) in self.claims.get(service).into_iter().chain(new.iter()) {
+            touched.extend(d.keys().copied());
+        }
+        let before: BTreeMap<Frontend, Option<ServiceSpec>> = touched
+            .iter()
+            .map(|fe| (*fe, self.held(fe).cloned()))
+            .collect();
+        if let Some((rank, d)) = self.claims.remove(service) {
+            for fe in d.keys() {
+                if let Some(h) = self.holders.get_mut(fe) {
+                    h.remove(&rank);
+                    if h.is_empty() {
+                        self.holders.remove(fe);
+                    }
+                }
+            }
+        }
+        if let Some((rank, d)) = new {
+            self.claim(service, rank, d);
+        }
+        let (mut changed, mut removed, mut lost) = (Desired::new(), Vec::new(), Vec::new());
+        for (fe, was) in before {
+            match (was, self.held(&fe)) {
+                (Some(_), None) => removed.push(fe),
+                (was, Some(now)) if was.as_ref() != Some(now) => {
+                    changed.insert(fe, now.clone());
+                }
+                _ => {}
+            }
+            if let Some((_, holder)) = self.holders.get(&fe).and_then(|h| h.first()) {
+                let mine = self
+                    .claims
+                    .get(service)
+                    .is_some_and(|(_, d)| d.contains_key(&fe));
+                if mine && holder != service {
+                    lost.push((fe, holder.clone()));
+                }
+            }
+        }
+        (changed, removed, lost)
     }
 }
 
 #[derive(Debug, Default)]
 pub struct Model {
+    /// What the maps get: each frontend with the spec of the Service that holds it.
     pub desired: Desired,
+    /// Every Service's frontends, held or not (see [`Rank`]).
+    pub claims: Claims,
     pub problems: Vec<Problem>,
     pub skipped: Vec<Skipped>,
     /// The `healthCheckNodePort` of each Service with `externalTrafficPolicy: Local` that has
@@ -437,10 +505,53 @@ pub fn build(objs: &Objects, node: &NodeContext) -> Model {
         };
         slices.entry((ns, svc.clone())).or_default().push(s);
     }
-    for svc in &objs.services {
-        build_service(svc, &slices, node, &mut m);
+    // Oldest first: the first claimant of a frontend holds it.
+    let mut services: Vec<(Rank, &Service)> = objs
+        .services
+        .iter()
+        .map(|s| {
+            let id = format!(
+                "{}/{}",
+                s.metadata.namespace.as_deref().unwrap_or("default"),
+                s.metadata.name.as_deref().unwrap_or_default()
+            );
+            (rank_of(s, &id), s.as_ref())
+        })
+        .collect();
+    services.sort_by(|a, b| a.0.cmp(&b.0));
+    for (rank, svc) in services {
+        let mut mine = Desired::new();
+        build_service(svc, &slices, node, &mut m, &mut mine);
+        m.claim(rank, mine);
     }
     m
+}
+
+impl Model {
+    /// Takes `mine`, one Service's frontends, into `desired`, but those an older Service
+    /// holds: a problem of the Service says which.
+    fn claim(&mut self, rank: Rank, mine: Desired) {
+        let id = &rank.1;
+        for (fe, spec) in &mine {
+            match self.desired.get(fe) {
+                Some(held) if service_of_port(&held.name) != id.as_str() => {
+                    self.problems.push(Problem {
+                        object: format!("Service {id}"),
+                        message: format!(
+                            "{fe} is also a frontend of Service {}, which is older and keeps it",
+                            service_of_port(&held.name)
+                        ),
+                    })
+                }
+                _ => {
+                    self.desired.insert(*fe, spec.clone());
+                }
+            }
+        }
+        if !mine.is_empty() {
+            self.claims.insert(id.clone(), (rank, mine));
+        }
+    }
 }
 
 fn build_service(
@@ -448,6 +559,7 @@ fn build_service(
     slices: &BTreeMap<(String, String), Vec<&EndpointSlice>>,
     node: &NodeContext,
     m: &mut Model,
+    mine: &mut Desired,
 ) {
     let ns = svc
         .metadata
@@ -636,7 +748,7 @@ fn build_service(
                 node_local: false,
             };
             let internal = if internal_local { &c.local } else { &c.cluster };
-            m.desired.insert(
+            mine.insert(
                 Frontend::new(vip, vport, proto),
                 ServiceSpec {
                     node_local: node.node_local_service.as_deref() == Some(id.as_str()),
@@ -644,9 +756,9 @@ fn build_service(
                 },
             );
             for fe in externals {
-                m.desired.insert(fe, spec_for(&c.cluster));
+                mine.insert(fe, spec_for(&c.cluster));
                 if external_local {
-                    m.desired.insert(fe.external(), spec_for(&c.local));
+                    mine.insert(fe.external(), spec_for(&c.local));
                 }
             }
         }
@@ -1383,6 +1495,73 @@ endpoints:
             "{}",
             m.problems[0]
         );
+    }
+
+    /// Two Services with one external IP and port: `demo/b` was created first and keeps
+    /// it, whatever order the objects come in; `demo/a` keeps its ClusterIP and reports the
+    /// loss.
+    const SHARED: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: demo, creationTimestamp: "2026-01-02T00:00:00Z"}
+spec: {clusterIP: 198.19.0.1, externalIPs: [198.18.9.9], ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: demo, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec: {clusterIP: 198.19.0.2, externalIPs: [198.18.9.9], ports: [{port: 80}]}
+"#;
+
+    #[test]
+    fn a_frontend_two_services_claim_is_the_older_ones() {
+        let shared = fe4("198.18.9.9", 80, PROTO_TCP);
+        let (objs, _) = parse_yaml(SHARED);
+        let mut reversed = objs.clone();
+        reversed.services.reverse();
+        for objs in [objs, reversed] {
+            let m = build(&objs, &NodeContext::default());
+            assert_eq!(m.desired[&shared].name, "demo/b:80");
+            assert!(m.desired.contains_key(&fe4("198.19.0.1", 80, PROTO_TCP)));
+            assert_eq!(
+                m.problems
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>(),
+                ["Service demo/a: 198.18.9.9:80/TCP is also a frontend of Service demo/b, which is older and keeps it"]
+            );
+            let r = m.reports(&[]);
+            assert_eq!(r[0].state, "partly programmed", "{r:?}");
+            assert_eq!(r[1].state, "programmed", "{r:?}");
+        }
+    }
+
+    /// Incrementally: the holder's removal hands the frontend to the next claimant (written,
+    /// not removed); the last claimant's removal removes it; a newer claimant changes nothing.
+    #[test]
+    fn a_shared_frontend_passes_to_the_next_claimant() {
+        let shared = fe4("198.18.9.9", 80, PROTO_TCP);
+        let (objs, _) = parse_yaml(SHARED);
+        let m = build(&objs, &NodeContext::default());
+        let mut by = ByService::new(&m.claims);
+        let (a, b) = (m.claims["demo/a"].clone(), m.claims["demo/b"].clone());
+        // demo/a again, unchanged: nothing to write, its loss reported.
+        let (changed, removed, lost) = by.replace("demo/a", Some(a.clone()));
+        assert!(changed.is_empty() && removed.is_empty());
+        assert_eq!(lost, [(shared, "demo/b".to_string())]);
+        // demo/b goes: the frontend is demo/a's now.
+        let (changed, removed, lost) = by.replace("demo/b", None);
+        assert_eq!(changed[&shared].name, "demo/a:80");
+        assert_eq!(removed, [fe4("198.19.0.2", 80, PROTO_TCP)]);
+        assert!(lost.is_empty());
+        // demo/b is back: older, it takes the frontend again.
+        let (changed, removed, lost) = by.replace("demo/b", Some(b));
+        assert_eq!(changed[&shared].name, "demo/b:80");
+        assert!(removed.is_empty() && lost.is_empty());
+        // Both gone: removed once the last claimant goes.
+        let (_, removed, _) = by.replace("demo/b", None);
+        assert!(!removed.contains(&shared));
+        let (_, removed, _) = by.replace("demo/a", None);
+        assert!(removed.contains(&shared), "{removed:?}");
     }
 
     #[test]
