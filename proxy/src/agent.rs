@@ -152,9 +152,7 @@ pub struct Synced {
     pub problems: Vec<model::Problem>,
     /// Per Service: programmed or not, and why.
     pub reports: Vec<model::ServiceReport>,
-    /// What was programmed.
-    pub desired: crate::program::Desired,
-    /// Every Service's frontends, held or not.
+    /// Every Service's frontends, held or not (what was programmed is what they hold).
     pub claims: model::Claims,
     pub took: Duration,
     /// Of which the map writer's apply.
@@ -202,7 +200,6 @@ pub fn program_objects(
         reports: m.reports(&st.failed),
         frontends: m.desired.len(),
         health_checks: m.health_checks.clone(),
-        desired: m.desired,
         claims: m.claims,
         stats: st,
         skipped,
@@ -372,7 +369,7 @@ impl KubeSync {
             health_checks: r.health_checks,
             skipped: r.skipped,
             problems,
-            by_service: model::ByService::new(&r.claims),
+            by_service: model::ByService::new(r.claims),
             reports: r
                 .reports
                 .into_iter()

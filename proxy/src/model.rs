@@ -162,10 +162,10 @@ pub struct ByService {
 }
 
 impl ByService {
-    pub fn new(claims: &Claims) -> Self {
+    pub fn new(claims: Claims) -> Self {
         let mut by = ByService::default();
         for (service, (rank, d)) in claims {
-            by.claim(service, rank.clone(), d.clone());
+            by.claim(&service, rank, d);
         }
         by
     }
@@ -1542,7 +1542,7 @@ spec: {clusterIP: 198.19.0.2, externalIPs: [198.18.9.9], ports: [{port: 80}]}
         let shared = fe4("198.18.9.9", 80, PROTO_TCP);
         let (objs, _) = parse_yaml(SHARED);
         let m = build(&objs, &NodeContext::default());
-        let mut by = ByService::new(&m.claims);
+        let mut by = ByService::new(m.claims.clone());
         let (a, b) = (m.claims["demo/a"].clone(), m.claims["demo/b"].clone());
         // demo/a again, unchanged: nothing to write, its loss reported.
         let (changed, removed, lost) = by.replace("demo/a", Some(a.clone()));
