@@ -1052,6 +1052,61 @@ fn an_upgrade_with_more_counters_keeps_the_counts() {
     );
 }
 
+/// A removed UDP backend's flows are found by reading the conntrack map in batches: among
+/// 60 000 flows (UDP and TCP, four backends), exactly the UDP flows of the removed backends
+/// go, in several batches (more entries than one holds).
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn udp_flows_of_removed_backends_are_purged_from_a_full_conntrack_map() {
+    use weir_common::{CtKey, CtValue};
+    use weir_proxy::maps::{dump_batched, AyaMaps, MapWriter};
+    let h = Harness::new().unwrap();
+    let mut ct: aya::maps::HashMap<aya::maps::MapData, CtKey, CtValue> =
+        weir_proxy::maps::open_typed(&h.maps_dir(), weir_common::map_names::CT).unwrap();
+    let flow = |i: u32| {
+        let key = CtKey {
+            src: to_addr(std::net::Ipv4Addr::from(0xc612_0000 + i).into()),
+            dst: to_addr(VIP4.parse().unwrap()),
+            sport: 40000u16.to_be(),
+            dport: 53u16.to_be(),
+            proto: if i.is_multiple_of(3) {
+                PROTO_TCP
+            } else {
+                PROTO_UDP
+            },
+            _pad: [0; 3],
+        };
+        let value = CtValue {
+            backend_id: i % 4,
+            expires_ns: u64::MAX,
+            ..Default::default()
+        };
+        (key, value)
+    };
+    let n = 60_000;
+    for i in 0..n {
+        let (k, v) = flow(i);
+        ct.insert(k, v, 0).unwrap();
+    }
+    let raw = aya::maps::MapData::from_pin(h.maps_dir().join(weir_common::map_names::CT)).unwrap();
+    let all = dump_batched::<CtKey, CtValue>(&raw)
+        .unwrap()
+        .expect("batched reads");
+    assert_eq!(all.len(), n as usize, "every entry read once");
+    let mut maps = AyaMaps::open(&h.maps_dir()).unwrap();
+    let started = std::time::Instant::now();
+    let purged = maps
+        .purge_udp_flows(&std::collections::BTreeSet::from([1, 2]))
+        .unwrap();
+    eprintln!("purge among {n} flows: {:?}", started.elapsed());
+    let doomed = |i: u32| !i.is_multiple_of(3) && (i % 4 == 1 || i % 4 == 2);
+    assert_eq!(purged, (0..n).filter(|&i| doomed(i)).count());
+    for i in 0..n {
+        let (k, _) = flow(i);
+        assert_eq!(ct.get(&k, 0).is_ok(), !doomed(i), "flow {i}");
+    }
+}
+
 /// Flows tracked by the conntrack layout of earlier versions (`CT_V1`) keep working after an
 /// upgrade: the new agent moves them to `CT_V2`, with the hairpin peer the old programs took
 /// from the packet, and unpins the old map.
