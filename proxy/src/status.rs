@@ -46,6 +46,42 @@ pub struct Status {
     pub conntrack_entries: usize,
     pub conntrack: Vec<CtEntry>,
     pub counters: BTreeMap<&'static str, u64>,
+    /// The node's own DNS server as the data path sees it (None: never set on this node).
+    pub node_local_dns: Option<NodeLocalDns>,
+}
+
+/// The node-local DNS lease (`LB_NODELOC`): where the cluster DNS Service's queries go while
+/// it is valid.
+#[derive(Debug, Serialize)]
+pub struct NodeLocalDns {
+    pub servers: Vec<String>,
+    /// Milliseconds the lease has left; 0: withdrawn or expired (queries go to the Service's
+    /// endpoints).
+    pub valid_for_ms: u64,
+}
+
+fn node_local_dns(maps_dir: &Path) -> Result<Option<NodeLocalDns>> {
+    let map: aya::maps::Array<MapData, weir_common::NodeLocal> =
+        open_typed(maps_dir, map_names::NODE_LOCAL)?;
+    let e = map
+        .get(&0, 0)
+        .with_context(|| format!("read {}", map_names::NODE_LOCAL))?;
+    let port = u16::from_be(e.port);
+    if port == 0 {
+        return Ok(None);
+    }
+    let servers = [e.addr4, e.addr6]
+        .iter()
+        .filter(|a| a.0 != [0; 16])
+        .map(|a| host_port(to_ip(a), port))
+        .collect();
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .context("read the monotonic clock")?;
+    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    Ok(Some(NodeLocalDns {
+        servers,
+        valid_for_ms: e.expires_ns.saturating_sub(now_ns) / 1_000_000,
+    }))
 }
 
 fn fmt_addr(a: &weir_common::Addr, port_be: u16) -> String {
@@ -171,6 +207,7 @@ pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
         conntrack_entries,
         conntrack,
         counters,
+        node_local_dns: node_local_dns(maps_dir)?,
     })
 }
 
@@ -230,6 +267,18 @@ pub fn render(s: &Status) -> String {
                 "(no endpoints: rejected)".into()
             } else {
                 sv.backends.join(", ")
+            }
+        );
+    }
+    if let Some(d) = &s.node_local_dns {
+        let _ = writeln!(
+            o,
+            "node-local DNS: {} ({})",
+            d.servers.join(", "),
+            if d.valid_for_ms > 0 {
+                format!("lease valid for {:.1} s", d.valid_for_ms as f64 / 1000.0)
+            } else {
+                "lease withdrawn: queries go to the Service's endpoints".into()
             }
         );
     }

@@ -1591,11 +1591,22 @@ fn dns_queries_stay_on_the_node(socket_lb: bool) {
     } else {
         "node_local"
     };
-    assert!(s.status().unwrap().counters[counter] > 0, "{counter}");
+    let st = s.status().unwrap();
+    assert!(st.counters[counter] > 0, "{counter}");
+    // `weir status` shows the lease.
+    let lease = st.node_local_dns.as_ref().expect("a node-local lease");
+    assert!(lease.valid_for_ms > 0, "{lease:?}");
+    assert!(
+        weir_proxy::status::render(&st).contains("node-local DNS: "),
+        "{}",
+        weir_proxy::status::render(&st)
+    );
     // The agent dies without a word (SIGKILL): once its lease runs out, the cluster's DNS.
     s.kill_agent();
     wait_dns(&s, "agent killed", "198.19.0.99");
     assert_eq!(ask_dns(&s, "+tcp"), ["198.19.0.99"], "over TCP too");
+    let lease = s.status().unwrap().node_local_dns;
+    assert_eq!(lease.map(|l| l.valid_for_ms), Some(0), "the lease ran out");
     // Back on the node when the agent returns.
     s.start_agent().unwrap();
     wait_dns(&s, "agent back", "198.19.0.20");
