@@ -179,6 +179,40 @@ struct BatchAttr {
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// One `bpf(cmd, attr)` call of the batch family.
+///
+/// # Safety
+/// Every pointer in `attr` must be valid for what `cmd` reads and writes through it.
+unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: the caller vouches for the attribute's pointers; its size is passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// A batched operation on the conntrack map that failed.
+fn batch_failed(op: &'static str, what: &str, io_error: io::Error) -> WriteError {
+    WriteError::Map {
+        map: map_names::CT,
+        op,
+        what: what.into(),
+        source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf",
+            io_error,
+        })),
+    }
+}
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// Deletes `keys` from a hash map with `BPF_MAP_DELETE_BATCH`, a key already gone skipped;
@@ -196,21 +230,13 @@ pub fn delete_batched<K: aya::Pod>(map: &MapData, keys: &[K]) -> io::Result<Opti
             ..Default::default()
         };
         // SAFETY: `keys` holds `count` keys and outlives the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_DELETE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
+        let r = unsafe { bpf_batch(BPF_MAP_DELETE_BATCH, &mut attr) };
         // `count`: the keys deleted before the call stopped.
         deleted += attr.count as usize;
         at += attr.count as usize;
-        if rc == 0 {
+        let Err(err) = r else {
             continue;
-        }
-        let err = io::Error::last_os_error();
+        };
         match err.raw_os_error() {
             // Gone meanwhile (expired, or an LRU eviction): past it.
             Some(libc::ENOENT) => at += 1,
@@ -247,15 +273,7 @@ pub fn dump_batched<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Optio
         };
         // SAFETY: the attribute's buffers hold `count` keys and values and a position each,
         // and outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        let err = (rc < 0).then(io::Error::last_os_error);
+        let err = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         match err.as_ref().and_then(io::Error::raw_os_error) {
             None | Some(libc::ENOENT) => {
                 for i in 0..attr.count as usize {
@@ -307,17 +325,7 @@ impl MapWriter for AyaMaps {
                     keep(k, v);
                 }
             }
-            Err(io_error) => {
-                return Err(WriteError::Map {
-                    map: map_names::CT,
-                    op: "read in batches",
-                    what: "conntrack".into(),
-                    source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
-                        call: "bpf_map_lookup_batch",
-                        io_error,
-                    })),
-                })
-            }
+            Err(e) => return Err(batch_failed("read in batches", "conntrack", e)),
         }
         match delete_batched(&self.ct_raw, &doomed) {
             Ok(Some(_)) => {}
@@ -330,17 +338,7 @@ impl MapWriter for AyaMaps {
                     ))?;
                 }
             }
-            Err(io_error) => {
-                return Err(WriteError::Map {
-                    map: map_names::CT,
-                    op: "delete in batches",
-                    what: "conntrack entries".into(),
-                    source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
-                        call: "bpf_map_delete_batch",
-                        io_error,
-                    })),
-                })
-            }
+            Err(e) => return Err(batch_failed("delete in batches", "conntrack entries", e)),
         }
         Ok(doomed.len())
     }

@@ -554,10 +554,19 @@ fn detaching_the_tc_program_takes_the_pod_off_the_tc_path() {
 /// on a cgroup v2 root), attaching a pod again removes both filters an earlier run left, and
 /// CHECK's question holds; per packet, both are back. CHECK fails while a filter of another
 /// setting is on the device.
+/// The names of the BPF filters on `dev`'s clsact `dir`, in the calling thread's namespace.
+fn filter_names(dev: &str, dir: aya::programs::TcAttachType) -> Vec<String> {
+    weir_proxy::loader::tc_filters(dev, dir)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect()
+}
+
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn the_pod_programs_follow_the_setting() {
-    use weir_proxy::loader::{tc_filters, Datapath, PodPrograms};
+    use weir_proxy::loader::{Datapath, PodPrograms};
     let s = sim(false);
     let pins = weir_proxy::agent::pin_dir(&s.bpffs.path);
     let dev = s.node.pod("cli").unwrap().host_if.clone();
@@ -565,13 +574,7 @@ fn the_pod_programs_follow_the_setting() {
         .node
         .ns
         .run(move || {
-            let filters = |dir| -> Vec<String> {
-                tc_filters(&dev, dir)
-                    .unwrap()
-                    .into_iter()
-                    .map(|p| p.name)
-                    .collect()
-            };
+            let filters = |dir| filter_names(&dev, dir);
             let mut dp = Datapath::load(pins).unwrap();
             let mut seen = Vec::new();
             for p in [
@@ -1355,14 +1358,7 @@ fn nodeport_from_outside(pod_programs: &str) {
         .ns
         .run(move || {
             use aya::programs::TcAttachType::{Egress, Ingress};
-            let names = |dir| -> Vec<String> {
-                weir_proxy::loader::tc_filters(&dev, dir)
-                    .unwrap()
-                    .into_iter()
-                    .map(|p| p.name)
-                    .collect()
-            };
-            (names(Ingress), names(Egress))
+            (filter_names(&dev, Ingress), filter_names(&dev, Egress))
         })
         .unwrap();
     let want: (Vec<String>, Vec<String>) = match pod_programs {
