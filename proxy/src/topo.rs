@@ -666,7 +666,83 @@ pub fn pin_to_cpu(cpu: usize) -> Result<()> {
         .with_context(|| format!("pin to CPU {cpu}"))
 }
 
-/// A short random tag for names, so parallel runs never collide.
+/// The tags this process handed out: what [`sweep_own`] removes.
+static OWN_TAGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// A short random tag for names, so parallel runs never collide. Remembered, so that a
+/// process stopped by a signal can remove what it made ([`sweep_own`]).
 pub fn tag() -> String {
-    format!("{:05x}", rand::random::<u32>() & 0xfffff)
+    let t = format!("{:05x}", rand::random::<u32>() & 0xfffff);
+    if let Ok(mut own) = OWN_TAGS.lock() {
+        own.push(t.clone());
+    }
+    t
+}
+
+/// Removes everything named after a tag this process handed out, for a process stopped by a
+/// signal before its guards ran: the processes in its namespaces (killed), the namespaces,
+/// bpffs mounts and directories under `/run/weir-*`, and its cgroups. Returns what it removed.
+pub fn sweep_own() -> Vec<String> {
+    let tags = OWN_TAGS.lock().map(|t| t.clone()).unwrap_or_default();
+    let ours =
+        |name: &str| name.starts_with("weir-") && tags.iter().any(|t| name.contains(t.as_str()));
+    let mut gone = Vec::new();
+    if let Ok(dir) = fs::read_dir("/run/netns") {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !ours(&name) {
+                continue;
+            }
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    if let Ok(pid) = pid.parse::<i32>() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+            let _ = ip(&["netns", "del", &name]);
+            gone.push(name);
+        }
+    }
+    if let Ok(mounts) = fs::read_to_string("/proc/self/mounts") {
+        for m in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+            let under_ours = m
+                .strip_prefix("/run/")
+                .and_then(|r| r.split('/').next())
+                .is_some_and(ours);
+            if under_ours {
+                let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+                gone.push(m.to_string());
+            }
+        }
+    }
+    if let Ok(dir) = fs::read_dir("/run") {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if ours(&name) && fs::remove_dir_all(e.path()).is_ok() {
+                gone.push(e.path().display().to_string());
+            }
+        }
+    }
+    if let Ok(root) = cgroup2_root() {
+        if let Ok(dir) = fs::read_dir(&root) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                // Its processes were killed with the namespaces; a cgroup goes once empty.
+                if ours(&name) {
+                    for _ in 0..50 {
+                        if fs::remove_dir(e.path()).is_ok() {
+                            gone.push(e.path().display().to_string());
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                }
+            }
+        }
+    }
+    gone
 }
