@@ -75,9 +75,7 @@ fn node_local_dns(maps_dir: &Path) -> Result<Option<NodeLocalDns>> {
         .filter(|a| a.0 != [0; 16])
         .map(|a| host_port(to_ip(a), port))
         .collect();
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .context("read the monotonic clock")?;
-    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    let now_ns = crate::dns::lease_clock_ns()?;
     Ok(Some(NodeLocalDns {
         servers,
         valid_for_ms: e.expires_ns.saturating_sub(now_ns) / 1_000_000,
