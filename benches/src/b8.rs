@@ -97,6 +97,15 @@ fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
         runs,
         Stat::DnatEstablished,
     )?;
+    // The same flow's packet as an uplink's program sees it (an external client's, to a
+    // NodePort): its established path is `tc_from_pod`'s, timed on its own program.
+    let est_uplink = timed_on(
+        &mut h,
+        "tc_from_netdev",
+        tcp("198.18.1.10", 40000, "198.19.0.10", 80, Tcp::Ack),
+        runs,
+        Stat::DnatEstablished,
+    )?;
     // A routed packet's TTL is decremented, on every run of the ping-pong: the reply runs in
     // batches of ROUTED_BATCH from a frame with TTL 255, every run routed (checked), none
     // left to the kernel for an exhausted TTL.
@@ -146,6 +155,12 @@ fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
             case: "established flow, DNAT",
             fill: fill_pct,
             ns: est,
+            floor,
+        },
+        Row {
+            case: "established flow, DNAT on an uplink's ingress (tc_from_netdev)",
+            fill: fill_pct,
+            ns: est_uplink,
             floor,
         },
         Row {
