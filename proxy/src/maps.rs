@@ -251,15 +251,18 @@ pub fn delete_batched<K: aya::Pod>(map: &MapData, keys: &[K]) -> io::Result<Opti
 
 /// Every entry of a hash map, read with `BPF_MAP_LOOKUP_BATCH`: a syscall per few thousand
 /// entries, where iterating costs two per entry (a walk of 100 000 flows took a fifth of a
-/// second, on the agent's sync step). `None` when the kernel does not batch this map.
-pub fn dump_batched<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Option<Vec<(K, V)>>> {
+/// second, on the agent's sync step), each handed to `f` as its batch arrives (a full map is
+/// never copied whole). `Ok(false)` when the kernel does not batch this map (`f` not called).
+pub fn dump_batched<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    mut f: impl FnMut(K, V),
+) -> io::Result<bool> {
     use std::os::fd::{AsFd, AsRawFd};
     let (ks, vs) = (std::mem::size_of::<K>(), std::mem::size_of::<V>());
     let mut chunk = 4096usize;
     let (mut keys, mut values) = (vec![0u8; chunk * ks], vec![0u8; chunk * vs]);
     // The position between calls: a bucket index for hash maps; room for a key, to be safe.
     let (mut token, mut next) = (vec![0u8; ks.max(8)], vec![0u8; ks.max(8)]);
-    let mut out = Vec::new();
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
@@ -285,10 +288,10 @@ pub fn dump_batched<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Optio
                             std::ptr::read_unaligned(values[i * vs..].as_ptr().cast::<V>()),
                         )
                     };
-                    out.push((k, v));
+                    f(k, v);
                 }
                 if err.is_some() {
-                    return Ok(Some(out));
+                    return Ok(true);
                 }
                 std::mem::swap(&mut token, &mut next);
                 first = false;
@@ -300,7 +303,7 @@ pub fn dump_batched<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Optio
                 values.resize(chunk * vs, 0);
             }
             Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(524 /* ENOTSUPP */) if first => {
-                return Ok(None)
+                return Ok(false)
             }
             _ => return Err(err.unwrap_or_else(|| io::Error::other("batch lookup"))),
         }
@@ -316,9 +319,9 @@ impl MapWriter for AyaMaps {
                 doomed.push(k);
             }
         };
-        match dump_batched(&self.ct_raw) {
-            Ok(Some(all)) => all.into_iter().for_each(|(k, v)| keep(k, v)),
-            Ok(None) => {
+        match dump_batched(&self.ct_raw, &mut keep) {
+            Ok(true) => {}
+            Ok(false) => {
                 for kv in self.ct.iter() {
                     let (k, v) =
                         kv.map_err(failed(map_names::CT, "iterate", "conntrack".into()))?;

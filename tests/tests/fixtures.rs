@@ -1089,10 +1089,13 @@ fn udp_flows_of_removed_backends_are_purged_from_a_full_conntrack_map() {
         ct.insert(k, v, 0).unwrap();
     }
     let raw = aya::maps::MapData::from_pin(h.maps_dir().join(weir_common::map_names::CT)).unwrap();
-    let all = dump_batched::<CtKey, CtValue>(&raw)
-        .unwrap()
-        .expect("batched reads");
-    assert_eq!(all.len(), n as usize, "every entry read once");
+    let mut seen = std::collections::BTreeSet::new();
+    let batched = dump_batched::<CtKey, CtValue>(&raw, |k, _| {
+        assert!(seen.insert(k.src.0), "read twice");
+    })
+    .unwrap();
+    assert!(batched, "batched reads");
+    assert_eq!(seen.len(), n as usize, "every entry read once");
     let mut maps = AyaMaps::open(&h.maps_dir()).unwrap();
     let started = std::time::Instant::now();
     let purged = maps
