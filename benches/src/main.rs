@@ -27,23 +27,8 @@ struct Cli {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    // Ctrl-C or SIGTERM: the guards of a running benchmark would not run, so what this run
-    // made (namespaces, processes in them, mounts, cgroups) is removed before it exits.
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
-    std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            eprintln!("bench: signal {sig}: removing what this run made");
-            let gone = weir_proxy::topo::sweep_own();
-            eprintln!(
-                "bench: removed {} namespaces, mounts, directories and cgroups",
-                gone.len()
-            );
-            std::process::exit(130);
-        }
-    });
+    // Ctrl-C or SIGTERM: the guards of a running benchmark would not run; the first name
+    // a benchmark takes (`topo::tag`) arranges for what this run made to be removed then.
     let weir = weir_proxy::testkit::weir_bin()?;
     let quick = cli.quick;
     type Bench<'a> = (&'a str, &'a str, Box<dyn Fn() -> Result<String> + 'a>);

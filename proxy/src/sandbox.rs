@@ -177,6 +177,8 @@ fn check(expect: &Expect, r: &Report) -> Result<(), String> {
 
 pub fn run(opts: SandboxOptions) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
+    // Stopped by a signal, the sandbox stops its load, reports and removes what it made.
+    crate::topo::caller_handles_signals();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("install signal handler")?;
     }

@@ -669,9 +669,65 @@ pub fn pin_to_cpu(cpu: usize) -> Result<()> {
 /// The tags this process handed out: what [`sweep_own`] removes.
 static OWN_TAGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
+/// Set by a process that removes what it made on SIGINT and SIGTERM itself.
+static CALLER_HANDLES_SIGNALS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Says that this process removes what it made on SIGINT and SIGTERM itself (the sandbox,
+/// which stops gracefully and reports): [`tag`] then installs no sweeper. Call it before the
+/// first tag.
+pub fn caller_handles_signals() {
+    CALLER_HANDLES_SIGNALS.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Installed by the first [`tag`] of a process, unless it handles the signals itself: a
+/// thread that, on SIGINT or SIGTERM, removes what the process made ([`sweep_own`]) and exits
+/// with 130. Tests and benchmarks get it this way: a signal kills them before their guards
+/// run.
+fn sweep_on_signal() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if CALLER_HANDLES_SIGNALS.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ]);
+        let mut signals = match signals {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("weir: what this process makes is not removed on a signal: {e}");
+                return;
+            }
+        };
+        thread::spawn(move || {
+            // Written to stderr itself: a test harness would capture `eprintln!` of a thread
+            // a test started, and the process exits before printing it.
+            let say = |m: String| {
+                use std::io::Write;
+                let _ = std::io::stderr().write_all(m.as_bytes());
+            };
+            if let Some(sig) = signals.forever().next() {
+                say(format!(
+                    "weir: signal {sig}: removing what this process made\n"
+                ));
+                let gone = sweep_own();
+                say(format!(
+                    "weir: removed {} namespaces, mounts, directories and cgroups\n",
+                    gone.len()
+                ));
+                std::process::exit(130);
+            }
+        });
+    });
+}
+
 /// A short random tag for names, so parallel runs never collide. Remembered, so that a
-/// process stopped by a signal can remove what it made ([`sweep_own`]).
+/// process stopped by a signal can remove what it made ([`sweep_own`], which the first tag
+/// arranges for, see [`caller_handles_signals`]).
 pub fn tag() -> String {
+    sweep_on_signal();
     let t = format!("{:05x}", rand::random::<u32>() & 0xfffff);
     if let Ok(mut own) = OWN_TAGS.lock() {
         own.push(t.clone());
