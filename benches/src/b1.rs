@@ -295,7 +295,7 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
     let ifs: Vec<String> = node.pods.iter().map(|p| p.host_if.clone()).collect();
     // The pod veths' programs as the agent sets them: none when the socket hooks sit on the
     // cgroup v2 root (every pod is hooked), else tc_from_pod on ingress and tc_to_pod on
-    // egress (clsact filters).
+    // egress (clsact filters); the veths recorded as pods', as the agent records them.
     let attach = |program: Option<Desired>, pod_programs: PodPrograms| -> Result<Duration> {
         let (p2, cg, ifs) = (pins.clone(), cgroup.path.clone(), ifs.clone());
         node.ns.run(move || -> Result<Duration> {
@@ -303,6 +303,9 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
             dp.set_pod_programs(pod_programs);
             for i in &ifs {
                 dp.attach_pod_tc(i)?;
+                // As the agent records them: translated packets go straight into the pod.
+                let index = nix::net::if_::if_nametoindex(i.as_str())?;
+                dp.add_pod_dev(i, index)?;
             }
             dp.attach_cgroup(&cg)?;
             let Some(want) = program else {

@@ -4,7 +4,9 @@
 use std::fmt::Write;
 
 use anyhow::{bail, Result};
-use weir_common::{CtKey, CtValue, Stat, CT_DIR_FORWARD, CT_DIR_REPLY, MAX_CT, PROTO_TCP};
+use weir_common::{
+    CtKey, CtValue, Stat, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_KERNEL_ROUTE, MAX_CT, PROTO_TCP,
+};
 use weir_proxy::{
     addr::to_addr,
     program::{Desired, Frontend, ServiceSpec},
@@ -25,20 +27,39 @@ const ROUTED_BATCH: u32 = 250;
 
 fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
     let mut h = Harness::new()?;
-    let svc = ServiceSpec {
-        name: "bench/b8:http".into(),
-        backends: vec!["198.18.1.11:8080".parse()?],
-        ..Default::default()
+    let svc = |backend: &str| -> Result<ServiceSpec> {
+        Ok(ServiceSpec {
+            name: "bench/b8:http".into(),
+            backends: vec![backend.parse()?],
+            ..Default::default()
+        })
     };
-    h.program(&Desired::from([(
-        Frontend {
-            ip: "198.19.0.10".parse()?,
+    let fe = |ip: &str| -> Result<Frontend> {
+        Ok(Frontend {
+            ip: ip.parse()?,
             port: 80,
             proto: PROTO_TCP,
             scope: weir_common::SCOPE_ALL,
-        },
-        svc,
-    )]));
+        })
+    };
+    // The probed service's endpoint is a pod of the node; the second's is behind the uplink
+    // (another node's pod), whose packets the kernel forwards.
+    h.program(&Desired::from([
+        (fe("198.19.0.10")?, svc("198.18.1.11:8080")?),
+        (fe("198.19.0.20")?, svc("198.18.2.5:8080")?),
+    ]));
+    // The pods' veth as the agent has it: its peer in a namespace of its own, recorded as a
+    // pod's, the pods' neighbour entries resolved.
+    // The ping-pong of the DNAT cases (below) sends every other run to the VIP: a route takes
+    // it into the pod as well, so that every run does the same work.
+    h.ns.ip(&["route", "add", "198.19.0.10/32", "dev", "pods0"])?;
+    let pod = h.pods_in_a_namespace(&[
+        ("198.18.1.10", "02:00:00:00:01:0a"),
+        ("198.18.1.11", "02:00:00:00:01:0b"),
+        ("198.19.0.10", "02:00:00:00:01:0b"),
+    ])?;
+    let pods0 = h.ifindex("pods0");
+    h.dp.add_pod_dev("pods0", pods0)?;
     let n = (MAX_CT as u64 * fill_pct as u64 / 100) as usize;
     fill_ct(&h, n)?;
     // A repeated run sees the frame its previous run rewrote. So that every run of an
@@ -55,11 +76,29 @@ fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
         }
         Ok(ns)
     };
-    let timed = |h: &mut Harness, frame: Vec<u8>, repeat: u32, stat: Stat| {
-        timed_on(h, PROG, frame, repeat, stat)
+    // A routed packet's TTL is decremented, on every run of the ping-pong: those cases run in
+    // batches of ROUTED_BATCH from a frame with TTL 255, every run routed into the pod
+    // (checked), none left to the kernel for an exhausted TTL.
+    let batches = runs / ROUTED_BATCH;
+    let into_pod = |h: &mut Harness, prog: &str, frame: Vec<u8>, stat: Stat| -> Result<f64> {
+        let before = h.stats()[Stat::RoutedToPod as usize];
+        let frame = with_ttl(frame, 255);
+        let mut total = 0.0;
+        for _ in 0..batches {
+            total += timed_on(h, prog, frame.clone(), ROUTED_BATCH, stat)?;
+        }
+        let routed = h.stats()[Stat::RoutedToPod as usize] - before;
+        if routed != (batches * ROUTED_BATCH) as u64 {
+            bail!(
+                "b8: {routed} of {} runs routed into the pod",
+                batches * ROUTED_BATCH
+            );
+        }
+        Ok(total / batches as f64)
     };
-    let floor = timed(
+    let floor = timed_on(
         &mut h,
+        PROG,
         tcp("198.18.1.10", 40000, "198.18.1.12", 8080, Tcp::Ack),
         runs,
         Stat::PassNoService,
@@ -68,10 +107,16 @@ fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
         PROG,
         &tcp("198.18.1.10", 40000, "198.19.0.10", 80, Tcp::Syn),
     );
-    let (cli, vip, be) = (
+    h.run(
+        PROG,
+        &tcp("198.18.1.10", 40001, "198.19.0.20", 80, Tcp::Syn),
+    );
+    let (cli, vip, be, vip2, remote) = (
         to_addr("198.18.1.10".parse()?),
         to_addr("198.19.0.10".parse()?),
         to_addr("198.18.1.11".parse()?),
+        to_addr("198.19.0.20".parse()?),
+        to_addr("198.18.2.5".parse()?),
     );
     let mut ct = h.ct_map();
     let key = |src, sport: u16, dst, dport: u16| CtKey {
@@ -82,48 +127,58 @@ fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
         proto: PROTO_TCP,
         _pad: [0; 3],
     };
-    let back = |nat_addr, nat_port: u16, dir| CtValue {
+    let back = |nat_addr, nat_port: u16, dir, flags| CtValue {
         nat_addr,
         nat_port: nat_port.to_be(),
         dir,
+        flags,
         expires_ns: u64::MAX,
         ..Default::default()
     };
-    ct.insert(key(cli, 40000, be, 8080), back(vip, 80, CT_DIR_FORWARD), 0)?;
-    ct.insert(key(vip, 80, cli, 40000), back(be, 8080, CT_DIR_REPLY), 0)?;
-    let est = timed(
+    ct.insert(
+        key(cli, 40000, be, 8080),
+        back(vip, 80, CT_DIR_FORWARD, 0),
+        0,
+    )?;
+    ct.insert(key(vip, 80, cli, 40000), back(be, 8080, CT_DIR_REPLY, 0), 0)?;
+    ct.insert(
+        key(cli, 40001, remote, 8080),
+        back(vip2, 80, CT_DIR_FORWARD, CT_F_KERNEL_ROUTE),
+        0,
+    )?;
+    let est = into_pod(
         &mut h,
+        PROG,
         tcp("198.18.1.10", 40000, "198.19.0.10", 80, Tcp::Ack),
-        runs,
         Stat::DnatEstablished,
     )?;
     // The same flow's packet as an uplink's program sees it (an external client's, to a
     // NodePort): its established path is `tc_from_pod`'s, timed on its own program.
-    let est_uplink = timed_on(
+    let est_uplink = into_pod(
         &mut h,
         "tc_from_netdev",
         tcp("198.18.1.10", 40000, "198.19.0.10", 80, Tcp::Ack),
+        Stat::DnatEstablished,
+    )?;
+    let reply = into_pod(
+        &mut h,
+        PROG,
+        tcp("198.18.1.11", 8080, "198.18.1.10", 40000, Tcp::Ack),
+        Stat::RevNat,
+    )?;
+    // To an endpoint behind the uplink: translated, and left to the kernel's forwarding
+    // (the flow's first lookup said so), as kube-proxy's DNAT is.
+    let before = h.stats()[Stat::Routed as usize];
+    let est_remote = timed_on(
+        &mut h,
+        PROG,
+        tcp("198.18.1.10", 40001, "198.19.0.20", 80, Tcp::Ack),
         runs,
         Stat::DnatEstablished,
     )?;
-    // A routed packet's TTL is decremented, on every run of the ping-pong: the reply runs in
-    // batches of ROUTED_BATCH from a frame with TTL 255, every run routed (checked), none
-    // left to the kernel for an exhausted TTL.
-    let batches = runs / ROUTED_BATCH;
-    let routed_before = h.stats()[Stat::Routed as usize];
-    let frame = with_ttl(
-        tcp("198.18.1.11", 8080, "198.18.1.10", 40000, Tcp::Ack),
-        255,
-    );
-    let mut total = 0.0;
-    for _ in 0..batches {
-        total += timed(&mut h, frame.clone(), ROUTED_BATCH, Stat::RevNat)?;
+    if h.stats()[Stat::Routed as usize] != before {
+        bail!("b8: packets to the endpoint behind the uplink were routed by the program");
     }
-    let routed = h.stats()[Stat::Routed as usize] - routed_before;
-    if routed != (batches * ROUTED_BATCH) as u64 {
-        bail!("b8: {routed} of {} replies routed", batches * ROUTED_BATCH);
-    }
-    let reply = total / batches as f64;
     // The same reply leaving by an uplink (an external client's flow served by a pod whose
     // veth carries no program): `tc_to_netdev` translates it, routed already.
     let egress = timed_on(
@@ -136,51 +191,45 @@ fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
     // New flows: every packet a flow conntrack has not seen, so one run each.
     let mut total = 0.0;
     for i in 0..new_flows {
-        total += timed(
+        total += timed_on(
             &mut h,
+            PROG,
             tcp("198.18.3.10", 1000 + i, "198.19.0.10", 80, Tcp::Syn),
             1,
             Stat::DnatNew,
         )?;
     }
     let new = total / new_flows as f64;
+    drop(pod);
+    let row = |case, ns| Row {
+        case,
+        fill: fill_pct,
+        ns,
+        floor,
+    };
     Ok(vec![
-        Row {
-            case: "not a service (floor)",
-            fill: fill_pct,
-            ns: floor,
-            floor,
-        },
-        Row {
-            case: "established flow, DNAT",
-            fill: fill_pct,
-            ns: est,
-            floor,
-        },
-        Row {
-            case: "established flow, DNAT on an uplink's ingress (tc_from_netdev)",
-            fill: fill_pct,
-            ns: est_uplink,
-            floor,
-        },
-        Row {
-            case: "established flow, reply reverse NAT, routed",
-            fill: fill_pct,
-            ns: reply,
-            floor,
-        },
-        Row {
-            case: "established flow, reply reverse NAT on an uplink's egress (tc_to_netdev)",
-            fill: fill_pct,
-            ns: egress,
-            floor,
-        },
-        Row {
-            case: "new flow (SYN): select, 2 conntrack inserts, DNAT",
-            fill: fill_pct,
-            ns: new,
-            floor,
-        },
+        row("not a service (floor)", floor),
+        row("established flow, DNAT, into the pod (redirect_peer)", est),
+        row(
+            "established flow, DNAT on an uplink's ingress (tc_from_netdev), into the pod",
+            est_uplink,
+        ),
+        row(
+            "established flow, DNAT to an endpoint behind the uplink (kernel forwards)",
+            est_remote,
+        ),
+        row(
+            "established flow, reply reverse NAT, into the client pod",
+            reply,
+        ),
+        row(
+            "established flow, reply reverse NAT on an uplink's egress (tc_to_netdev)",
+            egress,
+        ),
+        row(
+            "new flow (SYN): select, route, 2 conntrack inserts, DNAT",
+            new,
+        ),
     ])
 }
 
@@ -206,11 +255,14 @@ pub fn run(quick: bool) -> Result<String> {
     let _ = writeln!(o, "Machine: {}\n", crate::results::machine());
     let _ = writeln!(
         o,
-        "`tc_from_pod` of the production object (and `tc_to_netdev` where the row says so), maps filled by the agent's \
-         programmer, in a namespace with routes to the pods (replies are routed by `tc_from_pod`: FIB lookup, TTL \
-         decrement and neighbour redirect; `tc_to_netdev` sees them routed already); mean ns per \
+        "`tc_from_pod` of the production object (and `tc_from_netdev`, `tc_to_netdev` where the row says so), maps \
+         filled by the agent's programmer, in a namespace with routes to the pods, whose veth (its peer in a namespace \
+         of its own) the agent has recorded as a pod's. Packets to a pod of the node are routed by the program: FIB \
+         lookup with the neighbour entry, TTL decrement, Ethernet addresses, `bpf_redirect_peer` into the pod (in a \
+         test run the redirect is only the verdict; on a real device it replaces a pass through the veth's queue and \
+         the node's forwarding). `tc_to_netdev` sees replies routed already. Mean ns per \
          run as the kernel times it, {runs} repeats per established case (the rewritten frame has an entry that \
-         rewrites it back, so every repeat does the case's work; the routed reply in test runs of {ROUTED_BATCH} from \
+         rewrites it back, so every repeat does the case's work; routed cases in test runs of {ROUTED_BATCH} from \
          a frame with TTL 255, as each run decrements it) and {new_flows} distinct SYNs for new flows (one run each, so they include the \
          test-run timer's per-run overhead: two clock reads). Every run is checked, by its counter, to have taken its \
          case's path. Conntrack: an LRU hash of {MAX_CT} entries. The floor is a pod-to-pod packet: parse, one conntrack \

@@ -26,8 +26,10 @@ pub mod map_names {
     pub const STATS: &str = "STATS_V1";
     pub const VIPNET: &str = "LB_VIPNET_V1";
     pub const NODE_LOCAL: &str = "LB_NODELOC_V1";
-    pub const ALL: [&str; 10] = [
+    pub const POD_DEVS: &str = "LB_PODDEV_V1";
+    pub const ALL: [&str; 11] = [
         SVC, BACKENDS, MAGLEV, AFFINITY, CT, SOCK_REV, SOCK_FWD, STATS, VIPNET, NODE_LOCAL,
+        POD_DEVS,
     ];
 }
 
@@ -57,6 +59,11 @@ pub const MAX_MAGLEV_SERVICES: u32 = 4_096;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_CT: u32 = 262_144;
 pub const MAX_SOCK: u32 = 65_536;
+/// Slots of the node's pod veths (`LB_PODDEV_V1`): the host-side veth of ifindex `i` is
+/// recorded in slot `i % MAX_POD_DEVS`, which holds `i` (0: none). An array, whose lookups the
+/// verifier inlines. Far above the pods a node runs (110 by default); two live veths whose
+/// indexes share a slot leave the later one unrecorded (its packets take the neighbour table).
+pub const MAX_POD_DEVS: u32 = 4_096;
 
 /// A bitmap of the IPv4 /16 prefixes that hold at least one service address: 65 536 bits in
 /// 1 024 words. A packet whose destination is in no such prefix cannot be a new service flow,
@@ -244,6 +251,18 @@ pub const CT_F_CLOSING: u8 = 1 << 1;
 /// from `peer` (a node address and a port of `SNAT_PORTS`); replies go back to `peer` (the
 /// client).
 pub const CT_F_SNAT: u8 = 1 << 2;
+/// A forward entry whose packets the kernel forwards: its backend is not in a pod on the
+/// node (another node's pod, an address outside the cluster, the node itself), found by the
+/// first packet's route lookup. Later packets skip the lookup. The kernel's forwarding keeps
+/// what the node's own rules do to such traffic (a masquerade towards an address outside the
+/// cluster, say).
+pub const CT_F_KERNEL_ROUTE: u8 = 1 << 3;
+/// An entry whose packets go into a pod of the node, by the route its first packet's lookup
+/// found, remembered in `peer_addr`'s 16 bytes: the host-side veth's ifindex (native order),
+/// then the Ethernet destination and source, in the order of the header. Only where neither
+/// `CT_F_HAIRPIN` nor `CT_F_SNAT` is set, which need the peer. Later packets skip the lookup
+/// while the veth is still a pod's (`LB_PODDEV_V1`).
+pub const CT_F_POD_ROUTE: u8 = 1 << 4;
 
 /// The ports source NAT hands out, above Linux's default ephemeral range (32768–60999) so that
 /// they do not meet the node's own connections.
@@ -323,9 +342,11 @@ pub enum Stat {
     SnatNew,
     /// A new external flow dropped: no free SNAT port towards its endpoint.
     DropSnatNoPort,
-    /// A packet the program routed itself: one whose source it rewrote (replies, hairpin and
-    /// source-NATed flows). Its new source may be an address of the node (a NodePort, the SNAT
-    /// address), which the kernel's input path would drop as a martian.
+    /// A translated packet the program routed itself (a FIB lookup, then a redirect), instead
+    /// of the kernel's forwarding. Needed where the source was rewritten (replies, hairpin and
+    /// source-NATed flows: the new source may be an address of the node, which the kernel's
+    /// input path drops as a martian); done for the others too, to skip a pass through the
+    /// stack (see `RoutedToPod`).
     Routed,
     /// A packet to route whose FIB lookup failed: left to the kernel.
     RouteFallback,
@@ -333,9 +354,13 @@ pub enum Stat {
     SockNodeLocal,
     /// A new flow of the per-packet path sent to the node's own DNS server.
     NodeLocal,
+    /// Of the `Routed` packets, those handed straight into a pod on the node
+    /// (`bpf_redirect_peer` to a device of `LB_PODDEV_V1`): no second pass through the node's
+    /// stack and the veth's queue.
+    RoutedToPod,
 }
 
-pub const STAT_COUNT: u32 = Stat::NodeLocal as u32 + 1;
+pub const STAT_COUNT: u32 = Stat::RoutedToPod as u32 + 1;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_no_service",
@@ -367,6 +392,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "route_fallback",
     "sock_node_local",
     "node_local",
+    "routed_to_pod",
 ];
 
 const _: () = {

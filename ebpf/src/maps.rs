@@ -50,6 +50,9 @@ pub struct Scratch {
     pub fib: aya_ebpf::bindings::bpf_fib_lookup,
     /// The next hop handed to the neighbour table.
     pub nh: aya_ebpf::bindings::bpf_redir_neigh,
+    /// A rewrite into a pod, built for its one store (see `nat`).
+    pub eth4: crate::nat::V4Frame,
+    pub eth6: crate::nat::V6Frame,
 }
 
 #[map(name = "SCRATCH_V1")]
@@ -60,6 +63,21 @@ pub static VIPNET: Array<u64> = Array::pinned(VIPNET_WORDS, 0);
 
 #[map(name = "LB_NODELOC_V1")]
 pub static NODE_LOCAL: Array<NodeLocal> = Array::pinned(1, 0);
+
+/// The host-side veths of the node's pods (the agent's, as it finds them; see
+/// `MAX_POD_DEVS`): a packet routed to one is handed straight into the pod
+/// (`route::redirect`).
+#[map(name = "LB_PODDEV_V1")]
+pub static POD_DEVS: Array<u32> = Array::pinned(MAX_POD_DEVS, 0);
+
+/// Whether `ifindex` is a pod's host-side veth (see `POD_DEVS`).
+#[inline(always)]
+pub fn is_pod_dev(ifindex: u32) -> bool {
+    match POD_DEVS.get(ifindex % MAX_POD_DEVS) {
+        Some(v) => *v == ifindex && ifindex != 0,
+        None => false,
+    }
+}
 
 #[map(name = "STATS_V1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);

@@ -11,7 +11,10 @@
 use aya_ebpf::programs::TcContext;
 use weir_common::{Addr, Stat, PROTO_UDP};
 
-use crate::parse::Packet;
+use crate::{
+    maps::Scratch,
+    parse::{read, Packet},
+};
 
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
@@ -85,17 +88,14 @@ fn fold16(mut s: u32) -> u16 {
     s as u16
 }
 
-/// Rewrites the source and the destination of the packet as the two changes say; `hop`: the
-/// program routes the packet, and decrements its TTL (hop limit) as a router does.
+/// Rewrites the source and the destination of the packet as `s.chg_src` and `s.chg_dst` say;
+/// `hop`: the program routes the packet, and decrements its TTL (hop limit) as a router does;
+/// `eth`: it goes into a pod, with the Ethernet addresses `s.fib` holds (written in the same
+/// store as the rest where the header allows).
 #[inline(always)]
-pub fn rewrite(
-    ctx: &TcContext,
-    p: &Packet,
-    src: &Change,
-    dst: &Change,
-    hop: bool,
-) -> Result<(), Stat> {
-    if rewrite_out_of_line(ctx, p, src, dst, hop) == 0 {
+pub fn rewrite(ctx: &TcContext, s: &mut Scratch, hop: bool, eth: bool) -> Result<(), Stat> {
+    let how = (hop as u32) | ((eth as u32) << 1);
+    if rewrite_out_of_line(ctx, s, how) == 0 {
         Ok(())
     } else {
         Err(Stat::DropRewriteFailed)
@@ -104,8 +104,8 @@ pub fn rewrite(
 
 /// Out of line: one copy of the code instead of one per call site. Returns 0 or -1.
 #[inline(never)]
-fn rewrite_out_of_line(ctx: &TcContext, p: &Packet, src: &Change, dst: &Change, hop: bool) -> i32 {
-    match rewrite_inner(ctx, p, src, dst, hop) {
+fn rewrite_out_of_line(ctx: &TcContext, s: &mut Scratch, how: u32) -> i32 {
+    match rewrite_inner(ctx, s, how & 1 != 0, how & 2 != 0) {
         Ok(()) => 0,
         Err(_) => -1,
     }
@@ -135,12 +135,51 @@ fn diff(p: &Packet, c: &Change, d: &mut Diffs) {
 /// The bytes of an IPv4 header from the TTL to the destination address.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct V4Header {
+pub struct V4Header {
     ttl: u8,
     proto: u8,
     csum: u16,
     src: [u8; 4],
     dst: [u8; 4],
+}
+
+/// Where `V4Frame::head` and `V6Frame::head` start: the EtherType, then the IP header's first
+/// 8 bytes (the IPv6 hop limit the last), written back as they are. Read from the packet by
+/// the rewrite into a pod, the only one that needs them, not by the parser, which every
+/// packet pays for.
+const HEAD_OFF: usize = 12;
+
+/// A rewrite into a pod, IPv4 without options: from the Ethernet addresses to the ports, in
+/// one store (built in the scratch space: the call chain's stack is short).
+#[repr(C)]
+pub struct V4Frame {
+    macs: [u8; 12],
+    head: [u8; 10],
+    hdr: V4Header,
+    ports: [u16; 2],
+}
+
+/// The same for IPv6: the hop limit is in `head`.
+#[repr(C)]
+pub struct V6Frame {
+    macs: [u8; 12],
+    head: [u8; 10],
+    // Bytes, not `Addr`: its alignment would put padding before them.
+    src: [u8; 16],
+    dst: [u8; 16],
+    ports: [u16; 2],
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<V4Frame>() == 38);
+    assert!(core::mem::size_of::<V6Frame>() == 58);
+};
+
+/// Sets the Ethernet addresses of a frame being built: destination, then source.
+#[inline(always)]
+fn set_macs(macs: &mut [u8; 12], fib: &aya_ebpf::bindings::bpf_fib_lookup) {
+    macs[..6].copy_from_slice(&fib.dmac);
+    macs[6..].copy_from_slice(&fib.smac);
 }
 
 /// The same, then the ports, when no options lie between: one store writes a whole rewrite,
@@ -160,13 +199,8 @@ struct V6Span {
 }
 
 #[inline(always)]
-fn rewrite_inner(
-    ctx: &TcContext,
-    p: &Packet,
-    src: &Change,
-    dst: &Change,
-    hop: bool,
-) -> Result<(), Stat> {
+fn rewrite_inner(ctx: &TcContext, s: &mut Scratch, hop: bool, eth: bool) -> Result<(), Stat> {
+    let (p, src, dst) = (&s.pkt, &s.chg_src, &s.chg_dst);
     let mut d = Diffs { addr: 0, port: 0 };
     diff(p, src, &mut d);
     diff(p, dst, &mut d);
@@ -184,7 +218,18 @@ fn rewrite_inner(
         (p.dst, p.dport)
     };
     let failed = |_| Stat::DropRewriteFailed;
-    if p.v6 {
+    if p.v6 && eth {
+        let f = &mut s.eth6;
+        set_macs(&mut f.macs, &s.fib);
+        f.head = read(ctx, HEAD_OFF).ok_or(Stat::DropRewriteFailed)?;
+        if hop {
+            f.head[9] = p.ttl - 1;
+        }
+        f.src = sa.0;
+        f.dst = da.0;
+        f.ports = [sp, dp];
+        ctx.store(0, &s.eth6, 0).map_err(failed)?;
+    } else if p.v6 {
         let span = V6Span {
             src: sa,
             dst: da,
@@ -216,13 +261,24 @@ fn rewrite_inner(
             src: sa.v4_octets(),
             dst: da.v4_octets(),
         };
-        if p.l4_off == p.l3_off + 20 {
+        if eth && p.l4_off == p.l3_off + 20 {
+            let f = &mut s.eth4;
+            set_macs(&mut f.macs, &s.fib);
+            f.head = read(ctx, HEAD_OFF).ok_or(Stat::DropRewriteFailed)?;
+            f.hdr = hdr;
+            f.ports = [sp, dp];
+            ctx.store(0, &s.eth4, 0).map_err(failed)?;
+        } else if p.l4_off == p.l3_off + 20 {
             let span = V4Span {
                 hdr,
                 ports: [sp, dp],
             };
             ctx.store(p.l3_off + 8, &span, 0).map_err(failed)?;
         } else {
+            if eth {
+                set_macs(&mut s.eth4.macs, &s.fib);
+                ctx.store(0, &s.eth4.macs, 0).map_err(failed)?;
+            }
             ctx.store(p.l3_off + 8, &hdr, 0).map_err(failed)?;
             ctx.store(p.l4_off, &[sp, dp], 0).map_err(failed)?;
         }

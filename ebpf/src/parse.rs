@@ -68,7 +68,7 @@ fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
 }
 
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     // SAFETY: ptr_at checked the bounds; the read is unaligned-safe.
     ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
 }

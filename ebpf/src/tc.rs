@@ -13,7 +13,10 @@ use crate::{
     nat::{rewrite, Change},
     parse::{parse_out_of_line, Packet, TCP_FIN, TCP_RST},
     reject::reject,
-    route::{backend_is_behind_ingress, fallback, fib_src, lookup, redirect},
+    route::{
+        backend_is_behind_ingress, fallback, fib_src, lookup, redirect, remember, remembered,
+        set_addrs, ROUTE_LOCAL, ROUTE_NEIGH, ROUTE_NONE, ROUTE_POD, ROUTE_POD_NEIGH,
+    },
 };
 
 const TC_ACT_SHOT: i32 = 2;
@@ -133,7 +136,7 @@ fn reply_out(ctx: &TcContext, s: &mut Scratch) -> Result<bool, Stat> {
     s.chg_src = Change::new(&p.src, &e.nat_addr, p.sport, e.nat_port);
     s.chg_dst = Change::keep(&p.dst);
     // Already on its way out of the device: nothing to route.
-    rewrite(ctx, &s.pkt, &s.chg_src, &s.chg_dst, false)?;
+    rewrite(ctx, s, false, false)?;
     count(Stat::RevNat);
     Ok(true)
 }
@@ -188,6 +191,26 @@ fn set_key(k: &mut CtKey, src: &Addr, dst: &Addr, sport: u16, dport: u16, proto:
     k.proto = proto;
 }
 
+/// How a translated packet the lookup found `route` for goes on: routed here (`ROUTE_POD`,
+/// `ROUTE_NEIGH`) or by the kernel (`ROUTE_NONE`). One whose source is kept is only routed
+/// into a pod: any other is the kernel's to forward, with what the node's own rules do to it.
+#[inline(always)]
+fn routed(rewrites_source: bool, route: u32) -> u32 {
+    match route {
+        ROUTE_POD => ROUTE_POD,
+        ROUTE_POD_NEIGH => ROUTE_NEIGH,
+        ROUTE_NEIGH if rewrites_source => ROUTE_NEIGH,
+        _ => ROUTE_NONE,
+    }
+}
+
+/// Whether the lookup of a flow's packet whose source is kept found it not to go into a pod
+/// of the node, for good: its forward entry then gets `CT_F_KERNEL_ROUTE`.
+#[inline(always)]
+fn never_to_a_pod(route: u32) -> bool {
+    route == ROUTE_NEIGH || route == ROUTE_LOCAL
+}
+
 #[inline(always)]
 fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat> {
     let p = &s.pkt;
@@ -223,21 +246,21 @@ fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat
                 };
                 s.chg_src = Change::new(&p.src, &nat_addr, p.sport, nat_port);
             }
-            // A packet whose source is rewritten is routed here (see `route.rs`): looked up
-            // first, so that the rewrite also counts the hop. The destination as it is to be
-            // (`keep` when unchanged).
-            let hop = s.chg_src.on && {
-                let (from, to) = (s.chg_src.new_addr, s.chg_dst.new_addr);
-                lookup(ctx, s, &from, &to)
-            };
-            rewrite(ctx, &s.pkt, &s.chg_src, &s.chg_dst, hop)?;
+            // A packet whose source is rewritten is routed here (see `route.rs`), and so is
+            // one into a pod of the node: looked up first, so that the rewrite also counts
+            // the hop.
+            let route = route_established(ctx, s, e);
+            rewrite(ctx, s, route != ROUTE_NONE, route == ROUTE_POD)?;
             count(if dir == CT_DIR_FORWARD {
                 Stat::DnatEstablished
             } else {
                 Stat::RevNat
             });
+            if route != ROUTE_NONE {
+                return Ok(redirect(s, route));
+            }
             if s.chg_src.on {
-                return Ok(if hop { redirect(s) } else { fallback() });
+                return Ok(fallback());
             }
             return Ok(TC_ACT_OK as i32);
         }
@@ -250,6 +273,60 @@ fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat
         NEXT_COMMIT => Ok(commit_new_flow(ctx, s, false)),
         NEXT_COMMIT_MAY_SNAT => Ok(commit_new_flow(ctx, s, true)),
         verdict => Ok(verdict),
+    }
+}
+
+/// How an established flow's packet (its rewrite in `s.chg_src`, `s.chg_dst`) goes on: a
+/// `ROUTE_` value, as `routed` gives it. The entry remembers what the flow's lookup found: a
+/// route into a pod (taken while the veth is a pod's, with no lookup), or that the kernel
+/// forwards the flow. Out of line: its caller's frame is the program's, in every call chain.
+#[inline(never)]
+fn route_established(ctx: &TcContext, s: &mut Scratch, e: &mut CtValue) -> u32 {
+    let peer = e.flags & (CT_F_HAIRPIN | CT_F_SNAT) != 0;
+    if e.flags & CT_F_KERNEL_ROUTE != 0 {
+        return ROUTE_NONE;
+    }
+    if !peer && e.flags & CT_F_POD_ROUTE != 0 && remembered(s, &e.peer_addr) == ROUTE_POD {
+        return ROUTE_POD;
+    }
+    // The addresses as they are to be (`keep` when unchanged).
+    let from = if s.chg_src.on {
+        &s.chg_src.new_addr
+    } else {
+        &s.pkt.src
+    };
+    set_addrs(&mut s.fib, from, &s.chg_dst.new_addr, s.pkt.v6);
+    let found = lookup(ctx, s);
+    note_route(
+        &s.fib,
+        &mut e.flags,
+        &mut e.peer_addr,
+        found,
+        peer,
+        s.chg_src.on,
+    );
+    routed(s.chg_src.on, found)
+}
+
+/// Records in an entry (its `flags`, and `peer_addr` unless the flow needs its peer) what
+/// the lookup for its packets found: a route into a pod (`CT_F_POD_ROUTE`), or, for a flow
+/// whose source is kept, none into a pod (`CT_F_KERNEL_ROUTE`).
+#[inline(always)]
+fn note_route(
+    fib: &aya_ebpf::bindings::bpf_fib_lookup,
+    flags: &mut u8,
+    peer_addr: &mut Addr,
+    found: u32,
+    needs_peer: bool,
+    rewrites_source: bool,
+) {
+    if found == ROUTE_POD && !needs_peer {
+        remember(fib, peer_addr);
+        *flags |= CT_F_POD_ROUTE;
+    } else if !rewrites_source && never_to_a_pod(found) {
+        *flags = (*flags & !CT_F_POD_ROUTE) | CT_F_KERNEL_ROUTE;
+    } else {
+        *flags &= !CT_F_POD_ROUTE;
     }
 }
 
@@ -399,6 +476,33 @@ fn try_commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> Resu
     s.rev.peer_addr = s.fwd_key.src;
     s.rev.peer_port = s.fwd_key.sport;
     s.rev.dir = CT_DIR_REPLY;
+    // Routed here (see `process`); looked up before the forward entry is written, which
+    // remembers a flow the kernel forwards. A source-NATed flow's route is the one
+    // `backend_is_behind_ingress` just found (`s.fib` holds it, next hop included).
+    let route = if snat {
+        if s.pkt.ttl > 1 {
+            ROUTE_NEIGH
+        } else {
+            ROUTE_NONE
+        }
+    } else {
+        let from = if rewrites_source {
+            &s.fwd.peer_addr
+        } else {
+            &s.fwd_key.src
+        };
+        set_addrs(&mut s.fib, from, &s.fwd.nat_addr, s.pkt.v6);
+        let found = lookup(ctx, s);
+        note_route(
+            &s.fib,
+            &mut s.fwd.flags,
+            &mut s.fwd.peer_addr,
+            found,
+            rewrites_source,
+            rewrites_source,
+        );
+        routed(rewrites_source, found)
+    };
     // Reply entry first: once the forward entry exists, the reply can come back.
     if snat {
         let port = claim_snat_port(s, now_ns());
@@ -412,7 +516,8 @@ fn try_commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> Resu
     }
     CT.insert(&s.fwd_key, &s.fwd, 0)
         .map_err(|_| Stat::DropConntrackInsert)?;
-    let src = if rewrites_source {
+    // In the scratch space, as an established packet's: this frame is in a call chain.
+    s.chg_src = if rewrites_source {
         Change::new(
             &s.fwd_key.src,
             &s.fwd.peer_addr,
@@ -422,23 +527,13 @@ fn try_commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> Resu
     } else {
         Change::none()
     };
-    let dst = Change::new(
+    s.chg_dst = Change::new(
         &s.fwd_key.dst,
         &s.fwd.nat_addr,
         s.fwd_key.dport,
         s.fwd.nat_port,
     );
-    // A source-NATed flow's route is the one `backend_is_behind_ingress` just found (`s.fib`
-    // holds it, next hop included): no second lookup.
-    let hop = if snat {
-        s.pkt.ttl > 1
-    } else {
-        rewrites_source && {
-            let (from, to) = (s.fwd.peer_addr, s.fwd.nat_addr);
-            lookup(ctx, s, &from, &to)
-        }
-    };
-    rewrite(ctx, &s.pkt, &src, &dst, hop)?;
+    rewrite(ctx, s, route != ROUTE_NONE, route == ROUTE_POD)?;
     if s.fwd.flags & CT_F_HAIRPIN != 0 {
         count(Stat::Hairpin);
     }
@@ -446,8 +541,11 @@ fn try_commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> Resu
         count(Stat::SnatNew);
     }
     count(Stat::DnatNew);
+    if route != ROUTE_NONE {
+        return Ok(redirect(s, route));
+    }
     if rewrites_source {
-        return Ok(if hop { redirect(s) } else { fallback() });
+        return Ok(fallback());
     }
     Ok(TC_ACT_OK as i32)
 }

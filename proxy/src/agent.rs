@@ -14,7 +14,7 @@ use weir_cni::agent::{Reply, Request};
 
 use crate::{
     kube_source::KubeSource,
-    loader::{ensure_bpffs, Datapath, PinDir, PodPrograms, TcRole},
+    loader::{ensure_bpffs, Datapath, HostRouting, PinDir, PodPrograms, TcRole},
     maps::AyaMaps,
     model,
     observe::{Health, Metrics, Observed},
@@ -61,6 +61,8 @@ pub struct Config {
     /// What pod veths carry; None: decided from `cgroup` (none when it is a cgroup v2 root,
     /// whose hooks see every pod's sockets).
     pub pod_programs: Option<PodPrograms>,
+    /// How translated packets to a pod of the node reach it.
+    pub host_routing: HostRouting,
     /// Where the pods' network namespaces are pinned (`/var/run/netns`): connected UDP sockets
     /// of removed backends are aborted there and in the agent's own namespace.
     pub pod_netns_dir: Option<PathBuf>,
@@ -98,6 +100,7 @@ impl Config {
             bpffs: PathBuf::new(),
             cgroup: None,
             pod_programs: None,
+            host_routing: HostRouting::Bpf,
             pod_netns_dir: None,
             pod_if_prefixes: vec![],
             netdevs: vec![],
@@ -562,6 +565,11 @@ fn attach_pod(
     dp.attach_pod_tc(&dev.0)
         .with_context(|| format!("attach the pod programs to {}", dev.0))?;
     let took_us = started.elapsed().as_micros() as u64;
+    // With either setting of pod programs, translated packets to the pod are handed straight
+    // into it (unless --host-routing kernel, where this records nothing).
+    if let Err(e) = dp.add_pod_dev(&dev.0, dev.1) {
+        warn!(dev = %dev.0, "packets to this pod take the node's stack: {e:#}");
+    }
     if dp.pod_programs() == PodPrograms::None {
         info!(dev = %dev.0, index = dev.1, by, took_us, "pod veth without programs (socket LB)");
     } else {
@@ -569,6 +577,21 @@ fn attach_pod(
     }
     attached.insert(dev);
     Ok(())
+}
+
+/// Forgets the pod veths the agent had attached that `gone` says are gone (two map calls
+/// each: this is on weir-cni's DEL).
+fn forget_pod_devs(
+    dp: &mut Datapath,
+    attached: &mut Attached,
+    gone: impl Fn(&(String, u32)) -> bool,
+) {
+    for dev in attached.iter().filter(|d| gone(d)) {
+        if let Err(e) = dp.forget_pod_dev(dev.1) {
+            warn!(dev = %dev.0, "{e:#}");
+        }
+    }
+    attached.retain(|d| !gone(d));
 }
 
 /// Answers one request of weir-cni (see `weir_cni::agent`).
@@ -607,7 +630,7 @@ fn answer(req: Request, dp: &mut Datapath, attached: &mut Attached, ready: bool)
         Request::Detach { ifname } => {
             // weir-cni deletes the device before it says so: its pin is one of a device that
             // is gone, which prune releases.
-            attached.retain(|(n, _)| *n != ifname);
+            forget_pod_devs(dp, attached, |(n, _)| *n == ifname);
             if let Err(e) = dp.pins().prune_tc() {
                 warn!("prune links: {e:#}");
             }
@@ -665,7 +688,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         },
     );
     dp.set_pod_programs(pod_programs);
-    info!(?pod_programs, "pod veth programs");
+    dp.set_host_routing(cfg.host_routing);
+    info!(?pod_programs, host_routing = ?cfg.host_routing, "pod veth programs");
     // Uplinks first: with no pod programs, replies of external flows a pod serves are
     // translated on the uplink's egress, which must be in place before an earlier run's pod
     // programs come off (the first poll).
@@ -774,7 +798,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             first_seen.entry(dev.clone()).or_insert_with(Instant::now);
         }
         if attached.iter().any(|dev| !present.contains(dev)) {
-            attached.retain(|dev| present.contains(dev));
+            forget_pod_devs(&mut dp, &mut attached, |dev| !present.contains(dev));
             match dp.pins().prune_tc() {
                 Ok(gone) => {
                     for pin in gone {
@@ -801,6 +825,17 @@ pub async fn run(cfg: Config) -> Result<()> {
                 if let Err(e) = attach_pod(&mut dp, &mut attached, dev.clone(), "poll") {
                     warn!(dev = %ifname, "{e:#}");
                 }
+            }
+        }
+        if first_poll {
+            // The pod devices are all attached again: what an earlier run recorded of others
+            // is of devices gone while no agent ran.
+            let keep = match dp.host_routing() {
+                HostRouting::Bpf => attached.iter().map(|(_, index)| *index).collect(),
+                HostRouting::Kernel => Default::default(),
+            };
+            if let Err(e) = dp.retain_pod_devs(&keep) {
+                warn!("{e:#}");
             }
         }
         first_poll = false;

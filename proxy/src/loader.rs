@@ -77,6 +77,19 @@ pub enum PodPrograms {
     None,
 }
 
+/// How translated packets to a pod of the node reach it ([`Datapath::set_host_routing`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum HostRouting {
+    /// Handed straight into the pod by the program (`bpf_redirect_peer` to a veth of
+    /// `LB_PODDEV_V1`): no second pass through the veth's queue and the node's stack, and so
+    /// none through its netfilter FORWARD chain either (Cilium's host routing).
+    #[default]
+    Bpf,
+    /// Forwarded by the node's stack, where rules of the node (a NetworkPolicy implementation
+    /// on iptables, say) see them: no pod veth is recorded.
+    Kernel,
+}
+
 /// Separates a device's name from its index in a TC link's pin name. Not `.`: bpffs refuses
 /// names with a dot (reserved for its own files).
 const TC_PIN_SEP: char = '#';
@@ -178,6 +191,7 @@ pub struct Datapath {
     pins: PinDir,
     /// What pod veths get from [`Datapath::attach_pod_tc`].
     pod_programs: PodPrograms,
+    host_routing: HostRouting,
 }
 
 /// A conntrack value as weir wrote it before `CT_V2` (no peer rewrite).
@@ -378,6 +392,7 @@ impl Datapath {
             ebpf,
             pins,
             pod_programs: PodPrograms::PerPacket,
+            host_routing: HostRouting::Bpf,
         })
     }
 
@@ -396,6 +411,15 @@ impl Datapath {
 
     pub fn pod_programs(&self) -> PodPrograms {
         self.pod_programs
+    }
+
+    /// Whether [`Datapath::add_pod_dev`] records pod veths ([`HostRouting::Bpf`] unless set).
+    pub fn set_host_routing(&mut self, r: HostRouting) {
+        self.host_routing = r;
+    }
+
+    pub fn host_routing(&self) -> HostRouting {
+        self.host_routing
     }
 
     /// Attaches a TC program to `ifname` (TCX, on the role's side) in the calling thread's
@@ -541,6 +565,73 @@ impl Datapath {
         Ok(())
     }
 
+    /// The map of the node's pod veths (`LB_PODDEV_V1`, see `MAX_POD_DEVS`), which the
+    /// programs hand packets into pods by.
+    fn pod_devs_map(&mut self) -> Result<aya::maps::Array<&mut aya::maps::MapData, u32>> {
+        let name = weir_common::map_names::POD_DEVS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} is missing from the eBPF object"))?;
+        aya::maps::Array::try_from(map).with_context(|| format!("open map {name}"))
+    }
+
+    /// Records `ifindex` (in the agent's namespace) as a pod's host-side veth, whose packets
+    /// the programs may hand straight into the pod (`bpf_redirect_peer`). Only a veth whose
+    /// peer is in another network namespace can take that: a packet redirected to any other
+    /// device would be dropped, so those are refused. So is a veth whose slot holds another
+    /// (see `MAX_POD_DEVS`).
+    /// With [`HostRouting::Kernel`], records nothing.
+    pub fn add_pod_dev(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
+        use weir_common::MAX_POD_DEVS;
+        if self.host_routing == HostRouting::Kernel {
+            return Ok(());
+        }
+        if !veth_with_peer_elsewhere(ifindex)
+            .with_context(|| format!("ask the kernel what device {ifname} is"))?
+        {
+            bail!("{ifname} (index {ifindex}) is not a veth whose peer is in another network namespace");
+        }
+        let mut map = self.pod_devs_map()?;
+        let slot = ifindex % MAX_POD_DEVS;
+        let held = map.get(&slot, 0).context("read a pod veth slot")?;
+        if held != 0 && held != ifindex {
+            bail!("{ifname} (index {ifindex}) shares slot {slot} with the veth of index {held}, recorded first");
+        }
+        map.set(slot, ifindex, 0)
+            .with_context(|| format!("record {ifname} (index {ifindex}) as a pod veth"))
+    }
+
+    /// Forgets the pod veth of index `ifindex` (a device gone), if it is recorded.
+    pub fn forget_pod_dev(&mut self, ifindex: u32) -> Result<()> {
+        let mut map = self.pod_devs_map()?;
+        let slot = ifindex % weir_common::MAX_POD_DEVS;
+        if map.get(&slot, 0).context("read a pod veth slot")? == ifindex {
+            map.set(slot, 0, 0)
+                .with_context(|| format!("forget the pod veth of index {ifindex}"))?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the pod veths not in `keep` (gone devices; any an earlier run left): a pass
+    /// over every slot.
+    pub fn retain_pod_devs(&mut self, keep: &std::collections::BTreeSet<u32>) -> Result<()> {
+        let mut map = self.pod_devs_map()?;
+        for slot in 0..weir_common::MAX_POD_DEVS {
+            let held = map.get(&slot, 0).context("read a pod veth slot")?;
+            if held != 0 && !keep.contains(&held) {
+                map.set(slot, 0, 0)
+                    .with_context(|| format!("forget the pod veth of index {held}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The pod veths recorded, by ifindex.
+    pub fn pod_devs(&mut self) -> Result<Vec<u32>> {
+        recorded_pod_devs(&self.pod_devs_map()?)
+    }
+
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
@@ -609,6 +700,62 @@ fn detach_pod_filter(ifname: &str, dir: TcAttachType, name: &str) -> Result<()> 
         Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
         r => r.with_context(|| format!("delete the {dir:?} filter of {ifname}")),
+    }
+}
+
+/// The pod veths a `LB_PODDEV_V1` map records, by ifindex, in slot order.
+pub fn recorded_pod_devs<T: std::borrow::Borrow<aya::maps::MapData>>(
+    map: &aya::maps::Array<T, u32>,
+) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for v in map.iter() {
+        let v = v.with_context(|| format!("read {}", weir_common::map_names::POD_DEVS))?;
+        if v != 0 {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// Whether device `index` of the calling thread's namespace is a veth whose peer lives in
+/// another network namespace (the kernel names that namespace in `IFLA_LINK_NETNSID`).
+fn veth_with_peer_elsewhere(index: u32) -> io::Result<bool> {
+    use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+    use netlink_packet_route::{
+        link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+        RouteNetlinkMessage,
+    };
+    let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
+    sock.bind_auto()?;
+    sock.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetLink(msg));
+    req.header.flags = NLM_F_REQUEST;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf);
+    sock.send(&buf, 0)?;
+    let (data, _) = sock.recv_from_full()?;
+    let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data).map_err(io::Error::other)?;
+    match m.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+            let veth = l.attributes.iter().any(|a| {
+                matches!(a, LinkAttribute::LinkInfo(infos)
+                    if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+            });
+            let elsewhere = l
+                .attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)));
+            Ok(veth && elsewhere)
+        }
+        NetlinkPayload::Error(e) => Err(e
+            .code
+            .map(|c| io::Error::from_raw_os_error(-c.get()))
+            .unwrap_or_else(|| io::Error::other("no answer"))),
+        _ => Err(io::Error::other("unexpected netlink answer")),
     }
 }
 

@@ -28,7 +28,8 @@ enum Cmd {
         weir agent --source file:/etc/weir/services.yaml\n  \
         weir agent --source file:svc.yaml --bpffs /run/weir/bpf --cgroup /sys/fs/cgroup --netdev eth0\n  \
         weir agent --source file:svc.yaml --no-socket-lb --pod-interface-prefix lxc\n  \
-        weir agent --source kube --node-name $NODE_NAME --dns-listen 169.254.20.10:53\n\n\
+        weir agent --source kube --node-name $NODE_NAME --dns-listen 169.254.20.10:53\n  \
+        weir agent --source kube --node-name $NODE_NAME --netdev eth0 --host-routing kernel\n\n\
         The agent pins its maps and links under <bpffs>/weir; when it stops, the data path keeps\n\
         serving, and the next agent adopts it without dropping established flows.")]
     Agent {
@@ -52,6 +53,13 @@ enum Cmd {
         /// --netdev egress), or `auto`: none when the hooks sit on a cgroup v2 root, else tc.
         #[arg(long, value_enum, default_value = "auto")]
         pod_programs: PodProgramsArg,
+        /// How translated service packets to a pod of this node reach it: `bpf` (handed
+        /// straight into the pod by the program, skipping a second pass through the node's
+        /// stack and so its netfilter FORWARD chain, as Cilium's host routing) or `kernel`
+        /// (forwarded by the node's stack, where node rules such as an iptables NetworkPolicy
+        /// implementation see them).
+        #[arg(long, value_enum, default_value = "bpf")]
+        host_routing: HostRoutingArg,
         /// Where container runtimes pin pod network namespaces: connected UDP sockets that the
         /// socket hooks sent to a backend which has left are aborted there (ECONNABORTED, so
         /// the application connects again), and in the agent's own namespace.
@@ -358,6 +366,13 @@ enum PodProgramsArg {
     None,
 }
 
+/// `weir agent --host-routing`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum HostRoutingArg {
+    Bpf,
+    Kernel,
+}
+
 /// A listen address, or none.
 #[derive(Clone, Copy, Debug)]
 struct Bind(Option<std::net::SocketAddr>);
@@ -379,6 +394,7 @@ fn run(cli: Cli) -> Result<()> {
             cgroup,
             no_socket_lb,
             pod_programs,
+            host_routing,
             pod_netns_dir,
             pod_interface_prefix,
             netdev,
@@ -413,6 +429,10 @@ fn run(cli: Cli) -> Result<()> {
                     PodProgramsArg::Auto => None,
                     PodProgramsArg::Tc => Some(weir_proxy::loader::PodPrograms::PerPacket),
                     PodProgramsArg::None => Some(weir_proxy::loader::PodPrograms::None),
+                },
+                host_routing: match host_routing {
+                    HostRoutingArg::Bpf => weir_proxy::loader::HostRouting::Bpf,
+                    HostRoutingArg::Kernel => weir_proxy::loader::HostRouting::Kernel,
                 },
                 pod_netns_dir: Some(pod_netns_dir),
                 pod_if_prefixes: pod_interface_prefix,

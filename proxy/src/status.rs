@@ -48,6 +48,16 @@ pub struct Status {
     pub counters: BTreeMap<&'static str, u64>,
     /// The node's own DNS server as the data path sees it (None: never set on this node).
     pub node_local_dns: Option<NodeLocalDns>,
+    /// The pod veths (host side, by ifindex) the per-packet path hands packets straight into
+    /// (`LB_PODDEV_V1`, which the agent keeps).
+    pub pod_veths: Vec<u32>,
+}
+
+fn pod_veths(maps_dir: &Path) -> Result<Vec<u32>> {
+    let map: aya::maps::Array<MapData, u32> = open_typed(maps_dir, map_names::POD_DEVS)?;
+    let mut out = crate::loader::recorded_pod_devs(&map)?;
+    out.sort_unstable();
+    Ok(out)
 }
 
 /// The node-local DNS lease (`LB_NODELOC`): where the cluster DNS Service's queries go while
@@ -206,6 +216,7 @@ pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
         conntrack,
         counters,
         node_local_dns: node_local_dns(maps_dir)?,
+        pod_veths: pod_veths(maps_dir)?,
     })
 }
 
@@ -278,6 +289,15 @@ pub fn render(s: &Status) -> String {
             } else {
                 "lease withdrawn: queries go to the Service's endpoints".into()
             }
+        );
+    }
+    if !s.pod_veths.is_empty() {
+        let list: Vec<String> = s.pod_veths.iter().map(|i| i.to_string()).collect();
+        let _ = writeln!(
+            o,
+            "pod veths packets are handed straight into: {} (indexes {})",
+            s.pod_veths.len(),
+            list.join(", ")
         );
     }
     let _ = writeln!(o, "conntrack ({} entries)", s.conntrack_entries);

@@ -117,6 +117,29 @@ impl Harness {
         })
     }
 
+    /// Puts `pods0`'s peer in a namespace of its own, as a pod's eth0 is (the returned one:
+    /// keep it while the harness runs), and gives `pods0` a permanent neighbour entry for each
+    /// (address, MAC) pair: the shape of a pod veth the agent records (`add_pod_dev`).
+    pub fn pods_in_a_namespace(&self, neighbours: &[(&str, &str)]) -> Result<Netns> {
+        let pod = Netns::create(&format!("weir-fxpod{}", tag()))?;
+        self.ns.ip(&["link", "set", "pods0p", "netns", &pod.name])?;
+        pod.ip(&["link", "set", "pods0p", "up"])?;
+        for (addr, mac) in neighbours {
+            self.ns.ip(&[
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                mac,
+                "dev",
+                "pods0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        Ok(pod)
+    }
+
     /// The index of a device of the fixture namespace.
     pub fn ifindex(&self, dev: &str) -> u32 {
         nix::net::if_::if_nametoindex(dev).unwrap_or_else(|e| panic!("no device {dev}: {e}"))

@@ -113,25 +113,44 @@ fn tcp_and_udp_through_clusterip_spread_evenly_by_both_paths() {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn the_tc_path_works_with_socket_hooks_off() {
-    let s = sim(false);
-    let r = s
-        .loadtest(
-            &[
-                "198.19.0.10:80",
-                "--rate",
-                "600",
-                "--duration",
-                "1s",
-                "--new-conn",
-            ],
-            false,
-            false,
-        )
-        .unwrap();
+    let mut s = sim(false);
+    let load = [
+        "198.19.0.10:80",
+        "--rate",
+        "600",
+        "--duration",
+        "1s",
+        "--new-conn",
+    ];
+    let r = s.loadtest(&load, false, false).unwrap();
     assert_spread("TCP, agent without socket hooks", &r);
     let st = s.status().unwrap();
     assert_eq!(st.counters["sock_connect"], 0);
     assert!(st.counters["dnat_new"] >= r.sent);
+    // Requests and replies of every connection go straight into the pods (a SYN may meet an
+    // unresolved neighbour entry and take the neighbour table).
+    assert!(
+        st.counters["routed_to_pod"] >= r.sent,
+        "{} requests, {:?}",
+        r.sent,
+        st.counters
+    );
+    assert_eq!(st.pod_veths.len(), s.node.pods.len(), "{:?}", st.pod_veths);
+    // With the node's stack forwarding them, none is (the records of the run before go).
+    s.agent_args = vec!["--host-routing".into(), "kernel".into()];
+    s.kill_agent();
+    s.start_agent().unwrap();
+    let before = s.status().unwrap();
+    assert!(before.pod_veths.is_empty(), "{:?}", before.pod_veths);
+    let r = s.loadtest(&load, false, false).unwrap();
+    assert_spread("TCP, the node's stack forwarding into pods", &r);
+    let after = s.status().unwrap();
+    assert_eq!(
+        after.counters["routed_to_pod"], before.counters["routed_to_pod"],
+        "{:?}",
+        after.counters
+    );
+    assert!(after.counters["dnat_new"] - before.counters["dnat_new"] >= r.sent);
 }
 
 #[test]
@@ -629,6 +648,15 @@ fn a_pod_veth_recreated_under_its_old_name_is_attached_again() {
     ];
     assert_eq!(s.loadtest(&target, false, false).unwrap().error_count(), 0);
     let old_ip = s.node.pod("cli").unwrap().ip4;
+    let index = |s: &Sim| -> u32 {
+        let dev = s.node.pod("cli").unwrap().host_if.clone();
+        s.node
+            .ns
+            .run(move || nix::net::if_::if_nametoindex(dev.as_str()).unwrap())
+            .unwrap()
+    };
+    let old_index = index(&s);
+    assert!(s.status().unwrap().pod_veths.contains(&old_index));
     s.node.rewire_pod("cli").unwrap();
     // IPAM does not hand a released address out again at once: the pod record follows.
     let cli = s.node.pod("cli").unwrap();
@@ -641,6 +669,12 @@ fn a_pod_veth_recreated_under_its_old_name_is_attached_again() {
     // weir-cni DEL and ADD: the new device (same name, new index) gets the program.
     let progs = s.node.pod_programs(&cli.host_if).unwrap();
     assert_eq!(progs.len(), 1, "{progs:?}\n{}", s.agent_log_tail());
+    // DEL forgot the old device, ADD recorded the new one: packets to the pod go straight in.
+    let (new_index, veths) = (index(&s), s.status().unwrap().pod_veths);
+    assert!(
+        veths.contains(&new_index) && !veths.contains(&old_index),
+        "{old_index} -> {new_index}: {veths:?}"
+    );
     let r = s.loadtest(&target, false, false).unwrap();
     assert_eq!(
         r.ok, r.sent,
