@@ -136,14 +136,18 @@ fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
         ..Default::default()
     };
     ct.insert(
-        key(cli, 40000, be, 8080),
-        back(vip, 80, CT_DIR_FORWARD, 0),
+        &key(cli, 40000, be, 8080),
+        &back(vip, 80, CT_DIR_FORWARD, 0),
         0,
     )?;
-    ct.insert(key(vip, 80, cli, 40000), back(be, 8080, CT_DIR_REPLY, 0), 0)?;
     ct.insert(
-        key(cli, 40001, remote, 8080),
-        back(vip2, 80, CT_DIR_FORWARD, CT_F_KERNEL_ROUTE),
+        &key(vip, 80, cli, 40000),
+        &back(be, 8080, CT_DIR_REPLY, 0),
+        0,
+    )?;
+    ct.insert(
+        &key(cli, 40001, remote, 8080),
+        &back(vip2, 80, CT_DIR_FORWARD, CT_F_KERNEL_ROUTE),
         0,
     )?;
     let est = into_pod(

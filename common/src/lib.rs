@@ -20,15 +20,19 @@ pub mod map_names {
     pub const BACKENDS: &str = "LB_BE_V1";
     pub const MAGLEV: &str = "LB_MAGLEV_V1";
     pub const AFFINITY: &str = "LB_AFF_V1";
-    pub const CT: &str = "CT_V2";
+    /// Conntrack, one map per family: IPv4 flows keyed by `Ct4Key` (16 bytes), IPv6 flows by
+    /// `CtKey`. Before them, `CT_V2` held both families under `CtKey` (the loader moves its
+    /// flows).
+    pub const CT4: &str = "CT4_V1";
+    pub const CT6: &str = "CT6_V1";
     pub const SOCK_REV: &str = "LB_SKREV_V1";
     pub const SOCK_FWD: &str = "LB_SKFWD_V1";
     pub const STATS: &str = "STATS_V1";
     pub const VIPNET: &str = "LB_VIPNET_V1";
     pub const NODE_LOCAL: &str = "LB_NODELOC_V1";
     pub const POD_DEVS: &str = "LB_PODDEV_V1";
-    pub const ALL: [&str; 11] = [
-        SVC, BACKENDS, MAGLEV, AFFINITY, CT, SOCK_REV, SOCK_FWD, STATS, VIPNET, NODE_LOCAL,
+    pub const ALL: [&str; 12] = [
+        SVC, BACKENDS, MAGLEV, AFFINITY, CT4, CT6, SOCK_REV, SOCK_FWD, STATS, VIPNET, NODE_LOCAL,
         POD_DEVS,
     ];
 }
@@ -57,6 +61,7 @@ pub const MAX_SERVICE_SLOTS: u32 = 2_097_152;
 pub const MAX_BACKENDS: u32 = 2_097_152;
 pub const MAX_MAGLEV_SERVICES: u32 = 4_096;
 pub const MAX_AFFINITY: u32 = 65_536;
+/// Entries of each conntrack map (`CT4_V1`, `CT6_V1`), as Cilium sizes its per-family maps.
 pub const MAX_CT: u32 = 262_144;
 pub const MAX_SOCK: u32 = 65_536;
 /// Slots of the node's pod veths (`LB_PODDEV_V1`): the host-side veth of ifindex `i` is
@@ -237,6 +242,51 @@ pub struct CtKey {
     pub _pad: [u8; 3],
 }
 
+/// The 5-tuple of an IPv4 packet, the key of `CT4_V1`: 16 bytes where `CtKey` takes 40, and
+/// the kernel hashes and compares every byte of a key on each packet's lookup. Addresses are
+/// words as they lie in the packet (network byte order; `Addr::words()[3]` of the mapped
+/// address), so the programs copy them with one load and store each.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct4Key {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKey {
+    /// The `CT4_V1` key of an IPv4 tuple; None for IPv6.
+    pub fn to_v4(&self) -> Option<Ct4Key> {
+        if !(self.src.is_v4() && self.dst.is_v4()) {
+            return None;
+        }
+        Some(Ct4Key {
+            src: self.src.words()[3],
+            dst: self.dst.words()[3],
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        })
+    }
+}
+
+impl From<Ct4Key> for CtKey {
+    fn from(k: Ct4Key) -> Self {
+        CtKey {
+            src: Addr::from_v4_word(k.src),
+            dst: Addr::from_v4_word(k.dst),
+            sport: k.sport,
+            dport: k.dport,
+            proto: k.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// Forward entry (client → service): rewrite the destination to `nat_addr:nat_port`.
 pub const CT_DIR_FORWARD: u8 = 0;
 /// Reply entry (backend → client): rewrite the source to `nat_addr:nat_port` (the VIP).
@@ -404,6 +454,7 @@ const _: () = {
     assert!(size_of::<AffinityKey>() == 24);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<CtKey>() == 40);
+    assert!(size_of::<Ct4Key>() == 16);
     assert!(size_of::<CtValue>() == 56);
     assert!(size_of::<SockKey>() == 32);
     assert!(size_of::<SockValue>() == 24);
@@ -426,6 +477,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for Ct4Key {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockValue {}

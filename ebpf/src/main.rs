@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod ct;
 mod lb;
 mod maps;
 mod nat;

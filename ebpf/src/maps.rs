@@ -22,8 +22,13 @@ pub static MAGLEV: HashMap<u32, MaglevTable> =
 #[map(name = "LB_AFF_V1")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
 
-#[map(name = "CT_V2")]
-pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CT, 0);
+/// Conntrack of IPv4 flows, under their 16-byte tuple (see `Ct4Key`).
+#[map(name = "CT4_V1")]
+pub static CT4: LruHashMap<Ct4Key, CtValue> = LruHashMap::pinned(MAX_CT, 0);
+
+/// Conntrack of IPv6 flows.
+#[map(name = "CT6_V1")]
+pub static CT6: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CT, 0);
 
 #[map(name = "LB_SKREV_V1")]
 pub static SOCK_REV: LruHashMap<SockKey, SockValue> = LruHashMap::pinned(MAX_SOCK, 0);
@@ -36,8 +41,13 @@ pub static SOCK_FWD: LruHashMap<SockKey, SockValue> = LruHashMap::pinned(MAX_SOC
 #[repr(C)]
 pub struct Scratch {
     pub pkt: crate::parse::Packet,
+    /// A flow's tuples as the packets of each direction carry them. `fwd_key` is the packet's
+    /// own, written for every IPv6 packet, and for an IPv4 one once it is a new flow; the
+    /// conntrack lookups of an IPv4 flow use `fwd_key4`, `reply_key4` (see `ct`).
     pub fwd_key: CtKey,
     pub reply_key: CtKey,
+    pub fwd_key4: Ct4Key,
+    pub reply_key4: Ct4Key,
     pub fwd: CtValue,
     pub rev: CtValue,
     /// The rewrite of an established flow's packet (here, not on the stack: the verifier sums

@@ -13,7 +13,7 @@ use weir_common::{Addr, Stat, PROTO_UDP};
 
 use crate::{
     maps::Scratch,
-    parse::{read, Packet},
+    parse::{ptr_at, Packet},
 };
 
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
@@ -33,38 +33,29 @@ pub struct Change {
 }
 
 impl Change {
+    /// Rewrites `old_addr:old_port` to `new_addr:new_port`. In place: a `Change` built and
+    /// then assigned goes through the stack (a copy per field, and a `memset` call for
+    /// `none`).
     #[inline(always)]
-    pub fn new(old_addr: &Addr, new_addr: &Addr, old_port: u16, new_port: u16) -> Self {
-        Change {
-            old_addr: *old_addr,
-            new_addr: *new_addr,
-            old_port,
-            new_port,
-            on: true,
-        }
+    pub fn set(&mut self, old_addr: &Addr, new_addr: &Addr, old_port: u16, new_port: u16) {
+        self.old_addr = *old_addr;
+        self.new_addr = *new_addr;
+        self.old_port = old_port;
+        self.new_port = new_port;
+        self.on = true;
     }
 
     /// No rewrite of an address that stays `addr` (which `new_addr` then holds).
     #[inline(always)]
-    pub fn keep(addr: &Addr) -> Self {
-        Change {
-            old_addr: *addr,
-            new_addr: *addr,
-            old_port: 0,
-            new_port: 0,
-            on: false,
-        }
+    pub fn keep(&mut self, addr: &Addr) {
+        self.new_addr = *addr;
+        self.on = false;
     }
 
+    /// No rewrite; nothing else is read.
     #[inline(always)]
-    pub fn none() -> Self {
-        Change {
-            old_addr: Addr([0; 16]),
-            new_addr: Addr([0; 16]),
-            old_port: 0,
-            new_port: 0,
-            on: false,
-        }
+    pub fn none(&mut self) {
+        self.on = false;
     }
 }
 
@@ -149,12 +140,27 @@ pub struct V4Header {
 /// packet pays for.
 const HEAD_OFF: usize = 12;
 
+/// The 10 bytes at `HEAD_OFF`, as 16-bit words: read and written by words (as bytes, LLVM
+/// copied part of them with a call to `memmove`).
+type Head = [u16; 5];
+
+/// Reads the bytes at `HEAD_OFF` by 16-bit words.
+#[inline(always)]
+fn read_head(ctx: &TcContext) -> Option<Head> {
+    let p = ptr_at::<Head>(ctx, HEAD_OFF)?;
+    // SAFETY: `ptr_at` checked the bounds. A plain (aligned) read, so that LLVM loads words
+    // instead of bytes: packet data starts at an even offset of its buffer, and a BPF load
+    // has no alignment fault (the verifier checks packet alignment only when asked to, on
+    // architectures without efficient unaligned access).
+    Some(unsafe { p.read() })
+}
+
 /// A rewrite into a pod, IPv4 without options: from the Ethernet addresses to the ports, in
 /// one store (built in the scratch space: the call chain's stack is short).
 #[repr(C)]
 pub struct V4Frame {
     macs: [u8; 12],
-    head: [u8; 10],
+    head: Head,
     hdr: V4Header,
     ports: [u16; 2],
 }
@@ -163,7 +169,7 @@ pub struct V4Frame {
 #[repr(C)]
 pub struct V6Frame {
     macs: [u8; 12],
-    head: [u8; 10],
+    head: Head,
     // Bytes, not `Addr`: its alignment would put padding before them.
     src: [u8; 16],
     dst: [u8; 16],
@@ -221,9 +227,11 @@ fn rewrite_inner(ctx: &TcContext, s: &mut Scratch, hop: bool, eth: bool) -> Resu
     if p.v6 && eth {
         let f = &mut s.eth6;
         set_macs(&mut f.macs, &s.fib);
-        f.head = read(ctx, HEAD_OFF).ok_or(Stat::DropRewriteFailed)?;
+        f.head = read_head(ctx).ok_or(Stat::DropRewriteFailed)?;
         if hop {
-            f.head[9] = p.ttl - 1;
+            // The hop limit: the IPv6 header's eighth byte, the head's tenth.
+            let [flow, _] = f.head[4].to_ne_bytes();
+            f.head[4] = u16::from_ne_bytes([flow, p.ttl - 1]);
         }
         f.src = sa.0;
         f.dst = da.0;
@@ -264,7 +272,7 @@ fn rewrite_inner(ctx: &TcContext, s: &mut Scratch, hop: bool, eth: bool) -> Resu
         if eth && p.l4_off == p.l3_off + 20 {
             let f = &mut s.eth4;
             set_macs(&mut f.macs, &s.fib);
-            f.head = read(ctx, HEAD_OFF).ok_or(Stat::DropRewriteFailed)?;
+            f.head = read_head(ctx).ok_or(Stat::DropRewriteFailed)?;
             f.hdr = hdr;
             f.ports = [sp, dp];
             ctx.store(0, &s.eth4, 0).map_err(failed)?;

@@ -51,7 +51,7 @@ pub enum Parsed {
 }
 
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
     // Volatile: LLVM would otherwise merge the two adjacent u32 context loads into one u64 load,
     // which the verifier rejects.
     // SAFETY: reading two fields of our own context.

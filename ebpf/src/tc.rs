@@ -1,16 +1,16 @@
 //! The per-packet path shared by `tc_from_pod` and `tc_from_netdev`: conntrack first (one
 //! lookup serves both directions), then the service lookup for new flows.
-use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK},
-    helpers::bpf_get_prandom_u32,
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_get_prandom_u32, programs::TcContext};
 use weir_common::*;
 
 use crate::{
+    ct::{
+        fwd_entry, insert_fwd, insert_reply, remove_reply, reply_entry, set_full_fwd_key,
+        set_fwd_key, set_reply_dport, set_reply_key,
+    },
     lb::{flow_hash, lookup_service, node_local_server, now_ns, select_backend},
-    maps::{count, count_raw, Scratch, CT, SCRATCH, VIPNET},
-    nat::{rewrite, Change},
+    maps::{count, count_raw, Scratch, SCRATCH, VIPNET},
+    nat::rewrite,
     parse::{parse_out_of_line, Packet, TCP_FIN, TCP_RST},
     reject::reject,
     route::{
@@ -120,11 +120,11 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
 /// node, on a packet already routed (on its way out of a device): whether it was one.
 #[inline(always)]
 fn reply_out(ctx: &TcContext, s: &mut Scratch) -> Result<bool, Stat> {
-    let p = &s.pkt;
-    set_key(&mut s.fwd_key, &p.src, &p.dst, p.sport, p.dport, p.proto);
-    let Some(entry) = CT.get_ptr_mut(&s.fwd_key) else {
+    set_fwd_key(s);
+    let Some(entry) = fwd_entry(s) else {
         return Ok(false);
     };
+    let p = &s.pkt;
     // SAFETY: an LRU value pointer stays valid for this program run.
     let e = unsafe { &mut *entry };
     let now = now_ns();
@@ -133,8 +133,11 @@ fn reply_out(ctx: &TcContext, s: &mut Scratch) -> Result<bool, Stat> {
         return Ok(false);
     }
     refresh(e, p, now);
-    s.chg_src = Change::new(&p.src, &e.nat_addr, p.sport, e.nat_port);
-    s.chg_dst = Change::keep(&p.dst);
+    // Copied out first: from the map value straight into the scratch slot, LLVM cannot tell
+    // the two apart and calls `memmove`.
+    let (nat_addr, nat_port) = (e.nat_addr, e.nat_port);
+    s.chg_src.set(&p.src, &nat_addr, p.sport, nat_port);
+    s.chg_dst.keep(&p.dst);
     // Already on its way out of the device: nothing to route.
     rewrite(ctx, s, false, false)?;
     count(Stat::RevNat);
@@ -178,19 +181,6 @@ fn lifetime(p: &Packet, closing: bool) -> u64 {
     }
 }
 
-/// Fills a conntrack key in place. Its pad bytes are left alone: the keys live in the per-CPU
-/// scratch value, zeroed when the map was made and never written with anything else (a
-/// struct literal here made LLVM copy the tuple through the stack and call `memset` for the
-/// three pad bytes, on every packet).
-#[inline(always)]
-fn set_key(k: &mut CtKey, src: &Addr, dst: &Addr, sport: u16, dport: u16, proto: u8) {
-    k.src = *src;
-    k.dst = *dst;
-    k.sport = sport;
-    k.dport = dport;
-    k.proto = proto;
-}
-
 /// How a translated packet the lookup found `route` for goes on: routed here (`ROUTE_POD`,
 /// `ROUTE_NEIGH`) or by the kernel (`ROUTE_NONE`). One whose source is kept is only routed
 /// into a pod: any other is the kernel's to forward, with what the node's own rules do to it.
@@ -213,10 +203,10 @@ fn never_to_a_pod(route: u32) -> bool {
 
 #[inline(always)]
 fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat> {
+    set_fwd_key(s);
     let p = &s.pkt;
-    set_key(&mut s.fwd_key, &p.src, &p.dst, p.sport, p.dport, p.proto);
     let syn = p.is_syn();
-    if let Some(entry) = CT.get_ptr_mut(&s.fwd_key) {
+    if let Some(entry) = fwd_entry(s) {
         // SAFETY: an LRU value pointer stays valid for this program run.
         let e = unsafe { &mut *entry };
         let now = now_ns();
@@ -232,19 +222,19 @@ fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat
                 e.peer_port,
             );
             if dir == CT_DIR_FORWARD {
-                s.chg_src = if peer {
-                    Change::new(&p.src, &peer_addr, p.sport, peer_port)
+                if peer {
+                    s.chg_src.set(&p.src, &peer_addr, p.sport, peer_port);
                 } else {
-                    Change::none()
-                };
-                s.chg_dst = Change::new(&p.dst, &nat_addr, p.dport, nat_port);
+                    s.chg_src.none();
+                }
+                s.chg_dst.set(&p.dst, &nat_addr, p.dport, nat_port);
             } else {
-                s.chg_dst = if peer {
-                    Change::new(&p.dst, &peer_addr, p.dport, peer_port)
+                if peer {
+                    s.chg_dst.set(&p.dst, &peer_addr, p.dport, peer_port);
                 } else {
-                    Change::keep(&p.dst)
-                };
-                s.chg_src = Change::new(&p.src, &nat_addr, p.sport, nat_port);
+                    s.chg_dst.keep(&p.dst);
+                }
+                s.chg_src.set(&p.src, &nat_addr, p.sport, nat_port);
             }
             // A packet whose source is rewritten is routed here (see `route.rs`), and so is
             // one into a pod of the node: looked up first, so that the rewrite also counts
@@ -365,11 +355,12 @@ fn try_new_flow(s: &mut Scratch, external: bool) -> Result<i32, Stat> {
         // replies (the client reused its port, say to reach the backend directly): that reply
         // entry is stale and would rewrite the new connection's replies. Only SYNs pay this.
         if p.is_syn() {
-            set_key(&mut s.reply_key, &p.dst, &p.src, p.dport, p.sport, p.proto);
-            if let Some(e) = CT.get_ptr(&s.reply_key) {
+            let (src, dst, sport, dport, proto) = (p.dst, p.src, p.dport, p.sport, p.proto);
+            set_reply_key(s, &src, &dst, sport, dport, proto);
+            if let Some(e) = reply_entry(s) {
                 // SAFETY: an LRU value pointer stays valid for this program run.
                 if unsafe { (*e).dir } == CT_DIR_REPLY {
-                    let _ = CT.remove(&s.reply_key);
+                    remove_reply(s);
                 }
             }
         }
@@ -443,6 +434,8 @@ fn commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> i32 {
 
 #[inline(always)]
 fn try_commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> Result<i32, Stat> {
+    // The steps below read the flow's tuple from `s.fwd_key`.
+    set_full_fwd_key(s);
     // External traffic any endpoint may serve (not a `Local` policy's), to an endpoint the
     // node reaches back out of the device the traffic came in on: one on another node. Its
     // replies would go from there straight to the client, who expects them from the frontend.
@@ -462,14 +455,13 @@ fn try_commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> Resu
     } else {
         s.fwd_key.src
     };
-    set_key(
-        &mut s.reply_key,
-        &s.fwd.nat_addr,
-        &reply_dst,
+    let (nat_addr, nat_port, sport, proto) = (
+        s.fwd.nat_addr,
         s.fwd.nat_port,
         s.fwd_key.sport,
         s.fwd_key.proto,
     );
+    set_reply_key(s, &nat_addr, &reply_dst, nat_port, sport, proto);
     s.rev = s.fwd;
     s.rev.nat_addr = s.fwd_key.dst;
     s.rev.nat_port = s.fwd_key.dport;
@@ -510,24 +502,22 @@ fn try_commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> Resu
             return Err(Stat::DropSnatNoPort);
         }
         s.fwd.peer_port = port as u16;
-    } else {
-        CT.insert(&s.reply_key, &s.rev, 0)
-            .map_err(|_| Stat::DropConntrackInsert)?;
+    } else if !insert_reply(s, false) {
+        return Err(Stat::DropConntrackInsert);
     }
-    CT.insert(&s.fwd_key, &s.fwd, 0)
-        .map_err(|_| Stat::DropConntrackInsert)?;
+    insert_fwd(s)?;
     // In the scratch space, as an established packet's: this frame is in a call chain.
-    s.chg_src = if rewrites_source {
-        Change::new(
+    if rewrites_source {
+        s.chg_src.set(
             &s.fwd_key.src,
             &s.fwd.peer_addr,
             s.fwd_key.sport,
             s.fwd.peer_port,
-        )
+        );
     } else {
-        Change::none()
-    };
-    s.chg_dst = Change::new(
+        s.chg_src.none();
+    }
+    s.chg_dst.set(
         &s.fwd_key.dst,
         &s.fwd.nat_addr,
         s.fwd_key.dport,
@@ -562,13 +552,13 @@ fn claim_snat_port(s: &mut Scratch, now: u64) -> u32 {
         let r = unsafe { bpf_get_prandom_u32() };
         let port =
             (SNAT_PORT_MIN as u32 + ((r as u64 * SNAT_PORT_COUNT as u64) >> 32) as u32) as u16;
-        s.reply_key.dport = port.to_be();
-        if CT.insert(&s.reply_key, &s.rev, BPF_NOEXIST as u64).is_ok() {
+        set_reply_dport(s, port.to_be());
+        if insert_reply(s, true) {
             return port.to_be() as u32;
         }
-        if let Some(e) = CT.get_ptr(&s.reply_key) {
+        if let Some(e) = reply_entry(s) {
             // SAFETY: an LRU value pointer stays valid for this program run.
-            if unsafe { (*e).expires_ns } <= now && CT.insert(&s.reply_key, &s.rev, 0).is_ok() {
+            if unsafe { (*e).expires_ns } <= now && insert_reply(s, false) {
                 return port.to_be() as u32;
             }
         }

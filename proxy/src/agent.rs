@@ -837,6 +837,13 @@ pub async fn run(cfg: Config) -> Result<()> {
             if let Err(e) = dp.retain_pod_devs(&keep) {
                 warn!("{e:#}");
             }
+            // Every program of an earlier run is replaced now: the flows it tracked since
+            // the load in an earlier conntrack layout are copied too, and those maps go.
+            match dp.finish_ct_migration() {
+                Ok(0) => {}
+                Ok(n) => info!(flows = n, "conntrack entries of an earlier layout copied"),
+                Err(e) => warn!("{e:#}"),
+            }
         }
         first_poll = false;
         let synced = match (&cfg.source, &kube) {

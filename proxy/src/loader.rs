@@ -194,7 +194,7 @@ pub struct Datapath {
     host_routing: HostRouting,
 }
 
-/// A conntrack value as weir wrote it before `CT_V2` (no peer rewrite).
+/// A conntrack value as weir wrote it in `CT_V1` (no peer rewrite).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CtValueV1 {
@@ -214,53 +214,80 @@ unsafe impl aya::Pod for CtValueV1 {}
 /// `bpf_map_update_elem` flag: fail if the key exists.
 const BPF_NOEXIST: u64 = 1;
 
-/// The conntrack map of weir before `CT_V2`.
+/// The conntrack maps of earlier versions: `CT_V1` (values without the peer rewrite), then
+/// `CT_V2` (today's values, both families under `CtKey`), before `CT4_V1` and `CT6_V1`.
 pub const CT_V1: &str = "CT_V1";
+pub const CT_V2: &str = "CT_V2";
 
-/// Moves the flows of a conntrack map an earlier version pinned (`CT_V1`) into the current one
-/// and unpins it, so an upgrade keeps established flows. Hairpin entries get their peer (the
-/// VIP forward, the client back) as the old programs derived it from the packet. The old map
-/// lives on while the old programs still use it; entries they add meanwhile are not moved.
-/// Returns the number of entries moved.
-pub fn migrate_ct_v1(maps_dir: &Path) -> Result<usize> {
+/// A `CT_V1` value in today's layout: hairpin entries get their peer (the VIP forward, the
+/// client back) as the old programs derived it from the packet.
+fn ct_value_of_v1(k: &weir_common::CtKey, v: &CtValueV1) -> weir_common::CtValue {
+    use weir_common::{CtValue, CT_DIR_FORWARD, CT_F_HAIRPIN};
+    let (peer_addr, peer_port) = match (v.flags & CT_F_HAIRPIN != 0, v.dir == CT_DIR_FORWARD) {
+        (false, _) => (weir_common::Addr::default(), 0),
+        (true, true) => (k.dst, k.sport),
+        (true, false) => (k.src, k.dport),
+    };
+    CtValue {
+        nat_addr: v.nat_addr,
+        peer_addr,
+        nat_port: v.nat_port,
+        peer_port,
+        dir: v.dir,
+        flags: v.flags,
+        _pad: 0,
+        backend_id: v.backend_id,
+        svc_id: v.svc_id,
+        expires_ns: v.expires_ns,
+    }
+}
+
+/// Copies the flows of the conntrack maps an earlier version pinned (`CT_V1`, `CT_V2`) into
+/// today's (`CT4_V1`, `CT6_V1`), so an upgrade keeps established flows; an entry the new
+/// programs wrote already is newer and stays. The old programs use the old maps until
+/// they are replaced: [`Datapath::load`] copies before the new ones are attached (they find
+/// every flow), [`Datapath::finish_ct_migration`] again once all are (the flows the old
+/// programs added meanwhile), with `unpin`: the old maps then go. Returns the entries copied.
+pub fn migrate_ct(maps_dir: &Path, unpin_old: bool) -> Result<usize> {
     use aya::maps::{HashMap, MapData};
-    use weir_common::{CtKey, CtValue, CT_DIR_FORWARD, CT_F_HAIRPIN};
-    let path = maps_dir.join(CT_V1);
-    if !path.exists() {
+    use weir_common::{CtKey, CtValue};
+    let (v1, v2) = (maps_dir.join(CT_V1), maps_dir.join(CT_V2));
+    if !v1.exists() && !v2.exists() {
         return Ok(0);
     }
-    let old: HashMap<MapData, CtKey, CtValueV1> = crate::maps::open_typed(maps_dir, CT_V1)?;
-    let mut new: HashMap<MapData, CtKey, CtValue> =
-        crate::maps::open_typed(maps_dir, weir_common::map_names::CT)?;
+    let mut new = crate::maps::Conntrack::open(maps_dir)?;
     let mut moved = 0;
-    for kv in old.iter() {
-        let (k, v) = kv.context("read CT_V1")?;
-        let (peer_addr, peer_port) = match (v.flags & CT_F_HAIRPIN != 0, v.dir == CT_DIR_FORWARD) {
-            (false, _) => (weir_common::Addr::default(), 0),
-            (true, true) => (k.dst, k.sport),
-            (true, false) => (k.src, k.dport),
-        };
-        let value = CtValue {
-            nat_addr: v.nat_addr,
-            peer_addr,
-            nat_port: v.nat_port,
-            peer_port,
-            dir: v.dir,
-            flags: v.flags,
-            _pad: 0,
-            backend_id: v.backend_id,
-            svc_id: v.svc_id,
-            expires_ns: v.expires_ns,
-        };
-        // An entry the new programs wrote already is newer.
-        match new.insert(k, value, BPF_NOEXIST) {
+    let mut put = |k: CtKey, v: CtValue| -> Result<()> {
+        match new.insert(&k, &v, BPF_NOEXIST) {
             Ok(()) => moved += 1,
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(e).context("write CT_V2"),
+            Err(crate::maps::WriteError::Map { source, .. })
+                if matches!(&*source, aya::maps::MapError::SyscallError(e)
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST)) => {}
+            Err(e) => return Err(e).context("copy a flow of an earlier conntrack layout"),
+        }
+        Ok(())
+    };
+    if v1.exists() {
+        let old: HashMap<MapData, CtKey, CtValueV1> = crate::maps::open_typed(maps_dir, CT_V1)?;
+        for kv in old.iter() {
+            let (k, v) = kv.context("read CT_V1")?;
+            put(k, ct_value_of_v1(&k, &v))?;
         }
     }
-    unpin(&path)?;
+    if v2.exists() {
+        let old: HashMap<MapData, CtKey, CtValue> = crate::maps::open_typed(maps_dir, CT_V2)?;
+        for kv in old.iter() {
+            let (k, v) = kv.context("read CT_V2")?;
+            put(k, v)?;
+        }
+    }
+    if unpin_old {
+        for path in [v1, v2] {
+            if path.exists() {
+                unpin(&path)?;
+            }
+        }
+    }
     Ok(moved)
 }
 
@@ -381,11 +408,11 @@ impl Datapath {
             p.load().with_context(|| format!("load program {name}"))?;
         }
         restore_counters(&maps_dir, carried)?;
-        let moved = migrate_ct_v1(&maps_dir)?;
+        let moved = migrate_ct(&maps_dir, false)?;
         if moved > 0 {
             tracing::info!(
                 flows = moved,
-                "conntrack entries of the previous layout (CT_V1) moved to CT_V2"
+                "conntrack entries of an earlier layout (CT_V1, CT_V2) copied to CT4_V1 and CT6_V1"
             );
         }
         Ok(Self {
@@ -398,6 +425,13 @@ impl Datapath {
 
     pub fn pins(&self) -> &PinDir {
         &self.pins
+    }
+
+    /// Once every program of an earlier run is replaced by this one's: copies the flows its
+    /// programs added to an earlier conntrack layout since [`Datapath::load`], and unpins
+    /// those maps (see [`migrate_ct`]). Returns the entries copied.
+    pub fn finish_ct_migration(&self) -> Result<usize> {
+        migrate_ct(&self.pins.maps(), true)
     }
 
     /// What [`Datapath::attach_pod_tc`] puts on pod veths ([`PodPrograms::PerPacket`] unless

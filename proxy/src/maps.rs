@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
-use weir_common::{map_names, Backend, MaglevTable, SvcKey, SvcValue};
+use weir_common::{map_names, Backend, Ct4Key, CtKey, CtValue, MaglevTable, SvcKey, SvcValue};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -99,9 +99,128 @@ pub struct AyaMaps {
     backends: HashMap<MapData, u32, Backend>,
     maglev: HashMap<MapData, u32, MaglevTable>,
     vipnet: Array<MapData, u64>,
-    ct: HashMap<MapData, weir_common::CtKey, weir_common::CtValue>,
-    /// The conntrack map again, untyped: read in batches (see [`dump_batched`]).
-    ct_raw: MapData,
+    ct: Conntrack,
+}
+
+/// A conntrack map, typed, and again untyped: read and deleted from in batches (see
+/// [`dump_batched`]).
+struct CtMap<K> {
+    name: &'static str,
+    typed: HashMap<MapData, K, CtValue>,
+    raw: MapData,
+}
+
+impl<K: aya::Pod> CtMap<K> {
+    fn open(dir: &Path, name: &'static str) -> Result<Self, WriteError> {
+        let path = dir.join(name);
+        Ok(Self {
+            name,
+            typed: open_typed(dir, name)?,
+            raw: MapData::from_pin(&path).map_err(|source| WriteError::Open {
+                map: name,
+                path,
+                source: Box::new(source),
+            })?,
+        })
+    }
+
+    fn for_each(&self, f: &mut impl FnMut(K, CtValue)) -> Result<(), WriteError> {
+        match dump_batched(&self.raw, &mut *f) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                for kv in self.typed.iter() {
+                    let (k, v) = kv.map_err(failed(self.name, "iterate", "conntrack".into()))?;
+                    f(k, v);
+                }
+                Ok(())
+            }
+            Err(e) => Err(batch_failed(self.name, "read in batches", "conntrack", e)),
+        }
+    }
+
+    fn delete(&mut self, keys: &[K]) -> Result<(), WriteError> {
+        match delete_batched(&self.raw, keys) {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => {
+                for k in keys {
+                    ignore_missing(self.typed.remove(k)).map_err(failed(
+                        self.name,
+                        "remove",
+                        "conntrack entry".into(),
+                    ))?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(batch_failed(
+                self.name,
+                "delete in batches",
+                "conntrack entries",
+                e,
+            )),
+        }
+    }
+}
+
+/// The conntrack maps of both families as one table of [`CtKey`]s: the programs key IPv4
+/// flows by [`Ct4Key`] (`CT4_V1`), IPv6 flows by [`CtKey`] (`CT6_V1`).
+pub struct Conntrack {
+    v4: CtMap<Ct4Key>,
+    v6: CtMap<CtKey>,
+}
+
+impl Conntrack {
+    pub fn open(maps_dir: &Path) -> Result<Self, WriteError> {
+        Ok(Self {
+            v4: CtMap::open(maps_dir, map_names::CT4)?,
+            v6: CtMap::open(maps_dir, map_names::CT6)?,
+        })
+    }
+
+    /// Hands every entry to `f`, IPv4 ones under their IPv4-mapped tuple.
+    pub fn for_each(&self, mut f: impl FnMut(CtKey, CtValue)) -> Result<(), WriteError> {
+        self.v4.for_each(&mut |k: Ct4Key, v| f(k.into(), v))?;
+        self.v6.for_each(&mut f)
+    }
+
+    /// Every entry (tests and benchmarks; the agent walks the maps with [`Self::for_each`]).
+    pub fn entries(&self) -> Result<Vec<(CtKey, CtValue)>, WriteError> {
+        let mut all = Vec::new();
+        self.for_each(|k, v| all.push((k, v)))?;
+        Ok(all)
+    }
+
+    pub fn get(&self, k: &CtKey) -> Result<Option<CtValue>, WriteError> {
+        let (name, r) = match k.to_v4() {
+            Some(k4) => (self.v4.name, self.v4.typed.get(&k4, 0)),
+            None => (self.v6.name, self.v6.typed.get(k, 0)),
+        };
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(failed(name, "read", "conntrack entry".into())(e)),
+        }
+    }
+
+    pub fn insert(&mut self, k: &CtKey, v: &CtValue, flags: u64) -> Result<(), WriteError> {
+        let (name, r) = match k.to_v4() {
+            Some(k4) => (self.v4.name, self.v4.typed.insert(k4, v, flags)),
+            None => (self.v6.name, self.v6.typed.insert(k, v, flags)),
+        };
+        r.map_err(failed(name, "insert", "conntrack entry".into()))
+    }
+
+    /// Removes `keys` (an entry already gone is skipped), in batches where the kernel can.
+    pub fn delete(&mut self, keys: &[CtKey]) -> Result<(), WriteError> {
+        let (mut k4, mut k6) = (Vec::new(), Vec::new());
+        for k in keys {
+            match k.to_v4() {
+                Some(k) => k4.push(k),
+                None => k6.push(*k),
+            }
+        }
+        self.v4.delete(&k4)?;
+        self.v6.delete(&k6)
+    }
 }
 
 fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, WriteError> {
@@ -152,14 +271,7 @@ impl AyaMaps {
             backends: open_typed(maps_dir, map_names::BACKENDS)?,
             maglev: open_typed(maps_dir, map_names::MAGLEV)?,
             vipnet: open_typed(maps_dir, map_names::VIPNET)?,
-            ct: open_typed(maps_dir, map_names::CT)?,
-            ct_raw: MapData::from_pin(maps_dir.join(map_names::CT)).map_err(|source| {
-                WriteError::Open {
-                    map: map_names::CT,
-                    path: maps_dir.join(map_names::CT),
-                    source: Box::new(source),
-                }
-            })?,
+            ct: Conntrack::open(maps_dir)?,
         })
     }
 }
@@ -201,10 +313,15 @@ unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     }
 }
 
-/// A batched operation on the conntrack map that failed.
-fn batch_failed(op: &'static str, what: &str, io_error: io::Error) -> WriteError {
+/// A batched operation on a conntrack map that failed.
+fn batch_failed(
+    map: &'static str,
+    op: &'static str,
+    what: &str,
+    io_error: io::Error,
+) -> WriteError {
     WriteError::Map {
-        map: map_names::CT,
+        map,
         op,
         what: what.into(),
         source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
@@ -314,35 +431,12 @@ impl MapWriter for AyaMaps {
     fn purge_udp_flows(&mut self, backend_ids: &BTreeSet<u32>) -> Result<usize, WriteError> {
         // Collect first: deleting while iterating a hash map can skip or repeat keys.
         let mut doomed = Vec::new();
-        let mut keep = |k: weir_common::CtKey, v: weir_common::CtValue| {
+        self.ct.for_each(|k, v| {
             if k.proto == weir_common::PROTO_UDP && backend_ids.contains(&v.backend_id) {
                 doomed.push(k);
             }
-        };
-        match dump_batched(&self.ct_raw, &mut keep) {
-            Ok(true) => {}
-            Ok(false) => {
-                for kv in self.ct.iter() {
-                    let (k, v) =
-                        kv.map_err(failed(map_names::CT, "iterate", "conntrack".into()))?;
-                    keep(k, v);
-                }
-            }
-            Err(e) => return Err(batch_failed("read in batches", "conntrack", e)),
-        }
-        match delete_batched(&self.ct_raw, &doomed) {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                for k in &doomed {
-                    ignore_missing(self.ct.remove(k)).map_err(failed(
-                        map_names::CT,
-                        "remove",
-                        "conntrack entry".into(),
-                    ))?;
-                }
-            }
-            Err(e) => return Err(batch_failed("delete in batches", "conntrack entries", e)),
-        }
+        })?;
+        self.ct.delete(&doomed)?;
         Ok(doomed.len())
     }
     fn put_backend(&mut self, id: u32, be: &Backend) -> Result<(), WriteError> {

@@ -5,8 +5,8 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use serde::Serialize;
 use weir_common::{
-    map_names, Backend, CtKey, CtValue, SvcKey, SvcValue, CT_DIR_FORWARD, CT_F_CLOSING,
-    CT_F_HAIRPIN, STAT_COUNT, STAT_NAMES, SVC_F_AFFINITY, SVC_F_MAGLEV,
+    map_names, Backend, SvcKey, SvcValue, CT_DIR_FORWARD, CT_F_CLOSING, CT_F_HAIRPIN, STAT_COUNT,
+    STAT_NAMES, SVC_F_AFFINITY, SVC_F_MAGLEV,
 };
 
 use crate::{
@@ -99,7 +99,7 @@ fn fmt_addr(a: &weir_common::Addr, port_be: u16) -> String {
 pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
     let svc: HashMap<MapData, SvcKey, SvcValue> = open_typed(maps_dir, map_names::SVC)?;
     let be: HashMap<MapData, u32, Backend> = open_typed(maps_dir, map_names::BACKENDS)?;
-    let ct: HashMap<MapData, CtKey, CtValue> = open_typed(maps_dir, map_names::CT)?;
+    let ct = crate::maps::Conntrack::open(maps_dir)?;
     let stats: PerCpuArray<MapData, u64> = open_typed(maps_dir, map_names::STATS)?;
 
     let backends: BTreeMap<u32, Backend> = be
@@ -167,8 +167,7 @@ pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
 
     let mut conntrack = Vec::new();
     let mut conntrack_entries = 0;
-    for kv in ct.iter() {
-        let (k, v) = kv.context("read conntrack")?;
+    ct.for_each(|k, v| {
         conntrack_entries += 1;
         if conntrack.len() < ct_limit {
             let mut flags = Vec::new();
@@ -199,7 +198,8 @@ pub fn read(maps_dir: &Path, ct_limit: usize) -> Result<Status> {
                 flags,
             });
         }
-    }
+    })
+    .context("read conntrack")?;
     let mut counters = BTreeMap::new();
     for i in 0..STAT_COUNT {
         let per_cpu = stats

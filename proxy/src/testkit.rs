@@ -5,13 +5,13 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use crate::{
     loader::{Datapath, PinDir},
-    maps::{open_typed, AyaMaps},
+    maps::{open_typed, AyaMaps, Conntrack},
     program::{ApplyStats, Desired, Programmer},
     topo::{enter, tag, BpfMount, Netns, RunDir},
 };
 use anyhow::{Context, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use etherparse::PacketBuilder;
@@ -71,6 +71,8 @@ impl Harness {
         std::fs::create_dir_all(pins.maps())?;
         prepare(&pins.maps())?;
         let dp = Datapath::load(pins.clone())?;
+        // No earlier programs are attached here: nothing can add to an old layout's map.
+        dp.finish_ct_migration()?;
         let maps = AyaMaps::open(&pins.maps())?;
         let programmer = Programmer::adopt(&maps)?;
         let home = std::fs::File::open("/proc/thread-self/ns/net").context("open own namespace")?;
@@ -213,23 +215,18 @@ impl Harness {
             .collect()
     }
 
-    pub fn ct_map(&self) -> HashMap<MapData, CtKey, CtValue> {
-        open_typed(&self.maps_dir(), map_names::CT).expect("ct map")
+    /// The conntrack maps of both families (see [`Conntrack`]).
+    pub fn ct_map(&self) -> Conntrack {
+        Conntrack::open(&self.maps_dir()).expect("ct maps")
     }
 
     pub fn ct(&self) -> Vec<(CtKey, CtValue)> {
-        self.ct_map()
-            .iter()
-            .map(|kv| kv.expect("read ct"))
-            .collect()
+        self.ct_map().entries().expect("read ct")
     }
 
     pub fn clear_ct(&self) {
-        let mut m = self.ct_map();
-        let keys: Vec<CtKey> = m.keys().map(|k| k.expect("key")).collect();
-        for k in keys {
-            m.remove(&k).expect("remove ct entry");
-        }
+        let keys: Vec<CtKey> = self.ct().into_iter().map(|(k, _)| k).collect();
+        self.ct_map().delete(&keys).expect("remove ct entries");
     }
 }
 
@@ -379,7 +376,7 @@ pub fn fill_ct(h: &Harness, n: usize) -> Result<()> {
             expires_ns: u64::MAX,
             ..Default::default()
         };
-        m.insert(k, v, 0)
+        m.insert(&k, &v, 0)
             .with_context(|| format!("insert conntrack entry {i}"))?;
     }
     Ok(())

@@ -1058,11 +1058,10 @@ fn an_upgrade_with_more_counters_keeps_the_counts() {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn udp_flows_of_removed_backends_are_purged_from_a_full_conntrack_map() {
-    use weir_common::{CtKey, CtValue};
+    use weir_common::{Ct4Key, CtKey, CtValue};
     use weir_proxy::maps::{dump_batched, AyaMaps, MapWriter};
     let h = Harness::new().unwrap();
-    let mut ct: aya::maps::HashMap<aya::maps::MapData, CtKey, CtValue> =
-        weir_proxy::maps::open_typed(&h.maps_dir(), weir_common::map_names::CT).unwrap();
+    let mut ct = h.ct_map();
     let flow = |i: u32| {
         let key = CtKey {
             src: to_addr(std::net::Ipv4Addr::from(0xc612_0000 + i).into()),
@@ -1086,12 +1085,13 @@ fn udp_flows_of_removed_backends_are_purged_from_a_full_conntrack_map() {
     let n = 60_000;
     for i in 0..n {
         let (k, v) = flow(i);
-        ct.insert(k, v, 0).unwrap();
+        ct.insert(&k, &v, 0).unwrap();
     }
-    let raw = aya::maps::MapData::from_pin(h.maps_dir().join(weir_common::map_names::CT)).unwrap();
+    // IPv4 flows: all in the IPv4 map, under their 16-byte tuple.
+    let raw = aya::maps::MapData::from_pin(h.maps_dir().join(weir_common::map_names::CT4)).unwrap();
     let mut seen = std::collections::BTreeSet::new();
-    let batched = dump_batched::<CtKey, CtValue>(&raw, |k, _| {
-        assert!(seen.insert(k.src.0), "read twice");
+    let batched = dump_batched::<Ct4Key, CtValue>(&raw, |k, _| {
+        assert!(seen.insert(k.src), "read twice");
     })
     .unwrap();
     assert!(batched, "batched reads");
@@ -1106,13 +1106,13 @@ fn udp_flows_of_removed_backends_are_purged_from_a_full_conntrack_map() {
     assert_eq!(purged, (0..n).filter(|&i| doomed(i)).count());
     for i in 0..n {
         let (k, _) = flow(i);
-        assert_eq!(ct.get(&k, 0).is_ok(), !doomed(i), "flow {i}");
+        assert_eq!(ct.get(&k).unwrap().is_some(), !doomed(i), "flow {i}");
     }
 }
 
 /// Flows tracked by the conntrack layout of earlier versions (`CT_V1`) keep working after an
-/// upgrade: the new agent moves them to `CT_V2`, with the hairpin peer the old programs took
-/// from the packet, and unpins the old map.
+/// upgrade: the new agent moves them to today's maps, with the hairpin peer the old programs
+/// took from the packet, and unpins the old map.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn an_upgrade_keeps_the_flows_of_the_previous_conntrack_layout() {
@@ -1195,6 +1195,100 @@ fn an_upgrade_keeps_the_flows_of_the_previous_conntrack_layout() {
         assert_eq!(v, verdict);
         assert!(out == want, "{}", hexdiff(&out, &want));
     }
+}
+
+/// The flows of `CT_V2` (both families under one 40-byte key) move to the per-family maps on
+/// an upgrade: those there at the load, and those the old programs add until the new ones
+/// replace them all (the second pass), where an entry the new programs wrote stays. The old
+/// map is unpinned only then, and IPv4 flows are translated from `CT4_V1` as before.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn an_upgrade_moves_the_flows_of_the_shared_conntrack_map_to_one_per_family() {
+    use weir_common::{CtKey, CtValue, CT_DIR_REPLY};
+    use weir_proxy::loader::{migrate_ct, CT_V2};
+    let a = |ip: &str| weir_proxy::addr::to_addr(ip.parse().unwrap());
+    let key = |src: &str, sport: u16, dst: &str, dport: u16| CtKey {
+        src: a(src),
+        dst: a(dst),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    let value = |nat: &str, port: u16, dir: u8| CtValue {
+        nat_addr: a(nat),
+        nat_port: port.to_be(),
+        dir,
+        expires_ns: u64::MAX,
+        ..Default::default()
+    };
+    let mut h = Harness::new().unwrap();
+    let maps = h.maps_dir();
+    // The old map as an earlier agent left it, its programs still attached.
+    pin_lru_map(&maps.join(CT_V2), CT_V2, 40, 56);
+    let mut old: aya::maps::HashMap<aya::maps::MapData, CtKey, CtValue> =
+        weir_proxy::maps::open_typed(&maps, CT_V2).unwrap();
+    for (k, v) in [
+        (key(CLI4, 40000, VIP4, 80), value(BE4, 8080, CT_DIR_FORWARD)),
+        (key(BE4, 8080, CLI4, 40000), value(VIP4, 80, CT_DIR_REPLY)),
+        (key(CLI6, 40000, VIP6, 80), value(BE6, 8080, CT_DIR_FORWARD)),
+    ] {
+        old.insert(k, v, 0).unwrap();
+    }
+    // The load's pass: copied, the old map kept for the old programs.
+    assert_eq!(migrate_ct(&maps, false).unwrap(), 3);
+    assert!(
+        maps.join(CT_V2).exists(),
+        "CT_V2 unpinned while still in use"
+    );
+    // Meanwhile an old program opens a flow, and a new one refreshes an entry.
+    old.insert(
+        key(CLI4, 40001, VIP4, 80),
+        value(BE4, 8080, CT_DIR_FORWARD),
+        0,
+    )
+    .unwrap();
+    let newer = CtValue {
+        expires_ns: u64::MAX - 1,
+        ..value(BE6, 8080, CT_DIR_FORWARD)
+    };
+    h.ct_map()
+        .insert(&key(CLI6, 40000, VIP6, 80), &newer, 0)
+        .unwrap();
+    assert_eq!(h.dp.finish_ct_migration().unwrap(), 1, "only the new flow");
+    assert!(!maps.join(CT_V2).exists(), "CT_V2 still pinned");
+    let ct = h.ct_map();
+    assert_eq!(h.ct().len(), 4);
+    assert_eq!(
+        ct.get(&key(CLI6, 40000, VIP6, 80)).unwrap(),
+        Some(newer),
+        "the new programs' entry stays"
+    );
+    for (k, map) in [
+        (key(CLI4, 40001, VIP4, 80), weir_common::map_names::CT4),
+        (key(CLI6, 40000, VIP6, 80), weir_common::map_names::CT6),
+    ] {
+        assert!(ct.get(&k).unwrap().is_some(), "{k:?} not in {map}");
+    }
+    // Conntrack alone decides (no service is programmed): both IPv4 flows as before.
+    for (input, want) in [
+        (
+            tcp(CLI4, 40000, VIP4, 80, Tcp::Ack),
+            tcp(CLI4, 40000, BE4, 8080, Tcp::Ack),
+        ),
+        (
+            tcp(CLI4, 40001, VIP4, 80, Tcp::Ack),
+            tcp(CLI4, 40001, BE4, 8080, Tcp::Ack),
+        ),
+    ] {
+        let (v, out) = h.run(TC_FROM_POD, &input);
+        assert_eq!(v, OK);
+        assert!(out == want, "{}", hexdiff(&out, &want));
+    }
+    let (v, out) = h.run(TC_FROM_POD, &tcp(BE4, 8080, CLI4, 40000, Tcp::Ack));
+    let want = routed(tcp(VIP4, 80, CLI4, 40000, Tcp::Ack));
+    assert_eq!(v, REDIRECT);
+    assert!(out == want, "{}", hexdiff(&out, &want));
 }
 
 #[test]
@@ -1457,7 +1551,7 @@ fn translated_packets_to_a_pod_go_straight_into_it() {
             proto: PROTO_TCP,
             _pad: [0; 3],
         };
-        h.ct_map().get(&key, 0).unwrap().flags
+        h.ct_map().get(&key).unwrap().expect("entry").flags
     };
     let routes = CT_F_KERNEL_ROUTE | CT_F_POD_ROUTE;
     assert_eq!(
