@@ -10,7 +10,7 @@ use crate::{
     },
     lb::{flow_hash, lookup_service, node_local_server, now_ns, select_backend},
     maps::{count, count_raw, Scratch, SCRATCH, VIPNET},
-    nat::rewrite,
+    nat::{rewrite, rewrite_call},
     parse::{parse_out_of_line, Packet, TCP_FIN, TCP_RST},
     reject::reject,
     route::{
@@ -523,7 +523,7 @@ fn try_commit_new_flow(ctx: &TcContext, s: &mut Scratch, may_snat: bool) -> Resu
         s.fwd_key.dport,
         s.fwd.nat_port,
     );
-    rewrite(ctx, s, route != ROUTE_NONE, route == ROUTE_POD)?;
+    rewrite_call(ctx, s, route != ROUTE_NONE, route == ROUTE_POD)?;
     if s.fwd.flags & CT_F_HAIRPIN != 0 {
         count(Stat::Hairpin);
     }

@@ -483,6 +483,8 @@ impl Node {
 pub struct Lan {
     pub ns: Netns,
     ports: u32,
+    /// Checksums in software on the links joined from now on (see `software_checksums`).
+    software_checksums: bool,
 }
 
 impl Lan {
@@ -490,7 +492,19 @@ impl Lan {
         let ns = Netns::create(&format!("weir-{tag}-lan"))?;
         ns.ip(&["link", "add", "br0", "type", "bridge"])?;
         ns.ip(&["link", "set", "br0", "up"])?;
-        Ok(Lan { ns, ports: 0 })
+        Ok(Lan {
+            ns,
+            ports: 0,
+            software_checksums: false,
+        })
+    }
+
+    /// Turns checksum offloads off on both ends of every link joined from now on: a sender
+    /// computes its L4 checksums in full (a forwarded CHECKSUM_PARTIAL packet is completed
+    /// on the way out), and every receiver checks them instead of trusting the veth. A
+    /// rewrite that leaves a wrong checksum then loses the packet, as a real NIC would.
+    pub fn software_checksums(&mut self) {
+        self.software_checksums = true;
     }
 
     /// Gives `ns` a device `dev` on the segment with addresses `addrs` (CIDR notation).
@@ -502,6 +516,10 @@ impl Lan {
         ])?;
         self.ns.ip(&["link", "set", &port, "master", "br0", "up"])?;
         ns.sysctl(&format!("net.ipv6.conf.{dev}.accept_dad"), "0")?;
+        if self.software_checksums {
+            offloads_off(&self.ns, &port)?;
+            offloads_off(ns, dev)?;
+        }
         ns.ip(&["link", "set", dev, "up"])?;
         for a in addrs {
             if a.contains(':') {
@@ -512,6 +530,23 @@ impl Lan {
         }
         Ok(())
     }
+}
+
+/// `ethtool -K dev tx off rx off` in `ns`.
+fn offloads_off(ns: &Netns, dev: &str) -> Result<()> {
+    let out = ns
+        .command("ethtool")?
+        .args(["-K", dev, "tx", "off", "rx", "off"])
+        .output()
+        .context("run `ethtool` (`cargo xtask setup` installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "ethtool -K {dev} tx off rx off in {}: {}",
+            ns.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// A cgroup (v2) created for one run, removed on drop once empty.

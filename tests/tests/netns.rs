@@ -1274,6 +1274,10 @@ fn nodeport_from_outside(pod_programs: &str) {
     let mut s = sim(true);
     // The nodes' network: this node at .1, node-b at .2, the client at .99.
     let mut lan = Lan::create(&s.tag).unwrap();
+    // Checksums checked by every receiver: requests come in with full checksums and replies
+    // of the node's pods leave it as CHECKSUM_PARTIAL, completed on the uplink; a rewrite
+    // that gets either kind wrong loses them.
+    lan.software_checksums();
     lan.join(&s.node.ns, "eth1", &["198.18.0.1/24", "fd00:17::1/64"])
         .unwrap();
     let mut node_b = Node::create(&format!("{}b", s.tag)).unwrap();

@@ -12,6 +12,8 @@ const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Debian packages the tests, the sandbox and the benchmarks use.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
+    // ethtool: checksum offloads off on a test LAN, so that every receiver checks checksums.
+    "ethtool",
     "iptables",
     "nftables",
     // ptp, bridge, host-local, tuning: the reference plugins weir-cni is compared with.
