@@ -1053,8 +1053,9 @@ fn an_upgrade_with_more_counters_keeps_the_counts() {
 }
 
 /// A removed UDP backend's flows are found by reading the conntrack map in batches: among
-/// 60 000 flows (UDP and TCP, four backends), exactly the UDP flows of the removed backends
-/// go, in several batches (more entries than one holds).
+/// 60 000 IPv4 and 20 000 IPv6 flows (UDP and TCP, four backends), exactly the UDP flows of
+/// the removed backends go, from both conntrack maps, in several batches (more entries than
+/// one holds).
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn udp_flows_of_removed_backends_are_purged_from_a_full_conntrack_map() {
@@ -1062,10 +1063,23 @@ fn udp_flows_of_removed_backends_are_purged_from_a_full_conntrack_map() {
     use weir_proxy::maps::{dump_batched, AyaMaps, MapWriter};
     let h = Harness::new().unwrap();
     let mut ct = h.ct_map();
+    // Flows 0..N4 are IPv4 (in CT4, under their 16-byte tuple), the rest IPv6 (in CT6).
+    const N4: u32 = 60_000;
+    const N6: u32 = 20_000;
     let flow = |i: u32| {
+        let (src, dst) = if i < N4 {
+            (
+                std::net::Ipv4Addr::from(0xc612_0000 + i).into(),
+                VIP4.parse().unwrap(),
+            )
+        } else {
+            let src =
+                std::net::Ipv6Addr::from(0xfd00_0018_0000_0000_0000_0000_0000_0000 + i as u128);
+            (src.into(), VIP6.parse().unwrap())
+        };
         let key = CtKey {
-            src: to_addr(std::net::Ipv4Addr::from(0xc612_0000 + i).into()),
-            dst: to_addr(VIP4.parse().unwrap()),
+            src: to_addr(src),
+            dst: to_addr(dst),
             sport: 40000u16.to_be(),
             dport: 53u16.to_be(),
             proto: if i.is_multiple_of(3) {
@@ -1082,12 +1096,12 @@ fn udp_flows_of_removed_backends_are_purged_from_a_full_conntrack_map() {
         };
         (key, value)
     };
-    let n = 60_000;
+    let n = N4 + N6;
     for i in 0..n {
         let (k, v) = flow(i);
         ct.insert(&k, &v, 0).unwrap();
     }
-    // IPv4 flows: all in the IPv4 map, under their 16-byte tuple.
+    // Each family in its own map, read in batches, every entry once.
     let raw = aya::maps::MapData::from_pin(h.maps_dir().join(weir_common::map_names::CT4)).unwrap();
     let mut seen = std::collections::BTreeSet::new();
     let batched = dump_batched::<Ct4Key, CtValue>(&raw, |k, _| {
@@ -1095,7 +1109,15 @@ fn udp_flows_of_removed_backends_are_purged_from_a_full_conntrack_map() {
     })
     .unwrap();
     assert!(batched, "batched reads");
-    assert_eq!(seen.len(), n as usize, "every entry read once");
+    assert_eq!(seen.len(), N4 as usize, "every IPv4 entry read once");
+    let raw = aya::maps::MapData::from_pin(h.maps_dir().join(weir_common::map_names::CT6)).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let batched = dump_batched::<CtKey, CtValue>(&raw, |k, _| {
+        assert!(seen.insert(k.src.0), "read twice");
+    })
+    .unwrap();
+    assert!(batched, "batched reads");
+    assert_eq!(seen.len(), N6 as usize, "every IPv6 entry read once");
     let mut maps = AyaMaps::open(&h.maps_dir()).unwrap();
     let started = std::time::Instant::now();
     let purged = maps
