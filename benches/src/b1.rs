@@ -342,16 +342,20 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
         "{n} services programmed in {:.0} ms.",
         took.as_secs_f64() * 1000.0
     );
-    // kube-proxy, nftables mode: loaded once, then hooked in only for its own rounds.
-    let nft_in = |what: &str, rules: String| -> Result<Duration> {
+    // kube-proxy, nftables mode: in the node namespace for its own rounds only, loaded again
+    // for each. Unhooking it (its base chains deleted) is not enough: its NAT chains keep
+    // conntrack on in the namespace, and on the AMD machine the floor and the socket LB rows
+    // (connections made straight to the pod) then stalled on SYN timeouts, 2-22/s.
+    let nft_in = |what: &str, rules: &str| -> Result<Duration> {
         let file = dir.join(format!("{what}.nft"));
         std::fs::write(&file, rules)?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &node.ns.name, "nft", "-f", "-"]);
         run_limited(cmd, &file, "nft -f")
     };
-    let nft_note = match nft_in("nftables", kube_rules::nftables(&svcs)) {
-        Ok(d) => nft_in("unhook", kube_rules::nftables_hooks(false))
+    let nft_rules = kube_rules::nftables(&svcs);
+    let nft_note = match nft_in("nftables", &nft_rules) {
+        Ok(d) => nft_in("delete", kube_rules::NFTABLES_DELETE)
             .map(|_| format!("nft -f of {n} services took {:.1} s.", d.as_secs_f64())),
         Err(e) => Err(e),
     };
@@ -365,9 +369,9 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
         r.push(b.point(n, Mode::WeirTc, &target, false, note.clone()));
         detach()?;
         if let Ok(note) = &nft_note {
-            nft_in("hook", kube_rules::nftables_hooks(true))?;
+            nft_in("nftables", &nft_rules)?;
             r.push(b.point(n, Mode::Nftables, &target, false, note.clone()));
-            nft_in("unhook", kube_rules::nftables_hooks(false))?;
+            nft_in("delete", kube_rules::NFTABLES_DELETE)?;
         }
         rounds.push(r);
     }
@@ -458,8 +462,9 @@ pub fn run(weir: &Path, quick: bool) -> Result<String> {
          1 reply, close), *requests* reuses one connection. Latency is per request (connect included for connections). \
          Baselines are the same services written in kube-proxy's iptables shape (iptables {}, the nf_tables backend) \
          and nftables shape, in the same node namespace, in the same run. The floor, weir and nftables rows are medians \
-         of {ROUNDS} interleaved rounds: weir's programs are detached and kube-proxy's nftables table unhooked (its base \
-         chains deleted; loaded once, before the rounds) while the others are measured. The iptables rows are measured \
+         of {ROUNDS} interleaved rounds: weir's programs are detached and kube-proxy's nftables table deleted while the \
+         others are measured (loaded again for each of its rounds: with only its base chains deleted, its NAT chains \
+         kept conntrack on in the node namespace, and connections made straight to the pod stalled). The iptables rows are measured \
          once, after the rounds, and so is *socket LB, pod programs kept*. Pod veths carry what the agent gives them: \
          nothing with the socket hooks on the cgroup v2 root (*socket LB*: every pod's sockets are balanced at \
          `connect`), `tc_from_pod` and `tc_to_pod` otherwise (*pod programs kept*: hooks on a cgroup below the root; \

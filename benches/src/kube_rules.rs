@@ -115,24 +115,9 @@ const NFT_BASE_CHAINS: &str = "\
   chain nat-postrouting { type nat hook postrouting priority srcnat; policy accept; jump masquerading; }\n\
   chain filter-forward { type filter hook forward priority -110; policy accept; ct state new jump firewall-check; }\n";
 
-/// `nft -f` inputs that unhook kube-proxy's table from the packet path (its base chains go;
-/// the service chains and maps stay) and hook it back, so that its rounds can be interleaved
-/// with the others' without loading the whole table again.
-pub fn nftables_hooks(on: bool) -> String {
-    if on {
-        format!("table ip kube-proxy {{\n{NFT_BASE_CHAINS}}}\n")
-    } else {
-        [
-            "nat-prerouting",
-            "nat-output",
-            "nat-postrouting",
-            "filter-forward",
-        ]
-        .iter()
-        .map(|c| format!("delete chain ip kube-proxy {c}\n"))
-        .collect()
-    }
-}
+/// The `nft -f` input that removes kube-proxy's table (and with it, conntrack from the node
+/// namespace, which its NAT chains keep on even with the base chains gone).
+pub const NFTABLES_DELETE: &str = "delete table ip kube-proxy\n";
 
 /// An `nft -f` input in kube-proxy's nftables shape (KEP-3866).
 pub fn nftables(svcs: &[Svc]) -> String {
