@@ -196,6 +196,19 @@ fn icmp6_port_unreachable(orig: &[u8]) -> Vec<u8> {
     v
 }
 
+/// The conntrack key of a TCP flow `src:sport → dst:dport`.
+fn tcp_ct_key(src: &str, sport: u16, dst: &str, dport: u16) -> weir_common::CtKey {
+    let a = |ip: &str| weir_proxy::addr::to_addr(ip.parse().unwrap());
+    weir_common::CtKey {
+        src: a(src),
+        dst: a(dst),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
 fn with_zero_udp_checksum(mut f: Vec<u8>) -> Vec<u8> {
     f[14 + 20 + 6] = 0;
     f[14 + 20 + 7] = 0;
@@ -1141,14 +1154,7 @@ fn an_upgrade_keeps_the_flows_of_the_previous_conntrack_layout() {
     use weir_common::{CtKey, CT_F_HAIRPIN};
     use weir_proxy::loader::{CtValueV1, CT_V1};
     let a = |ip: &str| weir_proxy::addr::to_addr(ip.parse().unwrap());
-    let key = |src: &str, sport: u16, dst: &str, dport: u16| CtKey {
-        src: a(src),
-        dst: a(dst),
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto: PROTO_TCP,
-        _pad: [0; 3],
-    };
+    let key = tcp_ct_key;
     let value = |nat: &str, port: u16, dir: u8, flags: u8| CtValueV1 {
         nat_addr: a(nat),
         nat_port: port.to_be(),
@@ -1229,14 +1235,7 @@ fn an_upgrade_moves_the_flows_of_the_shared_conntrack_map_to_one_per_family() {
     use weir_common::{CtKey, CtValue, CT_DIR_REPLY};
     use weir_proxy::loader::{migrate_ct, CT_V2};
     let a = |ip: &str| weir_proxy::addr::to_addr(ip.parse().unwrap());
-    let key = |src: &str, sport: u16, dst: &str, dport: u16| CtKey {
-        src: a(src),
-        dst: a(dst),
-        sport: sport.to_be(),
-        dport: dport.to_be(),
-        proto: PROTO_TCP,
-        _pad: [0; 3],
-    };
+    let key = tcp_ct_key;
     let value = |nat: &str, port: u16, dir: u8| CtValue {
         nat_addr: a(nat),
         nat_port: port.to_be(),
