@@ -53,6 +53,19 @@ pub mod prog_names {
     pub const GETPEERNAME6: &str = "sock_getpeername6";
 }
 
+/// What the loader fills in from the kernel's BTF before loading the object (aya has no kfunc
+/// support, so the object names them this way).
+pub mod kernel_facts {
+    /// The helper number of the object's calls to the kfunc `bpf_cast_to_kern_ctx` (the
+    /// `struct sk_buff` behind a TC program's context), which no helper has: the loader turns
+    /// each such call into the kfunc call. Where the kernel has no such kfunc, the calls stay
+    /// as they are behind `IP_SUMMED` = 0, and the verifier removes them as dead code.
+    pub const CAST_TO_KERN_CTX_CALL: i32 = 0x0777_0001;
+    /// The object's global (.rodata) telling where `ip_summed` is in `struct sk_buff`: its bit
+    /// offset + 1; 0 where unknown.
+    pub const IP_SUMMED: &str = "WEIR_IP_SUMMED";
+}
+
 /// Service map entries: one master per frontend and one slot per endpoint. Sized for 100 000
 /// services of 10 endpoints each (1.1 M); the map is not preallocated, so only what is used
 /// costs memory.

@@ -5,14 +5,16 @@
 //! pay a copy. The helper makes only the rewritten packets writable.
 //!
 //! Checksums are updated by difference, computed here: the IPv4 header's is written with the
-//! addresses. The L4 checksum's pseudo-header part (the addresses) goes through
-//! `bpf_l4_csum_replace`, which alone knows how the packet carries its checksum; the port
-//! part, which a CHECKSUM_PARTIAL packet (what veth hands over) must not see, is written with
-//! the rest when that call showed which kind the packet has (see `l4_csum_first`).
+//! addresses, and so is the L4 checksum, once the program knows how the packet carries it
+//! (`skb->ip_summed`, read through the kfunc `bpf_cast_to_kern_ctx`): a full checksum takes
+//! the addresses and the ports, a CHECKSUM_PARTIAL packet's field (what veth hands over: the
+//! pseudo-header's sum, which the device completes) the addresses only. A CHECKSUM_COMPLETE
+//! packet's `skb->csum` moves with the pseudo-header, which only `bpf_l4_csum_replace` does;
+//! it is called for those, and where the kernel's layout is unknown (see `l4_csum_first`).
 use core::ffi::c_void;
 
 use aya_ebpf::{helpers::generated::bpf_skb_store_bytes, programs::TcContext};
-use weir_common::{Addr, Stat, PROTO_TCP, PROTO_UDP};
+use weir_common::{kernel_facts::CAST_TO_KERN_CTX_CALL, Addr, Stat, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     maps::Scratch,
@@ -60,6 +62,40 @@ impl Change {
     pub fn none(&mut self) {
         self.on = false;
     }
+}
+
+/// Where `ip_summed` is in the kernel's `struct sk_buff`: its bit offset + 1, 0 where unknown.
+/// Set by the loader from the kernel's BTF (`weir_common::kernel_facts`). The object's
+/// .rodata is read-only to programs and frozen, so the verifier knows this value: the offset
+/// below is a constant to it, and the branch a value rules out is dead code it removes.
+#[unsafe(no_mangle)]
+static WEIR_IP_SUMMED: u32 = 0;
+
+const CHECKSUM_COMPLETE: u8 = 2;
+const CHECKSUM_PARTIAL: u8 = 3;
+
+/// The packet's `skb->ip_summed` (CHECKSUM_NONE, _UNNECESSARY, _COMPLETE or _PARTIAL), read
+/// from the kernel's `struct sk_buff`: `bpf_cast_to_kern_ctx` gives it (the verifier turns
+/// the call into a register move), one byte load reads it. `None` where the loader did not
+/// find where it is.
+#[inline(always)]
+fn ip_summed(ctx: &TcContext) -> Option<u8> {
+    // SAFETY: a read of a global; volatile, so that LLVM does not fold the 0 it was built with.
+    let at = unsafe { core::ptr::read_volatile(&WEIR_IP_SUMMED) };
+    if at == 0 {
+        return None;
+    }
+    let bit = at - 1;
+    // SAFETY: the loader makes this call the kfunc `bpf_cast_to_kern_ctx` (which takes the
+    // context and returns the sk_buff behind it) wherever it sets `WEIR_IP_SUMMED`; the
+    // verifier checks the byte read against the kernel's BTF of `struct sk_buff`.
+    let byte = unsafe {
+        let cast: unsafe extern "C" fn(*mut c_void) -> *const u8 =
+            core::mem::transmute(CAST_TO_KERN_CTX_CALL as usize);
+        let skb = cast(ctx.skb.skb as *mut c_void);
+        core::ptr::read_volatile(skb.add((bit >> 3) as usize))
+    };
+    Some((byte >> (bit & 7)) & 3)
 }
 
 /// Running one's complement sums of (new - old).
@@ -269,17 +305,23 @@ fn partial_by_diff(sum: u16, diff: u32, mangled: bool) -> u16 {
     }
 }
 
-/// The L4 checksum field to write with the rewrite's store, after its pseudo-header part.
+/// The L4 checksum field to write with the rewrite's store.
 ///
-/// The helper updates the pseudo-header part (here, before the store): only the kernel
-/// knows whether the packet carries a full checksum, or, CHECKSUM_PARTIAL, the
-/// pseudo-header's sum that the device completes, and a CHECKSUM_COMPLETE packet's sum moves
-/// with it. The port part belongs in a full checksum only, and what the helper wrote tells
-/// which the packet has: a full checksum moves by -D, a partial sum by +D, two different
-/// values for any D != 0 (one's complement). So the port part is added here and written in
-/// the store, instead of a second helper call (~35 ns in B8). `Ok(Some(sum))`: the field to
-/// store; `Ok(None)`: the field is right as it is, or, `*port_call` set, the helper adds the
-/// port part after the store: no address change, D = 0, or a field neither formula gives.
+/// Where the program knows the packet's `ip_summed`, and it is not CHECKSUM_COMPLETE, the
+/// field is computed here with no helper call: a full checksum (CHECKSUM_NONE, _UNNECESSARY)
+/// moves by the addresses and the ports, a CHECKSUM_PARTIAL packet's field (the
+/// pseudo-header's sum, which the device completes) by the addresses only.
+///
+/// Otherwise the helper updates the pseudo-header part (here, before the store): it alone can
+/// move a CHECKSUM_COMPLETE packet's `skb->csum` with it. The port part belongs in a full
+/// checksum only, and what the helper wrote tells which the packet has: a full checksum
+/// moves by -D, a partial sum by +D, two different values for any D != 0 (one's complement).
+/// So the port part is added here and written in the store, instead of a second helper call.
+///
+/// `Ok(Some(sum))`: the field to store; `Ok(None)`: the field is right as it is, or,
+/// `*port_call` set, the helper adds the port part after the store: no address change, D = 0,
+/// or a field neither formula gives. `*addr_call`: if the field is not stored after all
+/// (`fill_l4`), the helper must add the address part too.
 #[inline(always)]
 fn l4_csum_first(
     ctx: &TcContext,
@@ -287,12 +329,38 @@ fn l4_csum_first(
     d: &Diffs,
     flags: u64,
     port_call: &mut bool,
+    addr_call: &mut bool,
 ) -> Result<Option<u16>, Stat> {
     let mangled = flags & BPF_F_MARK_MANGLED_0 != 0;
     let before = hdr_ptr::<u16>(ctx, p.csum_off).ok_or(Stat::DropRewriteFailed)?;
     // SAFETY: `ptr_at` checked the bounds.
     let sum0 = unsafe { before.read() };
     let addr = fold32(d.addr);
+    if let Some(kind) = ip_summed(ctx) {
+        if kind != CHECKSUM_COMPLETE {
+            if mangled && sum0 == 0 {
+                // A UDP datagram without a checksum, which the helper would leave too.
+                return Ok(None);
+            }
+            *addr_call = d.addr != 0;
+            if kind == CHECKSUM_PARTIAL {
+                return Ok(if d.addr != 0 {
+                    Some(partial_by_diff(sum0, addr, mangled))
+                } else {
+                    None
+                });
+            }
+            let port = fold16(fold32(d.port)) as u32;
+            let mut sum = sum0;
+            if d.addr != 0 {
+                sum = full_by_diff(sum, addr, mangled);
+            }
+            if d.port != 0 {
+                sum = full_by_diff(sum, port, mangled);
+            }
+            return Ok(if sum != sum0 { Some(sum) } else { None });
+        }
+    }
     if d.addr != 0 {
         ctx.l4_csum_replace(p.csum_off, 0, addr as u64, BPF_F_PSEUDO_HDR | flags)
             .map_err(|_| Stat::DropRewriteFailed)?;
@@ -372,8 +440,8 @@ fn rewrite_inner(ctx: &TcContext, s: &mut Scratch, hop: bool, eth: bool) -> Resu
     } else {
         0
     };
-    let mut port_call = false;
-    let sum = l4_csum_first(ctx, p, &d, flags, &mut port_call)?;
+    let (mut port_call, mut addr_call) = (false, false);
+    let sum = l4_csum_first(ctx, p, &d, flags, &mut port_call, &mut addr_call)?;
     // The packet's addresses and ports as they are to be: written in one store (two for an
     // IPv4 header with options) instead of one per field; what does not change is written
     // back as it was.
@@ -463,6 +531,15 @@ fn rewrite_inner(ctx: &TcContext, s: &mut Scratch, hop: bool, eth: bool) -> Resu
         }
     }
     if port_call {
+        if addr_call {
+            ctx.l4_csum_replace(
+                p.csum_off,
+                0,
+                fold32(d.addr) as u64,
+                BPF_F_PSEUDO_HDR | flags,
+            )
+            .map_err(|_| Stat::DropRewriteFailed)?;
+        }
         let diff = fold16(fold32(d.port)) as u64;
         ctx.l4_csum_replace(p.csum_off, 0, diff, flags)
             .map_err(|_| Stat::DropRewriteFailed)?;

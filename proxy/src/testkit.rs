@@ -63,14 +63,27 @@ impl Harness {
         Self::new_with(|_| Ok(()))
     }
 
+    /// A harness whose object is loaded as for a kernel whose BTF does not say where
+    /// `skb->ip_summed` is: L4 checksums are updated by helper calls.
+    pub fn without_kernel_facts() -> Result<Self> {
+        Self::new_inner(|_| Ok(()), None)
+    }
+
     /// A harness whose maps directory `prepare` fills first, as an earlier run would have.
     pub fn new_with(prepare: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<Self> {
+        Self::new_inner(prepare, crate::kernel_btf::facts())
+    }
+
+    fn new_inner(
+        prepare: impl FnOnce(&std::path::Path) -> Result<()>,
+        facts: Option<crate::kernel_btf::Facts>,
+    ) -> Result<Self> {
         let dir = RunDir::create(&format!("/run/weir-fx{}", tag()))?;
         let bpffs = BpfMount::create(&dir.0.join("bpffs"))?;
         let pins = PinDir(bpffs.path.join("weir"));
         std::fs::create_dir_all(pins.maps())?;
         prepare(&pins.maps())?;
-        let dp = Datapath::load(pins.clone())?;
+        let dp = Datapath::load_with(pins.clone(), facts)?;
         // No earlier programs are attached here: nothing can add to an old layout's map.
         dp.finish_ct_migration()?;
         let maps = AyaMaps::open(&pins.maps())?;

@@ -157,7 +157,28 @@ macro_rules! fixtures {
                 run_case(stringify!($name), desired, steps);
             }
         )*
+
+        /// Every case above, by name, for `every_case_with_checksums_by_helper_calls`.
+        fn all_cases() -> Vec<(&'static str, fn() -> (Desired, Vec<Step>))> {
+            vec![$((stringify!($name), || $body)),*]
+        }
     };
+}
+
+/// Every case of `fixtures!` again with the object loaded as for a kernel whose BTF does not
+/// say where `skb->ip_summed` is: L4 checksums then go through `bpf_l4_csum_replace`, and the
+/// frames must come out the same.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn every_case_with_checksums_by_helper_calls() {
+    let cases = all_cases();
+    assert!(cases.len() >= 19);
+    for (name, case) in cases {
+        let (desired, steps) = case();
+        let mut h = Harness::without_kernel_facts().expect("load the production object");
+        h.program(&desired);
+        run_steps(&mut h, &format!("{name} (helpers)"), steps);
+    }
 }
 
 fn icmp4_port_unreachable(orig: &[u8]) -> Vec<u8> {
