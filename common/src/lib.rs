@@ -53,8 +53,7 @@ pub mod prog_names {
     pub const GETPEERNAME6: &str = "sock_getpeername6";
 }
 
-/// What the loader fills in from the kernel's BTF before loading the object (aya has no kfunc
-/// support, so the object names them this way).
+/// What the loader fills in about the running kernel before loading the object.
 pub mod kernel_facts {
     /// The helper number of the object's calls to the kfunc `bpf_cast_to_kern_ctx` (the
     /// `struct sk_buff` behind a TC program's context), which no helper has: the loader turns
@@ -64,6 +63,10 @@ pub mod kernel_facts {
     /// The object's global (.rodata) telling where `ip_summed` is in `struct sk_buff`: its bit
     /// offset + 1; 0 where unknown.
     pub const IP_SUMMED: &str = "WEIR_IP_SUMMED";
+    /// The object's globals giving the coarse monotonic clock as jiffies × `NS_PER_JIFFY` +
+    /// `JIFFIES_OFFSET` (u64, wrapping); `NS_PER_JIFFY` 0 where unknown.
+    pub const NS_PER_JIFFY: &str = "WEIR_NS_PER_JIFFY";
+    pub const JIFFIES_OFFSET: &str = "WEIR_JIFFIES_OFFSET";
 }
 
 /// Service map entries: one master per frontend and one slot per endpoint. Sized for 100 000

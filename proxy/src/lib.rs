@@ -7,7 +7,7 @@ pub mod echo;
 #[cfg(feature = "testkit")]
 pub mod fake_api;
 pub mod healthcheck;
-pub mod kernel_btf;
+pub mod kernel_facts;
 pub mod kube_source;
 pub mod loader;
 pub mod loadtest;

@@ -376,12 +376,12 @@ impl Datapath {
     /// Loads the object; maps already pinned under `pins` are adopted, the others are created
     /// and pinned. `pins` must be on a bpffs.
     pub fn load(pins: PinDir) -> Result<Self> {
-        Self::load_with(pins, crate::kernel_btf::facts())
+        Self::load_with(pins, crate::kernel_facts::facts())
     }
 
     /// The same with the kernel facts given: `None` loads the object as for a kernel whose
     /// BTF lacks them (checksums by helper calls), which tests use to cover that path.
-    pub fn load_with(pins: PinDir, facts: Option<crate::kernel_btf::Facts>) -> Result<Self> {
+    pub fn load_with(pins: PinDir, facts: crate::kernel_facts::Facts) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!("this weir binary was built with AYA_BUILD_SKIP=1 and has no eBPF programs; rebuild it without");
         }
@@ -392,15 +392,24 @@ impl Datapath {
         let maps_dir = pins.maps();
         let carried = check_pinned_maps(&maps_dir)?;
         // The kernel's layout, where its BTF has it: the per-packet path then reads each
-        // packet's checksum kind instead of asking a helper (see `kernel_btf`).
-        let linked = match facts {
-            Some(f) => Some(crate::kernel_btf::with_kfunc_calls(OBJECT, f.cast_to_kern_ctx)?.0),
+        // packet's checksum kind instead of asking a helper (see `kernel_facts`).
+        let linked = match facts.skb {
+            Some(f) => Some(crate::kernel_facts::with_kfunc_calls(OBJECT, f.cast_to_kern_ctx)?.0),
             None => None,
         };
-        let ip_summed = facts.map_or(0, |f| f.ip_summed_bit + 1);
+        let ip_summed = facts.skb.map_or(0, |f| f.ip_summed_bit + 1);
+        let (ns_per_jiffy, jiffies_offset) = facts
+            .jiffies
+            .map_or((0, 0), |c| (c.ns_per_jiffy, c.offset_ns));
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .override_global(weir_common::kernel_facts::IP_SUMMED, &ip_summed, true)
+            .override_global(weir_common::kernel_facts::NS_PER_JIFFY, &ns_per_jiffy, true)
+            .override_global(
+                weir_common::kernel_facts::JIFFIES_OFFSET,
+                &jiffies_offset,
+                true,
+            )
             .load(linked.as_ref().map_or(OBJECT, |o| o.as_bytes()))
             .with_context(|| {
                 format!(

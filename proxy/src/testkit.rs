@@ -63,20 +63,20 @@ impl Harness {
         Self::new_with(|_| Ok(()))
     }
 
-    /// A harness whose object is loaded as for a kernel whose BTF does not say where
-    /// `skb->ip_summed` is: L4 checksums are updated by helper calls.
+    /// A harness whose object is loaded as for a kernel of which the loader knows nothing
+    /// (`kernel_facts`): L4 checksums are updated, and the clock read, by helper calls.
     pub fn without_kernel_facts() -> Result<Self> {
-        Self::new_inner(|_| Ok(()), None)
+        Self::new_inner(|_| Ok(()), Default::default())
     }
 
     /// A harness whose maps directory `prepare` fills first, as an earlier run would have.
     pub fn new_with(prepare: impl FnOnce(&std::path::Path) -> Result<()>) -> Result<Self> {
-        Self::new_inner(prepare, crate::kernel_btf::facts())
+        Self::new_inner(prepare, crate::kernel_facts::facts())
     }
 
     fn new_inner(
         prepare: impl FnOnce(&std::path::Path) -> Result<()>,
-        facts: Option<crate::kernel_btf::Facts>,
+        facts: crate::kernel_facts::Facts,
     ) -> Result<Self> {
         let dir = RunDir::create(&format!("/run/weir-fx{}", tag()))?;
         let bpffs = BpfMount::create(&dir.0.join("bpffs"))?;

@@ -158,19 +158,19 @@ macro_rules! fixtures {
             }
         )*
 
-        /// Every case above, by name, for `every_case_with_checksums_by_helper_calls`.
+        /// Every case above, by name, for `every_case_with_helper_calls_only`.
         fn all_cases() -> Vec<(&'static str, fn() -> (Desired, Vec<Step>))> {
             vec![$((stringify!($name), || $body)),*]
         }
     };
 }
 
-/// Every case of `fixtures!` again with the object loaded as for a kernel whose BTF does not
-/// say where `skb->ip_summed` is: L4 checksums then go through `bpf_l4_csum_replace`, and the
-/// frames must come out the same.
+/// Every case of `fixtures!` again with the object loaded as for a kernel of which the loader
+/// knows nothing (`kernel_facts`): L4 checksums then go through `bpf_l4_csum_replace`, the
+/// clock through `bpf_ktime_get_coarse_ns`, and the frames must come out the same.
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
-fn every_case_with_checksums_by_helper_calls() {
+fn every_case_with_helper_calls_only() {
     let cases = all_cases();
     assert!(cases.len() >= 19);
     for (name, case) in cases {
@@ -454,6 +454,7 @@ fn dst4(frame: &[u8]) -> SocketAddr {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn lb4_clusterip_tcp_syn_creates_both_conntrack_entries() {
+    let before = coarse_now_ns();
     let h = run_case(
         "ct",
         services(),
@@ -480,6 +481,24 @@ fn lb4_clusterip_tcp_syn_creates_both_conntrack_entries() {
     assert_eq!(rev.0.src, to_addr(BE4.parse().unwrap()));
     assert_eq!(rev.1.nat_addr, to_addr(VIP4.parse().unwrap()));
     assert_eq!(u16::from_be(rev.1.nat_port), 80);
+    // The program's clock (jiffies × the tick + the loader's offset) is the coarse monotonic
+    // clock user space reads (`weir status`, the DNS lease), within a tick or two.
+    let after = coarse_now_ns();
+    let tick = nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .unwrap()
+        .tv_nsec() as u64;
+    for (_, v) in &ct {
+        let stamped = v.expires_ns - weir_common::CT_LIFETIME_TCP_NS;
+        assert!(
+            stamped + 2 * tick >= before && stamped <= after + 2 * tick,
+            "the program stamped {stamped}; the coarse clock read {before} before, {after} after (tick {tick} ns)"
+        );
+    }
+}
+
+fn coarse_now_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).unwrap();
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
 #[test]

@@ -1,13 +1,20 @@
-//! What the eBPF object needs from the running kernel's BTF (`/sys/kernel/btf/vmlinux`) before
-//! it is loaded, and the object as it is then loaded.
+//! What the eBPF object needs from the running kernel before it is loaded, and the object as
+//! it is then loaded. Each fact has a fallback: the programs work without it, at the cost of
+//! a helper call per packet.
 //!
-//! The per-packet path reads `skb->ip_summed` to update L4 checksums without a helper call
-//! (`ebpf/src/nat.rs`). For that it calls the kfunc `bpf_cast_to_kern_ctx` and reads one byte
-//! of `struct sk_buff`. aya links no kfunc calls, so the object calls a helper number no
-//! helper has (`kernel_facts::CAST_TO_KERN_CTX_CALL`) and the call is made the kfunc's here,
-//! with the kfunc's BTF id; where `ip_summed` sits in this kernel's `struct sk_buff` goes into
-//! the object's global `kernel_facts::IP_SUMMED`. Where either is missing, the global stays 0
-//! and the programs update checksums with helper calls, as before.
+//! - Where `skb->ip_summed` is (the kernel's BTF, `/sys/kernel/btf/vmlinux`). The per-packet
+//!   path reads it to update L4 checksums without a helper call (`ebpf/src/nat.rs`). For that
+//!   it calls the kfunc `bpf_cast_to_kern_ctx` and reads one byte of `struct sk_buff`. aya
+//!   links no kfunc calls, so the object calls a helper number no helper has
+//!   (`kernel_facts::CAST_TO_KERN_CTX_CALL`) and the call is made the kfunc's here, with the
+//!   kfunc's BTF id; where `ip_summed` sits goes into the object's global
+//!   `kernel_facts::IP_SUMMED`.
+//! - The jiffies clock: the programs keep time as the coarse monotonic clock
+//!   (`CLOCK_MONOTONIC_COARSE`, which user space reads too). `bpf_jiffies64`, which the
+//!   verifier inlines, gives it as jiffies × the tick + a fixed offset, where
+//!   `bpf_ktime_get_coarse_ns` is a helper call; both advance at the tick, as the kernel
+//!   updates jiffies from the monotonic clock. The tick is the coarse clock's resolution; the
+//!   offset comes from `/proc/timer_list`, which gives the monotonic time and jiffies together.
 use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
@@ -17,33 +24,56 @@ use weir_common::kernel_facts::CAST_TO_KERN_CTX_CALL;
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const KFUNC: &str = "bpf_cast_to_kern_ctx";
+const TIMER_LIST: &str = "/proc/timer_list";
 
-/// What the loader found in the kernel's BTF.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What the loader found about the running kernel; `None` where it did not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Facts {
+    pub skb: Option<SkbLayout>,
+    pub jiffies: Option<JiffiesClock>,
+}
+
+/// From the kernel's BTF.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SkbLayout {
     /// The BTF id of `bpf_cast_to_kern_ctx`.
     pub cast_to_kern_ctx: u32,
     /// The bit offset of `ip_summed` (2 bits) in `struct sk_buff`.
     pub ip_summed_bit: u32,
 }
 
-/// The running kernel's facts, read once per process; `None` (logged once, with why) where
-/// its BTF lacks either.
-pub fn facts() -> Option<Facts> {
-    static FACTS: OnceLock<Option<Facts>> = OnceLock::new();
-    *FACTS.get_or_init(|| match read_facts() {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::warn!(
-                error = format!("{e:#}"),
-                "L4 checksums of translated packets are updated by helper calls"
-            );
-            None
-        }
+/// The coarse monotonic clock as jiffies × `ns_per_jiffy` + `offset_ns` (wrapping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JiffiesClock {
+    pub ns_per_jiffy: u64,
+    pub offset_ns: u64,
+}
+
+/// The running kernel's facts, read once per process; what is missing is logged once, with
+/// why.
+pub fn facts() -> Facts {
+    static FACTS: OnceLock<Facts> = OnceLock::new();
+    *FACTS.get_or_init(|| Facts {
+        skb: read_skb_layout()
+            .inspect_err(|e| {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "L4 checksums of translated packets are updated by helper calls"
+                )
+            })
+            .ok(),
+        jiffies: read_jiffies_clock()
+            .inspect_err(|e| {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "the programs read the clock with a helper call"
+                )
+            })
+            .ok(),
     })
 }
 
-fn read_facts() -> Result<Facts> {
+fn read_skb_layout() -> Result<SkbLayout> {
     let btf =
         Btf::from_file(VMLINUX).with_context(|| format!("read the kernel's BTF {VMLINUX}"))?;
     let cast_to_kern_ctx = btf
@@ -66,10 +96,42 @@ fn read_facts() -> Result<Facts> {
     if size != Some(2) || bit % 8 + 2 > 8 {
         bail!("{VMLINUX}: sk_buff.ip_summed at bit {bit}, {size:?} bits: not a 2-bit field within one byte");
     }
-    Ok(Facts {
+    Ok(SkbLayout {
         cast_to_kern_ctx,
         ip_summed_bit: bit,
     })
+}
+
+fn read_jiffies_clock() -> Result<JiffiesClock> {
+    let res = nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .context("the coarse monotonic clock's resolution")?;
+    let tick = res.tv_sec() as u64 * 1_000_000_000 + res.tv_nsec() as u64;
+    // HZ from 24 to 10 000.
+    if !(100_000..=41_666_667).contains(&tick) {
+        bail!("the coarse monotonic clock's resolution is {tick} ns: not a kernel tick");
+    }
+    let text = std::fs::read_to_string(TIMER_LIST).with_context(|| format!("read {TIMER_LIST}"))?;
+    let (now, jiffies) = timer_list_now(&text)
+        .with_context(|| format!("{TIMER_LIST}: no \"now at N nsecs\" and \"jiffies: N\" lines"))?;
+    Ok(JiffiesClock {
+        ns_per_jiffy: tick,
+        offset_ns: now.wrapping_sub(jiffies.wrapping_mul(tick)),
+    })
+}
+
+/// The monotonic time and jiffies `/proc/timer_list` gives: its first `now at N nsecs` line
+/// and its first `jiffies: N` line.
+fn timer_list_now(text: &str) -> Option<(u64, u64)> {
+    let now = text.lines().find_map(|l| {
+        l.strip_prefix("now at ")?
+            .strip_suffix(" nsecs")?
+            .parse()
+            .ok()
+    })?;
+    let jiffies = text
+        .lines()
+        .find_map(|l| l.strip_prefix("jiffies: ")?.trim().parse().ok())?;
+    Some((now, jiffies))
 }
 
 /// The bit offset and bitfield size of member `name` of a struct, looked for in its anonymous
@@ -174,11 +236,21 @@ mod tests {
         assert_eq!(again.as_bytes(), b);
     }
 
-    /// This machine's kernel has both facts (the test machines run 6.18 with BTF).
+    /// This machine's kernel has the BTF facts (the test machines run 6.18 with BTF).
     #[test]
     fn the_running_kernel_has_the_kfunc_and_ip_summed() {
-        let f = read_facts().unwrap();
+        let f = read_skb_layout().unwrap();
         assert!(f.cast_to_kern_ctx > 0);
         assert!(f.ip_summed_bit > 0 && f.ip_summed_bit < 224 * 8);
+    }
+
+    #[test]
+    fn timer_list_gives_now_and_jiffies() {
+        let text = "Timer List Version: v0.10\nHRTIMER_MAX_CLOCK_BASES: 8\nnow at 24526869536842 nsecs\n\ncpu: 0\n  .last_jiffies   : 4301023945\njiffies: 4301024428\n\ncpu: 1\njiffies: 4301024429\n";
+        assert_eq!(
+            timer_list_now(text),
+            Some((24_526_869_536_842, 4_301_024_428))
+        );
+        assert_eq!(timer_list_now("now at 5 nsecs\n"), None);
     }
 }
