@@ -3,7 +3,7 @@
 //! run, is a packet that is no service's (one conntrack miss, one service miss).
 use std::fmt::Write;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use weir_common::{
     CtKey, CtValue, Stat, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_KERNEL_ROUTE, MAX_CT, PROTO_TCP,
 };
@@ -14,12 +14,15 @@ use weir_proxy::{
 };
 
 const PROG: &str = "tc_from_pod";
+const NOOP: &str = "tc_noop";
 
 struct Row {
     case: &'static str,
     fill: u32,
     ns: f64,
     floor: f64,
+    /// An empty program's ns in the same run: what the test run costs around any program.
+    empty: f64,
 }
 
 /// Runs of a routed case per test run: each decrements the TTL of a frame that starts at 255.
@@ -96,6 +99,13 @@ fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
         }
         Ok(total / batches as f64)
     };
+    // What BPF_PROG_TEST_RUN costs per run around any program: one that returns at once.
+    h.load_classifier(NOOP)?;
+    let empty = h.time(
+        NOOP,
+        &tcp("198.18.1.10", 40000, "198.18.1.12", 8080, Tcp::Ack),
+        runs,
+    );
     let floor = timed_on(
         &mut h,
         PROG,
@@ -210,8 +220,10 @@ fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
         fill: fill_pct,
         ns,
         floor,
+        empty,
     };
     Ok(vec![
+        row("an empty program (the test run's own cost)", empty),
         row("not a service (floor)", floor),
         row("established flow, DNAT, into the pod (redirect_peer)", est),
         row(
@@ -270,31 +282,36 @@ pub fn run(quick: bool) -> Result<String> {
          a frame with TTL 255, as each run decrements it) and {new_flows} distinct SYNs for new flows (one run each, so they include the \
          test-run timer's per-run overhead: two clock reads). Every run is checked, by its counter, to have taken its \
          case's path. Conntrack: an LRU hash of {MAX_CT} entries. The floor is a pod-to-pod packet: parse, one conntrack \
-         miss, one service miss.\n"
+         miss, one service miss. The empty program (`tc_noop`, which returns at once) is timed the same way: what the \
+         test run costs per run around any program; the next column takes it off.\n"
     );
     let _ = writeln!(
         o,
-        "| case | conntrack full | ns/packet | × floor |\n|---|---|---|---|"
+        "| case | conntrack full | ns/packet | ns above the empty program | × floor |\n|---|---|---|---|---|"
     );
     for r in &rows {
         let _ = writeln!(
             o,
-            "| {} | {} % | {:.1} | {:.2} |",
+            "| {} | {} % | {:.1} | {:.1} | {:.2} |",
             r.case,
             r.fill,
             r.ns,
+            r.ns - r.empty,
             r.ns / r.floor
         );
     }
-    let est_max = rows
+    let worst = rows
         .iter()
         .filter(|r| r.case.starts_with("established"))
-        .map(|r| r.ns)
-        .fold(0.0, f64::max);
+        .max_by(|a, b| a.ns.total_cmp(&b.ns))
+        .context("b8: no established case")?;
+    let est_max = worst.ns;
     let _ = writeln!(
         o,
-        "\nTarget: established flow under 100 ns per packet: {} (worst established case {est_max:.1} ns).",
-        if est_max < 100.0 { "met" } else { "NOT met" }
+        "\nTarget: established flow under 100 ns per packet: {} (worst established case {est_max:.1} ns as the \
+         kernel times it, {:.1} ns above the empty program).",
+        if est_max < 100.0 { "met" } else { "NOT met" },
+        est_max - worst.empty
     );
     Ok(o)
 }

@@ -46,6 +46,13 @@ pub fn tc_to_netdev(ctx: TcContext) -> i32 {
     tc::to_netdev(&ctx)
 }
 
+/// Returns at once. Never attached: B8 times it for what BPF_PROG_TEST_RUN itself costs per
+/// run (the kernel's loop around the program), beside the real programs.
+#[classifier]
+pub fn tc_noop(_ctx: TcContext) -> i32 {
+    0 // TC_ACT_OK
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
     sock::forward(&ctx, Family::V4, false)

@@ -176,6 +176,13 @@ impl Harness {
         st
     }
 
+    /// Loads a classifier of the object that the agent does not load (`tc_noop`).
+    pub fn load_classifier(&mut self, prog: &str) -> Result<()> {
+        self.classifier(prog)
+            .load()
+            .with_context(|| format!("load {prog}"))
+    }
+
     fn classifier(&mut self, prog: &str) -> &mut SchedClassifier {
         self.dp
             .ebpf_mut()
