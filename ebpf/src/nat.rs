@@ -1,8 +1,10 @@
 //! Address and port rewrites. Bytes are written with `bpf_skb_store_bytes`, one call for the
 //! addresses, the ports and the IPv4 header checksum together, never with direct packet
-//! access: a TC program that writes packet data directly gets a prologue that un-clones every
-//! skb it sees, and TCP transmits clones, so every packet on the device, service or not, would
-//! pay a copy. The helper makes only the rewritten packets writable.
+//! access: a TC program that writes packet data directly gets a prologue that calls
+//! `bpf_skb_pull_data` on every cloned skb it sees (to make its header writable), and TCP
+//! transmits clones, so every TCP data segment on the device, service or not, would pay that
+//! helper call (a copy where the header is shared). The store makes only the rewritten
+//! packets writable.
 //!
 //! Checksums are updated by difference, computed here: the IPv4 header's is written with the
 //! addresses, and so is the L4 checksum, once the program knows how the packet carries it

@@ -379,8 +379,9 @@ impl Datapath {
         Self::load_with(pins, crate::kernel_facts::facts())
     }
 
-    /// The same with the kernel facts given: `None` loads the object as for a kernel whose
-    /// BTF lacks them (checksums by helper calls), which tests use to cover that path.
+    /// The same with the kernel facts given: a fact left `None` loads the object as for a
+    /// kernel without it (a helper call per packet instead), which tests use to cover that
+    /// path.
     pub fn load_with(pins: PinDir, facts: crate::kernel_facts::Facts) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!("this weir binary was built with AYA_BUILD_SKIP=1 and has no eBPF programs; rebuild it without");
@@ -391,8 +392,9 @@ impl Datapath {
         }
         let maps_dir = pins.maps();
         let carried = check_pinned_maps(&maps_dir)?;
-        // The kernel's layout, where its BTF has it: the per-packet path then reads each
-        // packet's checksum kind instead of asking a helper (see `kernel_facts`).
+        // Where the loader knows them, the kernel's layout and its tick: the per-packet path
+        // then reads each packet's checksum kind, and the clock, without a helper call (see
+        // `kernel_facts`).
         let linked = match facts.skb {
             Some(f) => Some(crate::kernel_facts::with_kfunc_calls(OBJECT, f.cast_to_kern_ctx)?.0),
             None => None,
