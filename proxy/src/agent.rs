@@ -547,6 +547,36 @@ fn write_pod_cidrs(path: &Path, pod_cidrs: Vec<String>) -> Result<()> {
 
 /// How often the agent looks at its devices and its source.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How often the conntrack gauges are counted: a walk of both maps, read in batches (up to
+/// 2 × `MAX_CT` entries), on a thread of its own.
+const CT_GAUGE_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Keeps `weir_map_entries` / `weir_map_capacity` of the conntrack maps (`conntrack_ipv4`,
+/// `conntrack_ipv6`) up to date: a full map evicts its least recently used flows, which is
+/// what an operator wants to see coming.
+/// The first count is made before this returns, so the gauges are there from the first
+/// scrape.
+fn start_conntrack_gauges(maps_dir: PathBuf, obs: Arc<Observed>) -> Result<()> {
+    let ct = crate::maps::Conntrack::open(&maps_dir)?;
+    let cap = weir_common::MAX_CT as i64;
+    let count = move || match ct.counts() {
+        Ok((v4, v6)) => {
+            obs.metrics.set_map("conntrack_ipv4", v4 as i64, cap);
+            obs.metrics.set_map("conntrack_ipv6", v6 as i64, cap);
+        }
+        Err(e) => warn!("conntrack gauges: {e:#}"),
+    };
+    count();
+    std::thread::Builder::new()
+        .name("weir-ct-gauges".into())
+        .spawn(move || loop {
+            std::thread::sleep(CT_GAUGE_INTERVAL);
+            count();
+        })
+        .context("start the conntrack gauges' thread")?;
+    Ok(())
+}
 /// How long a renewal of the node-local DNS lease lasts: an agent that dies takes its node's
 /// DNS traffic with it for at most this long.
 const NODE_LOCAL_LEASE: Duration = Duration::from_secs(2);
@@ -758,6 +788,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         crate::observe::serve(a, "/healthz and /livez", obs.clone()).await?;
     }
     if let Some(a) = cfg.metrics_bind {
+        start_conntrack_gauges(dp.pins().maps(), obs.clone())?;
         crate::observe::serve(a, "/metrics", obs.clone()).await?;
     }
     let mut dns_feed = None;

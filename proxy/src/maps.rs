@@ -182,6 +182,15 @@ impl Conntrack {
         self.v6.for_each(&mut f)
     }
 
+    /// How many entries each map holds, IPv4 and IPv6: what the LRU has to make room in
+    /// (entries past their lifetime are counted until a new flow takes their place).
+    pub fn counts(&self) -> Result<(usize, usize), WriteError> {
+        let (mut v4, mut v6) = (0, 0);
+        self.v4.for_each(&mut |_: Ct4Key, _| v4 += 1)?;
+        self.v6.for_each(&mut |_: CtKey, _| v6 += 1)?;
+        Ok((v4, v6))
+    }
+
     /// Every entry (tests and benchmarks; the agent walks the maps with [`Self::for_each`]).
     pub fn entries(&self) -> Result<Vec<(CtKey, CtValue)>, WriteError> {
         let mut all = Vec::new();

@@ -1171,6 +1171,8 @@ fn udp_flows_of_removed_backends_are_purged_from_a_full_conntrack_map() {
     .unwrap();
     assert!(batched, "batched reads");
     assert_eq!(seen.len(), N6 as usize, "every IPv6 entry read once");
+    // What the agent's conntrack gauges report (`weir_map_entries{map="conntrack_ipv4"}`).
+    assert_eq!(ct.counts().unwrap(), (N4 as usize, N6 as usize));
     let mut maps = AyaMaps::open(&h.maps_dir()).unwrap();
     let started = std::time::Instant::now();
     let purged = maps
@@ -1179,6 +1181,8 @@ fn udp_flows_of_removed_backends_are_purged_from_a_full_conntrack_map() {
     eprintln!("purge among {n} flows: {:?}", started.elapsed());
     let doomed = |i: u32| !i.is_multiple_of(3) && (i % 4 == 1 || i % 4 == 2);
     assert_eq!(purged, (0..n).filter(|&i| doomed(i)).count());
+    let (v4, v6) = ct.counts().unwrap();
+    assert_eq!(v4 + v6, n as usize - purged, "counted after the purge");
     for i in 0..n {
         let (k, _) = flow(i);
         assert_eq!(ct.get(&k).unwrap().is_some(), !doomed(i), "flow {i}");

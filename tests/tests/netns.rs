@@ -874,6 +874,9 @@ fn health_and_metrics_are_served_as_kube_proxy_serves_them() {
             "kubeproxy_sync_proxy_rules_duration_seconds_count 1\n",
             "weir_map_entries{map=\"services\"} 25\n",
             "weir_map_capacity{map=\"services\"} 2097152\n",
+            "weir_map_entries{map=\"conntrack_ipv4\"} ",
+            "weir_map_capacity{map=\"conntrack_ipv4\"} 262144\n",
+            "weir_map_capacity{map=\"conntrack_ipv6\"} 262144\n",
         ],
     );
     // An EndpointSlice change triggered now, a skipped service, and the node being drained.
