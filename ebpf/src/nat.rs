@@ -114,7 +114,7 @@ fn fold32(mut s: u64) -> u32 {
 }
 
 #[inline(always)]
-fn fold16(mut s: u32) -> u16 {
+pub(crate) fn fold16(mut s: u32) -> u16 {
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
     s as u16

@@ -10,6 +10,7 @@ use weir_common::{Stat, PROTO_TCP};
 
 use crate::{
     maps::{count, Scratch},
+    nat::fold16,
     parse::{ETH_HLEN, IPV6_HLEN},
 };
 
@@ -18,11 +19,10 @@ const TC_ACT_SHOT: i32 = 2;
 const IPV4_HLEN: usize = 20;
 const ICMP_HLEN: usize = 8;
 
+/// The checksum of a one's complement sum (RFC 1071): folded to 16 bits, complemented.
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+fn checksum(sum: u32) -> u16 {
+    !fold16(sum)
 }
 
 #[inline(always)]
@@ -142,14 +142,14 @@ fn build4<const Q: usize>(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat>
     hdr[16..20].copy_from_slice(&quote[12..16]); // to the client
     let mut sum = 0;
     add_be16(&hdr[..IPV4_HLEN], &mut sum);
-    hdr[10..12].copy_from_slice(&fold(sum).to_be_bytes());
+    hdr[10..12].copy_from_slice(&checksum(sum).to_be_bytes());
 
     hdr[20] = 3; // destination unreachable
     hdr[21] = 3; // port unreachable
     let mut sum = 0;
     add_be16(&hdr[IPV4_HLEN..], &mut sum);
     add_be16(quote, &mut sum);
-    hdr[22..24].copy_from_slice(&fold(sum).to_be_bytes());
+    hdr[22..24].copy_from_slice(&checksum(sum).to_be_bytes());
 
     let hdr: &[u8; IPV4_HLEN + ICMP_HLEN] =
         (&*hdr).try_into().map_err(|_| Stat::DropRejectFailed)?;
@@ -191,7 +191,7 @@ fn build6<const Q: usize>(ctx: &TcContext, s: &mut Scratch) -> Result<i32, Stat>
     add_be16(&hdr[8..40], &mut sum);
     add_be16(&hdr[IPV6_HLEN..], &mut sum);
     add_be16(quote, &mut sum);
-    hdr[42..44].copy_from_slice(&fold(sum).to_be_bytes());
+    hdr[42..44].copy_from_slice(&checksum(sum).to_be_bytes());
 
     let hdr: &[u8; IPV6_HLEN + ICMP_HLEN] =
         (&*hdr).try_into().map_err(|_| Stat::DropRejectFailed)?;
