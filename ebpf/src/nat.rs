@@ -288,18 +288,19 @@ fn addc(a: u32, b: u32) -> u32 {
 /// computes it, `mangled`: a UDP checksum that comes out 0 is written as 0xffff.
 #[inline(always)]
 fn full_by_diff(sum: u16, diff: u32, mangled: bool) -> u16 {
-    let v = !fold16(addc(diff, 0xffff_0000 | (!sum) as u32));
-    if mangled && v == 0 {
-        0xffff
-    } else {
-        v
-    }
+    mangle(!fold16(addc(diff, 0xffff_0000 | (!sum) as u32)), mangled)
 }
 
 /// The same for a CHECKSUM_PARTIAL packet, whose field holds the pseudo-header's sum.
 #[inline(always)]
 fn partial_by_diff(sum: u16, diff: u32, mangled: bool) -> u16 {
-    let v = fold16(addc(sum as u32, diff));
+    mangle(fold16(addc(sum as u32, diff)), mangled)
+}
+
+/// A UDP checksum field of 0 means "none": a computed 0 is written as 0xffff
+/// (`BPF_F_MARK_MANGLED_0`, as the kernel's `CSUM_MANGLED_0`).
+#[inline(always)]
+fn mangle(v: u16, mangled: bool) -> u16 {
     if mangled && v == 0 {
         0xffff
     } else {
