@@ -196,7 +196,10 @@ pub fn with_kfunc_calls(object: &[u8], id: u32) -> Result<(ObjectBytes, usize)> 
     let bytes = out.as_bytes_mut();
     let mut patched = 0;
     for (off, len) in code {
-        for insn in bytes[off..off + len].chunks_exact_mut(8) {
+        let section = bytes
+            .get_mut(off..off.saturating_add(len))
+            .context("the eBPF object: a code section past its end")?;
+        for insn in section.chunks_exact_mut(8) {
             let imm = i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]);
             if insn[0] == BPF_CALL && insn[1] == 0 && imm == CAST_TO_KERN_CTX_CALL {
                 insn[1] = BPF_PSEUDO_KFUNC_CALL << 4;

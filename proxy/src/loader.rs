@@ -396,10 +396,18 @@ impl Datapath {
         // then reads each packet's checksum kind, and the clock, without a helper call (see
         // `kernel_facts`).
         let linked = match facts.skb {
-            Some(f) => Some(crate::kernel_facts::with_kfunc_calls(OBJECT, f.cast_to_kern_ctx)?.0),
+            Some(f) => Some(crate::kernel_facts::with_kfunc_calls(
+                OBJECT,
+                f.cast_to_kern_ctx,
+            )?),
             None => None,
         };
-        let ip_summed = facts.skb.map_or(0, |f| f.ip_summed_bit + 1);
+        // No call linked (an object built without them) leaves the layout unknown: the
+        // programs must not reach a call the kernel has no function for.
+        let ip_summed = match (&linked, facts.skb) {
+            (Some((_, calls)), Some(f)) if *calls > 0 => f.ip_summed_bit + 1,
+            _ => 0,
+        };
         let (ns_per_jiffy, jiffies_offset) = facts
             .jiffies
             .map_or((0, 0), |c| (c.ns_per_jiffy, c.offset_ns));
@@ -412,7 +420,7 @@ impl Datapath {
                 &jiffies_offset,
                 true,
             )
-            .load(linked.as_ref().map_or(OBJECT, |o| o.as_bytes()))
+            .load(linked.as_ref().map_or(OBJECT, |(o, _)| o.as_bytes()))
             .with_context(|| {
                 format!(
                     "load the eBPF object (maps pinned under {})",
