@@ -70,14 +70,6 @@ pub async fn probe(opts: &Options) -> bool {
     .await
 }
 
-/// Now on the clock the lease's expiry is written in and the programs compare it with
-/// (`bpf_ktime_get_coarse_ns`: the coarse monotonic clock).
-pub fn lease_clock_ns() -> Result<u64> {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .context("read the monotonic clock")?;
-    Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
-}
-
 /// The node-local lease, its map opened once: the node's own server at the options'
 /// addresses. The socket hooks read it for the `SVC_F_NODE_LOCAL` Service.
 pub struct Lease {
@@ -100,7 +92,7 @@ impl Lease {
 
     /// Valid `for_` from now; zero withdraws it at once.
     pub fn renew(&mut self, for_: Duration) -> Result<()> {
-        let now_ns = lease_clock_ns()?;
+        let now_ns = crate::kernel_facts::clock_ns()?;
         self.entry.expires_ns = if for_.is_zero() {
             0
         } else {

@@ -102,10 +102,27 @@ fn read_skb_layout() -> Result<SkbLayout> {
     })
 }
 
+/// Now on the clock the programs keep time on (conntrack lifetimes, affinity, the DNS lease),
+/// as user space reads it: the coarse monotonic clock, in ns.
+pub fn clock_ns() -> Result<u64> {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map(ns)
+        .context("read the coarse monotonic clock")
+}
+
+/// That clock's resolution: the kernel's tick, in ns.
+pub fn tick_ns() -> Result<u64> {
+    nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map(ns)
+        .context("the coarse monotonic clock's resolution")
+}
+
+fn ns(t: nix::sys::time::TimeSpec) -> u64 {
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
 fn read_jiffies_clock() -> Result<JiffiesClock> {
-    let res = nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .context("the coarse monotonic clock's resolution")?;
-    let tick = res.tv_sec() as u64 * 1_000_000_000 + res.tv_nsec() as u64;
+    let tick = tick_ns()?;
     // HZ from 24 to 10 000.
     if !(100_000..=41_666_667).contains(&tick) {
         bail!("the coarse monotonic clock's resolution is {tick} ns: not a kernel tick");

@@ -85,7 +85,7 @@ fn node_local_dns(maps_dir: &Path) -> Result<Option<NodeLocalDns>> {
         .filter(|a| a.0 != [0; 16])
         .map(|a| host_port(to_ip(a), port))
         .collect();
-    let now_ns = crate::dns::lease_clock_ns()?;
+    let now_ns = crate::kernel_facts::clock_ns()?;
     Ok(Some(NodeLocalDns {
         servers,
         valid_for_ms: e.expires_ns.saturating_sub(now_ns) / 1_000_000,

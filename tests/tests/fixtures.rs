@@ -454,7 +454,7 @@ fn dst4(frame: &[u8]) -> SocketAddr {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn lb4_clusterip_tcp_syn_creates_both_conntrack_entries() {
-    let before = coarse_now_ns();
+    let before = weir_proxy::kernel_facts::clock_ns().unwrap();
     let h = run_case(
         "ct",
         services(),
@@ -483,10 +483,8 @@ fn lb4_clusterip_tcp_syn_creates_both_conntrack_entries() {
     assert_eq!(u16::from_be(rev.1.nat_port), 80);
     // The program's clock (jiffies × the tick + the loader's offset) is the coarse monotonic
     // clock user space reads (`weir status`, the DNS lease), within a tick or two.
-    let after = coarse_now_ns();
-    let tick = nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .unwrap()
-        .tv_nsec() as u64;
+    let after = weir_proxy::kernel_facts::clock_ns().unwrap();
+    let tick = weir_proxy::kernel_facts::tick_ns().unwrap();
     for (_, v) in &ct {
         let stamped = v.expires_ns - weir_common::CT_LIFETIME_TCP_NS;
         assert!(
@@ -494,11 +492,6 @@ fn lb4_clusterip_tcp_syn_creates_both_conntrack_entries() {
             "the program stamped {stamped}; the coarse clock read {before} before, {after} after (tick {tick} ns)"
         );
     }
-}
-
-fn coarse_now_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).unwrap();
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
 #[test]
