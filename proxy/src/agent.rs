@@ -554,9 +554,8 @@ const CT_GAUGE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Keeps `weir_map_entries` / `weir_map_capacity` of the conntrack maps (`conntrack_ipv4`,
 /// `conntrack_ipv6`) up to date: a full map evicts its least recently used flows, which is
-/// what an operator wants to see coming.
-/// The first count is made before this returns, so the gauges are there from the first
-/// scrape.
+/// what an operator wants to see coming. The first count is made before this returns, so the
+/// gauges are there from the first scrape.
 fn start_conntrack_gauges(maps_dir: PathBuf, obs: Arc<Observed>) -> Result<()> {
     let ct = crate::maps::Conntrack::open(&maps_dir)?;
     let cap = weir_common::MAX_CT as i64;
@@ -577,6 +576,7 @@ fn start_conntrack_gauges(maps_dir: PathBuf, obs: Arc<Observed>) -> Result<()> {
         .context("start the conntrack gauges' thread")?;
     Ok(())
 }
+
 /// How long a renewal of the node-local DNS lease lasts: an agent that dies takes its node's
 /// DNS traffic with it for at most this long.
 const NODE_LOCAL_LEASE: Duration = Duration::from_secs(2);
