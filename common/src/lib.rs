@@ -11,6 +11,8 @@ use core::mem::size_of;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Map names as the kernel sees them (15 characters at most) and as pinned.
 /// Each ends in the version of its layout (`_V1`, `_V2`); a layout change bumps that map's
@@ -424,9 +426,14 @@ pub enum Stat {
     /// (`bpf_redirect_peer` to a device of `LB_PODDEV_V1`): no second pass through the node's
     /// stack and the veth's queue.
     RoutedToPod,
+    /// An ICMP error (destination unreachable, fragmentation needed or packet too big, time
+    /// exceeded, parameter problem) about a packet of a translated flow, translated as that
+    /// flow's packets are: the header it quotes, and the addresses of the error itself, so
+    /// that the socket it is for finds it (PMTU discovery, a refused UDP port).
+    IcmpErrorNat,
 }
 
-pub const STAT_COUNT: u32 = Stat::RoutedToPod as u32 + 1;
+pub const STAT_COUNT: u32 = Stat::IcmpErrorNat as u32 + 1;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_no_service",
@@ -459,6 +466,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "sock_node_local",
     "node_local",
     "routed_to_pod",
+    "icmp_error_nat",
 ];
 
 const _: () = {

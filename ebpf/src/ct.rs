@@ -41,6 +41,17 @@ pub fn set_fwd_key(s: &mut Scratch) {
     }
 }
 
+/// Sets the forward tuple to that of a packet going against the one `s.reply_key` holds.
+#[inline(always)]
+pub fn set_fwd_key_reversed(s: &mut Scratch) {
+    let r = &s.reply_key;
+    if s.pkt.v6 {
+        set_key(&mut s.fwd_key, &r.dst, &r.src, r.dport, r.sport, r.proto);
+    } else {
+        set_key4(&mut s.fwd_key4, &r.dst, &r.src, r.dport, r.sport, r.proto);
+    }
+}
+
 /// Writes the packet's own tuple to `s.fwd_key` for an IPv4 packet too, which a new flow's
 /// steps read (an IPv6 packet's is there already).
 #[inline(always)]

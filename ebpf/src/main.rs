@@ -4,6 +4,7 @@
 #![no_main]
 
 mod ct;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;

@@ -107,7 +107,7 @@ struct Diffs {
 }
 
 #[inline(always)]
-fn fold32(mut s: u64) -> u32 {
+pub(crate) fn fold32(mut s: u64) -> u32 {
     s = (s & 0xffff_ffff) + (s >> 32);
     s = (s & 0xffff_ffff) + (s >> 32);
     s as u32
@@ -287,7 +287,7 @@ fn addc(a: u32, b: u32) -> u32 {
 /// A full checksum field `sum` updated by `diff`, as the kernel's `csum_replace_by_diff`
 /// computes it, `mangled`: a UDP checksum that comes out 0 is written as 0xffff.
 #[inline(always)]
-fn full_by_diff(sum: u16, diff: u32, mangled: bool) -> u16 {
+pub(crate) fn full_by_diff(sum: u16, diff: u32, mangled: bool) -> u16 {
     mangle(!fold16(addc(diff, 0xffff_0000 | (!sum) as u32)), mangled)
 }
 

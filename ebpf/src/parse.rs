@@ -2,7 +2,7 @@
 //! bounds check before every read; the result is a copy, so later helper calls that move the
 //! packet cannot leave a stale pointer behind.
 use aya_ebpf::programs::TcContext;
-use weir_common::{Addr, Stat, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use weir_common::{Addr, Stat, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -45,6 +45,10 @@ impl Packet {
 pub enum Parsed {
     /// A TCP or UDP packet, written to the caller's `Packet`.
     Packet,
+    /// An ICMP (IPv4) or ICMPv6 (IPv6) message: its IP header is in the caller's `Packet`,
+    /// `proto` and `l4_off` (the ICMP header) set, no ports. It may be an error about a flow
+    /// the programs translate (see `icmp`).
+    Icmp,
     /// Not IPv4/IPv6, or not TCP/UDP: not ours to touch.
     Pass(Stat),
     Drop(Stat),
@@ -80,10 +84,14 @@ pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
 pub fn parse_out_of_line(ctx: &TcContext, out: &mut Packet) -> u32 {
     match parse(ctx, out) {
         Parsed::Packet => 0,
+        Parsed::Icmp => PARSED_ICMP,
         Parsed::Pass(s) => 0x100 | s as u32,
         Parsed::Drop(s) => 0x200 | s as u32,
     }
 }
+
+/// `parse_out_of_line`'s code for `Parsed::Icmp` (nothing counted yet).
+pub const PARSED_ICMP: u32 = 0x400;
 
 /// A word of the packet as it lies in memory (network byte order kept).
 #[inline(always)]
@@ -154,6 +162,12 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
         PROTO_TCP => (16, 20),
         PROTO_UDP => (6, 8),
         PROTO_SCTP => return Parsed::Pass(Stat::PassOtherProto),
+        PROTO_ICMP | PROTO_ICMPV6 if (proto == PROTO_ICMPV6) == out.v6 => {
+            out.proto = proto;
+            out.l3_off = l3_off;
+            out.l4_off = l4_off;
+            return Parsed::Icmp;
+        }
         _ => return Parsed::Pass(Stat::PassOtherProto),
     };
     let mut tcp_flags = 0;

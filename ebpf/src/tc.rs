@@ -8,10 +8,11 @@ use crate::{
         fwd_entry, insert_fwd, insert_reply, remove_reply, reply_entry, set_full_fwd_key,
         set_fwd_key, set_reply_dport, set_reply_key,
     },
+    icmp,
     lb::{flow_hash, lookup_service, node_local_server, now_ns, select_backend},
     maps::{count, count_raw, Scratch, SCRATCH, VIPNET},
     nat::{rewrite, rewrite_call},
-    parse::{parse_out_of_line, Packet, TCP_FIN, TCP_RST},
+    parse::{parse_out_of_line, Packet, PARSED_ICMP, TCP_FIN, TCP_RST},
     reject::reject,
     route::{
         backend_is_behind_ingress, fallback, fib_src, lookup, redirect, remember, remembered,
@@ -27,6 +28,7 @@ const TC_ACT_SHOT: i32 = 2;
 pub fn handle(ctx: &TcContext, external: bool) -> i32 {
     let s = match parsed(ctx) {
         Ok(s) => s,
+        Err(PARSED_ICMP) => return icmp::error(ctx, true),
         Err(code) if code & 0x200 != 0 => return TC_ACT_SHOT,
         Err(_) => return TC_ACT_OK as i32,
     };
@@ -40,7 +42,8 @@ pub fn handle(ctx: &TcContext, external: bool) -> i32 {
 }
 
 /// The per-CPU scratch slot with the packet parsed into it. Err: the parser's code, counted
-/// (`0x200` set: a drop), or 0 when there is no slot.
+/// (`0x200` set: a drop), `PARSED_ICMP` (not counted: the ICMP path counts), or 0 when there
+/// is no slot.
 #[inline(always)]
 fn parsed(ctx: &TcContext) -> Result<&'static mut Scratch, u32> {
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
@@ -50,6 +53,7 @@ fn parsed(ctx: &TcContext) -> Result<&'static mut Scratch, u32> {
     let s = unsafe { &mut *s };
     match parse_out_of_line(ctx, &mut s.pkt) {
         0 => Ok(s),
+        PARSED_ICMP => Err(PARSED_ICMP),
         code => {
             count_raw(code & 0xff);
             Err(code)
@@ -69,8 +73,10 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
         return TC_ACT_OK as i32;
     }
     // The node's own packet: never dropped here for its shape.
-    let Ok(s) = parsed(ctx) else {
-        return TC_ACT_OK as i32;
+    let s = match parsed(ctx) {
+        Ok(s) => s,
+        Err(PARSED_ICMP) => return icmp::error(ctx, false),
+        Err(_) => return TC_ACT_OK as i32,
     };
     match reply_out(ctx, s) {
         Ok(_) => TC_ACT_OK as i32,
@@ -91,8 +97,10 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
 /// Nothing else is touched, whatever its shape.
 #[inline(always)]
 pub fn to_netdev(ctx: &TcContext) -> i32 {
-    let Ok(s) = parsed(ctx) else {
-        return TC_ACT_OK as i32;
+    let s = match parsed(ctx) {
+        Ok(s) => s,
+        Err(PARSED_ICMP) => return icmp::error(ctx, false),
+        Err(_) => return TC_ACT_OK as i32,
     };
     match reply_out(ctx, s) {
         Ok(true) => TC_ACT_OK as i32,

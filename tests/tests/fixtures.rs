@@ -1641,3 +1641,287 @@ fn translated_packets_to_a_pod_go_straight_into_it() {
     assert_eq!(flags(&h, CLI4, 40000, VIP4) & routes, CT_F_KERNEL_ROUTE);
     drop(pod);
 }
+
+/// What an ICMP error in these fixtures says.
+#[derive(Clone, Copy)]
+enum Icmp {
+    PortUnreachable,
+    /// Fragmentation needed (ICMPv4), packet too big (ICMPv6): PMTU discovery.
+    TooBig,
+}
+
+/// An ICMP error (ICMPv6 for an IPv6 `frame`) from `from` to `to`, quoting `frame`'s IP
+/// packet with `l4` bytes of what follows its header (all of it when None).
+fn icmp_error(from: &str, to: &str, kind: Icmp, frame: &[u8], l4: Option<usize>) -> Vec<u8> {
+    let v6 = frame[12..14] == [0x86, 0xdd];
+    let l4_off = if v6 {
+        14 + 40
+    } else {
+        14 + ((frame[14] & 0x0f) as usize) * 4
+    };
+    let quote = &frame[14..l4.map_or(frame.len(), |n| l4_off + n)];
+    let eth = PacketBuilder::ethernet2(POD_MAC, HOST_MAC);
+    let mut v = Vec::new();
+    if v6 {
+        let a = |ip: &str| ip.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        eth.ipv6(a(from), a(to), 64)
+            .icmpv6(match kind {
+                Icmp::PortUnreachable => {
+                    Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port)
+                }
+                Icmp::TooBig => Icmpv6Type::PacketTooBig { mtu: 1280 },
+            })
+            .write(&mut v, quote)
+            .unwrap();
+    } else {
+        let a = |ip: &str| ip.parse::<std::net::Ipv4Addr>().unwrap().octets();
+        eth.ipv4(a(from), a(to), 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(match kind {
+                Icmp::PortUnreachable => DestUnreachableHeader::Port,
+                Icmp::TooBig => DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1280 },
+            }))
+            .write(&mut v, quote)
+            .unwrap();
+    }
+    v
+}
+
+/// A router between the node and a ClusterIP's endpoint tells the client the path is too
+/// narrow for a segment it sent: the error quotes the segment as the endpoint was to get it,
+/// and reaches the client's socket only with the service's address and port in their place
+/// (as Linux conntrack translates it for kube-proxy). The router keeps its own address; the
+/// error is the kernel's to route. Also when the error quotes no more than the 8 bytes an
+/// ICMPv4 error must (no TCP checksum then), IPv4 and IPv6.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn an_icmp_error_about_a_clusterip_flow_reaches_the_client_translated() {
+    const ROUTER4: &str = "198.18.0.254";
+    const ROUTER6: &str = "fd00:17::fe";
+    for (cli, vip, be, router) in [(CLI4, VIP4, BE4, ROUTER4), (CLI6, VIP6, BE6, ROUTER6)] {
+        for quoted in [None, Some(8)] {
+            let what = format!("{vip}, {quoted:?} bytes of TCP quoted");
+            let mut h = Harness::new().unwrap();
+            h.program(&services());
+            expect(
+                &mut h,
+                &format!("{what}: SYN"),
+                (TC_FROM_POD, "lo"),
+                tcp(cli, 40000, vip, 80, Tcp::Syn),
+                (OK, tcp(cli, 40000, be, 8080, Tcp::Syn)),
+                &["dnat_new"],
+            );
+            let sent = tcp(cli, 40000, be, 8080, Tcp::Ack);
+            expect(
+                &mut h,
+                &format!("{what}: too big"),
+                (TC_FROM_NETDEV, UPLINK),
+                icmp_error(router, cli, Icmp::TooBig, &sent, quoted),
+                (
+                    OK,
+                    icmp_error(
+                        router,
+                        cli,
+                        Icmp::TooBig,
+                        &tcp(cli, 40000, vip, 80, Tcp::Ack),
+                        quoted,
+                    ),
+                ),
+                &["icmp_error_nat"],
+            );
+        }
+    }
+}
+
+/// An endpoint that refuses a UDP datagram sent through a ClusterIP answers with port
+/// unreachable: its error comes from the service, as the flow's replies do, quoting the
+/// datagram as the client sent it, and is routed by the program (the new source may be an
+/// address of the node). Errors about no translated flow, and ICMP messages that are no
+/// errors, pass untouched.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn an_endpoints_port_unreachable_comes_from_the_service() {
+    for (cli, vip, be) in [(CLI4, VIP4, BE4), (CLI6, VIP6, BE6)] {
+        let mut h = Harness::new().unwrap();
+        h.program(&services());
+        expect(
+            &mut h,
+            &format!("{vip}: request"),
+            (TC_FROM_POD, "lo"),
+            udp(cli, 40000, vip, 53, b"7"),
+            (OK, udp(cli, 40000, be, 5353, b"7")),
+            &["dnat_new"],
+        );
+        let refused = icmp_error(
+            be,
+            cli,
+            Icmp::PortUnreachable,
+            &udp(cli, 40000, be, 5353, b"7"),
+            None,
+        );
+        expect(
+            &mut h,
+            &format!("{vip}: port unreachable"),
+            (TC_FROM_POD, "lo"),
+            refused,
+            (
+                REDIRECT,
+                routed(icmp_error(
+                    vip,
+                    cli,
+                    Icmp::PortUnreachable,
+                    &udp(cli, 40000, vip, 53, b"7"),
+                    None,
+                )),
+            ),
+            &["routed", "icmp_error_nat"],
+        );
+        let other_flow = icmp_error(
+            be,
+            cli,
+            Icmp::PortUnreachable,
+            &udp(cli, 40001, be, 5353, b"7"),
+            None,
+        );
+        let mut echo = Vec::new();
+        let eth = PacketBuilder::ethernet2(POD_MAC, HOST_MAC);
+        if cli == CLI4 {
+            eth.ipv4([198, 18, 1, 11], [198, 18, 1, 10], 64)
+                .icmpv4_echo_request(1, 1)
+                .write(&mut echo, b"ping")
+                .unwrap();
+        } else {
+            let a = |ip: &str| ip.parse::<std::net::Ipv6Addr>().unwrap().octets();
+            eth.ipv6(a(be), a(cli), 64)
+                .icmpv6_echo_request(1, 1)
+                .write(&mut echo, b"ping")
+                .unwrap();
+        }
+        for (what, frame) in [
+            ("another flow's error", other_flow),
+            ("an echo request", echo),
+        ] {
+            expect(
+                &mut h,
+                &format!("{vip}: {what}"),
+                (TC_FROM_POD, "lo"),
+                frame.clone(),
+                (OK, frame),
+                &["pass_other_proto"],
+            );
+        }
+    }
+}
+
+/// PMTU discovery through a NodePort: the reply of a pod of the node leaves with the node's
+/// address, and a router on the way to the outside client says it is too big. The error,
+/// to the node's address and quoting the reply as it left, is turned into one to the pod,
+/// quoting the reply as the pod sent it; the kernel forwards it there.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_too_big_error_about_a_nodeport_reply_reaches_the_pod() {
+    for (node, ext, be, router) in [
+        (NODE4, EXTERNAL4, BE4, "198.18.0.254"),
+        (NODE6, EXTERNAL6, BE6, "fd00:17::fe"),
+    ] {
+        let mut h = Harness::new().unwrap();
+        h.program(&nodeport(node, be));
+        expect(
+            &mut h,
+            &format!("{node}: SYN"),
+            (TC_FROM_NETDEV, UPLINK),
+            tcp(ext, 40000, node, 30080, Tcp::Syn),
+            (OK, tcp(ext, 40000, be, 8080, Tcp::Syn)),
+            &["dnat_new"],
+        );
+        let left = tcp(node, 30080, ext, 40000, Tcp::Ack);
+        let sent = tcp(be, 8080, ext, 40000, Tcp::Ack);
+        let mut want = icmp_error(router, be, Icmp::TooBig, &sent, None);
+        // The error came in from the outside, to the node: its Ethernet header stays.
+        let got = icmp_error(router, node, Icmp::TooBig, &left, None);
+        want[..14].copy_from_slice(&got[..14]);
+        expect(
+            &mut h,
+            &format!("{node}: too big"),
+            (TC_FROM_NETDEV, UPLINK),
+            got,
+            (OK, want),
+            &["icmp_error_nat"],
+        );
+    }
+}
+
+/// The node's own error on its way into a pod (the node's forwarding found a translated
+/// request too big for the route to the endpoint): `tc_to_pod` gives it the service's address
+/// and port in the quote. The error's source, the node's, stays.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn the_nodes_own_error_about_a_request_reaches_the_client_translated() {
+    for (cli, vip, be, node) in [(CLI4, VIP4, BE4, NODE4), (CLI6, VIP6, BE6, NODE6)] {
+        let mut h = Harness::new().unwrap();
+        h.program(&services());
+        expect(
+            &mut h,
+            &format!("{vip}: SYN"),
+            (TC_FROM_POD, "lo"),
+            tcp(cli, 40000, vip, 80, Tcp::Syn),
+            (OK, tcp(cli, 40000, be, 8080, Tcp::Syn)),
+            &["dnat_new"],
+        );
+        let sent = tcp(cli, 40000, be, 8080, Tcp::Ack);
+        expect(
+            &mut h,
+            &format!("{vip}: too big"),
+            (TC_TO_POD, "lo"),
+            icmp_error(node, cli, Icmp::TooBig, &sent, None),
+            (
+                OK,
+                icmp_error(
+                    node,
+                    cli,
+                    Icmp::TooBig,
+                    &tcp(cli, 40000, vip, 80, Tcp::Ack),
+                    None,
+                ),
+            ),
+            &["icmp_error_nat"],
+        );
+    }
+}
+
+/// With no program on pod veths, a pod's own error about a NodePort flow from outside (here:
+/// its port is closed) meets weir's programs on the uplink's egress only, as the flow's
+/// replies do: it leaves from the NodePort, quoting the client's packet as the client sent it.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn an_endpoints_error_about_an_external_flow_leaves_from_the_nodeport() {
+    for (node, ext, be) in [(NODE4, EXTERNAL4, BE4), (NODE6, EXTERNAL6, BE6)] {
+        let mut h = Harness::new().unwrap();
+        h.program(&nodeport(node, be));
+        expect(
+            &mut h,
+            &format!("{node}: SYN"),
+            (TC_FROM_NETDEV, UPLINK),
+            tcp(ext, 40000, node, 30080, Tcp::Syn),
+            (OK, tcp(ext, 40000, be, 8080, Tcp::Syn)),
+            &["dnat_new"],
+        );
+        let got = tcp(ext, 40000, be, 8080, Tcp::Syn);
+        expect(
+            &mut h,
+            &format!("{node}: port unreachable"),
+            (TC_TO_NETDEV, UPLINK),
+            icmp_error(be, ext, Icmp::PortUnreachable, &got, None),
+            (
+                OK,
+                icmp_error(
+                    node,
+                    ext,
+                    Icmp::PortUnreachable,
+                    &tcp(ext, 40000, node, 30080, Tcp::Syn),
+                    None,
+                ),
+            ),
+            &["icmp_error_nat"],
+        );
+    }
+}

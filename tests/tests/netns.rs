@@ -958,6 +958,65 @@ fn udp_service_on(ip: &str) -> String {
     )
 }
 
+/// An endpoint with no socket on a UDP Service's target port answers each datagram with ICMP
+/// port unreachable. The client's socket, connected to the service address, hears of it
+/// (ECONNREFUSED) by both paths: by the socket hooks it is connected to the endpoint itself;
+/// by the TC path the error, which quotes the datagram as the endpoint got it, is translated
+/// back to the service's address and port, as Linux conntrack does for kube-proxy.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_refused_udp_port_behind_a_clusterip_is_reported_to_the_client() {
+    for (socket_lb, label) in PATHS {
+        let s = sim(socket_lb);
+        let yaml = format!(
+            "{SERVICES}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: closed, namespace: demo}}\n\
+             spec: {{clusterIP: 198.19.0.22, ports: [{{name: dns, port: 53, protocol: UDP, targetPort: 9}}]}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: closed-1, namespace: demo, labels: {{kubernetes.io/service-name: closed}}}}\n\
+             addressType: IPv4\nports: [{{name: dns, port: 9, protocol: UDP}}]\n\
+             endpoints:\n- {{addresses: [198.18.1.11]}}\n"
+        );
+        s.write_services(&yaml).unwrap();
+        s.wait_programmed("the closed port", |st| {
+            st.services
+                .iter()
+                .any(|v| v.frontend == "198.19.0.22:53/UDP")
+        })
+        .unwrap();
+        // Every datagram gets its error: no rate limit in the endpoint's namespace.
+        let be1 = s.node.pod("be-1").unwrap();
+        be1.ns.sysctl("net.ipv4.icmp_ratelimit", "0").unwrap();
+        let before = s.status().unwrap().counters["icmp_error_nat"];
+        let args = [
+            "198.19.0.22:53",
+            "--proto",
+            "udp",
+            "--rate",
+            "20",
+            "--duration",
+            "1s",
+            "--connections",
+            "1",
+            "--timeout",
+            "500ms",
+        ];
+        let r = s.loadtest(&args, socket_lb, false).unwrap();
+        assert!(r.sent >= 15, "{label}: {} sent", r.sent);
+        assert_eq!(
+            (r.errors.get("refused").copied(), r.errors.len()),
+            (Some(r.sent), 1),
+            "{label}: every datagram refused, none timed out: {:?}",
+            r.errors
+        );
+        let translated = s.status().unwrap().counters["icmp_error_nat"] - before;
+        if socket_lb {
+            assert_eq!(translated, 0, "{label}: no error to translate");
+        } else {
+            assert_eq!(translated, r.sent, "{label}: each error translated once");
+        }
+    }
+}
+
 /// A UDP flow of one socket through `198.19.0.21:53` while its endpoint moves from be-1 to
 /// be-2: by the TC path (the socket stays connected to the service address; the flow's
 /// conntrack entries go) and by the socket hooks (the socket was connected to be-1 itself: the
@@ -1763,4 +1822,160 @@ fn restart_with_dns(s: &mut Sim) {
     ];
     s.kill_agent();
     s.start_agent().unwrap();
+}
+
+/// PMTU discovery through a NodePort. An outside client is behind a router whose link towards
+/// it carries 1280 bytes, though the client's own link (and so the MSS it announces) takes
+/// 1500. A pod of the node sends it 256 KiB: every full segment, leaving with the node's
+/// address, is too big for that link, and the router says so to the node's address, quoting
+/// the segment as it left. Only with that error turned into one to the pod, quoting the
+/// segment as the pod sent it, does the pod's socket learn the path's MTU and send smaller
+/// segments; otherwise the transfer stalls for good. IPv4 and IPv6.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn pmtu_discovery_works_through_a_nodeport() {
+    use std::{
+        io::{Read, Write},
+        net::{SocketAddr, TcpListener, TcpStream},
+    };
+    use weir_proxy::topo::{enter, Lan, Netns};
+    const SIZE: usize = 256 * 1024;
+    let mut s = sim(true);
+    let mut lan = Lan::create(&s.tag).unwrap();
+    lan.join(&s.node.ns, "eth1", &["198.18.0.1/24", "fd00:17::1/64"])
+        .unwrap();
+    let router = Netns::create(&format!("weir-{}-rt", s.tag)).unwrap();
+    lan.join(&router, "eth0", &["198.18.0.254/24", "fd00:17::fe/64"])
+        .unwrap();
+    let client = Netns::create(&format!("weir-{}-cl", s.tag)).unwrap();
+    router
+        .ip(&[
+            "link",
+            "add",
+            "eth1",
+            "mtu",
+            "1280",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &client.name,
+        ])
+        .unwrap();
+    for (ns, dev, v4, v6, via4, via6, to4, to6) in [
+        (
+            &router,
+            "eth1",
+            "198.18.5.1/24",
+            "fd00:1b::1/64",
+            None,
+            None,
+            "",
+            "",
+        ),
+        (
+            &client,
+            "eth0",
+            "198.18.5.2/24",
+            "fd00:1b::2/64",
+            Some("198.18.5.1"),
+            Some("fd00:1b::1"),
+            "198.18.0.0/24",
+            "fd00:17::/64",
+        ),
+    ] {
+        ns.sysctl(&format!("net.ipv6.conf.{dev}.accept_dad"), "0")
+            .unwrap();
+        ns.ip(&["link", "set", dev, "up"]).unwrap();
+        ns.ip(&["addr", "add", v4, "dev", dev]).unwrap();
+        ns.ip(&["-6", "addr", "add", v6, "dev", dev, "nodad"])
+            .unwrap();
+        if let (Some(via4), Some(via6)) = (via4, via6) {
+            ns.ip(&["route", "add", to4, "via", via4]).unwrap();
+            ns.ip(&["-6", "route", "add", to6, "via", via6]).unwrap();
+        }
+    }
+    for (key, value) in [
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv6.conf.all.forwarding", "1"),
+        // Every too-big packet gets its error.
+        ("net.ipv4.icmp_ratelimit", "0"),
+        ("net.ipv6.icmp.ratelimit", "0"),
+    ] {
+        router.sysctl(key, value).unwrap();
+    }
+    s.node
+        .ns
+        .ip(&["route", "add", "198.18.5.0/24", "via", "198.18.0.254"])
+        .unwrap();
+    s.node
+        .ns
+        .ip(&["-6", "route", "add", "fd00:1b::/64", "via", "fd00:17::fe"])
+        .unwrap();
+    let yaml = "apiVersion: v1\nkind: Node\nmetadata: {name: sim-node}\n\
+         spec: {podCIDRs: [198.18.1.0/24, \"fd00:18::/120\"]}\n\
+         status: {addresses: [{type: InternalIP, address: 198.18.0.1}, {type: InternalIP, address: \"fd00:17::1\"}]}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {name: big, namespace: demo}\n\
+         spec: {type: NodePort, ipFamilyPolicy: RequireDualStack,\n\
+         clusterIP: 198.19.0.32, clusterIPs: [198.19.0.32, \"fd00:19::32\"], ipFamilies: [IPv4, IPv6],\n\
+         ports: [{name: tcp, port: 80, targetPort: 8081, nodePort: 30081, protocol: TCP}]}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: big-4, namespace: demo, labels: {kubernetes.io/service-name: big}}\n\
+         addressType: IPv4\nports: [{name: tcp, port: 8081, protocol: TCP}]\n\
+         endpoints: [{addresses: [198.18.1.11], nodeName: sim-node}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: big-6, namespace: demo, labels: {kubernetes.io/service-name: big}}\n\
+         addressType: IPv6\nports: [{name: tcp, port: 8081, protocol: TCP}]\n\
+         endpoints: [{addresses: [\"fd00:18::b\"], nodeName: sim-node}]\n";
+    s.write_services(yaml).unwrap();
+    s.netdevs = vec!["eth1".into()];
+    s.kill_agent();
+    s.start_agent().unwrap();
+    s.wait_programmed("the NodePort", |st| {
+        ["198.18.0.1:30081/TCP", "[fd00:17::1]:30081/TCP"]
+            .iter()
+            .all(|fe| st.services.iter().any(|v| v.frontend == *fe))
+    })
+    .unwrap();
+
+    // be-1 sends SIZE bytes to each connection, two of them.
+    let be1 = s.node.pod("be-1").unwrap().ns.path();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let server = thread::spawn(move || {
+        enter(&be1).unwrap();
+        let l = TcpListener::bind("[::]:8081").unwrap();
+        ready_tx.send(()).unwrap();
+        for _ in 0..2 {
+            let (mut c, _) = l.accept().unwrap();
+            // A client that stalls gives up; so does this side.
+            c.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = c.write_all(&vec![7u8; SIZE]);
+        }
+    });
+    ready.recv().unwrap();
+    let before = s.status().unwrap().counters["icmp_error_nat"];
+    let cl = client.path();
+    let got = thread::spawn(move || {
+        enter(&cl).unwrap();
+        ["198.18.0.1:30081", "[fd00:17::1]:30081"].map(|target| {
+            let addr: SocketAddr = target.parse().unwrap();
+            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = Vec::new();
+            let _ = c.read_to_end(&mut buf);
+            (target, buf.len())
+        })
+    })
+    .join()
+    .unwrap();
+    server.join().unwrap();
+    assert_eq!(
+        got,
+        [("198.18.0.1:30081", SIZE), ("[fd00:17::1]:30081", SIZE)],
+        "every byte arrives"
+    );
+    let translated = s.status().unwrap().counters["icmp_error_nat"] - before;
+    assert!(translated >= 2, "{translated} errors translated");
 }
