@@ -93,10 +93,32 @@ pub fn parse_out_of_line(ctx: &TcContext, out: &mut Packet) -> u32 {
 /// `parse_out_of_line`'s code for `Parsed::Icmp` (nothing counted yet).
 pub const PARSED_ICMP: u32 = 0x400;
 
-/// A word of the packet as it lies in memory (network byte order kept).
+/// A byte at `off` bytes into a header `ptr_at` checked.
 #[inline(always)]
-fn word(b: &[u8], i: usize) -> u32 {
-    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+fn byte(hdr: *const u8, off: usize) -> u8 {
+    // SAFETY: the caller's `ptr_at` checked the header's bounds, which hold `off`.
+    unsafe { *hdr.add(off) }
+}
+
+/// A 16-bit field at an even `off` bytes into a header `ptr_at` checked, as it lies in memory
+/// (network byte order kept): one load. Read as aligned: packet data starts at an even
+/// offset of its buffer (see `nat::read_head`); an unaligned read is loaded byte by byte.
+#[inline(always)]
+fn half(hdr: *const u8, off: usize) -> u16 {
+    // SAFETY: the caller's `ptr_at` checked the header's bounds, which hold `off + 2`; the
+    // address is even (above).
+    unsafe { hdr.add(off).cast::<u16>().read() }
+}
+
+/// A 32-bit word at an even `off` bytes into a header, as it lies in memory: two loads.
+#[inline(always)]
+fn word(hdr: *const u8, off: usize) -> u32 {
+    let (a, b) = (half(hdr, off) as u32, half(hdr, off + 2) as u32);
+    if cfg!(target_endian = "little") {
+        a | (b << 16)
+    } else {
+        (a << 16) | b
+    }
 }
 
 /// Writes the packet's fields straight into `out` (the per-CPU scratch) as they are read:
@@ -111,50 +133,44 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
     let l3_off = ETH_HLEN;
     let (proto, l4_off) = match eth_proto {
         ETH_P_IP => {
-            let Some(hdr) = read::<[u8; 20]>(ctx, l3_off) else {
+            let Some(hdr) = ptr_at::<[u8; 20]>(ctx, l3_off) else {
                 return Parsed::Drop(Stat::DropTruncated);
             };
-            if hdr[0] >> 4 != 4 {
+            let hdr = hdr as *const u8;
+            let vihl = byte(hdr, 0);
+            if vihl >> 4 != 4 {
                 return Parsed::Drop(Stat::DropMalformed);
             }
-            let ihl = ((hdr[0] & 0x0f) as usize) * 4;
+            let ihl = ((vihl & 0x0f) as usize) * 4;
             if ihl < 20 {
                 return Parsed::Drop(Stat::DropMalformed);
             }
             // Fragments after the first carry no ports: leave them to the kernel.
-            let frag = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff;
+            let frag = u16::from_be(half(hdr, 6)) & 0x1fff;
             if frag != 0 {
                 return Parsed::Pass(Stat::PassOtherProto);
             }
-            out.ip_csum = u16::from_ne_bytes([hdr[10], hdr[11]]);
-            out.ttl = hdr[8];
-            out.src = Addr::from_v4_word(word(&hdr, 12));
-            out.dst = Addr::from_v4_word(word(&hdr, 16));
+            out.ip_csum = half(hdr, 10);
+            out.ttl = byte(hdr, 8);
+            out.src = Addr::from_v4_word(word(hdr, 12));
+            out.dst = Addr::from_v4_word(word(hdr, 16));
             out.v6 = false;
-            (hdr[9], l3_off + ihl)
+            (byte(hdr, 9), l3_off + ihl)
         }
         ETH_P_IPV6 => {
-            let Some(hdr) = read::<[u8; IPV6_HLEN]>(ctx, l3_off) else {
+            let Some(hdr) = ptr_at::<[u8; IPV6_HLEN]>(ctx, l3_off) else {
                 return Parsed::Drop(Stat::DropTruncated);
             };
-            if hdr[0] >> 4 != 6 {
+            let hdr = hdr as *const u8;
+            if byte(hdr, 0) >> 4 != 6 {
                 return Parsed::Drop(Stat::DropMalformed);
             }
-            out.ttl = hdr[7];
-            out.src = Addr::from_words([
-                word(&hdr, 8),
-                word(&hdr, 12),
-                word(&hdr, 16),
-                word(&hdr, 20),
-            ]);
-            out.dst = Addr::from_words([
-                word(&hdr, 24),
-                word(&hdr, 28),
-                word(&hdr, 32),
-                word(&hdr, 36),
-            ]);
+            out.ttl = byte(hdr, 7);
+            out.src = Addr::from_words([word(hdr, 8), word(hdr, 12), word(hdr, 16), word(hdr, 20)]);
+            out.dst =
+                Addr::from_words([word(hdr, 24), word(hdr, 28), word(hdr, 32), word(hdr, 36)]);
             out.v6 = true;
-            (hdr[6], l3_off + IPV6_HLEN)
+            (byte(hdr, 6), l3_off + IPV6_HLEN)
         }
         _ => return Parsed::Pass(Stat::PassNonIp),
     };
@@ -171,24 +187,25 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
         _ => return Parsed::Pass(Stat::PassOtherProto),
     };
     let mut tcp_flags = 0;
-    let ports = if proto == PROTO_TCP {
-        let Some(tcp) = read::<[u8; 20]>(ctx, l4_off) else {
+    let l4 = if proto == PROTO_TCP {
+        let Some(tcp) = ptr_at::<[u8; 20]>(ctx, l4_off) else {
             return Parsed::Drop(Stat::DropTruncated);
         };
-        if ((tcp[12] >> 4) as usize) * 4 < min_len {
+        let tcp = tcp as *const u8;
+        if ((byte(tcp, 12) >> 4) as usize) * 4 < min_len {
             return Parsed::Drop(Stat::DropMalformed);
         }
-        tcp_flags = tcp[13];
-        [tcp[0], tcp[1], tcp[2], tcp[3]]
+        tcp_flags = byte(tcp, 13);
+        tcp
     } else {
-        let Some(udp) = read::<[u8; 8]>(ctx, l4_off) else {
+        let Some(udp) = ptr_at::<[u8; 8]>(ctx, l4_off) else {
             return Parsed::Drop(Stat::DropTruncated);
         };
-        [udp[0], udp[1], udp[2], udp[3]]
+        udp as *const u8
     };
     // Kept in network byte order, as the maps store them.
-    out.sport = u16::from_ne_bytes([ports[0], ports[1]]);
-    out.dport = u16::from_ne_bytes([ports[2], ports[3]]);
+    out.sport = half(l4, 0);
+    out.dport = half(l4, 2);
     out.proto = proto;
     out.tcp_flags = tcp_flags;
     out.l3_off = l3_off;
