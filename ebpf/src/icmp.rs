@@ -26,7 +26,7 @@ use crate::{
     lb::now_ns,
     maps::{count, SCRATCH},
     nat::{fold16, fold32, full_by_diff},
-    parse::{read, IPV6_HLEN},
+    parse::{byte, half, ptr_at, word, IPV6_HLEN},
     route::{fallback, lookup, redirect, set_addrs, ROUTE_LOCAL, ROUTE_NEIGH, ROUTE_NONE},
 };
 
@@ -66,25 +66,14 @@ pub fn error(ctx: &TcContext, ingress: bool) -> i32 {
     }
 }
 
-/// A packet offset the parser found, bounded again for the verifier (it lost the bounds in the
-/// scratch slot): headers end well before 1024 bytes.
+/// The header of `N` bytes at a packet offset the parser found, bounded again for the
+/// verifier (it lost the bounds in the scratch slot): headers end well before 1024 bytes.
 #[inline(always)]
-fn at<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+fn at<const N: usize>(ctx: &TcContext, off: usize) -> Option<*const u8> {
     if off >= 1024 {
         return None;
     }
-    read::<T>(ctx, off)
-}
-
-/// A word of a header as it lies in memory.
-#[inline(always)]
-fn word(b: &[u8], i: usize) -> u32 {
-    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
-}
-
-#[inline(always)]
-fn u16_at(b: &[u8], i: usize) -> u16 {
-    u16::from_ne_bytes([b[i], b[i + 1]])
+    ptr_at::<[u8; N]>(ctx, off).map(|p| p as *const u8)
 }
 
 /// Adds an address change (new - old, one's complement) to `d`: its last word for IPv4.
@@ -123,55 +112,54 @@ fn translate(ctx: &TcContext, ingress: bool) -> Result<Option<i32>, Stat> {
     let s = unsafe { &mut *s };
     let v6 = s.pkt.v6;
     let icmp = s.pkt.l4_off;
-    let Some(head) = at::<[u8; 4]>(ctx, icmp) else {
+    let Some(head) = at::<4>(ctx, icmp) else {
         return Ok(None);
     };
-    if !is_error(v6, head[0]) {
+    if !is_error(v6, byte(head, 0)) {
         return Ok(None);
     }
-    let icmp_csum = u16_at(&head, 2);
+    let icmp_csum = half(head, 2);
 
     // The quoted header: its tuple into `s.reply_key` (as it was sent).
     let q3 = icmp + ICMP_HLEN;
     let mut q_ip_csum = 0;
     let (q4, proto) = if v6 {
-        let Some(h) = at::<[u8; IPV6_HLEN]>(ctx, q3) else {
+        let Some(h) = at::<IPV6_HLEN>(ctx, q3) else {
             return Ok(None);
         };
-        if h[0] >> 4 != 6 {
+        if byte(h, 0) >> 4 != 6 {
             return Ok(None);
         }
-        s.reply_key.src = Addr::from_words([word(&h, 8), word(&h, 12), word(&h, 16), word(&h, 20)]);
-        s.reply_key.dst =
-            Addr::from_words([word(&h, 24), word(&h, 28), word(&h, 32), word(&h, 36)]);
-        (q3 + IPV6_HLEN, h[6])
+        s.reply_key.src = Addr::from_words([word(h, 8), word(h, 12), word(h, 16), word(h, 20)]);
+        s.reply_key.dst = Addr::from_words([word(h, 24), word(h, 28), word(h, 32), word(h, 36)]);
+        (q3 + IPV6_HLEN, byte(h, 6))
     } else {
-        let Some(h) = at::<[u8; 20]>(ctx, q3) else {
+        let Some(h) = at::<20>(ctx, q3) else {
             return Ok(None);
         };
         // Version 4 without options; a fragment after the first quotes no ports.
-        if h[0] != 0x45 || u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
+        if byte(h, 0) != 0x45 || u16::from_be(half(h, 6)) & 0x1fff != 0 {
             return Ok(None);
         }
-        q_ip_csum = u16_at(&h, 10);
-        s.reply_key.src = Addr::from_v4_word(word(&h, 12));
-        s.reply_key.dst = Addr::from_v4_word(word(&h, 16));
-        (q3 + 20, h[9])
+        q_ip_csum = half(h, 10);
+        s.reply_key.src = Addr::from_v4_word(word(h, 12));
+        s.reply_key.dst = Addr::from_v4_word(word(h, 16));
+        (q3 + 20, byte(h, 9))
     };
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Ok(None);
     }
-    let Some(ports) = at::<[u8; 4]>(ctx, q4) else {
+    let Some(ports) = at::<4>(ctx, q4) else {
         return Ok(None);
     };
-    s.reply_key.sport = u16_at(&ports, 0);
-    s.reply_key.dport = u16_at(&ports, 2);
+    s.reply_key.sport = half(ports, 0);
+    s.reply_key.dport = half(ports, 2);
     s.reply_key.proto = proto;
     // The quoted L4 checksum, where the error quotes it (an ICMPv4 error need only quote 8
     // bytes, short of TCP's) and the datagram has one (UDP's may be 0).
     let q_csum_off = q4 + if proto == PROTO_TCP { 16 } else { 6 };
-    let q_csum = match at::<[u8; 2]>(ctx, q_csum_off) {
-        Some(b) if proto == PROTO_TCP || u16_at(&b, 0) != 0 => Some(u16_at(&b, 0)),
+    let q_csum = match at::<2>(ctx, q_csum_off).map(|p| half(p, 0)) {
+        Some(c) if proto == PROTO_TCP || c != 0 => Some(c),
         _ => None,
     };
 

@@ -71,12 +71,6 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
     Some((start + off) as *const T)
 }
 
-#[inline(always)]
-pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
-    // SAFETY: ptr_at checked the bounds; the read is unaligned-safe.
-    ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
-}
-
 /// The verdict as a plain integer (see `Parsed::decode`). Inlined: as a subprogram it cost a
 /// call and a return on every packet (5–10 ns under return-thunk mitigations, B8), and the
 /// verifier takes the program's stack with it inside.
@@ -95,7 +89,7 @@ pub const PARSED_ICMP: u32 = 0x400;
 
 /// A byte at `off` bytes into a header `ptr_at` checked.
 #[inline(always)]
-fn byte(hdr: *const u8, off: usize) -> u8 {
+pub fn byte(hdr: *const u8, off: usize) -> u8 {
     // SAFETY: the caller's `ptr_at` checked the header's bounds, which hold `off`.
     unsafe { *hdr.add(off) }
 }
@@ -104,7 +98,7 @@ fn byte(hdr: *const u8, off: usize) -> u8 {
 /// (network byte order kept): one load. Read as aligned: packet data starts at an even
 /// offset of its buffer (see `nat::read_head`); an unaligned read is loaded byte by byte.
 #[inline(always)]
-fn half(hdr: *const u8, off: usize) -> u16 {
+pub fn half(hdr: *const u8, off: usize) -> u16 {
     // SAFETY: the caller's `ptr_at` checked the header's bounds, which hold `off + 2`; the
     // address is even (above).
     unsafe { hdr.add(off).cast::<u16>().read() }
@@ -112,7 +106,7 @@ fn half(hdr: *const u8, off: usize) -> u16 {
 
 /// A 32-bit word at an even `off` bytes into a header, as it lies in memory: two loads.
 #[inline(always)]
-fn word(hdr: *const u8, off: usize) -> u32 {
+pub fn word(hdr: *const u8, off: usize) -> u32 {
     let (a, b) = (half(hdr, off) as u32, half(hdr, off + 2) as u32);
     if cfg!(target_endian = "little") {
         a | (b << 16)
@@ -126,10 +120,10 @@ fn word(hdr: *const u8, off: usize) -> u32 {
 /// On `Pass` or `Drop`, `out` holds a partial parse the caller does not read.
 #[inline(always)]
 fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
-    let Some(eth_proto) = read::<[u8; 2]>(ctx, 12) else {
+    let Some(eth) = ptr_at::<[u8; ETH_HLEN]>(ctx, 0) else {
         return Parsed::Drop(Stat::DropTruncated);
     };
-    let eth_proto = u16::from_be_bytes(eth_proto);
+    let eth_proto = u16::from_be(half(eth as *const u8, 12));
     let l3_off = ETH_HLEN;
     let (proto, l4_off) = match eth_proto {
         ETH_P_IP => {
