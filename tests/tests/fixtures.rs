@@ -1925,3 +1925,44 @@ fn an_endpoints_error_about_an_external_flow_leaves_from_the_nodeport() {
         );
     }
 }
+
+/// A source-NATed NodePort flow (outside client, endpoint on another node): a router between
+/// the node and the endpoint says a request is too big, to the node's address and port the
+/// request left from. The error goes on to the client, quoting the request as the client sent
+/// it (to the NodePort), and the kernel forwards it there.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_too_big_error_about_a_source_nated_request_reaches_the_outside_client() {
+    for (node, ext, remote, router) in [
+        (NODE4, EXTERNAL4, REMOTE_POD4, "198.18.0.254"),
+        (NODE6, EXTERNAL6, REMOTE_POD6, "fd00:17::fe"),
+    ] {
+        let mut h = Harness::new().unwrap();
+        h.program(&nodeport(node, remote));
+        let (_, out, _) = step_on(
+            &mut h,
+            TC_FROM_NETDEV,
+            &tcp(ext, 40000, node, 30080, Tcp::Syn),
+            UPLINK,
+        );
+        let port = tcp_sport(&out);
+        let left = tcp(node, port, remote, 8080, Tcp::Ack);
+        let got = icmp_error(router, node, Icmp::TooBig, &left, None);
+        let mut want = icmp_error(
+            router,
+            ext,
+            Icmp::TooBig,
+            &tcp(ext, 40000, node, 30080, Tcp::Ack),
+            None,
+        );
+        want[..14].copy_from_slice(&got[..14]);
+        expect(
+            &mut h,
+            &format!("{node}: too big"),
+            (TC_FROM_NETDEV, UPLINK),
+            got,
+            (OK, want),
+            &["icmp_error_nat"],
+        );
+    }
+}
