@@ -1642,6 +1642,42 @@ fn translated_packets_to_a_pod_go_straight_into_it() {
     drop(pod);
 }
 
+/// A router on the nodes' network (behind the uplink).
+const ROUTER4: &str = "198.18.0.254";
+const ROUTER6: &str = "fd00:17::fe";
+
+/// A harness with the fixtures' services and a TCP flow `cli:40000` → `vip:80` opened from a
+/// pod (its SYN checked), for the ICMP fixtures.
+fn clusterip_flow(cli: &str, vip: &str, be: &str) -> Harness {
+    let mut h = Harness::new().unwrap();
+    h.program(&services());
+    expect(
+        &mut h,
+        &format!("{vip}: SYN"),
+        (TC_FROM_POD, "lo"),
+        tcp(cli, 40000, vip, 80, Tcp::Syn),
+        (OK, tcp(cli, 40000, be, 8080, Tcp::Syn)),
+        &["dnat_new"],
+    );
+    h
+}
+
+/// A harness with a NodePort `node:30080` served by `be` of this node and a flow from the
+/// outside client `ext:40000` opened on the uplink (its SYN checked).
+fn nodeport_flow(node: &str, ext: &str, be: &str) -> Harness {
+    let mut h = Harness::new().unwrap();
+    h.program(&nodeport(node, be));
+    expect(
+        &mut h,
+        &format!("{node}: SYN"),
+        (TC_FROM_NETDEV, UPLINK),
+        tcp(ext, 40000, node, 30080, Tcp::Syn),
+        (OK, tcp(ext, 40000, be, 8080, Tcp::Syn)),
+        &["dnat_new"],
+    );
+    h
+}
+
 /// What an ICMP error in these fixtures says.
 #[derive(Clone, Copy)]
 enum Icmp {
@@ -1695,21 +1731,10 @@ fn icmp_error(from: &str, to: &str, kind: Icmp, frame: &[u8], l4: Option<usize>)
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn an_icmp_error_about_a_clusterip_flow_reaches_the_client_translated() {
-    const ROUTER4: &str = "198.18.0.254";
-    const ROUTER6: &str = "fd00:17::fe";
     for (cli, vip, be, router) in [(CLI4, VIP4, BE4, ROUTER4), (CLI6, VIP6, BE6, ROUTER6)] {
         for quoted in [None, Some(8)] {
             let what = format!("{vip}, {quoted:?} bytes of TCP quoted");
-            let mut h = Harness::new().unwrap();
-            h.program(&services());
-            expect(
-                &mut h,
-                &format!("{what}: SYN"),
-                (TC_FROM_POD, "lo"),
-                tcp(cli, 40000, vip, 80, Tcp::Syn),
-                (OK, tcp(cli, 40000, be, 8080, Tcp::Syn)),
-                &["dnat_new"],
-            );
+            let mut h = clusterip_flow(cli, vip, be);
             let sent = tcp(cli, 40000, be, 8080, Tcp::Ack);
             expect(
                 &mut h,
@@ -1820,19 +1845,10 @@ fn an_endpoints_port_unreachable_comes_from_the_service() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn a_too_big_error_about_a_nodeport_reply_reaches_the_pod() {
     for (node, ext, be, router) in [
-        (NODE4, EXTERNAL4, BE4, "198.18.0.254"),
-        (NODE6, EXTERNAL6, BE6, "fd00:17::fe"),
+        (NODE4, EXTERNAL4, BE4, ROUTER4),
+        (NODE6, EXTERNAL6, BE6, ROUTER6),
     ] {
-        let mut h = Harness::new().unwrap();
-        h.program(&nodeport(node, be));
-        expect(
-            &mut h,
-            &format!("{node}: SYN"),
-            (TC_FROM_NETDEV, UPLINK),
-            tcp(ext, 40000, node, 30080, Tcp::Syn),
-            (OK, tcp(ext, 40000, be, 8080, Tcp::Syn)),
-            &["dnat_new"],
-        );
+        let mut h = nodeport_flow(node, ext, be);
         let left = tcp(node, 30080, ext, 40000, Tcp::Ack);
         let sent = tcp(be, 8080, ext, 40000, Tcp::Ack);
         let mut want = icmp_error(router, be, Icmp::TooBig, &sent, None);
@@ -1857,16 +1873,7 @@ fn a_too_big_error_about_a_nodeport_reply_reaches_the_pod() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn the_nodes_own_error_about_a_request_reaches_the_client_translated() {
     for (cli, vip, be, node) in [(CLI4, VIP4, BE4, NODE4), (CLI6, VIP6, BE6, NODE6)] {
-        let mut h = Harness::new().unwrap();
-        h.program(&services());
-        expect(
-            &mut h,
-            &format!("{vip}: SYN"),
-            (TC_FROM_POD, "lo"),
-            tcp(cli, 40000, vip, 80, Tcp::Syn),
-            (OK, tcp(cli, 40000, be, 8080, Tcp::Syn)),
-            &["dnat_new"],
-        );
+        let mut h = clusterip_flow(cli, vip, be);
         let sent = tcp(cli, 40000, be, 8080, Tcp::Ack);
         expect(
             &mut h,
@@ -1895,16 +1902,7 @@ fn the_nodes_own_error_about_a_request_reaches_the_client_translated() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn an_endpoints_error_about_an_external_flow_leaves_from_the_nodeport() {
     for (node, ext, be) in [(NODE4, EXTERNAL4, BE4), (NODE6, EXTERNAL6, BE6)] {
-        let mut h = Harness::new().unwrap();
-        h.program(&nodeport(node, be));
-        expect(
-            &mut h,
-            &format!("{node}: SYN"),
-            (TC_FROM_NETDEV, UPLINK),
-            tcp(ext, 40000, node, 30080, Tcp::Syn),
-            (OK, tcp(ext, 40000, be, 8080, Tcp::Syn)),
-            &["dnat_new"],
-        );
+        let mut h = nodeport_flow(node, ext, be);
         let got = tcp(ext, 40000, be, 8080, Tcp::Syn);
         expect(
             &mut h,
@@ -1934,8 +1932,8 @@ fn an_endpoints_error_about_an_external_flow_leaves_from_the_nodeport() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn a_too_big_error_about_a_source_nated_request_reaches_the_outside_client() {
     for (node, ext, remote, router) in [
-        (NODE4, EXTERNAL4, REMOTE_POD4, "198.18.0.254"),
-        (NODE6, EXTERNAL6, REMOTE_POD6, "fd00:17::fe"),
+        (NODE4, EXTERNAL4, REMOTE_POD4, ROUTER4),
+        (NODE6, EXTERNAL6, REMOTE_POD6, ROUTER6),
     ] {
         let mut h = Harness::new().unwrap();
         h.program(&nodeport(node, remote));
