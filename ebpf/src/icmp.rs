@@ -198,8 +198,12 @@ fn translate(ctx: &TcContext, ingress: bool) -> Result<Option<i32>, Stat> {
 
     // Routed here when its source changes at an ingress; a hop then, as a router's.
     let route = if ingress && out_src {
-        let to = if out_dst { dst.new_addr } else { s.pkt.dst };
-        set_addrs(&mut s.fib, &s.chg_src.new_addr, &to, v6);
+        let to = if out_dst {
+            &s.chg_dst.new_addr
+        } else {
+            &s.pkt.dst
+        };
+        set_addrs(&mut s.fib, &s.chg_src.new_addr, to, v6);
         lookup(ctx, s)
     } else {
         ROUTE_NONE
@@ -240,32 +244,30 @@ fn translate(ctx: &TcContext, ingress: bool) -> Result<Option<i32>, Stat> {
 
     // Read everything first: a store may move the packet's data.
     let (l3, ttl) = (p.l3_off, if hop { p.ttl - 1 } else { p.ttl });
-    let (q_src, q_dst) = (
-        if dst.on {
-            dst.new_addr
-        } else {
-            s.reply_key.src
-        },
-        if src.on {
-            src.new_addr
-        } else {
-            s.reply_key.dst
-        },
-    );
-    let (q_sport, q_dport) = (
-        if dst.on {
-            dst.new_port
-        } else {
-            s.reply_key.sport
-        },
-        if src.on {
-            src.new_port
-        } else {
-            s.reply_key.dport
-        },
-    );
-    let o_src = if out_src { src.new_addr } else { p.src };
-    let o_dst = if out_dst { dst.new_addr } else { p.dst };
+    // References into the scratch slot, not copies: this frame follows the program's in the
+    // call chain the verifier limits to 512 bytes.
+    let q_src = if dst.on {
+        &dst.new_addr
+    } else {
+        &s.reply_key.src
+    };
+    let q_dst = if src.on {
+        &src.new_addr
+    } else {
+        &s.reply_key.dst
+    };
+    let q_sport = if dst.on {
+        dst.new_port
+    } else {
+        s.reply_key.sport
+    };
+    let q_dport = if src.on {
+        src.new_port
+    } else {
+        s.reply_key.dport
+    };
+    let o_src = if out_src { &src.new_addr } else { &p.src };
+    let o_dst = if out_dst { &dst.new_addr } else { &p.dst };
     if v6 {
         if out_src || out_dst {
             put(ctx, l3 + 8, &o_src.0)?;
