@@ -25,8 +25,8 @@ use crate::{
     ct::{fwd_entry, set_fwd_key_reversed},
     lb::now_ns,
     maps::{count, SCRATCH},
-    nat::{fold16, fold32, full_by_diff},
-    parse::{byte, half, ptr_at, word, IPV6_HLEN},
+    nat::{add_addr_diff, diff, diff16, fold32, full_by_diff, Diffs},
+    parse::{byte, half, hdr_ptr, word, IPV6_HLEN},
     route::{fallback, lookup, redirect, set_addrs, ROUTE_LOCAL, ROUTE_NEIGH, ROUTE_NONE},
 };
 
@@ -66,36 +66,6 @@ pub fn error(ctx: &TcContext, ingress: bool) -> i32 {
     }
 }
 
-/// The header of `N` bytes at a packet offset the parser found, bounded again for the
-/// verifier (it lost the bounds in the scratch slot): headers end well before 1024 bytes.
-#[inline(always)]
-fn at<const N: usize>(ctx: &TcContext, off: usize) -> Option<*const u8> {
-    if off >= 1024 {
-        return None;
-    }
-    ptr_at::<[u8; N]>(ctx, off).map(|p| p as *const u8)
-}
-
-/// Adds an address change (new - old, one's complement) to `d`: its last word for IPv4.
-#[inline(always)]
-fn add_addr(d: &mut u64, old: &Addr, new: &Addr, v6: bool) {
-    let (o, n) = (old.words(), new.words());
-    if v6 {
-        let mut i = 0;
-        while i < 4 {
-            *d += (!o[i]) as u64 + n[i] as u64;
-            i += 1;
-        }
-    } else {
-        *d += (!o[3]) as u64 + n[3] as u64;
-    }
-}
-
-#[inline(always)]
-fn add16(d: &mut u64, old: u16, new: u16) {
-    *d += (!old) as u64 + new as u64;
-}
-
 #[inline(always)]
 fn put<T>(ctx: &TcContext, off: usize, v: &T) -> Result<(), Stat> {
     ctx.store(off, v, BPF_F_RECOMPUTE_CSUM)
@@ -112,7 +82,7 @@ fn translate(ctx: &TcContext, ingress: bool) -> Result<Option<i32>, Stat> {
     let s = unsafe { &mut *s };
     let v6 = s.pkt.v6;
     let icmp = s.pkt.l4_off;
-    let Some(head) = at::<4>(ctx, icmp) else {
+    let Some(head) = hdr_ptr::<[u8; 4]>(ctx, icmp) else {
         return Ok(None);
     };
     if !is_error(v6, byte(head, 0)) {
@@ -124,7 +94,7 @@ fn translate(ctx: &TcContext, ingress: bool) -> Result<Option<i32>, Stat> {
     let q3 = icmp + ICMP_HLEN;
     let mut q_ip_csum = 0;
     let (q4, proto) = if v6 {
-        let Some(h) = at::<IPV6_HLEN>(ctx, q3) else {
+        let Some(h) = hdr_ptr::<[u8; IPV6_HLEN]>(ctx, q3) else {
             return Ok(None);
         };
         if byte(h, 0) >> 4 != 6 {
@@ -134,7 +104,7 @@ fn translate(ctx: &TcContext, ingress: bool) -> Result<Option<i32>, Stat> {
         s.reply_key.dst = Addr::from_words([word(h, 24), word(h, 28), word(h, 32), word(h, 36)]);
         (q3 + IPV6_HLEN, byte(h, 6))
     } else {
-        let Some(h) = at::<20>(ctx, q3) else {
+        let Some(h) = hdr_ptr::<[u8; 20]>(ctx, q3) else {
             return Ok(None);
         };
         // Version 4 without options; a fragment after the first quotes no ports.
@@ -149,7 +119,7 @@ fn translate(ctx: &TcContext, ingress: bool) -> Result<Option<i32>, Stat> {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Ok(None);
     }
-    let Some(ports) = at::<4>(ctx, q4) else {
+    let Some(ports) = hdr_ptr::<[u8; 4]>(ctx, q4) else {
         return Ok(None);
     };
     s.reply_key.sport = half(ports, 0);
@@ -158,7 +128,7 @@ fn translate(ctx: &TcContext, ingress: bool) -> Result<Option<i32>, Stat> {
     // The quoted L4 checksum, where the error quotes it (an ICMPv4 error need only quote 8
     // bytes, short of TCP's) and the datagram has one (UDP's may be 0).
     let q_csum_off = q4 + if proto == PROTO_TCP { 16 } else { 6 };
-    let q_csum = match at::<2>(ctx, q_csum_off).map(|p| half(p, 0)) {
+    let q_csum = match hdr_ptr::<u16>(ctx, q_csum_off).map(|p| half(p, 0)) {
         Some(c) if proto == PROTO_TCP || c != 0 => Some(c),
         _ => None,
     };
@@ -211,34 +181,29 @@ fn translate(ctx: &TcContext, ingress: bool) -> Result<Option<i32>, Stat> {
     let hop = route != ROUTE_NONE && route != ROUTE_LOCAL;
     let (src, dst, p) = (&s.chg_src, &s.chg_dst, &s.pkt);
 
-    // Differences (new - old): the quoted addresses, the quoted ports, the error's addresses.
-    let (mut d_addr, mut d_port, mut d_outer) = (0u64, 0u64, 0u64);
-    if src.on {
-        add_addr(&mut d_addr, &src.old_addr, &src.new_addr, v6);
-        add16(&mut d_port, src.old_port, src.new_port);
-    }
-    if dst.on {
-        add_addr(&mut d_addr, &dst.old_addr, &dst.new_addr, v6);
-        add16(&mut d_port, dst.old_port, dst.new_port);
-    }
+    // Differences (new - old): the quoted addresses and ports, the error's addresses.
+    let mut d = Diffs { addr: 0, port: 0 };
+    diff(p, src, &mut d);
+    diff(p, dst, &mut d);
+    let mut d_outer = 0;
     if out_src {
-        add_addr(&mut d_outer, &p.src, &src.new_addr, v6);
+        add_addr_diff(&mut d_outer, &p.src, &src.new_addr, v6);
     }
     if out_dst {
-        add_addr(&mut d_outer, &p.dst, &dst.new_addr, v6);
+        add_addr_diff(&mut d_outer, &p.dst, &dst.new_addr, v6);
     }
     // The ICMP checksum covers the quoted bytes (and, for ICMPv6, the error's addresses).
-    let mut d_icmp = d_addr + d_port;
+    let mut d_icmp = d.addr + d.port;
     if v6 {
         d_icmp += d_outer;
     }
-    let new_q_ip_csum = !fold16(fold32((!q_ip_csum) as u64 + d_addr));
+    let new_q_ip_csum = full_by_diff(q_ip_csum, fold32(d.addr), false);
     if !v6 {
-        add16(&mut d_icmp, q_ip_csum, new_q_ip_csum);
+        d_icmp += diff16(q_ip_csum, new_q_ip_csum);
     }
-    let new_q_csum = q_csum.map(|c| full_by_diff(c, fold32(d_addr + d_port), proto == PROTO_UDP));
+    let new_q_csum = q_csum.map(|c| full_by_diff(c, fold32(d.addr + d.port), proto == PROTO_UDP));
     if let (Some(old), Some(new)) = (q_csum, new_q_csum) {
-        add16(&mut d_icmp, old, new);
+        d_icmp += diff16(old, new);
     }
     let new_icmp_csum = full_by_diff(icmp_csum, fold32(d_icmp), false);
 
@@ -282,13 +247,12 @@ fn translate(ctx: &TcContext, ingress: bool) -> Result<Option<i32>, Stat> {
         if out_src || out_dst || hop {
             let mut d = d_outer;
             if hop {
-                add16(
-                    &mut d,
+                d += diff16(
                     u16::from_ne_bytes([p.ttl, p.proto]),
                     u16::from_ne_bytes([ttl, p.proto]),
                 );
             }
-            let csum = (!fold16(fold32((!p.ip_csum) as u64 + d))).to_ne_bytes();
+            let csum = full_by_diff(p.ip_csum, fold32(d), false).to_ne_bytes();
             let [s0, s1, s2, s3] = o_src.v4_octets();
             let [d0, d1, d2, d3] = o_dst.v4_octets();
             let hdr: [u8; 12] = [

@@ -20,7 +20,7 @@ use weir_common::{kernel_facts::CAST_TO_KERN_CTX_CALL, Addr, Stat, PROTO_TCP, PR
 
 use crate::{
     maps::Scratch,
-    parse::{ptr_at, Packet},
+    parse::{hdr_ptr, ptr_at, Packet},
 };
 
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
@@ -101,9 +101,9 @@ fn ip_summed(ctx: &TcContext) -> Option<u8> {
 }
 
 /// Running one's complement sums of (new - old).
-struct Diffs {
-    addr: u64,
-    port: u64,
+pub(crate) struct Diffs {
+    pub addr: u64,
+    pub port: u64,
 }
 
 #[inline(always)]
@@ -150,24 +150,37 @@ fn rewrite_out_of_line(ctx: &TcContext, s: &mut Scratch, how: u32) -> i32 {
     }
 }
 
-/// Adds one side's differences (new - old) to `d`.
+/// Adds an address change (new - old, one's complement, unfolded) to `d`: its last word for
+/// IPv4.
 #[inline(always)]
-fn diff(p: &Packet, c: &Change, d: &mut Diffs) {
-    if !c.on {
-        return;
-    }
-    if p.v6 {
-        let (o, n) = (c.old_addr.words(), c.new_addr.words());
+pub(crate) fn add_addr_diff(d: &mut u64, old: &Addr, new: &Addr, v6: bool) {
+    let (o, n) = (old.words(), new.words());
+    if v6 {
         let mut i = 0;
         while i < 4 {
-            d.addr += (!o[i]) as u64 + n[i] as u64;
+            *d += (!o[i]) as u64 + n[i] as u64;
             i += 1;
         }
     } else {
-        d.addr += (!c.old_addr.words()[3]) as u64 + c.new_addr.words()[3] as u64;
+        *d += (!o[3]) as u64 + n[3] as u64;
     }
+}
+
+/// A 16-bit field's change (new - old, one's complement, unfolded).
+#[inline(always)]
+pub(crate) fn diff16(old: u16, new: u16) -> u64 {
+    (!old) as u64 + new as u64
+}
+
+/// Adds one side's differences (new - old) to `d`.
+#[inline(always)]
+pub(crate) fn diff(p: &Packet, c: &Change, d: &mut Diffs) {
+    if !c.on {
+        return;
+    }
+    add_addr_diff(&mut d.addr, &c.old_addr, &c.new_addr, p.v6);
     if c.old_port != c.new_port {
-        d.port += (!c.old_port) as u64 + c.new_port as u64;
+        d.port += diff16(c.old_port, c.new_port);
     }
 }
 
@@ -265,16 +278,6 @@ fn store(ctx: &TcContext, off: usize, from: *const u8, len: usize) -> Result<(),
     } else {
         Err(Stat::DropRewriteFailed)
     }
-}
-
-/// A packet offset the parser found (kept in the scratch slot, where the verifier loses its
-/// bounds), bounded again for a direct read: headers end well before 1024 bytes.
-#[inline(always)]
-fn hdr_ptr<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
-    if off >= 1024 {
-        return None;
-    }
-    ptr_at::<T>(ctx, off)
 }
 
 /// One's complement addition of two 32-bit partial sums (the kernel's `csum_add`).

@@ -71,6 +71,16 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
     Some((start + off) as *const T)
 }
 
+/// A packet offset the parser found (kept in the scratch slot, where the verifier loses its
+/// bounds), bounded again for a direct read: headers end well before 1024 bytes.
+#[inline(always)]
+pub fn hdr_ptr<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+    if off >= 1024 {
+        return None;
+    }
+    ptr_at::<T>(ctx, off)
+}
+
 /// The verdict as a plain integer (see `Parsed::decode`). Inlined: as a subprogram it cost a
 /// call and a return on every packet (5–10 ns under return-thunk mitigations, B8), and the
 /// verifier takes the program's stack with it inside.
@@ -89,24 +99,24 @@ pub const PARSED_ICMP: u32 = 0x400;
 
 /// A byte at `off` bytes into a header `ptr_at` checked.
 #[inline(always)]
-pub fn byte(hdr: *const u8, off: usize) -> u8 {
+pub fn byte<H>(hdr: *const H, off: usize) -> u8 {
     // SAFETY: the caller's `ptr_at` checked the header's bounds, which hold `off`.
-    unsafe { *hdr.add(off) }
+    unsafe { *hdr.cast::<u8>().add(off) }
 }
 
 /// A 16-bit field at an even `off` bytes into a header `ptr_at` checked, as it lies in memory
 /// (network byte order kept): one load. Read as aligned: packet data starts at an even
 /// offset of its buffer (see `nat::read_head`); an unaligned read is loaded byte by byte.
 #[inline(always)]
-pub fn half(hdr: *const u8, off: usize) -> u16 {
+pub fn half<H>(hdr: *const H, off: usize) -> u16 {
     // SAFETY: the caller's `ptr_at` checked the header's bounds, which hold `off + 2`; the
     // address is even (above).
-    unsafe { hdr.add(off).cast::<u16>().read() }
+    unsafe { hdr.cast::<u8>().add(off).cast::<u16>().read() }
 }
 
 /// A 32-bit word at an even `off` bytes into a header, as it lies in memory: two loads.
 #[inline(always)]
-pub fn word(hdr: *const u8, off: usize) -> u32 {
+pub fn word<H>(hdr: *const H, off: usize) -> u32 {
     let (a, b) = (half(hdr, off) as u32, half(hdr, off + 2) as u32);
     if cfg!(target_endian = "little") {
         a | (b << 16)
@@ -123,14 +133,13 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
     let Some(eth) = ptr_at::<[u8; ETH_HLEN]>(ctx, 0) else {
         return Parsed::Drop(Stat::DropTruncated);
     };
-    let eth_proto = u16::from_be(half(eth as *const u8, 12));
+    let eth_proto = u16::from_be(half(eth, 12));
     let l3_off = ETH_HLEN;
     let (proto, l4_off) = match eth_proto {
         ETH_P_IP => {
             let Some(hdr) = ptr_at::<[u8; 20]>(ctx, l3_off) else {
                 return Parsed::Drop(Stat::DropTruncated);
             };
-            let hdr = hdr as *const u8;
             let vihl = byte(hdr, 0);
             if vihl >> 4 != 4 {
                 return Parsed::Drop(Stat::DropMalformed);
@@ -155,7 +164,6 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
             let Some(hdr) = ptr_at::<[u8; IPV6_HLEN]>(ctx, l3_off) else {
                 return Parsed::Drop(Stat::DropTruncated);
             };
-            let hdr = hdr as *const u8;
             if byte(hdr, 0) >> 4 != 6 {
                 return Parsed::Drop(Stat::DropMalformed);
             }
@@ -185,7 +193,6 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
         let Some(tcp) = ptr_at::<[u8; 20]>(ctx, l4_off) else {
             return Parsed::Drop(Stat::DropTruncated);
         };
-        let tcp = tcp as *const u8;
         if ((byte(tcp, 12) >> 4) as usize) * 4 < min_len {
             return Parsed::Drop(Stat::DropMalformed);
         }
@@ -195,7 +202,7 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
         let Some(udp) = ptr_at::<[u8; 8]>(ctx, l4_off) else {
             return Parsed::Drop(Stat::DropTruncated);
         };
-        udp as *const u8
+        udp.cast()
     };
     // Kept in network byte order, as the maps store them.
     out.sport = half(l4, 0);
