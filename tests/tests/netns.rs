@@ -946,14 +946,15 @@ fn k8s_openapi_now() -> String {
 /// conntrack entries are removed with the backend (kube-proxy's stale-UDP fix), so the next
 /// datagram is balanced again. The old pod still answers, so without the purge the flow would
 /// stay on it.
-/// The sandbox's services plus a UDP Service `198.19.0.21:53` whose one endpoint is `ip`.
-fn udp_service_on(ip: &str) -> String {
+/// The sandbox's services plus a UDP Service `198.19.0.21:53` whose one endpoint is `ip`, on
+/// port `target`.
+fn udp_service_on(ip: &str, target: u16) -> String {
     format!(
         "{SERVICES}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: demo}}\n\
-         spec: {{clusterIP: 198.19.0.21, ports: [{{name: dns, port: 53, protocol: UDP, targetPort: 8080}}]}}\n\
+         spec: {{clusterIP: 198.19.0.21, ports: [{{name: dns, port: 53, protocol: UDP, targetPort: {target}}}]}}\n\
          ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
          metadata: {{name: dns-1, namespace: demo, labels: {{kubernetes.io/service-name: dns}}}}\n\
-         addressType: IPv4\nports: [{{name: dns, port: 8080, protocol: UDP}}]\n\
+         addressType: IPv4\nports: [{{name: dns, port: {target}, protocol: UDP}}]\n\
          endpoints:\n- {{addresses: [{ip}]}}\n"
     )
 }
@@ -968,19 +969,11 @@ fn udp_service_on(ip: &str) -> String {
 fn a_refused_udp_port_behind_a_clusterip_is_reported_to_the_client() {
     for (socket_lb, label) in PATHS {
         let s = sim(socket_lb);
-        let yaml = format!(
-            "{SERVICES}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: closed, namespace: demo}}\n\
-             spec: {{clusterIP: 198.19.0.22, ports: [{{name: dns, port: 53, protocol: UDP, targetPort: 9}}]}}\n\
-             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata: {{name: closed-1, namespace: demo, labels: {{kubernetes.io/service-name: closed}}}}\n\
-             addressType: IPv4\nports: [{{name: dns, port: 9, protocol: UDP}}]\n\
-             endpoints:\n- {{addresses: [198.18.1.11]}}\n"
-        );
-        s.write_services(&yaml).unwrap();
+        s.write_services(&udp_service_on("198.18.1.11", 9)).unwrap();
         s.wait_programmed("the closed port", |st| {
             st.services
                 .iter()
-                .any(|v| v.frontend == "198.19.0.22:53/UDP")
+                .any(|v| v.frontend == "198.19.0.21:53/UDP" && v.backends == ["198.18.1.11:9"])
         })
         .unwrap();
         // Every datagram gets its error: no rate limit in the endpoint's namespace.
@@ -988,7 +981,7 @@ fn a_refused_udp_port_behind_a_clusterip_is_reported_to_the_client() {
         be1.ns.sysctl("net.ipv4.icmp_ratelimit", "0").unwrap();
         let before = s.status().unwrap().counters["icmp_error_nat"];
         let args = [
-            "198.19.0.22:53",
+            "198.19.0.21:53",
             "--proto",
             "udp",
             "--rate",
@@ -1029,7 +1022,8 @@ fn udp_flow_across_an_endpoint_change(s: &Sim, socket_lb: bool) -> (Report, Stri
                 .any(|v| v.frontend == "198.19.0.21:53/UDP" && v.backends == [format!("{ip}:8080")])
         }
     };
-    s.write_services(&udp_service_on("198.18.1.11")).unwrap();
+    s.write_services(&udp_service_on("198.18.1.11", 8080))
+        .unwrap();
     s.wait_programmed("on be-1", on("198.18.1.11")).unwrap();
     let args = |target| {
         [
@@ -1054,7 +1048,8 @@ fn udp_flow_across_an_endpoint_change(s: &Sim, socket_lb: bool) -> (Report, Stri
         .loadtest_spawn(&args("198.18.1.11:8080"), socket_lb, false)
         .unwrap();
     thread::sleep(Duration::from_millis(700));
-    s.write_services(&udp_service_on("198.18.1.12")).unwrap();
+    s.write_services(&udp_service_on("198.18.1.12", 8080))
+        .unwrap();
     s.wait_programmed("on be-2", on("198.18.1.12")).unwrap();
     let r = flow.wait().unwrap();
     let d = direct.wait().unwrap();
