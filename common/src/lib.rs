@@ -33,9 +33,11 @@ pub mod map_names {
     pub const VIPNET: &str = "LB_VIPNET_V1";
     pub const NODE_LOCAL: &str = "LB_NODELOC_V1";
     pub const POD_DEVS: &str = "LB_PODDEV_V1";
-    pub const ALL: [&str; 12] = [
+    /// The flow cache's generations (see `FLOW_GEN_GLOBAL`).
+    pub const FLOW_GEN: &str = "LB_FLOWGEN_V1";
+    pub const ALL: [&str; 13] = [
         SVC, BACKENDS, MAGLEV, AFFINITY, CT4, CT6, SOCK_REV, SOCK_FWD, STATS, VIPNET, NODE_LOCAL,
-        POD_DEVS,
+        POD_DEVS, FLOW_GEN,
     ];
 }
 
@@ -45,6 +47,8 @@ pub mod prog_names {
     pub const TC_FROM_NETDEV: &str = "tc_from_netdev";
     pub const TC_TO_POD: &str = "tc_to_pod";
     pub const TC_TO_NETDEV: &str = "tc_to_netdev";
+    /// The flow cache's writer, reached by tail call from the four above (see `FLOW_SLOTS`).
+    pub const TC_FLOW_WRITE: &str = "tc_flow_write";
     pub const CONNECT4: &str = "sock_connect4";
     pub const CONNECT6: &str = "sock_connect6";
     pub const SENDMSG4: &str = "sock_sendmsg4";
@@ -275,6 +279,31 @@ pub struct Ct4Key {
     pub _pad: [u8; 3],
 }
 
+/// Slots of the flow cache, per CPU: the rewrite of an established IPv4 flow's packets as
+/// its conntrack entry gave it, so that the flow's next packets on that CPU are translated
+/// with no conntrack lookup and written with no helper call. A slot holds one flow; flows
+/// whose tuples hash alike take it in turns, each falling back to conntrack meanwhile.
+pub const FLOW_SLOTS: u32 = 1024;
+
+/// Index of the cache's global generation in `LB_FLOWGEN_V1`, after one generation per slot
+/// index. A slot is used only while the sum of both is what it was filled with: the programs
+/// move a slot index's own whenever they write or remove a conntrack entry whose tuple hashes
+/// to it, user space the global one whenever it changes conntrack or the pod veths.
+pub const FLOW_GEN_GLOBAL: u32 = FLOW_SLOTS;
+
+/// A slot of the flow cache lives at most this long (it is then filled again from
+/// conntrack, whose entry it refreshes, see `CT_LIFETIME_*`), and never past its entry's
+/// expiry.
+pub const FLOW_SLOT_LIFETIME_NS: u64 = 1_000_000_000;
+
+/// The flow cache's slot index of an IPv4 tuple (also its generation's in `LB_FLOWGEN_V1`).
+#[inline(always)]
+pub fn flow_slot(k: &Ct4Key) -> u32 {
+    let ports = ((k.sport as u32) << 16) | k.dport as u32;
+    let h = (k.src ^ k.dst.rotate_left(16) ^ ports ^ k.proto as u32).wrapping_mul(0x9e37_79b1);
+    h >> (32 - FLOW_SLOTS.trailing_zeros())
+}
+
 impl CtKey {
     /// The `CT4_V1` key of an IPv4 tuple; None for IPv6.
     pub fn to_v4(&self) -> Option<Ct4Key> {
@@ -431,9 +460,13 @@ pub enum Stat {
     /// flow's packets are: the header it quotes, and the addresses of the error itself, so
     /// that the socket it is for finds it (PMTU discovery, a refused UDP port).
     IcmpErrorNat,
+    /// An established flow's packet translated from the flow cache (see `FLOW_SLOTS`), with
+    /// no conntrack lookup. Counted besides the packet's own verdict (`dnat_established`,
+    /// `rev_nat`, `routed`, `routed_to_pod`).
+    FlowCacheHit,
 }
 
-pub const STAT_COUNT: u32 = Stat::IcmpErrorNat as u32 + 1;
+pub const STAT_COUNT: u32 = Stat::FlowCacheHit as u32 + 1;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_no_service",
@@ -467,6 +500,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "node_local",
     "routed_to_pod",
     "icmp_error_nat",
+    "flow_cache_hit",
 ];
 
 const _: () = {

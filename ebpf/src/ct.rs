@@ -5,7 +5,10 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use weir_common::*;
 
-use crate::maps::{Scratch, CT4, CT6};
+use crate::{
+    flow::invalidate,
+    maps::{Scratch, CT4, CT6},
+};
 
 /// Fills a conntrack key in place. Its pad bytes are left alone: the keys live in the per-CPU
 /// scratch value, zeroed when the map was made and never written with anything else (a
@@ -101,11 +104,12 @@ pub fn reply_entry(s: &Scratch) -> Option<*mut CtValue> {
 
 #[inline(always)]
 pub fn remove_reply(s: &Scratch) {
-    let _ = if s.pkt.v6 {
-        CT6.remove(&s.reply_key)
+    if s.pkt.v6 {
+        let _ = CT6.remove(&s.reply_key);
     } else {
-        CT4.remove(&s.reply_key4)
-    };
+        let _ = CT4.remove(&s.reply_key4);
+        invalidate(&s.reply_key4);
+    }
 }
 
 /// Writes `s.fwd` under the forward tuple (which `set_full_fwd_key` also set for IPv4).
@@ -114,7 +118,9 @@ pub fn insert_fwd(s: &Scratch) -> Result<(), Stat> {
     let r = if s.pkt.v6 {
         CT6.insert(&s.fwd_key, &s.fwd, 0)
     } else {
-        CT4.insert(&s.fwd_key4, &s.fwd, 0)
+        let r = CT4.insert(&s.fwd_key4, &s.fwd, 0);
+        invalidate(&s.fwd_key4);
+        r
     };
     r.map_err(|_| Stat::DropConntrackInsert)
 }
@@ -126,6 +132,10 @@ pub fn insert_reply(s: &Scratch, only_new: bool) -> bool {
     if s.pkt.v6 {
         CT6.insert(&s.reply_key, &s.rev, flags).is_ok()
     } else {
-        CT4.insert(&s.reply_key4, &s.rev, flags).is_ok()
+        let ok = CT4.insert(&s.reply_key4, &s.rev, flags).is_ok();
+        if ok {
+            invalidate(&s.reply_key4);
+        }
+        ok
     }
 }

@@ -3,7 +3,9 @@
 #![no_std]
 #![no_main]
 
+mod bound;
 mod ct;
+mod flow;
 mod icmp;
 mod lb;
 mod maps;
@@ -47,11 +49,30 @@ pub fn tc_to_netdev(ctx: TcContext) -> i32 {
     tc::to_netdev(&ctx)
 }
 
+/// The flow cache's writer (see `flow`): reached by tail call from the four above, for a
+/// packet of a flow the cache holds. Never attached.
+#[classifier]
+pub fn tc_flow_write(ctx: TcContext) -> i32 {
+    flow::write(&ctx)
+}
+
 /// Returns at once. Never attached: B8 times it for what BPF_PROG_TEST_RUN itself costs per
 /// run (the kernel's loop around the program), beside the real programs.
 #[classifier]
 pub fn tc_noop(_ctx: TcContext) -> i32 {
     0 // TC_ACT_OK
+}
+
+/// B8's lower bound of today's primitives (see `bound`). Never attached.
+#[classifier]
+pub fn tc_bound_ct_store(ctx: TcContext) -> i32 {
+    bound::ct_store_peer(&ctx)
+}
+
+/// B8's lower bound of a per-CPU flow cache with direct writes (see `bound`). Never attached.
+#[classifier]
+pub fn tc_bound_percpu_direct(ctx: TcContext) -> i32 {
+    bound::percpu_direct_peer(&ctx)
 }
 
 #[cgroup_sock_addr(connect4)]

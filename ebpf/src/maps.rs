@@ -63,6 +63,11 @@ pub struct Scratch {
     /// A rewrite into a pod, built for its one store (see `nat`).
     pub eth4: crate::nat::V4Frame,
     pub eth6: crate::nat::V6Frame,
+    /// The packet's flow cache slot index (`FLOW_SLOTS`: none), the generation it would be
+    /// filled under, and the packet's checksum kind for the cache's writer (see `flow`).
+    pub flow_idx: u32,
+    pub flow_csum: u8,
+    pub flow_gen: u64,
 }
 
 #[map(name = "SCRATCH_V1")]

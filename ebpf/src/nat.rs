@@ -73,15 +73,15 @@ impl Change {
 #[unsafe(no_mangle)]
 static WEIR_IP_SUMMED: u32 = 0;
 
-const CHECKSUM_COMPLETE: u8 = 2;
-const CHECKSUM_PARTIAL: u8 = 3;
+pub(crate) const CHECKSUM_COMPLETE: u8 = 2;
+pub(crate) const CHECKSUM_PARTIAL: u8 = 3;
 
 /// The packet's `skb->ip_summed` (CHECKSUM_NONE, _UNNECESSARY, _COMPLETE or _PARTIAL), read
 /// from the kernel's `struct sk_buff`: `bpf_cast_to_kern_ctx` gives it (the verifier turns
 /// the call into a register move), one byte load reads it. `None` where the loader did not
 /// find where it is.
 #[inline(always)]
-fn ip_summed(ctx: &TcContext) -> Option<u8> {
+pub(crate) fn ip_summed(ctx: &TcContext) -> Option<u8> {
     // SAFETY: a read of a global; volatile, so that LLVM does not fold the 0 it was built with.
     let at = unsafe { core::ptr::read_volatile(&WEIR_IP_SUMMED) };
     if at == 0 {
@@ -261,7 +261,7 @@ fn set_macs(macs: &mut [u8; 12], fib: &aya_ebpf::bindings::bpf_fib_lookup) {
 
 /// `len` bytes of the scratch space at `from` into the packet at `off`.
 #[inline(always)]
-fn store(ctx: &TcContext, off: usize, from: *const u8, len: usize) -> Result<(), Stat> {
+pub(crate) fn store(ctx: &TcContext, off: usize, from: *const u8, len: usize) -> Result<(), Stat> {
     // SAFETY: `from` points into the scratch slot with at least `len` bytes after it; the
     // verifier checks both against the map value and the packet.
     let rc = unsafe {
@@ -296,7 +296,7 @@ pub(crate) fn full_by_diff(sum: u16, diff: u32, mangled: bool) -> u16 {
 
 /// The same for a CHECKSUM_PARTIAL packet, whose field holds the pseudo-header's sum.
 #[inline(always)]
-fn partial_by_diff(sum: u16, diff: u32, mangled: bool) -> u16 {
+pub(crate) fn partial_by_diff(sum: u16, diff: u32, mangled: bool) -> u16 {
     mangle(fold16(addc(sum as u32, diff)), mangled)
 }
 

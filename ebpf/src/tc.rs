@@ -8,7 +8,7 @@ use crate::{
         fwd_entry, insert_fwd, insert_reply, remove_reply, reply_entry, set_full_fwd_key,
         set_fwd_key, set_reply_dport, set_reply_key,
     },
-    icmp,
+    flow, icmp,
     lb::{flow_hash, lookup_service, node_local_server, now_ns, select_backend},
     maps::{count, count_raw, Scratch, SCRATCH, VIPNET},
     nat::{rewrite, rewrite_call},
@@ -32,6 +32,7 @@ pub fn handle(ctx: &TcContext, external: bool) -> i32 {
         Err(code) if code & 0x200 != 0 => return TC_ACT_SHOT,
         Err(_) => return TC_ACT_OK as i32,
     };
+    flow::lookup(ctx, s, flow::AT_INGRESS);
     match process(ctx, s, external) {
         Ok(verdict) => verdict,
         Err(stat) => {
@@ -78,6 +79,7 @@ pub fn to_pod(ctx: &TcContext) -> i32 {
         Err(PARSED_ICMP) => return icmp::error(ctx, false),
         Err(_) => return TC_ACT_OK as i32,
     };
+    flow::lookup(ctx, s, flow::AT_EGRESS);
     match reply_out(ctx, s) {
         Ok(_) => TC_ACT_OK as i32,
         Err(stat) => {
@@ -102,6 +104,7 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
         Err(PARSED_ICMP) => return icmp::error(ctx, false),
         Err(_) => return TC_ACT_OK as i32,
     };
+    flow::lookup(ctx, s, flow::AT_EGRESS);
     match reply_out(ctx, s) {
         Ok(true) => TC_ACT_OK as i32,
         Ok(false) => {
@@ -146,6 +149,9 @@ fn reply_out(ctx: &TcContext, s: &mut Scratch) -> Result<bool, Stat> {
     let (nat_addr, nat_port) = (e.nat_addr, e.nat_port);
     s.chg_src.set(&p.src, &nat_addr, p.sport, nat_port);
     s.chg_dst.keep(&p.dst);
+    if e.flags & CT_F_CLOSING == 0 {
+        flow::fill(s, flow::AT_EGRESS, 0, Stat::RevNat, e.expires_ns);
+    }
     // Already on its way out of the device: nothing to route.
     rewrite(ctx, s, false, false)?;
     count(Stat::RevNat);
@@ -248,6 +254,17 @@ fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat
             // one into a pod of the node: looked up first, so that the rewrite also counts
             // the hop.
             let route = route_established(ctx, s, e);
+            // Into a pod, or on as it is: the flow's next packets take the cache.
+            let kept = route == ROUTE_NONE && !s.chg_src.on;
+            if e.flags & CT_F_CLOSING == 0 && (route == ROUTE_POD || kept) {
+                let stat = if dir == CT_DIR_FORWARD {
+                    Stat::DnatEstablished
+                } else {
+                    Stat::RevNat
+                };
+                let into = if kept { 0 } else { s.fib.ifindex };
+                flow::fill(s, flow::AT_INGRESS, into, stat, e.expires_ns);
+            }
             rewrite(ctx, s, route != ROUTE_NONE, route == ROUTE_POD)?;
             count(if dir == CT_DIR_FORWARD {
                 Stat::DnatEstablished

@@ -436,6 +436,19 @@ impl Datapath {
             let p: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
             p.load().with_context(|| format!("load program {name}"))?;
         }
+        // The flow cache's writer, where the four reach it by tail call (see `FLOW_SLOTS`).
+        let writer = {
+            let name = prog_names::TC_FLOW_WRITE;
+            let p: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
+            p.load().with_context(|| format!("load program {name}"))?;
+            p.fd()?.try_clone()?
+        };
+        let mut jump: aya::maps::ProgramArray<_> = ebpf
+            .map_mut("FLOW_WRITE")
+            .context("map FLOW_WRITE is missing from the eBPF object")?
+            .try_into()?;
+        jump.set(0, &writer, 0)
+            .context("put tc_flow_write into FLOW_WRITE")?;
         for name in SOCK_PROGRAMS {
             let p: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             p.load().with_context(|| format!("load program {name}"))?;
@@ -632,6 +645,20 @@ impl Datapath {
         Ok(())
     }
 
+    /// Ends the flow cache's slots (see [`crate::maps::end_flow_cache`]): after a change of
+    /// the pod veths, whose routes slots hold.
+    fn end_flow_cache(&mut self) -> Result<()> {
+        let name = weir_common::map_names::FLOW_GEN;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} is missing from the eBPF object"))?;
+        let mut gen =
+            aya::maps::Array::try_from(map).with_context(|| format!("open map {name}"))?;
+        crate::maps::end_flow_cache(&mut gen)
+            .with_context(|| format!("move the generation in {name}"))
+    }
+
     /// The map of the node's pod veths (`LB_PODDEV_V1`, see `MAX_POD_DEVS`), which the
     /// programs hand packets into pods by.
     fn pod_devs_map(&mut self) -> Result<aya::maps::Array<&mut aya::maps::MapData, u32>> {
@@ -666,7 +693,8 @@ impl Datapath {
             bail!("{ifname} (index {ifindex}) shares slot {slot} with the veth of index {held}, recorded first");
         }
         map.set(slot, ifindex, 0)
-            .with_context(|| format!("record {ifname} (index {ifindex}) as a pod veth"))
+            .with_context(|| format!("record {ifname} (index {ifindex}) as a pod veth"))?;
+        self.end_flow_cache()
     }
 
     /// Forgets the pod veth of index `ifindex` (a device gone), if it is recorded.
@@ -676,6 +704,7 @@ impl Datapath {
         if map.get(&slot, 0).context("read a pod veth slot")? == ifindex {
             map.set(slot, 0, 0)
                 .with_context(|| format!("forget the pod veth of index {ifindex}"))?;
+            self.end_flow_cache()?;
         }
         Ok(())
     }
@@ -684,12 +713,17 @@ impl Datapath {
     /// over every slot.
     pub fn retain_pod_devs(&mut self, keep: &std::collections::BTreeSet<u32>) -> Result<()> {
         let mut map = self.pod_devs_map()?;
+        let mut forgot = false;
         for slot in 0..weir_common::MAX_POD_DEVS {
             let held = map.get(&slot, 0).context("read a pod veth slot")?;
             if held != 0 && !keep.contains(&held) {
                 map.set(slot, 0, 0)
                     .with_context(|| format!("forget the pod veth of index {held}"))?;
+                forgot = true;
             }
+        }
+        if forgot {
+            self.end_flow_cache()?;
         }
         Ok(())
     }

@@ -161,19 +161,59 @@ impl<K: aya::Pod> CtMap<K> {
     }
 }
 
+/// Ends every slot of the programs' flow cache (see `weir_common::FLOW_GEN_GLOBAL`): to be
+/// called after a change to conntrack or to the pod veths, which the cache's slots may have
+/// been filled from. The global generation gets a value no slot holds: its old one plus 1
+/// plus this process's id times 2^32 (another process writing at once writes another), under
+/// a lock within the process.
+pub fn end_flow_cache<T: std::borrow::BorrowMut<MapData>>(
+    gen: &mut Array<T, u64>,
+) -> Result<(), MapError> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let i = weir_common::FLOW_GEN_GLOBAL;
+    let v = gen.get(&i, 0)?;
+    gen.set(
+        i,
+        v.wrapping_add(1 + ((std::process::id() as u64) << 32)),
+        0,
+    )
+}
+
 /// The conntrack maps of both families as one table of [`CtKey`]s: the programs key IPv4
-/// flows by [`Ct4Key`] (`CT4_V1`), IPv6 flows by [`CtKey`] (`CT6_V1`).
+/// flows by [`Ct4Key`] (`CT4_V1`), IPv6 flows by [`CtKey`] (`CT6_V1`). Its writes end the
+/// flow cache's slots (`LB_FLOWGEN_V1`, where it is pinned: a layout from before the cache has
+/// none).
 pub struct Conntrack {
     v4: CtMap<Ct4Key>,
     v6: CtMap<CtKey>,
+    gen: Option<Array<MapData, u64>>,
 }
 
 impl Conntrack {
     pub fn open(maps_dir: &Path) -> Result<Self, WriteError> {
+        let gen = if maps_dir.join(map_names::FLOW_GEN).exists() {
+            Some(open_typed(maps_dir, map_names::FLOW_GEN)?)
+        } else {
+            None
+        };
         Ok(Self {
             v4: CtMap::open(maps_dir, map_names::CT4)?,
             v6: CtMap::open(maps_dir, map_names::CT6)?,
+            gen,
         })
+    }
+
+    /// After a write: the flow cache's slots end (see [`end_flow_cache`]).
+    fn written(&mut self) -> Result<(), WriteError> {
+        match &mut self.gen {
+            Some(g) => end_flow_cache(g).map_err(failed(
+                map_names::FLOW_GEN,
+                "move",
+                "the flow cache's generation".into(),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Hands every entry to `f`, IPv4 ones under their IPv4-mapped tuple.
@@ -215,7 +255,8 @@ impl Conntrack {
             Some(k4) => (self.v4.name, self.v4.typed.insert(k4, v, flags)),
             None => (self.v6.name, self.v6.typed.insert(k, v, flags)),
         };
-        r.map_err(failed(name, "insert", "conntrack entry".into()))
+        r.map_err(failed(name, "insert", "conntrack entry".into()))?;
+        self.written()
     }
 
     /// Removes `keys` (an entry already gone is skipped), in batches where the kernel can.
@@ -228,7 +269,8 @@ impl Conntrack {
             }
         }
         self.v4.delete(&k4)?;
-        self.v6.delete(&k6)
+        self.v6.delete(&k6)?;
+        self.written()
     }
 }
 

@@ -48,6 +48,7 @@ pub struct Harness {
     /// harness lives.
     pub ns: Netns,
     home: std::fs::File,
+    flow_cache: bool,
 }
 
 impl Drop for Harness {
@@ -83,6 +84,14 @@ impl Harness {
         let pins = PinDir(bpffs.path.join("weir"));
         std::fs::create_dir_all(pins.maps())?;
         prepare(&pins.maps())?;
+        // The flow cache takes packets whose checksum kind the programs can read.
+        let flow_cache = facts.skb.is_some();
+        // Test runs run on the calling CPU, whose flow cache slots they use and fill: on one
+        // CPU, which packets find their flow there is the same on every run.
+        let mut one = nix::sched::CpuSet::new();
+        one.set(0)?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one)
+            .context("keep this thread on CPU 0")?;
         let dp = Datapath::load_with(pins.clone(), facts)?;
         // No earlier programs are attached here: nothing can add to an old layout's map.
         dp.finish_ct_migration()?;
@@ -129,6 +138,7 @@ impl Harness {
             _dir: dir,
             ns,
             home,
+            flow_cache,
         })
     }
 
@@ -174,6 +184,26 @@ impl Harness {
         let st = self.programmer.apply(desired, &mut self.maps);
         assert!(st.errors.is_empty(), "programming failed: {:?}", st.errors);
         st
+    }
+
+    /// Whether the programs may translate packets from the flow cache (`flow_cache_hit`):
+    /// not where the loader knows nothing of the kernel (see `without_kernel_facts`).
+    pub fn flow_cache(&self) -> bool {
+        self.flow_cache
+    }
+
+    /// Takes `tc_flow_write` out of its program array: the programs' tail call to it fails,
+    /// and every packet goes through conntrack (B8 times both).
+    pub fn take_flow_cache_writer(&mut self) -> Result<()> {
+        let mut jump: aya::maps::ProgramArray<_> = self
+            .dp
+            .ebpf_mut()
+            .map_mut("FLOW_WRITE")
+            .context("map FLOW_WRITE")?
+            .try_into()?;
+        jump.clear_index(&0).context("clear FLOW_WRITE")?;
+        self.flow_cache = false;
+        Ok(())
     }
 
     /// Loads a classifier of the object that the agent does not load (`tc_noop`).
@@ -224,6 +254,21 @@ impl Harness {
         opts.repeat = repeat;
         let r = p.test_run(opts).expect("BPF_PROG_TEST_RUN");
         r.duration.as_nanos() as f64
+    }
+
+    /// Runs `frame` `repeat` times with `skb->mark` set to `mark`: the kernel's mean ns per
+    /// run and the last run's verdict.
+    pub fn time_marked(&mut self, prog: &str, frame: &[u8], repeat: u32, mark: u32) -> (f64, u32) {
+        // `struct __sk_buff` up to `mark` (offset 8); every other field zero.
+        let mut ctx = [0u8; 12];
+        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        let p = self.classifier(prog);
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.ctx_in = Some(&ctx);
+        opts.repeat = repeat;
+        let r = p.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        (r.duration.as_nanos() as f64, r.return_value)
     }
 
     /// Counters summed over CPUs.
