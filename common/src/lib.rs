@@ -279,7 +279,7 @@ pub struct Ct4Key {
     pub _pad: [u8; 3],
 }
 
-/// Slots of the flow cache, per CPU: the rewrite of an established IPv4 flow's packets as
+/// Slots of the flow cache, per CPU and family: the rewrite of an established flow's packets as
 /// its conntrack entry gave it, so that the flow's next packets on that CPU are translated
 /// with no conntrack lookup and written with no helper call. A slot holds one flow; flows
 /// whose tuples hash alike take it in turns, each falling back to conntrack meanwhile.
@@ -301,6 +301,16 @@ pub const FLOW_SLOT_LIFETIME_NS: u64 = 1_000_000_000;
 pub fn flow_slot(k: &Ct4Key) -> u32 {
     let ports = ((k.sport as u32) << 16) | k.dport as u32;
     let h = (k.src ^ k.dst.rotate_left(16) ^ ports ^ k.proto as u32).wrapping_mul(0x9e37_79b1);
+    h >> (32 - FLOW_SLOTS.trailing_zeros())
+}
+
+/// The flow cache's slot index of an IPv6 tuple (also its generation's in `LB_FLOWGEN_V1`).
+#[inline(always)]
+pub fn flow_slot6(k: &CtKey) -> u32 {
+    let (s, d) = (k.src.words(), k.dst.words());
+    let ports = ((k.sport as u32) << 16) | k.dport as u32;
+    let x = s[0] ^ s[1] ^ s[2] ^ s[3] ^ (d[0] ^ d[1] ^ d[2] ^ d[3]).rotate_left(16);
+    let h = (x ^ ports ^ k.proto as u32).wrapping_mul(0x9e37_79b1);
     h >> (32 - FLOW_SLOTS.trailing_zeros())
 }
 

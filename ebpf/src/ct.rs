@@ -6,7 +6,7 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use weir_common::*;
 
 use crate::{
-    flow::invalidate,
+    flow::{invalidate, invalidate6},
     maps::{Scratch, CT4, CT6},
 };
 
@@ -106,6 +106,7 @@ pub fn reply_entry(s: &Scratch) -> Option<*mut CtValue> {
 pub fn remove_reply(s: &Scratch) {
     if s.pkt.v6 {
         let _ = CT6.remove(&s.reply_key);
+        invalidate6(&s.reply_key);
     } else {
         let _ = CT4.remove(&s.reply_key4);
         invalidate(&s.reply_key4);
@@ -116,7 +117,9 @@ pub fn remove_reply(s: &Scratch) {
 #[inline(always)]
 pub fn insert_fwd(s: &Scratch) -> Result<(), Stat> {
     let r = if s.pkt.v6 {
-        CT6.insert(&s.fwd_key, &s.fwd, 0)
+        let r = CT6.insert(&s.fwd_key, &s.fwd, 0);
+        invalidate6(&s.fwd_key);
+        r
     } else {
         let r = CT4.insert(&s.fwd_key4, &s.fwd, 0);
         invalidate(&s.fwd_key4);
@@ -130,7 +133,11 @@ pub fn insert_fwd(s: &Scratch) -> Result<(), Stat> {
 pub fn insert_reply(s: &Scratch, only_new: bool) -> bool {
     let flags = if only_new { BPF_NOEXIST as u64 } else { 0 };
     if s.pkt.v6 {
-        CT6.insert(&s.reply_key, &s.rev, flags).is_ok()
+        let ok = CT6.insert(&s.reply_key, &s.rev, flags).is_ok();
+        if ok {
+            invalidate6(&s.reply_key);
+        }
+        ok
     } else {
         let ok = CT4.insert(&s.reply_key4, &s.rev, flags).is_ok();
         if ok {

@@ -1,4 +1,4 @@
-//! The flow cache: an established IPv4 flow's rewrite, kept per CPU, so that the flow's next
+//! The flow cache: an established flow's rewrite, kept per CPU, so that the flow's next
 //! packets are translated with no conntrack lookup and written with no helper call.
 //!
 //! Where the time of an established packet went (B8, its `bound` rows): the conntrack lookup
@@ -9,7 +9,8 @@
 //!
 //! - `fill`: the conntrack path, having translated an established packet, leaves the slot of
 //!   its tuple with what it did: the new addresses and ports, the checksum differences, the
-//!   route into a pod (device and Ethernet addresses) or none (the kernel forwards).
+//!   route into a pod (device and Ethernet addresses) or none (the kernel forwards). A packet
+//!   the program routes any other way (through the neighbour table) leaves no slot.
 //! - `lookup`: before conntrack, a packet whose tuple holds a live slot is handed to
 //!   `tc_flow_write` by tail call. That program writes the packet directly; a program that
 //!   does gets a prologue from the kernel that makes every cloned skb's header writable (a
@@ -19,8 +20,9 @@
 //! A slot is used only while it is younger than `FLOW_SLOT_LIFETIME_NS` and its entry's
 //! expiry, and while the generations it was filled under hold (see `FLOW_GEN_GLOBAL`):
 //! any conntrack write of a tuple of that slot index, by a program or by user space, ends it.
-//! Packets that change a flow's state (TCP SYN, FIN, RST), IPv6, IPv4 with options and
-//! CHECKSUM_COMPLETE packets always take conntrack.
+//! Packets that change a flow's state (TCP SYN, FIN, RST), IPv4 with options, IPv6 with
+//! extension headers and CHECKSUM_COMPLETE packets always take conntrack. IPv4 and IPv6 flows
+//! have a map each (`FLOWS`, `FLOWS6`), as conntrack does.
 use aya_ebpf::{
     bindings::TC_ACT_OK,
     helpers::generated::{bpf_get_smp_processor_id, bpf_redirect_peer},
@@ -31,6 +33,7 @@ use aya_ebpf::{
 use weir_common::*;
 
 use crate::{
+    ct::set_key,
     lb::now_ns,
     maps::{count, count_raw, Scratch, SCRATCH},
     nat::{
@@ -40,16 +43,14 @@ use crate::{
     parse::{ptr_at, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// Where the flow was translated: `key._pad[0]` of a slot. The same tuple is translated
-/// differently at an ingress (`handle`: routed) and on the way out (`reply_out`).
+/// Where the flow was translated: the first pad byte of a slot's key. The same tuple is
+/// translated differently at an ingress (`handle`: routed) and on the way out (`reply_out`).
 pub const AT_INGRESS: u8 = 0;
 pub const AT_EGRESS: u8 = 1;
 
-/// One flow's rewrite. Addresses and ports as they lie in the packet.
+/// A flow's rewrite but its addresses, the same for both families.
 #[repr(C)]
-pub struct Slot {
-    /// The packet's tuple, with `AT_*` in its first pad byte.
-    pub key: Ct4Key,
+pub struct Rewrite {
     /// The generations it was filled under (slot index's + global).
     pub gen: u64,
     /// Used until then (the coarse clock, `now_ns`).
@@ -57,8 +58,7 @@ pub struct Slot {
     /// The pod's veth the packet is handed into, its Ethernet addresses in `macs`; 0: the
     /// packet goes on as it is (the kernel forwards it).
     pub ifindex: u32,
-    pub src: u32,
-    pub dst: u32,
+    /// The ports as they are to be, as they lie in the packet.
     pub sport: u16,
     pub dport: u16,
     /// Destination, then source, as 16-bit words.
@@ -74,12 +74,35 @@ pub struct Slot {
     pub _pad: [u8; 3],
 }
 
+/// An IPv4 flow's slot: the packet's tuple (with `AT_*` in its first pad byte), the rewrite,
+/// the addresses as they are to be (as they lie in the packet).
+#[repr(C)]
+pub struct Slot {
+    pub key: Ct4Key,
+    pub rw: Rewrite,
+    pub src: u32,
+    pub dst: u32,
+}
+
+/// An IPv6 flow's slot.
+#[repr(C)]
+pub struct Slot6 {
+    pub key: CtKey,
+    pub rw: Rewrite,
+    pub src: Addr,
+    pub dst: Addr,
+}
+
 /// The cache, per CPU (a flow's packets mostly stay on one). Not pinned: a new run starts
 /// empty.
 #[map(name = "FLOWS")]
 pub static FLOWS: PerCpuArray<Slot> = PerCpuArray::with_max_entries(FLOW_SLOTS, 0);
 
-/// The generations (see `FLOW_GEN_GLOBAL`). Pinned, so that user space moves the global one.
+#[map(name = "FLOWS6")]
+pub static FLOWS6: PerCpuArray<Slot6> = PerCpuArray::with_max_entries(FLOW_SLOTS, 0);
+
+/// The generations (see `FLOW_GEN_GLOBAL`), of both families' slot indices. Pinned, so that
+/// user space moves the global one.
 #[map(name = "LB_FLOWGEN_V1")]
 pub static FLOW_GEN: Array<u64> = Array::pinned(FLOW_SLOTS + 1, 0);
 
@@ -94,15 +117,16 @@ fn generation(idx: u32) -> u64 {
     own.wrapping_add(FLOW_GEN.get(FLOW_GEN_GLOBAL).copied().unwrap_or(0))
 }
 
-/// Ends the slots of a tuple, on every CPU: called after each conntrack write of it.
+/// Ends the slots of slot index `idx`, on every CPU: called after each conntrack write of a
+/// tuple of it (`invalidate`, `invalidate6`).
 ///
 /// Not an atomic add (Rust has none for the BPF target): two CPUs moving it at once may both
 /// write. Each adds 1 and its own number times 2^32, so their values differ from each other
 /// and from any the other read: whichever write comes last, a slot filled under a value read
 /// before it no longer matches.
 #[inline(always)]
-pub fn invalidate(k: &Ct4Key) {
-    if let Some(g) = FLOW_GEN.get_ptr_mut(flow_slot(k)) {
+fn end(idx: u32) {
+    if let Some(g) = FLOW_GEN.get_ptr_mut(idx) {
         // SAFETY: a helper without arguments; a map value, read and written whole.
         unsafe {
             let cpu = bpf_get_smp_processor_id() as u64;
@@ -112,28 +136,36 @@ pub fn invalidate(k: &Ct4Key) {
     }
 }
 
-/// Whether the packet may be translated from the cache at all: IPv4 without options, no
-/// SYN, FIN or RST.
+/// Ends the slots of an IPv4 tuple.
+#[inline(always)]
+pub fn invalidate(k: &Ct4Key) {
+    end(flow_slot(k));
+}
+
+/// Ends the slots of an IPv6 tuple.
+#[inline(always)]
+pub fn invalidate6(k: &CtKey) {
+    end(flow_slot6(k));
+}
+
+/// Where an IPv4 and an IPv6 packet's L4 header starts when the cache takes it: right after
+/// an IPv4 header without options, an IPv6 header without extension headers.
+const L4_4: usize = 14 + 20;
+const L4_6: usize = 14 + 40;
+
+/// Whether the packet may be translated from the cache at all: no IPv4 options or IPv6
+/// extension headers, no SYN, FIN or RST.
 #[inline(always)]
 fn cacheable(s: &Scratch) -> bool {
     let p = &s.pkt;
-    !p.v6
-        && p.l3_off == 14
-        && p.l4_off == 14 + 20
+    p.l3_off == 14
+        && p.l4_off == if p.v6 { L4_6 } else { L4_4 }
         && (p.proto != PROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0)
 }
 
-/// Sets `s.fwd_key4` to the packet's tuple (as `set_fwd_key`) and reads the generation its
-/// slot would be filled under (`s.flow_gen`), before conntrack is looked at: a change made
-/// after that read moves the generation past it. Then, if the slot holds the flow, hands the
-/// packet to `tc_flow_write`, which does not return here. Returns when the packet is not for
-/// the cache (or the tail call failed): the conntrack path goes on.
+/// The rewrite of the IPv4 packet's slot if it holds the flow; sets the key and index.
 #[inline(always)]
-pub fn lookup(ctx: &TcContext, s: &mut Scratch, at: u8) {
-    s.flow_idx = FLOW_SLOTS;
-    if !cacheable(s) {
-        return;
-    }
+fn find4(s: &mut Scratch, at: u8) -> Option<&'static Rewrite> {
     let p = &s.pkt;
     let k = &mut s.fwd_key4;
     k.src = p.src.words()[3];
@@ -144,32 +176,62 @@ pub fn lookup(ctx: &TcContext, s: &mut Scratch, at: u8) {
     let idx = flow_slot(k);
     s.flow_idx = idx;
     s.flow_gen = generation(idx);
-    let Some(slot) = FLOWS.get_ptr(idx) else {
+    // SAFETY: a per-CPU slot, ours for this run.
+    let slot = unsafe { &*FLOWS.get_ptr(idx)? };
+    let (a, b) = (&slot.key, &s.fwd_key4);
+    let same = a.src == b.src
+        && a.dst == b.dst
+        && a.sport == b.sport
+        && a.dport == b.dport
+        && a.proto == b.proto
+        && a._pad[0] == at;
+    same.then_some(&slot.rw)
+}
+
+/// The same for an IPv6 packet.
+#[inline(always)]
+fn find6(s: &mut Scratch, at: u8) -> Option<&'static Rewrite> {
+    let p = &s.pkt;
+    set_key(&mut s.fwd_key, &p.src, &p.dst, p.sport, p.dport, p.proto);
+    let idx = flow_slot6(&s.fwd_key);
+    s.flow_idx = idx;
+    s.flow_gen = generation(idx);
+    // SAFETY: a per-CPU slot, ours for this run.
+    let slot = unsafe { &*FLOWS6.get_ptr(idx)? };
+    let (a, b) = (&slot.key, &s.fwd_key);
+    let same = a.src.words() == b.src.words()
+        && a.dst.words() == b.dst.words()
+        && a.sport == b.sport
+        && a.dport == b.dport
+        && a.proto == b.proto
+        && a._pad[0] == at;
+    same.then_some(&slot.rw)
+}
+
+/// Sets the packet's tuple (as `set_fwd_key`) and slot index, and reads the generation its
+/// slot would be filled under (`s.flow_gen`), before conntrack is looked at: a change made
+/// after that read moves the generation past it. Then, if the slot holds the flow, hands the
+/// packet to `tc_flow_write`, which does not return here. Returns when the packet is not for
+/// the cache (or the tail call failed): the conntrack path goes on.
+#[inline(always)]
+pub fn lookup(ctx: &TcContext, s: &mut Scratch, at: u8) {
+    s.flow_idx = FLOW_SLOTS;
+    if !cacheable(s) {
+        return;
+    }
+    let v6 = s.pkt.v6;
+    let found = if v6 { find6(s, at) } else { find4(s, at) };
+    let Some(rw) = found else {
         return;
     };
-    // SAFETY: a per-CPU slot, ours for this run.
-    let slot = unsafe { &*slot };
-    let (a, b) = (&slot.key, &s.fwd_key4);
-    if a.src != b.src
-        || a.dst != b.dst
-        || a.sport != b.sport
-        || a.dport != b.dport
-        || a.proto != b.proto
-        || a._pad[0] != at
-        || slot.gen != s.flow_gen
-        || slot.until_ns <= now_ns()
-        || (slot.ifindex != 0 && p.ttl <= 1)
-    {
+    if rw.gen != s.flow_gen || rw.until_ns <= now_ns() || (rw.ifindex != 0 && s.pkt.ttl <= 1) {
         return;
     }
     // The packet must hold its L4 checksum in its linear data, which the writer cannot fall
     // back from; and its checksum kind must be one the writer computes.
-    let csum_end = if p.proto == PROTO_TCP {
-        14 + 20 + 18
-    } else {
-        14 + 20 + 8
-    };
-    if ptr_at::<[u8; 14 + 20 + 8]>(ctx, csum_end - (14 + 20 + 8)).is_none() {
+    let l4 = if v6 { L4_6 } else { L4_4 };
+    let csum_end = l4 + if s.pkt.proto == PROTO_TCP { 18 } else { 8 };
+    if ptr_at::<[u8; L4_4 + 8]>(ctx, csum_end - (L4_4 + 8)).is_none() {
         return;
     }
     match ip_summed(ctx) {
@@ -188,57 +250,107 @@ pub fn fill(s: &Scratch, at: u8, ifindex: u32, stat: Stat, expires_ns: u64) {
     if s.flow_idx >= FLOW_SLOTS {
         return;
     }
-    let Some(slot) = FLOWS.get_ptr_mut(s.flow_idx) else {
-        return;
-    };
-    // SAFETY: a per-CPU slot, ours for this run.
-    let slot = unsafe { &mut *slot };
     let (p, src, dst) = (&s.pkt, &s.chg_src, &s.chg_dst);
+    let (sa, da) = (
+        if src.on { &src.new_addr } else { &p.src },
+        if dst.on { &dst.new_addr } else { &p.dst },
+    );
+    let rw = if p.v6 {
+        // SAFETY: a per-CPU slot, ours for this run.
+        let Some(slot) = FLOWS6.get_ptr_mut(s.flow_idx).map(|x| unsafe { &mut *x }) else {
+            return;
+        };
+        let k = &s.fwd_key;
+        set_key(&mut slot.key, &k.src, &k.dst, k.sport, k.dport, k.proto);
+        slot.key._pad[0] = at;
+        slot.src = *sa;
+        slot.dst = *da;
+        &mut slot.rw
+    } else {
+        // SAFETY: a per-CPU slot, ours for this run.
+        let Some(slot) = FLOWS.get_ptr_mut(s.flow_idx).map(|x| unsafe { &mut *x }) else {
+            return;
+        };
+        let k = &s.fwd_key4;
+        slot.key.src = k.src;
+        slot.key.dst = k.dst;
+        slot.key.sport = k.sport;
+        slot.key.dport = k.dport;
+        slot.key.proto = k.proto;
+        slot.key._pad[0] = at;
+        slot.src = sa.words()[3];
+        slot.dst = da.words()[3];
+        &mut slot.rw
+    };
     let mut d = Diffs { addr: 0, port: 0 };
     crate::nat::diff(p, src, &mut d);
     crate::nat::diff(p, dst, &mut d);
-    let k = &s.fwd_key4;
-    slot.key.src = k.src;
-    slot.key.dst = k.dst;
-    slot.key.sport = k.sport;
-    slot.key.dport = k.dport;
-    slot.key.proto = k.proto;
-    slot.key._pad[0] = at;
-    slot.gen = s.flow_gen;
+    rw.gen = s.flow_gen;
     let until = now_ns() + FLOW_SLOT_LIFETIME_NS;
-    slot.until_ns = if expires_ns < until {
+    rw.until_ns = if expires_ns < until {
         expires_ns
     } else {
         until
     };
-    slot.ifindex = ifindex;
-    (slot.src, slot.sport) = if src.on {
-        (src.new_addr.words()[3], src.new_port)
-    } else {
-        (k.src, p.sport)
-    };
-    (slot.dst, slot.dport) = if dst.on {
-        (dst.new_addr.words()[3], dst.new_port)
-    } else {
-        (k.dst, p.dport)
-    };
+    rw.ifindex = ifindex;
+    rw.sport = if src.on { src.new_port } else { p.sport };
+    rw.dport = if dst.on { dst.new_port } else { p.dport };
     let (dm, sm) = (&s.fib.dmac, &s.fib.smac);
     for i in 0..3 {
-        slot.macs[i] = u16::from_ne_bytes([dm[2 * i], dm[2 * i + 1]]);
-        slot.macs[3 + i] = u16::from_ne_bytes([sm[2 * i], sm[2 * i + 1]]);
+        rw.macs[i] = u16::from_ne_bytes([dm[2 * i], dm[2 * i + 1]]);
+        rw.macs[3 + i] = u16::from_ne_bytes([sm[2 * i], sm[2 * i + 1]]);
     }
     // A hop: the TTL, the first byte of its 16-bit word with the protocol as it lies in
-    // memory, goes down by one, which adds the complement of that word's 1 to the header's
-    // sum, as `nat::rewrite_inner` computes it.
+    // memory, goes down by one, which adds the complement of that word's 1 to the IPv4
+    // header's sum, as `nat::rewrite_inner` computes it.
     let hop = if ifindex != 0 {
         (!u16::from_ne_bytes([1, 0])) as u64
     } else {
         0
     };
-    slot.ip_diff = fold32(d.addr + hop);
-    slot.l4_addr = fold32(d.addr);
-    slot.l4_port = fold16(fold32(d.port)) as u32;
-    slot.stat = stat as u8;
+    rw.ip_diff = fold32(d.addr + hop);
+    rw.l4_addr = fold32(d.addr);
+    rw.l4_port = fold16(fold32(d.port)) as u32;
+    rw.stat = stat as u8;
+}
+
+/// Writes `words` into the packet from `f` on.
+///
+/// # Safety
+/// `f` points at packet data with room for the words, checked by `ptr_at`.
+#[inline(always)]
+unsafe fn put(f: *mut u16, words: &[u16]) {
+    for (i, w) in words.iter().enumerate() {
+        // SAFETY: the caller's bounds.
+        unsafe { *f.add(i) = *w };
+    }
+}
+
+/// A routed packet's Ethernet addresses and TTL (hop limit, at `ttl_off`), for a rewrite
+/// into a pod.
+///
+/// # Safety
+/// `f` points at the packet's start, with room past `ttl_off`, checked by `ptr_at`.
+#[inline(always)]
+unsafe fn head(f: *mut u16, rw: &Rewrite, ttl_off: usize) {
+    if rw.ifindex != 0 {
+        // SAFETY: the caller's bounds.
+        unsafe {
+            put(f, &rw.macs);
+            *(f as *mut u8).add(ttl_off) -= 1;
+        }
+    }
+}
+
+/// An address's bytes as 16-bit words.
+#[inline(always)]
+fn halves(a: &Addr) -> [u16; 8] {
+    let b = &a.0;
+    let mut w = [0u16; 8];
+    for (i, w) in w.iter_mut().enumerate() {
+        *w = u16::from_ne_bytes([b[2 * i], b[2 * i + 1]]);
+    }
+    w
 }
 
 /// `tc_flow_write`: the rewrite of the slot `lookup` found, written into the packet, and the
@@ -252,67 +364,98 @@ pub fn write(ctx: &TcContext) -> i32 {
     };
     // SAFETY: the per-CPU scratch slot, as `lookup` left it for this packet.
     let s = unsafe { &*s };
-    let Some(slot) = FLOWS.get_ptr(s.flow_idx) else {
-        return TC_ACT_SHOT;
-    };
-    // SAFETY: a per-CPU slot, ours for this run.
-    let slot = unsafe { &*slot };
+    let v6 = s.pkt.v6;
     let udp = s.pkt.proto == PROTO_UDP;
-    let csum_off = if udp { 14 + 20 + 6 } else { 14 + 20 + 16 };
-    let (Some(f), Some(l4)) = (ptr_at::<[u16; 19]>(ctx, 0), ptr_at::<u16>(ctx, csum_off)) else {
+    let csum_off = if v6 { L4_6 } else { L4_4 } + if udp { 6 } else { 16 };
+    let Some(l4) = ptr_at::<u16>(ctx, csum_off) else {
         count(Stat::DropRewriteFailed);
         return TC_ACT_SHOT;
     };
-    let (f, l4) = (f as *mut u16, l4 as *mut u16);
-    // SAFETY: `ptr_at` checked the bounds of the 38 bytes from the Ethernet header to the
-    // ports and of the checksum field; this program may write packet data. Words at even
-    // offsets (see `parse::half`).
-    unsafe {
-        if slot.ifindex != 0 {
-            for i in 0..6 {
-                *f.add(i) = slot.macs[i];
-            }
-            *(f as *mut u8).add(14 + 8) -= 1;
+    let l4 = l4 as *mut u16;
+    // The slot's rewrite, written through the packet pointer from the Ethernet header to the
+    // ports (`ptr_at` checks their bounds, and the checksum field's above; this program may
+    // write packet data). Words at even offsets (see `parse::half`).
+    let rw = if v6 {
+        // SAFETY: a per-CPU slot, ours for this run.
+        let Some(slot) = FLOWS6.get_ptr(s.flow_idx).map(|x| unsafe { &*x }) else {
+            return TC_ACT_SHOT;
+        };
+        let Some(f) = ptr_at::<[u16; (L4_6 + 4) / 2]>(ctx, 0) else {
+            count(Stat::DropRewriteFailed);
+            return TC_ACT_SHOT;
+        };
+        let f = f as *mut u16;
+        // SAFETY: above.
+        unsafe {
+            head(f, &slot.rw, 14 + 7);
+            put(f.add((14 + 8) / 2), &halves(&slot.src));
+            put(f.add((14 + 24) / 2), &halves(&slot.dst));
+            put(f.add(L4_6 / 2), &[slot.rw.sport, slot.rw.dport]);
         }
-        let ip_csum = f.add((14 + 10) / 2);
-        if slot.ip_diff != 0 {
-            *ip_csum = !fold16(fold32((!*ip_csum) as u64 + slot.ip_diff as u64));
-        }
+        &slot.rw
+    } else {
+        // SAFETY: a per-CPU slot, ours for this run.
+        let Some(slot) = FLOWS.get_ptr(s.flow_idx).map(|x| unsafe { &*x }) else {
+            return TC_ACT_SHOT;
+        };
+        let Some(f) = ptr_at::<[u16; (L4_4 + 4) / 2]>(ctx, 0) else {
+            count(Stat::DropRewriteFailed);
+            return TC_ACT_SHOT;
+        };
+        let f = f as *mut u16;
         let (sa, da) = (slot.src.to_ne_bytes(), slot.dst.to_ne_bytes());
-        let a = f.add((14 + 12) / 2);
-        *a = u16::from_ne_bytes([sa[0], sa[1]]);
-        *a.add(1) = u16::from_ne_bytes([sa[2], sa[3]]);
-        *a.add(2) = u16::from_ne_bytes([da[0], da[1]]);
-        *a.add(3) = u16::from_ne_bytes([da[2], da[3]]);
-        *f.add((14 + 20) / 2) = slot.sport;
-        *f.add((14 + 22) / 2) = slot.dport;
+        // SAFETY: above.
+        unsafe {
+            head(f, &slot.rw, 14 + 8);
+            let ip_csum = f.add((14 + 10) / 2);
+            if slot.rw.ip_diff != 0 {
+                *ip_csum = !fold16(fold32((!*ip_csum) as u64 + slot.rw.ip_diff as u64));
+            }
+            put(
+                f.add((14 + 12) / 2),
+                &[
+                    u16::from_ne_bytes([sa[0], sa[1]]),
+                    u16::from_ne_bytes([sa[2], sa[3]]),
+                    u16::from_ne_bytes([da[0], da[1]]),
+                    u16::from_ne_bytes([da[2], da[3]]),
+                    slot.rw.sport,
+                    slot.rw.dport,
+                ],
+            );
+        }
+        &slot.rw
+    };
+    // A UDP checksum of 0 ("none") in IPv4 only, as `nat` has it.
+    let mangled = udp && !v6;
+    // SAFETY: `ptr_at` checked the field's bounds.
+    unsafe {
         // The L4 checksum as `nat::l4_csum_first` computes it for a packet whose kind it
-        // knows: a UDP datagram without one keeps it.
+        // knows: an IPv4 UDP datagram without one keeps it.
         let sum0 = *l4;
-        if !(udp && sum0 == 0) {
+        if !(mangled && sum0 == 0) {
             let mut sum = sum0;
             if s.flow_csum == CHECKSUM_PARTIAL {
-                if slot.l4_addr != 0 {
-                    sum = partial_by_diff(sum, slot.l4_addr, udp);
+                if rw.l4_addr != 0 {
+                    sum = partial_by_diff(sum, rw.l4_addr, mangled);
                 }
             } else {
-                if slot.l4_addr != 0 {
-                    sum = full_by_diff(sum, slot.l4_addr, udp);
+                if rw.l4_addr != 0 {
+                    sum = full_by_diff(sum, rw.l4_addr, mangled);
                 }
-                if slot.l4_port != 0 {
-                    sum = full_by_diff(sum, slot.l4_port, udp);
+                if rw.l4_port != 0 {
+                    sum = full_by_diff(sum, rw.l4_port, mangled);
                 }
             }
             *l4 = sum;
         }
     }
     count(Stat::FlowCacheHit);
-    count_raw(slot.stat as u32);
-    if slot.ifindex == 0 {
+    count_raw(rw.stat as u32);
+    if rw.ifindex == 0 {
         return TC_ACT_OK as i32;
     }
     count(Stat::Routed);
     count(Stat::RoutedToPod);
     // SAFETY: a helper on integers.
-    unsafe { bpf_redirect_peer(slot.ifindex, 0) as i32 }
+    unsafe { bpf_redirect_peer(rw.ifindex, 0) as i32 }
 }

@@ -360,6 +360,15 @@ fixtures! {
         step(with_zero_udp_checksum(udp(CLI4, 40001, VIP4, 53, b"9")), OK,
              Out::Exact(with_zero_udp_checksum(udp(CLI4, 40001, BE4, 5353, b"9"))), &[(Stat::DnatEstablished, 1), (Stat::FlowCacheHit, 1)]),
     ]);
+    lb6_established_flows_are_translated_from_the_flow_cache => (services(), vec![
+        step(tcp(CLI6, 40000, VIP6, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI6, 40000, BE6, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
+        step(tcp(CLI6, 40000, VIP6, 80, Tcp::Ack), OK, Out::Exact(tcp(CLI6, 40000, BE6, 8080, Tcp::Ack)), &[(Stat::DnatEstablished, 1)]),
+        step(tcp(CLI6, 40000, VIP6, 80, Tcp::Ack), OK, Out::Exact(tcp(CLI6, 40000, BE6, 8080, Tcp::Ack)), &[(Stat::DnatEstablished, 1), (Stat::FlowCacheHit, 1)]),
+        step(tcp(CLI6, 40000, VIP6, 80, Tcp::Rst), OK, Out::Exact(tcp(CLI6, 40000, BE6, 8080, Tcp::Rst)), &[(Stat::DnatEstablished, 1)]),
+        step(udp(CLI6, 40000, VIP6, 53, b"7"), OK, Out::Exact(udp(CLI6, 40000, BE6, 5353, b"7")), &[(Stat::DnatNew, 1)]),
+        step(udp(CLI6, 40000, VIP6, 53, b"8"), OK, Out::Exact(udp(CLI6, 40000, BE6, 5353, b"8")), &[(Stat::DnatEstablished, 1)]),
+        step(udp(CLI6, 40000, VIP6, 53, b"9"), OK, Out::Exact(udp(CLI6, 40000, BE6, 5353, b"9")), &[(Stat::DnatEstablished, 1), (Stat::FlowCacheHit, 1)]),
+    ]);
     lb4_direct_connection_clears_a_stale_reply_entry => (services(), vec![
         step(tcp(CLI4, 40000, VIP4, 80, Tcp::Syn), OK, Out::Exact(tcp(CLI4, 40000, BE4, 8080, Tcp::Syn)), &[(Stat::DnatNew, 1)]),
         // Same ports, straight to the backend (socket LB, or a pod-IP client): not a service.
@@ -1613,6 +1622,38 @@ fn translated_packets_to_a_pod_go_straight_into_it() {
                 REDIRECT,
                 Out::Exact(into(udp(VIP6, 53, CLI6, 40000, b"be-1 7"), CLI_MAC)),
                 &[(Stat::RevNat, 1), (Stat::Routed, 1), (Stat::RoutedToPod, 1)],
+            ),
+            step(
+                udp(BE6, 5353, CLI6, 40000, b"be-1 8"),
+                REDIRECT,
+                Out::Exact(into(udp(VIP6, 53, CLI6, 40000, b"be-1 8"), CLI_MAC)),
+                &[
+                    (Stat::RevNat, 1),
+                    (Stat::Routed, 1),
+                    (Stat::RoutedToPod, 1),
+                    (Stat::FlowCacheHit, 1),
+                ],
+            ),
+            step(
+                udp(CLI6, 40000, VIP6, 53, b"8"),
+                REDIRECT,
+                Out::Exact(into(udp(CLI6, 40000, BE6, 5353, b"8"), BE_MAC)),
+                &[
+                    (Stat::DnatEstablished, 1),
+                    (Stat::Routed, 1),
+                    (Stat::RoutedToPod, 1),
+                ],
+            ),
+            step(
+                udp(CLI6, 40000, VIP6, 53, b"9"),
+                REDIRECT,
+                Out::Exact(into(udp(CLI6, 40000, BE6, 5353, b"9"), BE_MAC)),
+                &[
+                    (Stat::DnatEstablished, 1),
+                    (Stat::Routed, 1),
+                    (Stat::RoutedToPod, 1),
+                    (Stat::FlowCacheHit, 1),
+                ],
             ),
             // IP options: the Ethernet addresses in a store of their own.
             step(

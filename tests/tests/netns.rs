@@ -138,29 +138,36 @@ fn the_tc_path_works_with_socket_hooks_off() {
     assert_eq!(st.pod_veths.len(), s.node.pods.len(), "{:?}", st.pod_veths);
     // On connections kept open, a flow's packets after its first on a CPU are translated from
     // the flow cache: segments of the pods' TCP sockets, cloned, with CHECKSUM_PARTIAL, both
-    // ways. Every request must still be answered.
-    let r = s
-        .loadtest(
-            &[
-                "198.19.0.10:80",
-                "--rate",
-                "600",
-                "--duration",
-                "1s",
-                "--connections",
-                "3",
-            ],
-            false,
-            false,
-        )
-        .unwrap();
-    assert_eq!(r.ok, r.sent, "kept connections: errors {:?}", r.errors);
-    let hits = s.status().unwrap().counters["flow_cache_hit"] - st.counters["flow_cache_hit"];
-    assert!(
-        hits >= r.sent,
-        "{hits} packets of {} requests and their replies from the flow cache",
-        r.sent
-    );
+    // ways, IPv4 and IPv6. Every request must still be answered.
+    for target in ["198.19.0.10:80", "[fd00:19::10]:80"] {
+        let before = s.status().unwrap().counters["flow_cache_hit"];
+        let r = s
+            .loadtest(
+                &[
+                    target,
+                    "--rate",
+                    "600",
+                    "--duration",
+                    "1s",
+                    "--connections",
+                    "3",
+                ],
+                false,
+                false,
+            )
+            .unwrap();
+        assert_eq!(
+            r.ok, r.sent,
+            "{target}, kept connections: errors {:?}",
+            r.errors
+        );
+        let hits = s.status().unwrap().counters["flow_cache_hit"] - before;
+        assert!(
+            hits >= r.sent,
+            "{target}: {hits} packets of {} requests and their replies from the flow cache",
+            r.sent
+        );
+    }
     // With the node's stack forwarding them, none is (the records of the run before go).
     s.agent_args = vec!["--host-routing".into(), "kernel".into()];
     s.kill_agent();
