@@ -29,22 +29,129 @@ struct Row {
 /// Runs of a routed case per test run: each decrements the TTL of a frame that starts at 255.
 const ROUTED_BATCH: u32 = 250;
 
-/// A case's runs are timed in this many equal parts, and its figure is the least of their
-/// means: another guest's work on the host, which slows whole parts of a run here by up to
-/// half, is kept out of it.
-const PARTS: u32 = 5;
+/// Rounds over all cases (see `measure`): a case's figure is its least round's mean.
+const ROUNDS: u32 = 10;
 
-/// The least mean of `PARTS` parts of `runs`, `time(n)` timing `n` runs (`runs` too few to
-/// split: one part).
-fn least_of_parts(runs: u32, mut time: impl FnMut(u32) -> Result<f64>) -> Result<f64> {
-    if runs < PARTS {
-        return time(runs);
+/// One timed case.
+struct Case {
+    label: &'static str,
+    prog: &'static str,
+    frame: Vec<u8>,
+    /// The counter each run must move.
+    stat: Option<Stat>,
+    /// Routed into the pod: timed in test runs of `ROUTED_BATCH` from a frame with TTL 255
+    /// (each run decrements it), each run counted as `routed_to_pod`.
+    into_pod: bool,
+    /// From the flow cache (`Some(true)`: at least 99 % of the runs counted as
+    /// `flow_cache_hit`), through conntrack with the cache's writer out (`Some(false)`: none).
+    cached: Option<bool>,
+    /// `skb->mark` (the pod veth a bound program redirects to), the redirect verdict checked.
+    mark: Option<u32>,
+    least: f64,
+    ran: u64,
+    hits: u64,
+}
+
+impl Case {
+    fn new(label: &'static str, prog: &'static str, frame: Vec<u8>, stat: Option<Stat>) -> Self {
+        Case {
+            label,
+            prog,
+            frame,
+            stat,
+            into_pod: false,
+            cached: None,
+            mark: None,
+            least: f64::INFINITY,
+            ran: 0,
+            hits: 0,
+        }
     }
-    let mut least = f64::INFINITY;
-    for _ in 0..PARTS {
-        least = least.min(time(runs / PARTS)?);
+
+    fn into_pod(mut self) -> Self {
+        self.into_pod = true;
+        self.frame = with_ttl(self.frame, 255);
+        self
     }
-    Ok(least)
+
+    fn cached(mut self, cached: Option<bool>) -> Self {
+        self.cached = cached;
+        self
+    }
+
+    fn marked(mut self, ifindex: u32) -> Self {
+        self.mark = Some(ifindex);
+        self
+    }
+
+    /// Times `runs` runs (whole batches of the routed ones) and checks that each took the
+    /// case's path: its counters, its verdict.
+    fn time(&mut self, h: &mut Harness, runs: u32) -> Result<()> {
+        let before = h.stats();
+        let (ns, ran) = if self.into_pod {
+            let batches = (runs / ROUTED_BATCH).max(1);
+            let mut total = 0.0;
+            for _ in 0..batches {
+                total += h.time(self.prog, &self.frame, ROUTED_BATCH);
+            }
+            (total / batches as f64, batches * ROUTED_BATCH)
+        } else if let Some(mark) = self.mark {
+            let (ns, verdict) = h.time_marked(self.prog, &self.frame, runs, mark);
+            if verdict != TC_ACT_REDIRECT {
+                bail!(
+                    "b8: {} returned {verdict}, not the redirect: it measured another path",
+                    self.prog
+                );
+            }
+            (ns, runs)
+        } else {
+            (h.time(self.prog, &self.frame, runs), runs)
+        };
+        let after = h.stats();
+        let moved = |s: Stat| after[s as usize] - before[s as usize];
+        if let Some(stat) = self.stat {
+            if moved(stat) != ran as u64 {
+                bail!(
+                    "b8: {}: {} of {ran} runs counted as {stat:?}: the case measures another path",
+                    self.label,
+                    moved(stat)
+                );
+            }
+        }
+        if self.into_pod && moved(Stat::RoutedToPod) != ran as u64 {
+            bail!(
+                "b8: {}: {} of {ran} runs routed into the pod",
+                self.label,
+                moved(Stat::RoutedToPod)
+            );
+        }
+        let hits = moved(Stat::FlowCacheHit);
+        if self.cached == Some(false) && hits != 0 {
+            bail!(
+                "b8: {}: {hits} runs from the flow cache with its writer out",
+                self.label
+            );
+        }
+        self.ran += ran as u64;
+        self.hits += hits;
+        self.least = self.least.min(ns);
+        Ok(())
+    }
+
+    /// The flow cache took the cached case's runs: all but those that filled a slot (the
+    /// first of each tuple on the CPU, which the harness keeps to, and one a second as slots
+    /// age out).
+    fn check(&self) -> Result<()> {
+        if self.cached == Some(true) && self.hits < self.ran * 99 / 100 {
+            bail!(
+                "b8: {}: {} of {} runs from the flow cache: the case measures another path",
+                self.label,
+                self.hits,
+                self.ran
+            );
+        }
+        Ok(())
+    }
 }
 
 fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
@@ -84,59 +191,7 @@ fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
     h.dp.add_pod_dev("pods0", pods0)?;
     let n = (MAX_CT as u64 * fill_pct as u64 / 100) as usize;
     fill_ct(&h, n)?;
-    // A repeated run sees the frame its previous run rewrote. So that every run of an
-    // established case does that case's work, the rewritten frame gets a conntrack entry that
-    // rewrites it back (client → backend is sent on to the VIP, VIP → client back to the
-    // backend's address): the runs ping-pong between two entries of the same kind. Every run
-    // must be counted under `stat`, or the figure is of another path and the benchmark fails.
-    let timed_on = |h: &mut Harness, prog: &str, frame: Vec<u8>, repeat: u32, stat: Stat| {
-        let before = h.stats()[stat as usize];
-        let ns = least_of_parts(repeat, |n| Ok(h.time(prog, &frame, n)))?;
-        let counted = h.stats()[stat as usize] - before;
-        let ran = if repeat < PARTS {
-            repeat
-        } else {
-            repeat / PARTS * PARTS
-        };
-        if counted != ran as u64 {
-            bail!(
-                "b8: {counted} of {ran} runs counted as {stat:?}: the case measures another path"
-            );
-        }
-        Ok(ns)
-    };
-    // A routed packet's TTL is decremented, on every run of the ping-pong: those cases run in
-    // batches of ROUTED_BATCH from a frame with TTL 255, every run routed into the pod
-    // (checked), none left to the kernel for an exhausted TTL.
-    let batches = runs / ROUTED_BATCH;
-    let into_pod = |h: &mut Harness, prog: &str, frame: Vec<u8>, stat: Stat| -> Result<f64> {
-        let before = h.stats()[Stat::RoutedToPod as usize];
-        let frame = with_ttl(frame, 255);
-        let ns = least_of_parts(batches, |part| {
-            let mut total = 0.0;
-            for _ in 0..part {
-                total += timed_on(h, prog, frame.clone(), ROUTED_BATCH, stat)?;
-            }
-            Ok(total / part as f64)
-        })?;
-        let routed = h.stats()[Stat::RoutedToPod as usize] - before;
-        let ran = (batches / PARTS * PARTS * ROUTED_BATCH) as u64;
-        if routed != ran {
-            bail!("b8: {routed} of {ran} runs routed into the pod");
-        }
-        Ok(ns)
-    };
-    // What BPF_PROG_TEST_RUN costs per run around any program: one that returns at once.
-    h.load_classifier(NOOP)?;
-    let noop = tcp("198.18.1.10", 40000, "198.18.1.12", 8080, Tcp::Ack);
-    let empty = least_of_parts(runs, |n| Ok(h.time(NOOP, &noop, n)))?;
-    let floor = timed_on(
-        &mut h,
-        PROG,
-        tcp("198.18.1.10", 40000, "198.18.1.12", 8080, Tcp::Ack),
-        runs,
-        Stat::PassNoService,
-    )?;
+    // The flows of the established cases: their first packets, through the programs.
     h.run(
         PROG,
         &tcp("198.18.1.10", 40000, "198.19.0.10", 80, Tcp::Syn),
@@ -184,97 +239,153 @@ fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
         &back(vip2, 80, CT_DIR_FORWARD, CT_F_KERNEL_ROUTE),
         0,
     )?;
-    // Established flows: their packets after the first on a CPU are translated from the flow
-    // cache (`tc_flow_write`, by tail call); then the same cases through conntrack, the
-    // writer taken out of its program array (what a flow's first packet on a CPU takes, and
-    // every packet the cache does not: IPv6, a flow routed by the neighbour table).
-    let mut est = Vec::new();
+    // A repeated run sees the frame its previous run rewrote. So that every run of an
+    // established case does that case's work, the rewritten frame gets a conntrack entry that
+    // rewrites it back (client → backend is sent on to the VIP, VIP → client back to the
+    // backend's address): the runs ping-pong between two entries of the same kind.
+    let syn_free = |src, sport, dst, dport| tcp(src, sport, dst, dport, Tcp::Ack);
+    let dnat = || syn_free("198.18.1.10", 40000, "198.19.0.10", 80);
+    let reply = || syn_free("198.18.1.11", 8080, "198.18.1.10", 40000);
+    let remote = || syn_free("198.18.1.10", 40001, "198.19.0.20", 80);
+    use Stat::{DnatEstablished as Dnat, PassNoService, RevNat};
+    let mut cases = vec![
+        Case::new(
+            "an empty program (the test run's own cost)",
+            NOOP,
+            dnat(),
+            None,
+        ),
+        Case::new(
+            "not a service (floor)",
+            PROG,
+            syn_free("198.18.1.10", 40000, "198.18.1.12", 8080),
+            Some(PassNoService),
+        ),
+    ];
     for cached in [true, false] {
-        if !cached {
-            h.take_flow_cache_writer()?;
-        }
-        let hits = h.stats()[Stat::FlowCacheHit as usize];
-        est.push(into_pod(
-            &mut h,
-            PROG,
-            tcp("198.18.1.10", 40000, "198.19.0.10", 80, Tcp::Ack),
-            Stat::DnatEstablished,
-        )?);
-        // The same flow's packet as an uplink's program sees it (an external client's, to a
-        // NodePort): its established path is `tc_from_pod`'s, timed on its own program.
-        est.push(into_pod(
-            &mut h,
-            "tc_from_netdev",
-            tcp("198.18.1.10", 40000, "198.19.0.10", 80, Tcp::Ack),
-            Stat::DnatEstablished,
-        )?);
-        // To an endpoint behind the uplink: translated, and left to the kernel's forwarding
-        // (the flow's first lookup said so), as kube-proxy's DNAT is.
-        let before = h.stats()[Stat::Routed as usize];
-        est.push(timed_on(
-            &mut h,
-            PROG,
-            tcp("198.18.1.10", 40001, "198.19.0.20", 80, Tcp::Ack),
-            runs,
-            Stat::DnatEstablished,
-        )?);
-        if h.stats()[Stat::Routed as usize] != before {
-            bail!("b8: packets to the endpoint behind the uplink were routed by the program");
-        }
-        est.push(into_pod(
-            &mut h,
-            PROG,
-            tcp("198.18.1.11", 8080, "198.18.1.10", 40000, Tcp::Ack),
-            Stat::RevNat,
-        )?);
-        // The same reply leaving by an uplink (an external client's flow served by a pod
-        // whose veth carries no program): `tc_to_netdev` translates it, routed already.
-        est.push(timed_on(
-            &mut h,
-            "tc_to_netdev",
-            tcp("198.18.1.11", 8080, "198.18.1.10", 40000, Tcp::Ack),
-            runs,
-            Stat::RevNat,
-        )?);
-        // Each of the 5 cases runs about `runs` times (the routed ones in whole batches).
-        // With the cache, all hit it but the runs that fill a slot: the first of each of
-        // their 8 tuples on the CPU (the harness keeps to one), and one a second as slots
-        // age out; at least 99 %. Without it, none.
-        let hit = h.stats()[Stat::FlowCacheHit as usize] - hits;
-        let least = 5 * (batches * ROUTED_BATCH).min(runs) as u64 * 99 / 100;
-        if cached && hit < least || !cached && hit != 0 {
-            bail!("b8: {hit} runs from the flow cache (cached: {cached}): the cases measure another path");
+        let c = Some(cached);
+        let label = |with: &'static str, without: &'static str| if cached { with } else { without };
+        cases.extend([
+            Case::new(
+                label(
+                    "established flow, DNAT, into the pod (redirect_peer)",
+                    "the same through conntrack: DNAT, into the pod",
+                ),
+                PROG,
+                dnat(),
+                Some(Dnat),
+            )
+            .into_pod()
+            .cached(c),
+            // The same flow's packet as an uplink's program sees it (an external client's, to
+            // a NodePort): its established path is `tc_from_pod`'s, timed on its own program.
+            Case::new(
+                label(
+                    "established flow, DNAT on an uplink's ingress (tc_from_netdev), into the pod",
+                    "the same through conntrack: DNAT on an uplink's ingress, into the pod",
+                ),
+                "tc_from_netdev",
+                dnat(),
+                Some(Dnat),
+            )
+            .into_pod()
+            .cached(c),
+            // To an endpoint behind the uplink: translated, and left to the kernel's forwarding
+            // (the flow's first lookup said so), as kube-proxy's DNAT is.
+            Case::new(
+                label(
+                    "established flow, DNAT to an endpoint behind the uplink (kernel forwards)",
+                    "the same through conntrack: DNAT, the kernel forwards",
+                ),
+                PROG,
+                remote(),
+                Some(Dnat),
+            )
+            .cached(c),
+            Case::new(
+                label(
+                    "established flow, reply reverse NAT, into the client pod",
+                    "the same through conntrack: reply, into the client pod",
+                ),
+                PROG,
+                reply(),
+                Some(RevNat),
+            )
+            .into_pod()
+            .cached(c),
+            // The same reply leaving by an uplink (an external client's flow served by a pod
+            // whose veth carries no program): `tc_to_netdev` translates it, routed already.
+            Case::new(
+                label(
+                    "established flow, reply reverse NAT on an uplink's egress (tc_to_netdev)",
+                    "the same through conntrack: reply, tc_to_netdev",
+                ),
+                "tc_to_netdev",
+                reply(),
+                Some(RevNat),
+            )
+            .cached(c),
+        ]);
+    }
+    // The kernel's part of the packet into the pod alone, with today's conntrack path's
+    // primitives and with the cache's (see `ebpf/src/bound.rs`): each run must end in the
+    // redirect, or it measured an early return.
+    for prog in ["tc_bound_ct_store", "tc_bound_percpu_direct"] {
+        h.load_classifier(prog)?;
+    }
+    cases.extend([
+        Case::new(
+            "bound: conntrack lookup + bpf_skb_store_bytes + redirect_peer, no logic",
+            "tc_bound_ct_store",
+            dnat(),
+            None,
+        )
+        .marked(pods0),
+        Case::new(
+            "bound: per-CPU array lookup + direct writes + redirect_peer, no logic",
+            "tc_bound_percpu_direct",
+            dnat(),
+            None,
+        )
+        .marked(pods0),
+    ]);
+    h.load_classifier(NOOP)?;
+    // In rounds: each round times every case once for `runs / ROUNDS` runs (the conntrack
+    // cases with the flow cache's writer taken out of its program array), and a case's figure
+    // is its least round's mean. Another guest's work on the host slows this one's for
+    // seconds at a time, by up to half: spread over the whole run, each case meets quiet
+    // rounds too.
+    let part = runs / ROUNDS;
+    for _ in 0..ROUNDS {
+        for cached in [true, false] {
+            h.set_flow_cache_writer(cached)?;
+            for c in cases
+                .iter_mut()
+                .filter(|c| c.cached.unwrap_or(true) == cached)
+            {
+                c.time(&mut h, part)?;
+            }
         }
     }
-    // The kernel's part of that packet alone, and what a per-CPU flow cache with direct
-    // writes reaches at best (see `ebpf/src/bound.rs`): each run must end in the redirect,
-    // or it measured an early return.
-    let mut bound = |prog: &str| -> Result<f64> {
-        h.load_classifier(prog)?;
-        let frame = tcp("198.18.1.10", 40000, "198.19.0.10", 80, Tcp::Ack);
-        least_of_parts(runs, |n| {
-            let (ns, verdict) = h.time_marked(prog, &frame, n, pods0);
-            if verdict != TC_ACT_REDIRECT {
-                bail!("b8: {prog} returned {verdict}, not the redirect: it measured another path");
-            }
-            Ok(ns)
-        })
-    };
-    let bound_ct = bound("tc_bound_ct_store")?;
-    let bound_percpu = bound("tc_bound_percpu_direct")?;
-    // New flows: every packet a flow conntrack has not seen, so one run each.
+    h.set_flow_cache_writer(true)?;
+    for c in &cases {
+        c.check()?;
+    }
+    // New flows: every packet a flow conntrack has not seen, so one run each; their mean.
     let mut total = 0.0;
     for i in 0..new_flows {
-        total += timed_on(
-            &mut h,
+        let mut c = Case::new(
+            "",
             PROG,
             tcp("198.18.3.10", 1000 + i, "198.19.0.10", 80, Tcp::Syn),
-            1,
-            Stat::DnatNew,
-        )?;
+            Some(Stat::DnatNew),
+        );
+        c.time(&mut h, 1)?;
+        total += c.least;
     }
     let new = total / new_flows as f64;
     drop(pod);
+    let (empty, floor) = (cases[0].least, cases[1].least);
     let row = |case, ns| Row {
         case,
         fill: fill_pct,
@@ -282,56 +393,17 @@ fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
         floor,
         empty,
     };
-    Ok(vec![
-        row("an empty program (the test run's own cost)", empty),
-        row("not a service (floor)", floor),
-        row(
-            "established flow, DNAT, into the pod (redirect_peer)",
-            est[0],
-        ),
-        row(
-            "established flow, DNAT on an uplink's ingress (tc_from_netdev), into the pod",
-            est[1],
-        ),
-        row(
-            "established flow, DNAT to an endpoint behind the uplink (kernel forwards)",
-            est[2],
-        ),
-        row(
-            "established flow, reply reverse NAT, into the client pod",
-            est[3],
-        ),
-        row(
-            "established flow, reply reverse NAT on an uplink's egress (tc_to_netdev)",
-            est[4],
-        ),
-        row("the same through conntrack: DNAT, into the pod", est[5]),
-        row(
-            "the same through conntrack: DNAT on an uplink's ingress, into the pod",
-            est[6],
-        ),
-        row(
-            "the same through conntrack: DNAT, the kernel forwards",
-            est[7],
-        ),
-        row(
-            "the same through conntrack: reply, into the client pod",
-            est[8],
-        ),
-        row("the same through conntrack: reply, tc_to_netdev", est[9]),
+    let mut rows: Vec<Row> = cases.iter().map(|c| row(c.label, c.least)).collect();
+    // New flows before the bounds.
+    let at = rows.len() - 2;
+    rows.insert(
+        at,
         row(
             "new flow (SYN): select, route, 2 conntrack inserts, DNAT",
             new,
         ),
-        row(
-            "bound: conntrack lookup + bpf_skb_store_bytes + redirect_peer, no logic",
-            bound_ct,
-        ),
-        row(
-            "bound: per-CPU array lookup + direct writes + redirect_peer, no logic",
-            bound_percpu,
-        ),
-    ])
+    );
+    Ok(rows)
 }
 
 pub fn run(quick: bool) -> Result<String> {
@@ -366,8 +438,8 @@ pub fn run(quick: bool) -> Result<String> {
          `tc_flow_write`, reached by tail call): the *established flow* rows; the *through conntrack* rows are the \
          same cases with the writer taken out of its program array (a flow's first packet on a CPU, and what the \
          cache does not take: IPv6, SYN/FIN/RST, routes through the neighbour table). Ns per run as the kernel \
-         times it: {runs} repeats per established case, timed in {PARTS} equal parts, the least part's mean (another \
-         guest's work on the host slows whole parts by up to half here); the rewritten frame has an entry that \
+         times it: {runs} runs per case, in {ROUNDS} rounds over all cases, the least round's mean (another guest's \
+         work on the host slows this one's for seconds at a time, by up to half); the rewritten frame has an entry that \
          rewrites it back, so every repeat does the case's work; routed cases in test runs of {ROUTED_BATCH} from \
          a frame with TTL 255, as each run decrements it. {new_flows} distinct SYNs for new flows (one run each, so \
          they include the test-run timer's per-run overhead: two clock reads; their mean). Every run is checked, by \

@@ -17,8 +17,9 @@ pub fn machine() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
+    // The machine's, not this thread's (B8 keeps its thread to one CPU).
+    let cores = fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.lines().filter(|l| l.starts_with("processor")).count())
         .unwrap_or(0);
     let mem_gib = fs::read_to_string("/proc/meminfo")
         .ok()

@@ -192,17 +192,29 @@ impl Harness {
         self.flow_cache
     }
 
-    /// Takes `tc_flow_write` out of its program array: the programs' tail call to it fails,
-    /// and every packet goes through conntrack (B8 times both).
-    pub fn take_flow_cache_writer(&mut self) -> Result<()> {
-        let mut jump: aya::maps::ProgramArray<_> = self
-            .dp
-            .ebpf_mut()
+    /// Puts `tc_flow_write` into its program array (`on`, as the loader does), or takes it
+    /// out: the programs' tail call to it then fails, and every packet goes through conntrack
+    /// (B8 times both).
+    pub fn set_flow_cache_writer(&mut self, on: bool) -> Result<()> {
+        let ebpf = self.dp.ebpf_mut();
+        let writer = if on {
+            let p: &SchedClassifier = ebpf
+                .program(weir_common::prog_names::TC_FLOW_WRITE)
+                .context("program tc_flow_write")?
+                .try_into()?;
+            Some(p.fd()?.try_clone()?)
+        } else {
+            None
+        };
+        let mut jump: aya::maps::ProgramArray<_> = ebpf
             .map_mut("FLOW_WRITE")
             .context("map FLOW_WRITE")?
             .try_into()?;
-        jump.clear_index(&0).context("clear FLOW_WRITE")?;
-        self.flow_cache = false;
+        match writer {
+            Some(fd) => jump.set(0, &fd, 0).context("set FLOW_WRITE")?,
+            None => jump.clear_index(&0).context("clear FLOW_WRITE")?,
+        }
+        self.flow_cache = on;
         Ok(())
     }
 
