@@ -33,7 +33,7 @@ use aya_ebpf::{
 use weir_common::*;
 
 use crate::{
-    ct::set_key,
+    ct::set_fwd_key,
     lb::now_ns,
     maps::{count, count_raw, Scratch, SCRATCH},
     nat::{
@@ -163,17 +163,11 @@ fn cacheable(s: &Scratch) -> bool {
         && (p.proto != PROTO_TCP || p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0)
 }
 
-/// The rewrite of the IPv4 packet's slot if it holds the flow; sets the key and index.
+/// The rewrite of the IPv4 packet's slot (its tuple in `s.fwd_key4`) if it holds the flow;
+/// sets the index and reads its generation.
 #[inline(always)]
 fn find4(s: &mut Scratch, at: u8) -> Option<&'static Rewrite> {
-    let p = &s.pkt;
-    let k = &mut s.fwd_key4;
-    k.src = p.src.words()[3];
-    k.dst = p.dst.words()[3];
-    k.sport = p.sport;
-    k.dport = p.dport;
-    k.proto = p.proto;
-    let idx = flow_slot(k);
+    let idx = flow_slot(&s.fwd_key4);
     s.flow_idx = idx;
     s.flow_gen = generation(idx);
     // SAFETY: a per-CPU slot, ours for this run.
@@ -191,8 +185,6 @@ fn find4(s: &mut Scratch, at: u8) -> Option<&'static Rewrite> {
 /// The same for an IPv6 packet.
 #[inline(always)]
 fn find6(s: &mut Scratch, at: u8) -> Option<&'static Rewrite> {
-    let p = &s.pkt;
-    set_key(&mut s.fwd_key, &p.src, &p.dst, p.sport, p.dport, p.proto);
     let idx = flow_slot6(&s.fwd_key);
     s.flow_idx = idx;
     s.flow_gen = generation(idx);
@@ -208,13 +200,15 @@ fn find6(s: &mut Scratch, at: u8) -> Option<&'static Rewrite> {
     same.then_some(&slot.rw)
 }
 
-/// Sets the packet's tuple (as `set_fwd_key`) and slot index, and reads the generation its
-/// slot would be filled under (`s.flow_gen`), before conntrack is looked at: a change made
-/// after that read moves the generation past it. Then, if the slot holds the flow, hands the
-/// packet to `tc_flow_write`, which does not return here. Returns when the packet is not for
-/// the cache (or the tail call failed): the conntrack path goes on.
+/// Sets the packet's tuple (`set_fwd_key`: the key the conntrack path then looks up with, for
+/// every packet) and slot index, and reads the generation its slot would be filled under
+/// (`s.flow_gen`), before conntrack is looked at: a change made after that read moves the
+/// generation past it. Then, if the slot holds the flow, hands the packet to
+/// `tc_flow_write`, which does not return here. Returns when the packet is not for the cache
+/// (or the tail call failed): the conntrack path goes on.
 #[inline(always)]
 pub fn lookup(ctx: &TcContext, s: &mut Scratch, at: u8) {
+    set_fwd_key(s);
     s.flow_idx = FLOW_SLOTS;
     if !cacheable(s) {
         return;
@@ -230,8 +224,7 @@ pub fn lookup(ctx: &TcContext, s: &mut Scratch, at: u8) {
     // The packet must hold its L4 checksum in its linear data, which the writer cannot fall
     // back from; and its checksum kind must be one the writer computes.
     let l4 = if v6 { L4_6 } else { L4_4 };
-    let csum_end = l4 + if s.pkt.proto == PROTO_TCP { 18 } else { 8 };
-    if ptr_at::<[u8; L4_4 + 8]>(ctx, csum_end - (L4_4 + 8)).is_none() {
+    if ptr_at::<u16>(ctx, l4 + if s.pkt.proto == PROTO_TCP { 16 } else { 6 }).is_none() {
         return;
     }
     match ip_summed(ctx) {
@@ -260,8 +253,7 @@ pub fn fill(s: &Scratch, at: u8, ifindex: u32, stat: Stat, expires_ns: u64) {
         let Some(slot) = FLOWS6.get_ptr_mut(s.flow_idx).map(|x| unsafe { &mut *x }) else {
             return;
         };
-        let k = &s.fwd_key;
-        set_key(&mut slot.key, &k.src, &k.dst, k.sport, k.dport, k.proto);
+        slot.key = s.fwd_key;
         slot.key._pad[0] = at;
         slot.src = *sa;
         slot.dst = *da;
@@ -271,12 +263,8 @@ pub fn fill(s: &Scratch, at: u8, ifindex: u32, stat: Stat, expires_ns: u64) {
         let Some(slot) = FLOWS.get_ptr_mut(s.flow_idx).map(|x| unsafe { &mut *x }) else {
             return;
         };
-        let k = &s.fwd_key4;
-        slot.key.src = k.src;
-        slot.key.dst = k.dst;
-        slot.key.sport = k.sport;
-        slot.key.dport = k.dport;
-        slot.key.proto = k.proto;
+        // The scratch keys' pad bytes are 0 (see `ct::set_key`).
+        slot.key = s.fwd_key4;
         slot.key._pad[0] = at;
         slot.src = sa.words()[3];
         slot.dst = da.words()[3];

@@ -6,7 +6,7 @@ use weir_common::*;
 use crate::{
     ct::{
         fwd_entry, insert_fwd, insert_reply, remove_reply, reply_entry, set_full_fwd_key,
-        set_fwd_key, set_reply_dport, set_reply_key,
+        set_reply_dport, set_reply_key,
     },
     flow, icmp,
     lb::{flow_hash, lookup_service, node_local_server, now_ns, select_backend},
@@ -131,7 +131,7 @@ pub fn to_netdev(ctx: &TcContext) -> i32 {
 /// node, on a packet already routed (on its way out of a device): whether it was one.
 #[inline(always)]
 fn reply_out(ctx: &TcContext, s: &mut Scratch) -> Result<bool, Stat> {
-    set_fwd_key(s);
+    // The packet's tuple is in the forward key: `flow::lookup` set it.
     let Some(entry) = fwd_entry(s) else {
         return Ok(false);
     };
@@ -217,7 +217,7 @@ fn never_to_a_pod(route: u32) -> bool {
 
 #[inline(always)]
 fn process(ctx: &TcContext, s: &mut Scratch, external: bool) -> Result<i32, Stat> {
-    set_fwd_key(s);
+    // The packet's tuple is in the forward key: `flow::lookup` set it.
     let p = &s.pkt;
     let syn = p.is_syn();
     if let Some(entry) = fwd_entry(s) {
