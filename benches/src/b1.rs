@@ -14,12 +14,11 @@ use std::{
 use anyhow::{bail, Context, Result};
 use weir_common::PROTO_TCP;
 use weir_proxy::{
-    loader::{Datapath, PinDir, PodPrograms},
-    loadtest::Report,
-    maps::AyaMaps,
-    program::{Desired, Frontend, Programmer, ServiceSpec},
-    topo::{tag, BpfMount, Cgroup, Node, Proc},
+    datapath::{AyaMaps, Datapath, PinDir, PodPrograms, Programmer},
+    model::{Desired, Frontend, ServiceSpec},
+    tools::loadtest::Report,
 };
+use weir_testkit::{tag, BpfMount, Cgroup, Node, NodeExt, Proc};
 
 use crate::kube_rules::{self, Svc};
 
@@ -331,7 +330,7 @@ fn run_n(weir: &Path, n: usize, secs: f64) -> Result<Vec<Point>> {
         let (p2, ifs) = (pins.clone(), ifs.clone());
         node.ns.run(move || -> Result<()> {
             for i in &ifs {
-                weir_proxy::loader::detach_pod_tc(&p2, i)?;
+                weir_proxy::datapath::detach_pod_tc(&p2, i)?;
             }
             Ok(())
         })?

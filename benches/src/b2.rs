@@ -20,15 +20,14 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use weir_proxy::{
-    agent::{program_objects, Config, KubeSync, Source},
-    fake_api::{Api, NODES, SERVICES, SLICES},
-    kube_source::KubeSource,
-    loader::{Datapath, PinDir},
-    maps::AyaMaps,
+    admin::{Health, Metrics, Observed},
+    datapath::{AyaMaps, Datapath, PinDir, Programmer},
+    k8s::{program_objects, KubeSource},
     model::Objects,
-    observe::{Health, Metrics, Observed},
-    program::Programmer,
-    topo::{tag, BpfMount, Node, Proc, RunDir},
+};
+use weir_testkit::{
+    fake_api::{Api, NODES, SERVICES, SLICES},
+    reconciler, tag, BpfMount, Node, Proc, RunDir,
 };
 
 use crate::{
@@ -166,25 +165,20 @@ fn weir_through_api(svcs: &[Svc], dir: &Path) -> Result<ApiRun> {
     let _dp = Datapath::load(pins.clone())?;
     let mut maps = AyaMaps::open(&pins.maps())?;
     let mut programmer = Programmer::adopt(&maps)?;
-    let cfg = Config::bare(
-        Source::Kube { kubeconfig: None },
-        "bench-node",
-        dir.join("pod-cidrs.json"),
-    );
+    let mut sync = reconciler("bench-node", dir.join("pod-cidrs.json"));
     let obs = Observed {
-        health: Health::new(cfg.health_timeout),
+        health: Health::new(Duration::from_secs(60)),
         metrics: Metrics::new(),
     };
     rt.block_on(async {
         let started = Instant::now();
         let k = KubeSource::start(api.client(), Some("bench-node"));
-        let mut sync = KubeSync::default();
         while !k.progress.synced() {
             tokio::time::timeout(Duration::from_secs(600), k.progress.changed.notified())
                 .await
                 .context("the API list did not finish in 600 s")?;
         }
-        sync.step(&cfg, &k, &mut programmer, &mut maps, &obs)?;
+        sync.step(&k, &mut programmer, &mut maps, &obs)?;
         let list_to_programmed = started.elapsed();
         let step = sync.last.total;
         let mut run = ApiRun {
@@ -207,7 +201,7 @@ fn weir_through_api(svcs: &[Svc], dir: &Path) -> Result<ApiRun> {
                 tokio::time::timeout(Duration::from_secs(10), k.progress.changed.notified())
                     .await
                     .context("no watch event within 10 s")?;
-                sync.step(&cfg, &k, &mut programmer, &mut maps, &obs)?;
+                sync.step(&k, &mut programmer, &mut maps, &obs)?;
                 if sync.last.rebuilt.is_some_and(|n| n > 0) {
                     break;
                 }

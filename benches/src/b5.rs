@@ -23,7 +23,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use weir_proxy::topo::{tag, Netns, Node, Proc, RunDir};
+use weir_testkit::{tag, Netns, Node, NodeExt, Proc, RunDir};
 
 use crate::results;
 

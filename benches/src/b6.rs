@@ -14,11 +14,11 @@ use std::{
 
 use anyhow::{bail, Result};
 use serde_json::json;
-use weir_proxy::{
+use weir_proxy::tools::{
     sandbox::SERVICES,
     sim::{Options, Sim},
-    topo::{Cni, Netns},
 };
+use weir_testkit::{Cni, Netns};
 
 use crate::results;
 

@@ -8,10 +8,10 @@ use weir_common::{
     CtKey, CtValue, Stat, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_KERNEL_ROUTE, MAX_CT, PROTO_TCP,
 };
 use weir_proxy::{
-    addr::to_addr,
-    program::{Desired, Frontend, ServiceSpec},
-    testkit::{fill_ct, tcp, with_ttl, Harness, Tcp},
+    datapath::addr::to_addr,
+    model::{Desired, Frontend, ServiceSpec},
 };
+use weir_testkit::{fill_ct, tcp, with_ttl, Harness, Tcp};
 
 const PROG: &str = "tc_from_pod";
 const NOOP: &str = "tc_noop";

@@ -29,7 +29,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     // Ctrl-C or SIGTERM: the guards of a running benchmark would not run; the first name
     // a benchmark takes (`topo::tag`) arranges for what this run made to be removed then.
-    let weir = weir_proxy::testkit::weir_bin()?;
+    let weir = weir_testkit::weir_bin()?;
     let quick = cli.quick;
     type Bench<'a> = (&'a str, &'a str, Box<dyn Fn() -> Result<String> + 'a>);
     let benches: [Bench; 5] = [

@@ -5,8 +5,9 @@ use ipnetwork::IpNetwork;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use weir_cni_proto::Request;
+
 use crate::{
-    agent::{self, Request},
     config::{Attachment, Env, NetConf, Version, SUPPORTED_VERSIONS},
     error::{code, CniError, Result},
     ipam::Store,
@@ -130,7 +131,7 @@ fn add(env: &Env, conf: &NetConf, owner: &Attachment) -> Result<Value> {
             let made = net::setup(&h, &p, &mut created).await?;
             tracing::debug!(host_if = %host_if, "links, addresses and routes made");
             if let Some(sock) = &conf.agent_socket {
-                agent::call(
+                weir_cni_proto::call(
                     sock,
                     &Request::Attach {
                         ifname: host_if.clone(),
@@ -219,7 +220,7 @@ fn release(conf: &NetConf, owner: &Attachment) -> Result<Vec<IpAddr>> {
     runtime()?.block_on(async { net::del_link(&net::connect()?, &host_if).await })?;
     if let Some(sock) = &conf.agent_socket {
         // Best effort: the agent also releases links of devices that are gone.
-        if let Err(e) = agent::call(
+        if let Err(e) = weir_cni_proto::call(
             sock,
             &Request::Detach {
                 ifname: host_if.clone(),
@@ -349,7 +350,7 @@ fn check(env: &Env, conf: &NetConf, owner: &Attachment) -> Result<()> {
         Ok(host.index)
     })?;
     if let Some(sock) = &conf.agent_socket {
-        agent::call(
+        weir_cni_proto::call(
             sock,
             &Request::Check {
                 ifname: host_if.clone(),
@@ -398,7 +399,7 @@ fn status(conf: &NetConf) -> Result<()> {
         return Err(unavailable(format!("no free address in {full}")));
     }
     if let Some(sock) = &conf.agent_socket {
-        agent::call(sock, &Request::Ping, AGENT_TIMEOUT)
+        weir_cni_proto::call(sock, &Request::Ping, AGENT_TIMEOUT)
             .map_err(|e| unavailable(format!("the weir agent is not ready: {e}")))?;
     }
     Ok(())

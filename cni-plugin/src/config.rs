@@ -12,13 +12,12 @@ use std::{
 
 use ipnetwork::IpNetwork;
 use serde::Deserialize;
+use weir_cni_proto::{PodCidrs, DEFAULT_AGENT_SOCKET, DEFAULT_POD_CIDRS_FILE};
 
 use crate::error::{code, CniError, Result};
 
 /// Versions this plugin speaks, oldest first.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
-pub const DEFAULT_AGENT_SOCKET: &str = "/run/weir/cni.sock";
-pub const DEFAULT_POD_CIDRS_FILE: &str = "/run/weir/pod-cidrs.json";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/weir/ipam";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -343,14 +342,6 @@ fn range(field: &str, r: &RawRange) -> Result<Range> {
         end,
         reserved,
     })
-}
-
-/// The file the agent writes from its Node's `spec.podCIDRs`: `{"podCIDRs": ["…", "…"]}`.
-#[derive(Debug, Deserialize, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PodCidrs {
-    #[serde(rename = "podCIDRs")]
-    pub pod_cidrs: Vec<String>,
 }
 
 pub fn pod_cidr_ranges(file: &Path) -> Result<Vec<RangeSet>> {

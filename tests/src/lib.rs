@@ -1,2 +1,2 @@
-//! The privileged tests share the kit in `weir_proxy::testkit`; see `tests/`.
-pub use weir_proxy::testkit::*;
+//! The privileged tests share the kit in `weir_testkit`; see `tests/`.
+pub use weir_testkit::*;

@@ -15,11 +15,11 @@ use std::{
 };
 
 use serde_json::{json, Value};
-use weir_proxy::{
+use weir_proxy::tools::{
     sandbox::SERVICES,
-    sim::{Options, Sim},
-    topo::{self, Cni, Netns, Node, RunDir},
+    sim::{topo, Options, Sim},
 };
+use weir_testkit::{Cni, Netns, Node, NodeExt, RunDir};
 use weir_tests::weir_bin;
 
 const VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -57,7 +57,7 @@ impl Out {
 
 impl Bed {
     fn new() -> Bed {
-        let tag = format!("c{}", topo::tag());
+        let tag = format!("c{}", weir_testkit::tag());
         let dir = RunDir::create(&format!("/run/weir-{tag}")).unwrap();
         let node = Node::create(&tag).unwrap();
         // No agent here: an empty agentSocket runs the plugin alone.
@@ -884,10 +884,13 @@ fn the_agent_attaches_the_pod_program_before_add_returns_and_releases_it_on_del(
     )
     .unwrap();
     assert!(pinned(&s, &extra_if));
-    let (pins, dev) = (weir_proxy::agent::pin_dir(&s.bpffs.path), extra_if.clone());
+    let (pins, dev) = (
+        weir_proxy::datapath::pin_dir(&s.bpffs.path),
+        extra_if.clone(),
+    );
     s.node
         .ns
-        .run(move || weir_proxy::loader::detach_pod_tc(&pins, &dev))
+        .run(move || weir_proxy::datapath::detach_pod_tc(&pins, &dev))
         .unwrap()
         .unwrap();
     let (ok, out, _) = cni

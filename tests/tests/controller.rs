@@ -11,12 +11,13 @@ use std::{
 
 use serde_json::{json, Value};
 use weir_proxy::{
-    agent::{Config, KubeSync, Source},
+    admin::{Health, Metrics, Observed},
+    datapath::Programmer,
+    k8s::{KubeSource, Reconciler},
+};
+use weir_testkit::{
     fake_api::{Api, NODES, PODS, SERVICES, SLICES},
-    kube_source::KubeSource,
-    maps::FakeMaps,
-    observe::{Health, Metrics, Observed},
-    program::Programmer,
+    reconciler, FakeMaps,
 };
 
 fn rand_tag() -> String {
@@ -52,7 +53,7 @@ fn programmed(m: &FakeMaps) -> BTreeMap<String, u16> {
         .iter()
         .filter(|(k, _)| k.4 == 0)
         .map(|(k, v)| {
-            let ip = weir_proxy::addr::to_ip(&weir_common::Addr(k.0));
+            let ip = weir_proxy::datapath::addr::to_ip(&weir_common::Addr(k.0));
             (format!("{ip}:{}", k.1), v.count)
         })
         .collect()
@@ -64,8 +65,7 @@ struct Agent {
     source: KubeSource,
     programmer: Programmer,
     maps: FakeMaps,
-    sync: KubeSync,
-    cfg: Config,
+    sync: Reconciler,
     obs: Observed,
     /// What each sync was: None for a full one, Some(n) for n Services alone.
     steps: Vec<Option<usize>>,
@@ -82,12 +82,7 @@ impl Agent {
             source,
             programmer: Programmer::default(),
             maps: FakeMaps::default(),
-            sync: KubeSync::default(),
-            cfg: Config::bare(
-                Source::Kube { kubeconfig: None },
-                "node-a",
-                dir.join(format!("pod-cidrs-{}.json", rand_tag())),
-            ),
+            sync: reconciler("node-a", dir.join(format!("pod-cidrs-{}.json", rand_tag()))),
             obs: Observed {
                 health: Health::new(Duration::from_secs(60)),
                 metrics: Metrics::new(),
@@ -104,7 +99,6 @@ impl Agent {
                 let step = self
                     .sync
                     .step(
-                        &self.cfg,
                         &self.source,
                         &mut self.programmer,
                         &mut self.maps,
@@ -227,13 +221,13 @@ async fn nothing_changes_before_every_kind_is_listed_and_failed_lists_are_retrie
     api.coll(SLICES, |c, _| c.fail_lists = 2);
     // What a previous run programmed: adopted, and kept until the lists are complete.
     let mut a = Agent::start(&api);
-    let old = weir_proxy::program::Desired::from([(
-        weir_proxy::program::Frontend::new(
+    let old = weir_proxy::model::Desired::from([(
+        weir_proxy::model::Frontend::new(
             "198.19.0.99".parse().unwrap(),
             80,
             weir_common::PROTO_TCP,
         ),
-        weir_proxy::program::ServiceSpec {
+        weir_proxy::model::ServiceSpec {
             name: "demo/old:80".into(),
             backends: vec!["198.18.1.99:8080".parse().unwrap()],
             ..Default::default()

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use weir_proxy::topo::{tag, Netns, Node, Proc, RunDir};
+use weir_testkit::{tag, Netns, Node, NodeExt, Proc, RunDir};
 use weir_tests::weir_bin;
 
 const DNS: &str = "198.18.0.53";

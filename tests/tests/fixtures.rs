@@ -14,8 +14,8 @@ use etherparse::{
 };
 use weir_common::{Stat, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, PROTO_TCP, PROTO_UDP};
 use weir_proxy::{
-    addr::to_addr,
-    program::{Desired, Frontend, ServiceSpec},
+    datapath::addr::to_addr,
+    model::{Desired, Frontend, ServiceSpec},
 };
 use weir_tests::*;
 
@@ -223,7 +223,7 @@ fn icmp6_port_unreachable(orig: &[u8]) -> Vec<u8> {
 
 /// The conntrack key of a TCP flow `src:sport → dst:dport`.
 fn tcp_ct_key(src: &str, sport: u16, dst: &str, dport: u16) -> weir_common::CtKey {
-    let a = |ip: &str| weir_proxy::addr::to_addr(ip.parse().unwrap());
+    let a = |ip: &str| weir_proxy::datapath::addr::to_addr(ip.parse().unwrap());
     weir_common::CtKey {
         src: a(src),
         dst: a(dst),
@@ -489,7 +489,7 @@ fn dst4(frame: &[u8]) -> SocketAddr {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn lb4_clusterip_tcp_syn_creates_both_conntrack_entries() {
-    let before = weir_proxy::kernel_facts::clock_ns().unwrap();
+    let before = weir_proxy::datapath::kernel_facts::clock_ns().unwrap();
     let h = run_case(
         "ct",
         services(),
@@ -518,8 +518,8 @@ fn lb4_clusterip_tcp_syn_creates_both_conntrack_entries() {
     assert_eq!(u16::from_be(rev.1.nat_port), 80);
     // The program's clock (jiffies × the tick + the loader's offset) is the coarse monotonic
     // clock user space reads (`weir status`, the DNS lease), within a tick or two.
-    let after = weir_proxy::kernel_facts::clock_ns().unwrap();
-    let tick = weir_proxy::kernel_facts::tick_ns().unwrap();
+    let after = weir_proxy::datapath::kernel_facts::clock_ns().unwrap();
+    let tick = weir_proxy::datapath::kernel_facts::tick_ns().unwrap();
     for (_, v) in &ct {
         let stamped = v.expires_ns - weir_common::CT_LIFETIME_TCP_NS;
         assert!(
@@ -1082,7 +1082,7 @@ fn an_upgrade_with_more_counters_keeps_the_counts() {
             STAT_COUNT - 2,
         );
         let mut old: PerCpuArray<MapData, u64> =
-            weir_proxy::maps::open_typed(maps, map_names::STATS)?;
+            weir_proxy::datapath::open_typed(maps, map_names::STATS)?;
         let dnat_new = Stat::DnatNew as u32;
         old.set(dnat_new, PerCpuValues::try_from(vec![3u64; cpus])?, 0)?;
         Ok(())
@@ -1141,7 +1141,7 @@ fn an_upgrade_with_more_counters_keeps_the_counts() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn udp_flows_of_removed_backends_are_purged_from_a_full_conntrack_map() {
     use weir_common::{Ct4Key, CtKey, CtValue};
-    use weir_proxy::maps::{dump_batched, AyaMaps, MapWriter};
+    use weir_proxy::datapath::{dump_batched, AyaMaps, MapWriter};
     let h = Harness::new().unwrap();
     let mut ct = h.ct_map();
     // Flows 0..N4 are IPv4 (in CT4, under their 16-byte tuple), the rest IPv6 (in CT6).
@@ -1224,8 +1224,8 @@ fn udp_flows_of_removed_backends_are_purged_from_a_full_conntrack_map() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn an_upgrade_keeps_the_flows_of_the_previous_conntrack_layout() {
     use weir_common::{CtKey, CT_F_HAIRPIN};
-    use weir_proxy::loader::{CtValueV1, CT_V1};
-    let a = |ip: &str| weir_proxy::addr::to_addr(ip.parse().unwrap());
+    use weir_proxy::datapath::migrate::{CtValueV1, CT_V1};
+    let a = |ip: &str| weir_proxy::datapath::addr::to_addr(ip.parse().unwrap());
     let key = tcp_ct_key;
     let value = |nat: &str, port: u16, dir: u8, flags: u8| CtValueV1 {
         nat_addr: a(nat),
@@ -1239,7 +1239,7 @@ fn an_upgrade_keeps_the_flows_of_the_previous_conntrack_layout() {
     let mut h = Harness::new_with(|maps| {
         pin_lru_map(&maps.join(CT_V1), CT_V1, 40, 40);
         let mut old: aya::maps::HashMap<aya::maps::MapData, CtKey, CtValueV1> =
-            weir_proxy::maps::open_typed(maps, CT_V1)?;
+            weir_proxy::datapath::open_typed(maps, CT_V1)?;
         // A plain flow, both ways, and a hairpin one (the pod is its own backend).
         for (k, v) in [
             (
@@ -1305,8 +1305,8 @@ fn an_upgrade_keeps_the_flows_of_the_previous_conntrack_layout() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn an_upgrade_moves_the_flows_of_the_shared_conntrack_map_to_one_per_family() {
     use weir_common::{CtKey, CtValue, CT_DIR_REPLY};
-    use weir_proxy::loader::{migrate_ct, CT_V2};
-    let a = |ip: &str| weir_proxy::addr::to_addr(ip.parse().unwrap());
+    use weir_proxy::datapath::migrate::{migrate_ct, CT_V2};
+    let a = |ip: &str| weir_proxy::datapath::addr::to_addr(ip.parse().unwrap());
     let key = tcp_ct_key;
     let value = |nat: &str, port: u16, dir: u8| CtValue {
         nat_addr: a(nat),
@@ -1320,7 +1320,7 @@ fn an_upgrade_moves_the_flows_of_the_shared_conntrack_map_to_one_per_family() {
     // The old map as an earlier agent left it, its programs still attached.
     pin_lru_map(&maps.join(CT_V2), CT_V2, 40, 56);
     let mut old: aya::maps::HashMap<aya::maps::MapData, CtKey, CtValue> =
-        weir_proxy::maps::open_typed(&maps, CT_V2).unwrap();
+        weir_proxy::datapath::open_typed(&maps, CT_V2).unwrap();
     for (k, v) in [
         (key(CLI4, 40000, VIP4, 80), value(BE4, 8080, CT_DIR_FORWARD)),
         (key(BE4, 8080, CLI4, 40000), value(VIP4, 80, CT_DIR_REPLY)),

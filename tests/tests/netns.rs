@@ -6,11 +6,12 @@
 
 use std::{thread, time::Duration};
 
-use weir_proxy::{
+use weir_proxy::tools::{
     loadtest::Report,
     sandbox::SERVICES,
     sim::{Options, Sim},
 };
+use weir_testkit::NodeExt;
 use weir_tests::weir_bin;
 
 fn sim(socket_lb: bool) -> Sim {
@@ -417,7 +418,7 @@ fn a_pod_reaches_itself_through_its_service() {
     let mut cmd = cli.ns.command(weir_bin().unwrap()).unwrap();
     cmd.args(["echo-server", "--name", "cli", "--port", "8080"])
         .stdout(std::process::Stdio::null());
-    let _server = weir_proxy::topo::Proc::spawn("echo cli", cmd).unwrap();
+    let _server = weir_testkit::Proc::spawn("echo cli", cmd).unwrap();
     let hairpin = format!(
         "{SERVICES}---\napiVersion: v1\nkind: Service\nmetadata: {{name: self, namespace: demo}}\n\
          spec: {{clusterIP: 198.19.0.14, ports: [{{name: tcp, port: 80, targetPort: 8080}}]}}\n---\n\
@@ -547,7 +548,7 @@ fn the_sandbox_removes_everything_on_ctrl_c() {
         !String::from_utf8_lossy(&after.stdout).contains("weir-sbx"),
         "namespaces left behind"
     );
-    let cgroups: Vec<_> = std::fs::read_dir(weir_proxy::topo::cgroup2_root().unwrap())
+    let cgroups: Vec<_> = std::fs::read_dir(weir_proxy::node::netns::cgroup2_root().unwrap())
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("weir-sbx"))
@@ -573,15 +574,15 @@ fn detaching_the_tc_program_takes_the_pod_off_the_tc_path() {
     ];
     let r = s.loadtest(&target, false, false).unwrap();
     assert_eq!(r.ok, r.sent, "attached: {:?}", r.errors);
-    let pins = weir_proxy::agent::pin_dir(&s.bpffs.path);
+    let pins = weir_proxy::datapath::pin_dir(&s.bpffs.path);
     let cli = s.node.pod("cli").unwrap();
     assert_eq!(s.node.pod_programs(&cli.host_if).unwrap().len(), 1);
-    let detach = |pins: &weir_proxy::loader::PinDir| {
+    let detach = |pins: &weir_proxy::datapath::PinDir| {
         let (pins, dev) = (pins.clone(), cli.host_if.clone());
         // The device lives in the node namespace: resolve it there.
         s.node
             .ns
-            .run(move || weir_proxy::loader::detach_pod_tc(&pins, &dev))
+            .run(move || weir_proxy::datapath::detach_pod_tc(&pins, &dev))
             .unwrap()
             .unwrap()
     };
@@ -607,7 +608,7 @@ fn detaching_the_tc_program_takes_the_pod_off_the_tc_path() {
 /// setting is on the device.
 /// The names of the BPF filters on `dev`'s clsact `dir`, in the calling thread's namespace.
 fn filter_names(dev: &str, dir: aya::programs::TcAttachType) -> Vec<String> {
-    weir_proxy::loader::tc_filters(dev, dir)
+    weir_proxy::datapath::tc_filters(dev, dir)
         .unwrap()
         .into_iter()
         .map(|p| p.name)
@@ -617,9 +618,9 @@ fn filter_names(dev: &str, dir: aya::programs::TcAttachType) -> Vec<String> {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn the_pod_programs_follow_the_setting() {
-    use weir_proxy::loader::{Datapath, PodPrograms};
+    use weir_proxy::datapath::{Datapath, PodPrograms};
     let s = sim(false);
-    let pins = weir_proxy::agent::pin_dir(&s.bpffs.path);
+    let pins = weir_proxy::datapath::pin_dir(&s.bpffs.path);
     let dev = s.node.pod("cli").unwrap().host_if.clone();
     let names = s
         .node
@@ -759,7 +760,7 @@ fn edits_of_the_source_file_are_followed_by_traffic() {
         .unwrap()
     };
     let served = |r: &Report| -> Vec<String> { r.backends.keys().cloned().collect() };
-    let frontend = |st: &weir_proxy::status::Status| {
+    let frontend = |st: &weir_proxy::tools::status::Status| {
         st.services
             .iter()
             .find(|v| v.frontend == "198.19.0.20:80/TCP")
@@ -1048,7 +1049,7 @@ fn a_refused_udp_port_behind_a_clusterip_is_reported_to_the_client() {
 /// agent aborts it, the client connects again). Returns the flow's report and the agent's log.
 fn udp_flow_across_an_endpoint_change(s: &Sim, socket_lb: bool) -> (Report, String) {
     let on = |ip: &'static str| {
-        move |st: &weir_proxy::status::Status| {
+        move |st: &weir_proxy::tools::status::Status| {
             st.services
                 .iter()
                 .any(|v| v.frontend == "198.19.0.21:53/UDP" && v.backends == [format!("{ip}:8080")])
@@ -1155,7 +1156,7 @@ fn a_connected_udp_socket_leaves_an_endpoint_that_left_the_service() {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn a_pod_reaches_an_endpoint_on_the_node_itself_by_the_tc_path() {
-    use weir_proxy::topo::Proc;
+    use weir_testkit::Proc;
     let s = sim(false);
     s.node
         .ns
@@ -1222,9 +1223,9 @@ fn a_pod_reaches_an_endpoint_on_the_node_itself_by_the_tc_path() {
 #[ignore = "needs root: run with cargo xtask test"]
 fn the_agent_follows_the_kubernetes_api() {
     use serde_json::json;
-    use weir_proxy::{
+    use weir_testkit::{
         fake_api::{Api, NODES, SERVICES, SLICES},
-        topo::{tag, BpfMount, Node, Proc, RunDir},
+        tag, BpfMount, Node, Proc, RunDir,
     };
     let t = format!("a{}", tag());
     let dir = RunDir::create(&format!("/run/weir-{t}")).unwrap();
@@ -1292,9 +1293,9 @@ fn the_agent_follows_the_kubernetes_api() {
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null());
     let mut agent = Proc::spawn("agent", cmd).unwrap();
-    let maps = weir_proxy::agent::pin_dir(&bpffs.path).maps();
+    let maps = weir_proxy::datapath::pin_dir(&bpffs.path).maps();
     let backends = || -> Option<usize> {
-        let st = weir_proxy::status::read(&maps, 0).ok()?;
+        let st = weir_proxy::tools::status::read(&maps, 0).ok()?;
         st.services
             .iter()
             .find(|v| v.frontend == "198.19.0.10:80/TCP")
@@ -1320,7 +1321,9 @@ fn the_agent_follows_the_kubernetes_api() {
         std::fs::read_to_string(&cidrs).unwrap(),
         r#"{"podCIDRs":["198.18.1.0/24"]}"#
     );
-    let by = weir_proxy::status::read_reports(&report).unwrap().unwrap();
+    let by = weir_proxy::tools::status::read_reports(&report)
+        .unwrap()
+        .unwrap();
     assert_eq!(by[0].service, "demo/web");
     assert_eq!(by[0].state, "programmed");
     api.apply(
@@ -1359,7 +1362,7 @@ fn an_outside_client_reaches_a_nodeport_with_no_pod_programs() {
 }
 
 fn nodeport_from_outside(pod_programs: &str) {
-    use weir_proxy::topo::{Lan, Netns, Node, Proc};
+    use weir_testkit::{Lan, Netns, Node, NodeExt, Proc};
     let mut s = sim(true);
     // The nodes' network: this node at .1, node-b at .2, the client at .99.
     let mut lan = Lan::create(&s.tag).unwrap();
@@ -1439,7 +1442,7 @@ fn nodeport_from_outside(pod_programs: &str) {
     s.agent_args = vec!["--pod-programs".into(), pod_programs.into()];
     s.kill_agent();
     s.start_agent().unwrap();
-    let backends_of = |st: &weir_proxy::status::Status, fe: &str| {
+    let backends_of = |st: &weir_proxy::tools::status::Status, fe: &str| {
         st.services
             .iter()
             .find(|v| v.frontend == fe)
@@ -1671,7 +1674,7 @@ fn dns_service_queries_stay_on_the_node_by_the_tc_path_too() {
 }
 
 fn dns_queries_stay_on_the_node(socket_lb: bool) {
-    use weir_proxy::topo::Proc;
+    use weir_testkit::Proc;
     let mut s = sim(socket_lb);
     // The cluster's DNS deployment: a `weir dns` in pod be-2, with its own answer for web.
     let central = s.dir().join("central.yaml");
@@ -1720,9 +1723,9 @@ fn dns_queries_stay_on_the_node(socket_lb: bool) {
     let lease = st.node_local_dns.as_ref().expect("a node-local lease");
     assert!(lease.valid_for_ms > 0, "{lease:?}");
     assert!(
-        weir_proxy::status::render(&st).contains("node-local DNS: "),
+        weir_proxy::tools::status::render(&st).contains("node-local DNS: "),
         "{}",
-        weir_proxy::status::render(&st)
+        weir_proxy::tools::status::render(&st)
     );
     // The agent dies without a word (SIGKILL): once its lease runs out, the cluster's DNS.
     s.kill_agent();
@@ -1865,7 +1868,8 @@ fn pmtu_discovery_works_through_a_nodeport() {
         io::{Read, Write},
         net::{SocketAddr, TcpListener, TcpStream},
     };
-    use weir_proxy::topo::{enter, Lan, Netns};
+    use weir_proxy::node::netns::enter;
+    use weir_testkit::{Lan, Netns};
     const SIZE: usize = 256 * 1024;
     let mut s = sim(true);
     let mut lan = Lan::create(&s.tag).unwrap();

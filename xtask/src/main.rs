@@ -209,10 +209,18 @@ fn cargo() -> Command {
     c
 }
 
+/// Where cargo puts what it builds: `CARGO_TARGET_DIR`, else `target/` of the workspace.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|d| if d.is_absolute() { d } else { root().join(d) })
+        .unwrap_or_else(|| root().join("target"))
+}
+
 fn build_release() -> Result<PathBuf> {
     // `weir` and `weir-cni` land side by side: the sandbox runs the plugin from there.
     run(cargo().args(["build", "--release", "-p", "weir-proxy", "-p", "weir-cni"]))?;
-    Ok(root().join("target/release/weir"))
+    Ok(target_dir().join("release/weir"))
 }
 
 fn lint() -> Result<()> {

@@ -1,0 +1,388 @@
+//! The Kubernetes API as a source: one watch per kind (Services, EndpointSlices, this Node, and
+//! Pods for cluster DNS's `pods verified`) feeding reflector stores. The stores are the one
+//! cache of the agent: the data path is built from their snapshot, and the DNS server reads
+//! the same stores.
+//!
+//! kube-runtime's watcher lists, then watches; on `410 Gone` or a broken watch it lists again
+//! (the store swaps to the new list atomically at its end, so objects deleted while the watch
+//! was down go away), and API errors are retried with backoff. The agent programs nothing
+//! before every kind has been listed once: a partial view would remove what a previous run
+//! programmed.
+use std::{
+    fmt::Debug,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Node, Pod, PodStatus, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    runtime::{
+        reflector::{self, Store},
+        watcher::{self, watcher},
+        WatchStreamExt,
+    },
+    Api, Client, Resource,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use super::slice_index::{slice_service, SliceIndex};
+use crate::model::Objects;
+
+/// What the watches have seen, shared with their tasks.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// A change arrived in any store.
+    pub changed: Notify,
+    /// Each kind has completed its first list (Services, slices, Node, Pods).
+    listed: [AtomicBool; 4],
+    /// Errors of the watches (failed lists, broken watches, `410 Gone`), all kinds.
+    pub errors: AtomicU64,
+    /// Events applied to the stores, all kinds.
+    pub events: AtomicU64,
+    /// What changed since the last [`KubeSource::take_dirty`].
+    dirty: std::sync::Mutex<Dirty>,
+}
+
+/// What the watches changed: some Services (`namespace/name`, for a Service or one of its
+/// EndpointSlices), or everything (a relist, a Node change, the start).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Dirty {
+    pub all: bool,
+    pub services: std::collections::BTreeSet<String>,
+}
+
+/// What an object's change touches in the data path.
+#[derive(Debug)]
+enum Touch {
+    /// This Service (`namespace/name`).
+    Service(String),
+    /// Everything (the Node: its pod CIDRs and zone; a relist of a kind the data path reads).
+    All,
+    /// Nothing: a Pod, or a relist of Pods, which only cluster DNS reads.
+    Nothing,
+}
+
+impl Progress {
+    fn mark(&self, touch: Touch) {
+        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        match touch {
+            Touch::Service(k) if !d.all => {
+                d.services.insert(k);
+            }
+            Touch::Service(_) | Touch::Nothing => {}
+            Touch::All => {
+                d.all = true;
+                d.services.clear();
+            }
+        }
+    }
+}
+
+impl Progress {
+    /// Whether every kind has been listed once.
+    pub fn synced(&self) -> bool {
+        self.listed.iter().all(|l| l.load(Ordering::Acquire))
+    }
+}
+
+/// The stores and their watches' progress.
+#[derive(Clone)]
+pub struct KubeSource {
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    pub nodes: Store<Node>,
+    /// Pods, stripped to what DNS reads (namespace, name, deletion, addresses); None unless
+    /// watched.
+    pub pods: Option<Store<Pod>>,
+    pub progress: Arc<Progress>,
+    /// The slices of each Service, so that rebuilding one Service reads its own slices only.
+    slice_index: Arc<SliceIndex>,
+}
+
+/// kube-proxy's selector: objects handed to another proxy, and headless services' objects,
+/// are not watched at all.
+pub const PROXY_LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+impl KubeSource {
+    /// Starts the watches on the current tokio runtime. `node` is this node's name: only its
+    /// Node object is watched. Services and EndpointSlices are watched with kube-proxy's label
+    /// selector.
+    pub fn start(client: Client, node: Option<&str>) -> KubeSource {
+        Self::start_with(client, node, Some(PROXY_LABEL_SELECTOR), false)
+    }
+
+    /// The same with this label selector, or none: cluster DNS needs every Service and slice,
+    /// headless ones included (the model skips what the data path must not program); and
+    /// with a watch of every Pod that has an address when `pods` (cluster DNS's
+    /// `pods verified`).
+    pub fn start_with(
+        client: Client,
+        node: Option<&str>,
+        selector: Option<&str>,
+        pods: bool,
+    ) -> KubeSource {
+        let progress = Arc::new(Progress::default());
+        progress.mark(Touch::All);
+        let (services, w) = reflector::store();
+        let cfg = match selector {
+            Some(s) => watcher::Config::default().labels(s),
+            None => watcher::Config::default(),
+        };
+        let svc_key = |s: Option<&Service>| match s {
+            Some(s) => Touch::Service(key(&s.metadata, s.metadata.name.as_deref())),
+            None => Touch::All,
+        };
+        spawn_watch(
+            Api::<Service>::all(client.clone()),
+            cfg.clone(),
+            w,
+            0,
+            &progress,
+            svc_key,
+            |_| {},
+        );
+        let (slices, w) = reflector::store();
+        let slice_index = Arc::new(SliceIndex::default());
+        let index = slice_index.clone();
+        spawn_watch(
+            Api::<EndpointSlice>::all(client.clone()),
+            cfg,
+            w,
+            1,
+            &progress,
+            |s: Option<&EndpointSlice>| s.map_or(Touch::All, |s| Touch::Service(slice_service(s))),
+            move |ev| index.event(ev),
+        );
+        let (nodes, w) = reflector::store();
+        match node {
+            Some(name) => {
+                let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+                spawn_watch(
+                    Api::<Node>::all(client.clone()),
+                    cfg,
+                    w,
+                    2,
+                    &progress,
+                    |_: Option<&Node>| Touch::All,
+                    |_| {},
+                );
+            }
+            None => {
+                // No node name: no Node to watch, nothing to wait for.
+                drop(w);
+                progress.listed[2].store(true, Ordering::Release);
+            }
+        }
+        let pods = if pods {
+            let (store, w) = reflector::store();
+            // CoreDNS's selector: a pod without an address has no record.
+            let cfg = watcher::Config::default().fields("status.podIP!=");
+            spawn_watch(
+                Api::<Pod>::all(client),
+                cfg,
+                w,
+                3,
+                &progress,
+                |_: Option<&Pod>| Touch::Nothing,
+                |_| {},
+            );
+            Some(store)
+        } else {
+            progress.listed[3].store(true, Ordering::Release);
+            None
+        };
+        KubeSource {
+            services,
+            slices,
+            nodes,
+            pods,
+            progress,
+            slice_index,
+        }
+    }
+
+    /// The objects to program, once every kind has been listed; before that, none: a partial
+    /// view would remove what a previous run programmed.
+    pub fn synced_objects(&self) -> Option<Objects> {
+        self.progress.synced().then(|| self.objects())
+    }
+
+    /// Takes what changed since the last call.
+    pub fn take_dirty(&self) -> Dirty {
+        std::mem::take(
+            &mut *self
+                .progress
+                .dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
+    /// The objects of one Service (`namespace/name`): the Service if it exists, its
+    /// EndpointSlices (from the index), and the Node.
+    pub fn objects_of(&self, service: &str) -> Objects {
+        let (ns, name) = service.split_once('/').unwrap_or(("", service));
+        let svc = self
+            .services
+            .get(&reflector::ObjectRef::new(name).within(ns));
+        let slices = self
+            .slice_index
+            .slices_of(service)
+            .iter()
+            .filter_map(|s| {
+                let (sns, sname) = s.split_once('/')?;
+                let o = self
+                    .slices
+                    .get(&reflector::ObjectRef::new(sname).within(sns))?;
+                // Filed under this Service when the event came; check it still is.
+                (slice_service(&o) == service).then_some(o)
+            })
+            .collect();
+        Objects {
+            services: svc.into_iter().collect(),
+            slices,
+            nodes: self.nodes.state(),
+            pods: Vec::new(),
+        }
+    }
+
+    /// The objects as the stores hold them now (shared, not copied).
+    pub fn objects(&self) -> Objects {
+        Objects {
+            services: self.services.state(),
+            slices: self.slices.state(),
+            nodes: self.nodes.state(),
+            pods: self.pods.as_ref().map(Store::state).unwrap_or_default(),
+        }
+    }
+}
+
+pub(super) fn key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    name: Option<&str>,
+) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        name.unwrap_or_default()
+    )
+}
+
+/// `touches` says what an object's change touches in the data path, and of `None`, what a
+/// relist of the kind touches; `on_event` is called for each event after the store took it and
+/// before the change is announced. Objects are stored
+/// without what the agent never reads ([`Strip`]).
+fn spawn_watch<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    slot: usize,
+    progress: &Arc<Progress>,
+    touches: fn(Option<&K>) -> Touch,
+    on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
+) where
+    K: Resource + Strip + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let progress = progress.clone();
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(watcher(api, cfg)
+            .default_backoff()
+            .modify(Strip::strip)
+            .reflect(writer));
+        while let Some(ev) = stream.next().await {
+            if let Ok(e) = &ev {
+                on_event(e);
+            }
+            match ev {
+                Ok(watcher::Event::InitDone) => {
+                    // A (re)list: objects may have gone without an event.
+                    progress.mark(touches(None));
+                    if !progress.listed[slot].swap(true, Ordering::AcqRel) {
+                        info!(kind = %kind, "listed");
+                    }
+                    progress.changed.notify_one();
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
+                    progress.mark(touches(Some(&o)));
+                    progress.events.fetch_add(1, Ordering::Relaxed);
+                    progress.changed.notify_one();
+                }
+                Err(e) => {
+                    progress.errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(kind = %kind, "watch: {e}; retrying");
+                }
+            }
+        }
+    });
+}
+
+/// What the stores keep of an object: `managedFields` never (often the larger part of an
+/// object); of a Pod, only its identity, deletion and addresses.
+trait Strip {
+    fn strip(&mut self);
+}
+
+impl Strip for Service {
+    fn strip(&mut self) {
+        self.metadata.managed_fields = None;
+    }
+}
+
+impl Strip for EndpointSlice {
+    fn strip(&mut self) {
+        self.metadata.managed_fields = None;
+    }
+}
+
+impl Strip for Node {
+    fn strip(&mut self) {
+        self.metadata.managed_fields = None;
+        // Images weigh most; the model reads the spec, the labels and the addresses.
+        if let Some(s) = self.status.as_mut() {
+            s.images = None;
+        }
+    }
+}
+
+impl Strip for Pod {
+    fn strip(&mut self) {
+        let m = &mut self.metadata;
+        m.managed_fields = None;
+        m.annotations = None;
+        m.labels = None;
+        m.owner_references = None;
+        m.finalizers = None;
+        self.spec = None;
+        self.status = self.status.take().map(|s| PodStatus {
+            pod_ip: s.pod_ip,
+            pod_ips: s.pod_ips,
+            ..Default::default()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
+
+    #[test]
+    fn the_selector_excludes_the_labels_the_model_skips() {
+        assert_eq!(
+            PROXY_LABEL_SELECTOR,
+            format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
+        );
+    }
+}
