@@ -14,31 +14,55 @@ pub const PROTO_SCTP: u8 = 132;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
 
-/// Map names as the kernel sees them (15 characters at most) and as pinned.
-/// Each ends in the version of its layout (`_V1`, `_V2`); a layout change bumps that map's
-/// version, so an upgraded agent starts a new map instead of adopting one it would misread.
-pub mod map_names {
-    pub const SVC: &str = "LB_SVC_V1";
-    pub const BACKENDS: &str = "LB_BE_V1";
-    pub const MAGLEV: &str = "LB_MAGLEV_V1";
-    pub const AFFINITY: &str = "LB_AFF_V1";
+/// Declares every map's name once: the constants of [`map_names`] (user space) and the macro
+/// [`map!`] the eBPF side defines each map with, which gives it that name.
+macro_rules! map_names {
+    ($d:tt $($(#[$doc:meta])* $id:ident = $name:literal;)*) => {
+        /// Map names as the kernel sees them (15 characters at most) and as pinned. A pinned
+        /// map's name ends in the version of its layout (`_V1`, `_V2`); a layout change bumps
+        /// that map's version, so an upgraded agent starts a new map instead of adopting one it
+        /// would misread.
+        pub mod map_names {
+            $($(#[$doc])* pub const $id: &str = $name;)*
+        }
+
+        /// Defines the eBPF map called `map_names::$ID` (a `static` item after the name), with
+        /// aya-ebpf's `#[map]`: `weir_common::map!(SVC, pub static SVC: HashMap<..> = ..;)`.
+        #[macro_export]
+        macro_rules! map {
+            $(($id, $d($d item:tt)*) => {
+                #[aya_ebpf::macros::map(name = $name)]
+                $d($d item)*
+            };)*
+        }
+    };
+}
+
+map_names! {$
+    SVC = "LB_SVC_V1";
+    BACKENDS = "LB_BE_V1";
+    MAGLEV = "LB_MAGLEV_V1";
+    AFFINITY = "LB_AFF_V1";
     /// Conntrack, one map per family: IPv4 flows keyed by `Ct4Key` (16 bytes), IPv6 flows by
     /// `CtKey`. Before them, `CT_V2` held both families under `CtKey` (the loader moves its
     /// flows).
-    pub const CT4: &str = "CT4_V1";
-    pub const CT6: &str = "CT6_V1";
-    pub const SOCK_REV: &str = "LB_SKREV_V1";
-    pub const SOCK_FWD: &str = "LB_SKFWD_V1";
-    pub const STATS: &str = "STATS_V1";
-    pub const VIPNET: &str = "LB_VIPNET_V1";
-    pub const NODE_LOCAL: &str = "LB_NODELOC_V1";
-    pub const POD_DEVS: &str = "LB_PODDEV_V1";
+    CT4 = "CT4_V1";
+    CT6 = "CT6_V1";
+    SOCK_REV = "LB_SKREV_V1";
+    SOCK_FWD = "LB_SKFWD_V1";
+    STATS = "STATS_V1";
+    VIPNET = "LB_VIPNET_V1";
+    NODE_LOCAL = "LB_NODELOC_V1";
+    POD_DEVS = "LB_PODDEV_V1";
     /// The flow cache's generations (see `FLOW_GEN_GLOBAL`).
-    pub const FLOW_GEN: &str = "LB_FLOWGEN_V1";
-    pub const ALL: [&str; 13] = [
-        SVC, BACKENDS, MAGLEV, AFFINITY, CT4, CT6, SOCK_REV, SOCK_FWD, STATS, VIPNET, NODE_LOCAL,
-        POD_DEVS, FLOW_GEN,
-    ];
+    FLOW_GEN = "LB_FLOWGEN_V1";
+    /// The flow cache's slots, per CPU (not pinned: each load has its own).
+    FLOWS = "FLOWS";
+    FLOWS6 = "FLOWS6";
+    /// The program array holding `tc_flow_write` (not pinned).
+    FLOW_WRITE = "FLOW_WRITE";
+    /// Per-CPU scratch space for one packet (not pinned).
+    SCRATCH = "SCRATCH_V1";
 }
 
 /// Program names in the object, one per attach point.

@@ -8,6 +8,7 @@ use weir_common::*;
 use crate::{
     flow::{invalidate, invalidate6},
     maps::{Scratch, CT4, CT6},
+    parse::{Packet, TCP_FIN, TCP_RST},
 };
 
 /// Fills a conntrack key in place. Its pad bytes are left alone: the keys live in the per-CPU
@@ -144,5 +145,33 @@ pub fn insert_reply(s: &Scratch, only_new: bool) -> bool {
             invalidate(&s.reply_key4);
         }
         ok
+    }
+}
+
+/// Marks a flow closing on FIN or RST and pushes its expiry on, at most once a second (a
+/// write per packet would bounce the cache line).
+#[inline(always)]
+pub fn refresh(e: &mut CtValue, p: &Packet, now: u64) {
+    if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        e.flags |= CT_F_CLOSING;
+    }
+    let life = lifetime(p, e.flags & CT_F_CLOSING != 0);
+    if e.expires_ns < now + life - 1_000_000_000 || e.flags & CT_F_CLOSING != 0 {
+        let want = now + life;
+        if e.flags & CT_F_CLOSING == 0 || want < e.expires_ns {
+            e.expires_ns = want;
+        }
+    }
+}
+
+/// How long a flow lives without packets.
+#[inline(always)]
+pub fn lifetime(p: &Packet, closing: bool) -> u64 {
+    if p.proto != PROTO_TCP {
+        CT_LIFETIME_NONTCP_NS
+    } else if closing {
+        CT_LIFETIME_CLOSING_NS
+    } else {
+        CT_LIFETIME_TCP_NS
     }
 }

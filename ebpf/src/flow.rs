@@ -1,11 +1,11 @@
 //! The flow cache: an established flow's rewrite, kept per CPU, so that the flow's next
 //! packets are translated with no conntrack lookup and written with no helper call.
 //!
-//! Where the time of an established packet went (B8, its `bound` rows): the conntrack lookup
-//! (an LRU hash: a call into the kernel's hash table, and its returns, each through the
-//! return thunk of SRSO-mitigated CPUs) and `bpf_skb_store_bytes` took about 70 ns of it here,
-//! where a per-CPU array lookup (the verifier inlines it: no call) and direct packet writes
-//! take about 10.
+//! Why: the conntrack lookup (an LRU hash: a call into the kernel's hash table, and its
+//! returns, each through the return thunk of SRSO-mitigated CPUs) and `bpf_skb_store_bytes`
+//! are most of what an established packet costs, where a per-CPU array lookup (the verifier
+//! inlines it: no call) and direct packet writes cost little (the per-packet benchmark's
+//! `bound` rows measure both; `benches/RESULTS.md`).
 //!
 //! - `fill`: the conntrack path, having translated an established packet, leaves the slot of
 //!   its tuple with what it did: the new addresses and ports, the checksum differences, the
@@ -26,11 +26,10 @@
 use aya_ebpf::{
     bindings::TC_ACT_OK,
     helpers::generated::{bpf_get_smp_processor_id, bpf_redirect_peer},
-    macros::map,
     maps::{Array, PerCpuArray, ProgramArray},
     programs::TcContext,
 };
-use weir_common::*;
+use weir_common::{map, *};
 
 use crate::{
     ct::set_fwd_key,
@@ -93,22 +92,30 @@ pub struct Slot6 {
     pub dst: Addr,
 }
 
-/// The cache, per CPU (a flow's packets mostly stay on one). Not pinned: a new run starts
-/// empty.
-#[map(name = "FLOWS")]
-pub static FLOWS: PerCpuArray<Slot> = PerCpuArray::with_max_entries(FLOW_SLOTS, 0);
+map! {
+    FLOWS,
+    /// The cache, per CPU (a flow's packets mostly stay on one). Not pinned: a new run starts
+    /// empty.
+    pub static FLOWS: PerCpuArray<Slot> = PerCpuArray::with_max_entries(FLOW_SLOTS, 0);
+}
 
-#[map(name = "FLOWS6")]
-pub static FLOWS6: PerCpuArray<Slot6> = PerCpuArray::with_max_entries(FLOW_SLOTS, 0);
+map! {
+    FLOWS6,
+    pub static FLOWS6: PerCpuArray<Slot6> = PerCpuArray::with_max_entries(FLOW_SLOTS, 0);
+}
 
-/// The generations (see `FLOW_GEN_GLOBAL`), of both families' slot indices. Pinned, so that
-/// user space moves the global one.
-#[map(name = "LB_FLOWGEN_V1")]
-pub static FLOW_GEN: Array<u64> = Array::pinned(FLOW_SLOTS + 1, 0);
+map! {
+    FLOW_GEN,
+    /// The generations (see `FLOW_GEN_GLOBAL`), of both families' slot indices. Pinned, so that
+    /// user space moves the global one.
+    pub static FLOW_GEN: Array<u64> = Array::pinned(FLOW_SLOTS + 1, 0);
+}
 
-/// `tc_flow_write`, at index 0 (the loader puts it there).
-#[map(name = "FLOW_WRITE")]
-pub static FLOW_WRITE: ProgramArray = ProgramArray::with_max_entries(1, 0);
+map! {
+    FLOW_WRITE,
+    /// `tc_flow_write`, at index 0 (the loader puts it there).
+    pub static FLOW_WRITE: ProgramArray = ProgramArray::with_max_entries(1, 0);
+}
 
 /// The generation a slot of index `idx` is filled under, now.
 #[inline(always)]

@@ -17,7 +17,7 @@
 //!
 //! An error whose source is rewritten at an ingress is routed here, as a reply is (its new
 //! source may be an address of the node: see `route`). At an egress, only the node's own
-//! errors about packets of flows to endpoints are taken, as `tc::reply_out` takes replies.
+//! errors about packets of flows to endpoints are taken, as `reply::reply_out` takes replies.
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use weir_common::*;
 

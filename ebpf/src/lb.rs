@@ -2,7 +2,7 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use weir_common::*;
 
-use crate::maps::{count, AFFINITY, BACKENDS, MAGLEV, NODE_LOCAL, SVC};
+use crate::maps::{count, AFFINITY, BACKENDS, MAGLEV, NODE_LOCAL, SVC, VIPNET};
 
 /// The coarse monotonic clock as jiffies × the tick + an offset, set by the loader
 /// (`weir_common::kernel_facts`); 0 per jiffy where unknown. Read-only and frozen: constants
@@ -14,8 +14,8 @@ static WEIR_JIFFIES_OFFSET: u64 = 0;
 
 /// Monotonic time at tick resolution (`CLOCK_MONOTONIC_COARSE`, which user space reads):
 /// lifetimes and affinity timeouts count in seconds. From `bpf_jiffies64`, which the verifier
-/// inlines (a helper call costs ~17 ns on the B8 machine); from `bpf_ktime_get_coarse_ns`
-/// where the loader did not find the tick.
+/// inlines (no helper call); from `bpf_ktime_get_coarse_ns` where the loader did not find the
+/// tick.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: reads of globals (volatile, so that LLVM does not fold the values they were
@@ -197,4 +197,14 @@ pub fn select_backend(
         let _ = AFFINITY.insert(&aff_key, &v, 0);
     }
     Ok((backend_id, be))
+}
+
+/// Whether an IPv4 destination is in a /16 that holds a service address (see `VIPNET`).
+#[inline(always)]
+pub fn maybe_service(dst: &Addr) -> bool {
+    let (word, bit) = vipnet_slot(dst.v4_octets());
+    match VIPNET.get(word) {
+        Some(w) => *w & bit != 0,
+        None => true,
+    }
 }

@@ -1,40 +1,55 @@
 //! Every map of the object. Pinned by name, so a restarted agent adopts them.
-use aya_ebpf::{
-    macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
-};
-use weir_common::*;
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
+use weir_common::{map, *};
 
 // Service maps are updated while read: without preallocation an update is RCU-safe and a reader
 // never sees an element recycled under it.
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-#[map(name = "LB_SVC_V1")]
-pub static SVC: HashMap<SvcKey, SvcValue> = HashMap::pinned(MAX_SERVICE_SLOTS, BPF_F_NO_PREALLOC);
+map! {
+    SVC,
+    pub static SVC: HashMap<SvcKey, SvcValue> =
+        HashMap::pinned(MAX_SERVICE_SLOTS, BPF_F_NO_PREALLOC);
+}
 
-#[map(name = "LB_BE_V1")]
-pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+map! {
+    BACKENDS,
+    pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, BPF_F_NO_PREALLOC);
+}
 
-#[map(name = "LB_MAGLEV_V1")]
-pub static MAGLEV: HashMap<u32, MaglevTable> =
-    HashMap::pinned(MAX_MAGLEV_SERVICES, BPF_F_NO_PREALLOC);
+map! {
+    MAGLEV,
+    pub static MAGLEV: HashMap<u32, MaglevTable> =
+        HashMap::pinned(MAX_MAGLEV_SERVICES, BPF_F_NO_PREALLOC);
+}
 
-#[map(name = "LB_AFF_V1")]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(MAX_AFFINITY, 0);
+map! {
+    AFFINITY,
+    pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+        LruHashMap::pinned(MAX_AFFINITY, 0);
+}
 
-/// Conntrack of IPv4 flows, under their 16-byte tuple (see `Ct4Key`).
-#[map(name = "CT4_V1")]
-pub static CT4: LruHashMap<Ct4Key, CtValue> = LruHashMap::pinned(MAX_CT, 0);
+map! {
+    CT4,
+    /// Conntrack of IPv4 flows, under their 16-byte tuple (see `Ct4Key`).
+    pub static CT4: LruHashMap<Ct4Key, CtValue> = LruHashMap::pinned(MAX_CT, 0);
+}
 
-/// Conntrack of IPv6 flows.
-#[map(name = "CT6_V1")]
-pub static CT6: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CT, 0);
+map! {
+    CT6,
+    /// Conntrack of IPv6 flows.
+    pub static CT6: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(MAX_CT, 0);
+}
 
-#[map(name = "LB_SKREV_V1")]
-pub static SOCK_REV: LruHashMap<SockKey, SockValue> = LruHashMap::pinned(MAX_SOCK, 0);
+map! {
+    SOCK_REV,
+    pub static SOCK_REV: LruHashMap<SockKey, SockValue> = LruHashMap::pinned(MAX_SOCK, 0);
+}
 
-#[map(name = "LB_SKFWD_V1")]
-pub static SOCK_FWD: LruHashMap<SockKey, SockValue> = LruHashMap::pinned(MAX_SOCK, 0);
+map! {
+    SOCK_FWD,
+    pub static SOCK_FWD: LruHashMap<SockKey, SockValue> = LruHashMap::pinned(MAX_SOCK, 0);
+}
 
 /// Per-CPU scratch space for one packet: the parsed headers and the conntrack entries of a new
 /// flow. On the stack they would not fit the 512 bytes a call chain may use.
@@ -70,20 +85,28 @@ pub struct Scratch {
     pub flow_gen: u64,
 }
 
-#[map(name = "SCRATCH_V1")]
-pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+map! {
+    SCRATCH,
+    pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+}
 
-#[map(name = "LB_VIPNET_V1")]
-pub static VIPNET: Array<u64> = Array::pinned(VIPNET_WORDS, 0);
+map! {
+    VIPNET,
+    pub static VIPNET: Array<u64> = Array::pinned(VIPNET_WORDS, 0);
+}
 
-#[map(name = "LB_NODELOC_V1")]
-pub static NODE_LOCAL: Array<NodeLocal> = Array::pinned(1, 0);
+map! {
+    NODE_LOCAL,
+    pub static NODE_LOCAL: Array<NodeLocal> = Array::pinned(1, 0);
+}
 
-/// The host-side veths of the node's pods (the agent's, as it finds them; see
-/// `MAX_POD_DEVS`): a packet routed to one is handed straight into the pod
-/// (`route::redirect`).
-#[map(name = "LB_PODDEV_V1")]
-pub static POD_DEVS: Array<u32> = Array::pinned(MAX_POD_DEVS, 0);
+map! {
+    POD_DEVS,
+    /// The host-side veths of the node's pods (the agent's, as it finds them; see
+    /// `MAX_POD_DEVS`): a packet routed to one is handed straight into the pod
+    /// (`route::redirect`).
+    pub static POD_DEVS: Array<u32> = Array::pinned(MAX_POD_DEVS, 0);
+}
 
 /// Whether `ifindex` is a pod's host-side veth (see `POD_DEVS`).
 #[inline(always)]
@@ -94,8 +117,10 @@ pub fn is_pod_dev(ifindex: u32) -> bool {
     }
 }
 
-#[map(name = "STATS_V1")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+map! {
+    STATS,
+    pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+}
 
 #[inline(always)]
 pub fn count(stat: Stat) {

@@ -2,6 +2,8 @@
 //! bounds check before every read; the result is a copy, so later helper calls that move the
 //! packet cannot leave a stale pointer behind.
 use aya_ebpf::programs::TcContext;
+
+use crate::maps::{count_raw, Scratch, SCRATCH};
 use weir_common::{Addr, Stat, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
@@ -81,9 +83,9 @@ pub fn hdr_ptr<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
     ptr_at::<T>(ctx, off)
 }
 
-/// The verdict as a plain integer (see `Parsed::decode`). Inlined: as a subprogram it cost a
-/// call and a return on every packet (5–10 ns under return-thunk mitigations, B8), and the
-/// verifier takes the program's stack with it inside.
+/// The verdict as a plain integer (see `Parsed::decode`). Inlined: as a subprogram it costs a
+/// call and a return on every packet (dear under return-thunk mitigations), and the verifier
+/// takes the program's stack with it inside.
 #[inline(always)]
 pub fn parse_out_of_line(ctx: &TcContext, out: &mut Packet) -> u32 {
     match parse(ctx, out) {
@@ -213,4 +215,24 @@ fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
     out.l4_off = l4_off;
     out.csum_off = l4_off + csum_rel;
     Parsed::Packet
+}
+
+/// The per-CPU scratch slot with the packet parsed into it. Err: the parser's code, counted
+/// (`0x200` set: a drop), `PARSED_ICMP` (not counted: the ICMP path counts), or 0 when there
+/// is no slot.
+#[inline(always)]
+pub fn parsed(ctx: &TcContext) -> Result<&'static mut Scratch, u32> {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return Err(0);
+    };
+    // SAFETY: the per-CPU scratch slot is ours for this run; programs do not nest on a CPU.
+    let s = unsafe { &mut *s };
+    match parse_out_of_line(ctx, &mut s.pkt) {
+        0 => Ok(s),
+        PARSED_ICMP => Err(PARSED_ICMP),
+        code => {
+            count_raw(code & 0xff);
+            Err(code)
+        }
+    }
 }

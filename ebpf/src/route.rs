@@ -199,7 +199,7 @@ pub fn fallback() -> i32 {
 /// rewrite set its Ethernet addresses), else out of the device with link-layer addresses from
 /// the neighbour table, falling back to the kernel's own path. Only at a TC ingress (a peer
 /// redirect is only taken from there). Inlined: a BPF-to-BPF call costs a call and a return,
-/// which return-thunk mitigations (AMD's SRSO "Safe RET") make dear: 10–15 ns a packet (B8).
+/// which return-thunk mitigations (AMD's SRSO "Safe RET") make dear.
 #[inline(always)]
 pub fn redirect(s: &mut Scratch, route: u32) -> i32 {
     if route == ROUTE_POD {

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
+    Ebpf, EbpfLoader,
 };
 use weir_common::{map_names, CtKey, CtValue, STAT_COUNT};
 use weir_proxy::{
@@ -20,6 +21,10 @@ use weir_proxy::{
         topo::Netns,
     },
 };
+
+/// The benchmark-only programs (`ebpf/src/bench/`), an object the agent never loads (empty when
+/// built with `AYA_BUILD_SKIP=1`).
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEIR_BENCH_OBJECT"));
 
 /// TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT.
 pub const OK: u32 = 0;
@@ -41,6 +46,8 @@ pub const EXTERNAL6: &str = "fd00:17::99";
 // Field order is drop order: programs and maps before the bpffs they are pinned on.
 pub struct Harness {
     pub dp: Datapath,
+    /// The benchmark-only object, once [`Harness::load_classifier`] loaded it.
+    bench: Option<Ebpf>,
     pub maps: AyaMaps,
     pub programmer: Programmer,
     _bpffs: BpfMount,
@@ -133,6 +140,7 @@ impl Harness {
         enter(&ns.path())?;
         Ok(Harness {
             dp,
+            bench: None,
             maps,
             programmer,
             _bpffs: bpffs,
@@ -195,7 +203,7 @@ impl Harness {
 
     /// Puts `tc_flow_write` into its program array (`on`, as the loader does), or takes it
     /// out: the programs' tail call to it then fails, and every packet goes through conntrack
-    /// (B8 times both).
+    /// (the per-packet benchmark times both).
     pub fn set_flow_cache_writer(&mut self, on: bool) -> Result<()> {
         let ebpf = self.dp.ebpf_mut();
         let writer = if on {
@@ -208,7 +216,7 @@ impl Harness {
             None
         };
         let mut jump: aya::maps::ProgramArray<_> = ebpf
-            .map_mut("FLOW_WRITE")
+            .map_mut(weir_common::map_names::FLOW_WRITE)
             .context("map FLOW_WRITE")?
             .try_into()?;
         match writer {
@@ -219,18 +227,35 @@ impl Harness {
         Ok(())
     }
 
-    /// Loads a classifier of the object that the agent does not load (`tc_noop`).
+    /// Loads a classifier of the benchmark-only object (`tc_noop`, `tc_bound_*`), which the
+    /// agent never loads; the object shares the agent's pinned maps.
     pub fn load_classifier(&mut self, prog: &str) -> Result<()> {
+        if self.bench.is_none() {
+            if BENCH_OBJECT.is_empty() {
+                anyhow::bail!("built with AYA_BUILD_SKIP=1: no benchmark object");
+            }
+            let maps_dir = self.maps_dir();
+            self.bench = Some(
+                EbpfLoader::new()
+                    .default_map_pin_directory(&maps_dir)
+                    .load(BENCH_OBJECT)
+                    .context("load the benchmark-only object")?,
+            );
+        }
         self.classifier(prog)
             .load()
             .with_context(|| format!("load {prog}"))
     }
 
+    /// A classifier of the agent's object, else of the benchmark-only one.
     fn classifier(&mut self, prog: &str) -> &mut SchedClassifier {
-        self.dp
-            .ebpf_mut()
-            .program_mut(prog)
-            .expect("program in object")
+        let in_agent = self.dp.ebpf_mut().program(prog).is_some();
+        let ebpf = match (&mut self.bench, in_agent) {
+            (Some(bench), false) => bench,
+            _ => self.dp.ebpf_mut(),
+        };
+        ebpf.program_mut(prog)
+            .unwrap_or_else(|| panic!("no program {prog} in either object"))
             .try_into()
             .expect("a classifier")
     }

@@ -106,9 +106,9 @@ impl Datapath {
     /// namespace, as a classic clsact filter (priority [`POD_FILTER_PRIORITY`], handle
     /// [`POD_FILTER_HANDLE`]), or replaces the program of the filter an earlier run left there.
     ///
-    /// Not TCX, as on uplinks: a TCX attach waits for an RCU grace period (10–25 ms here, and
-    /// the agent attaches one device at a time), while a filter is in place in a fraction of a
-    /// millisecond, and pods are made all the time. The filter belongs to the device, not to
+    /// Not TCX, as on uplinks: a TCX attach waits for an RCU grace period (and the agent
+    /// attaches one device at a time), while a filter is in place at once, and pods are made
+    /// all the time. The filter belongs to the device, not to
     /// the agent: it stays when the agent exits and goes when the veth is deleted. Replacing
     /// the program of a filter is atomic. A device that has a pinned TCX link from an earlier
     /// run keeps it, its program swapped: a filter beside it would translate twice.

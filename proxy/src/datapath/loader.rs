@@ -123,7 +123,7 @@ impl Datapath {
             p.fd()?.try_clone()?
         };
         let mut jump: aya::maps::ProgramArray<_> = ebpf
-            .map_mut("FLOW_WRITE")
+            .map_mut(weir_common::map_names::FLOW_WRITE)
             .context("map FLOW_WRITE is missing from the eBPF object")?
             .try_into()?;
         jump.set(0, &writer, 0)
@@ -161,7 +161,7 @@ impl Datapath {
 
     /// What [`Datapath::attach_pod_tc`] puts on pod veths ([`PodPrograms::PerPacket`] unless
     /// set). With the socket hooks on every pod's sockets, no pod packet needs a program:
-    /// a classifier costs every packet that passes it, even one it returns at once (B1), so
+    /// a classifier costs every packet that passes it, even one it returns at once, so
     /// [`PodPrograms::None`] leaves pod veths bare, and `attach_pod_tc` removes what an earlier
     /// run put there. Uplinks carry `tc_to_netdev` on their egress in either case.
     pub fn set_pod_programs(&mut self, p: PodPrograms) {

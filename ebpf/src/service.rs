@@ -1,18 +1,18 @@
-//! The per-packet path shared by `tc_from_pod` and `tc_from_netdev`: conntrack first (one
-//! lookup serves both directions), then the service lookup for new flows.
+//! The service path of a packet entering the node's stack (`tc_from_pod`, `tc_from_netdev`):
+//! conntrack first (one lookup serves both directions), then the service lookup for new flows.
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_get_prandom_u32, programs::TcContext};
 use weir_common::*;
 
 use crate::{
     ct::{
-        fwd_entry, insert_fwd, insert_reply, remove_reply, reply_entry, set_full_fwd_key,
-        set_reply_dport, set_reply_key,
+        fwd_entry, insert_fwd, insert_reply, lifetime, refresh, remove_reply, reply_entry,
+        set_full_fwd_key, set_reply_dport, set_reply_key,
     },
     flow, icmp,
-    lb::{flow_hash, lookup_service, node_local_server, now_ns, select_backend},
-    maps::{count, count_raw, Scratch, SCRATCH, VIPNET},
+    lb::{flow_hash, lookup_service, maybe_service, node_local_server, now_ns, select_backend},
+    maps::{count, Scratch},
     nat::{rewrite, rewrite_call},
-    parse::{parse_out_of_line, Packet, PARSED_ICMP, TCP_FIN, TCP_RST},
+    parse::{parsed, PARSED_ICMP, TCP_FIN, TCP_RST},
     reject::reject,
     route::{
         backend_is_behind_ingress, fallback, fib_src, lookup, redirect, remember, remembered,
@@ -22,10 +22,10 @@ use crate::{
 
 const TC_ACT_SHOT: i32 = 2;
 
+/// A packet entering the node's stack. `external`: it arrived on an uplink, from outside the
+/// node; it sees a service's `SCOPE_EXTERNAL` entry where there is one.
 #[inline(always)]
-/// `external`: the packet arrived on an uplink, from outside the node; it sees a service's
-/// `SCOPE_EXTERNAL` entry where there is one.
-pub fn handle(ctx: &TcContext, external: bool) -> i32 {
+pub fn ingress(ctx: &TcContext, external: bool) -> i32 {
     let s = match parsed(ctx) {
         Ok(s) => s,
         Err(PARSED_ICMP) => return icmp::error(ctx, true),
@@ -39,159 +39,6 @@ pub fn handle(ctx: &TcContext, external: bool) -> i32 {
             count(stat);
             TC_ACT_SHOT
         }
-    }
-}
-
-/// The per-CPU scratch slot with the packet parsed into it. Err: the parser's code, counted
-/// (`0x200` set: a drop), `PARSED_ICMP` (not counted: the ICMP path counts), or 0 when there
-/// is no slot.
-#[inline(always)]
-fn parsed(ctx: &TcContext) -> Result<&'static mut Scratch, u32> {
-    let Some(s) = SCRATCH.get_ptr_mut(0) else {
-        return Err(0);
-    };
-    // SAFETY: the per-CPU scratch slot is ours for this run; programs do not nest on a CPU.
-    let s = unsafe { &mut *s };
-    match parse_out_of_line(ctx, &mut s.pkt) {
-        0 => Ok(s),
-        PARSED_ICMP => Err(PARSED_ICMP),
-        code => {
-            count_raw(code & 0xff);
-            Err(code)
-        }
-    }
-}
-
-/// A packet leaving for a pod. Only the node's own packets (no ingress device) can be replies
-/// of a flow the pod opened to a service endpoint on the node; they get the reverse NAT the
-/// ingress of a pod's veth gives replies of endpoints in pods. A forwarded packet was handled
-/// at the ingress it came in on: it costs one load here.
-#[inline(always)]
-pub fn to_pod(ctx: &TcContext) -> i32 {
-    // SAFETY: the context is the kernel's __sk_buff for this run; a 4-byte field read.
-    if unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).ingress_ifindex)) } != 0
-    {
-        return TC_ACT_OK as i32;
-    }
-    // The node's own packet: never dropped here for its shape.
-    let s = match parsed(ctx) {
-        Ok(s) => s,
-        Err(PARSED_ICMP) => return icmp::error(ctx, false),
-        Err(_) => return TC_ACT_OK as i32,
-    };
-    flow::lookup(ctx, s, flow::AT_EGRESS);
-    match reply_out(ctx, s) {
-        Ok(_) => TC_ACT_OK as i32,
-        Err(stat) => {
-            count(stat);
-            TC_ACT_SHOT
-        }
-    }
-}
-
-/// A packet leaving the node by an uplink, the node's own or forwarded. Replies of flows an
-/// uplink's ingress translated to an endpoint on the node get their reverse NAT here when no
-/// program saw them on the way: the node's own (a hostNetwork endpoint), and a pod's when pod
-/// veths carry no program (every pod's sockets are balanced at `connect`). A packet still
-/// addressed to a Service that drops its traffic (no endpoint on the node for a `Local`
-/// policy) is dropped, as kube-proxy drops it: the socket hooks leave it untranslated for the
-/// per-packet path, and with no program on the pod's veth this is where it meets one.
-/// Nothing else is touched, whatever its shape.
-#[inline(always)]
-pub fn to_netdev(ctx: &TcContext) -> i32 {
-    let s = match parsed(ctx) {
-        Ok(s) => s,
-        Err(PARSED_ICMP) => return icmp::error(ctx, false),
-        Err(_) => return TC_ACT_OK as i32,
-    };
-    flow::lookup(ctx, s, flow::AT_EGRESS);
-    match reply_out(ctx, s) {
-        Ok(true) => TC_ACT_OK as i32,
-        Ok(false) => {
-            let p = &s.pkt;
-            if !p.v6 && !maybe_service(&p.dst) {
-                return TC_ACT_OK as i32;
-            }
-            match lookup_service(&p.dst, p.dport, p.proto, false) {
-                Some((m, _)) if m.count == 0 && m.flags & SVC_F_DROP_EMPTY != 0 => {
-                    count(Stat::DropNoLocalBackend);
-                    TC_ACT_SHOT
-                }
-                _ => TC_ACT_OK as i32,
-            }
-        }
-        Err(stat) => {
-            count(stat);
-            TC_ACT_SHOT
-        }
-    }
-}
-
-/// The reverse NAT of a reply whose flow was translated at an ingress to an endpoint on the
-/// node, on a packet already routed (on its way out of a device): whether it was one.
-#[inline(always)]
-fn reply_out(ctx: &TcContext, s: &mut Scratch) -> Result<bool, Stat> {
-    // The packet's tuple is in the forward key: `flow::lookup` set it.
-    let Some(entry) = fwd_entry(s) else {
-        return Ok(false);
-    };
-    let p = &s.pkt;
-    // SAFETY: an LRU value pointer stays valid for this program run.
-    let e = unsafe { &mut *entry };
-    let now = now_ns();
-    // Hairpin and source-NATed flows have their replies translated where they come in.
-    if e.dir != CT_DIR_REPLY || e.flags & (CT_F_HAIRPIN | CT_F_SNAT) != 0 || e.expires_ns <= now {
-        return Ok(false);
-    }
-    refresh(e, p, now);
-    // Copied out first: from the map value straight into the scratch slot, LLVM cannot tell
-    // the two apart and calls `memmove`.
-    let (nat_addr, nat_port) = (e.nat_addr, e.nat_port);
-    s.chg_src.set(&p.src, &nat_addr, p.sport, nat_port);
-    s.chg_dst.keep(&p.dst);
-    if e.flags & CT_F_CLOSING == 0 {
-        flow::fill(s, flow::AT_EGRESS, 0, Stat::RevNat, e.expires_ns);
-    }
-    // Already on its way out of the device: nothing to route.
-    rewrite(ctx, s, false, false)?;
-    count(Stat::RevNat);
-    Ok(true)
-}
-
-/// Marks a flow closing on FIN or RST and pushes its expiry on, at most once a second (a
-/// write per packet would bounce the cache line).
-#[inline(always)]
-fn refresh(e: &mut CtValue, p: &Packet, now: u64) {
-    if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        e.flags |= CT_F_CLOSING;
-    }
-    let life = lifetime(p, e.flags & CT_F_CLOSING != 0);
-    if e.expires_ns < now + life - 1_000_000_000 || e.flags & CT_F_CLOSING != 0 {
-        let want = now + life;
-        if e.flags & CT_F_CLOSING == 0 || want < e.expires_ns {
-            e.expires_ns = want;
-        }
-    }
-}
-
-/// Whether an IPv4 destination is in a /16 that holds a service address (see `VIPNET`).
-#[inline(always)]
-fn maybe_service(dst: &Addr) -> bool {
-    let (word, bit) = vipnet_slot(dst.v4_octets());
-    match VIPNET.get(word) {
-        Some(w) => *w & bit != 0,
-        None => true,
-    }
-}
-
-#[inline(always)]
-fn lifetime(p: &Packet, closing: bool) -> u64 {
-    if p.proto != PROTO_TCP {
-        CT_LIFETIME_NONTCP_NS
-    } else if closing {
-        CT_LIFETIME_CLOSING_NS
-    } else {
-        CT_LIFETIME_TCP_NS
     }
 }
 

@@ -3,8 +3,6 @@
 //! Debian's reference plugins beside it where they overlap.
 //!
 //! Needs root and the release binaries: `cargo xtask test`.
-#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
-
 use std::{
     collections::BTreeSet,
     io::{Read, Write},
@@ -14,13 +12,13 @@ use std::{
     time::Duration,
 };
 
+use crate::weir_bin;
 use serde_json::{json, Value};
 use weir_proxy::tools::{
     sandbox::SERVICES,
     sim::{topo, Options, Sim},
 };
 use weir_testkit::{Cni, Netns, Node, NodeExt, RunDir};
-use weir_tests::weir_bin;
 
 const VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// Where Debian's containernetworking-plugins live.

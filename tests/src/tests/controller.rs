@@ -1,11 +1,11 @@
-//! The control plane against a scripted Kubernetes API: weir's watches (kube-runtime) talk to
-//! an in-process fake API server that lists, streams watch events, fails on request, expires
-//! watches with `410 Gone` and drops them. The agent's own programming step writes to the
-//! in-memory map writer, whose state the tests check. No root needed.
-#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
-
+//! The control plane against a scripted Kubernetes API: weir's watches (kube-runtime) talk to an
+//! in-process fake API server that lists, streams watch events, fails on request, expires
+//! watches with `410 Gone` and drops them; the agent's own programming step writes to the
+//! in-memory map writer, whose state the tests check. No root needed for those; the last one
+//! runs the real agent against the fake API over HTTP.
 use std::{
     collections::BTreeMap,
+    thread,
     time::{Duration, Instant},
 };
 
@@ -19,6 +19,131 @@ use weir_testkit::{
     fake_api::{Api, NODES, PODS, SERVICES, SLICES},
     reconciler, FakeMaps,
 };
+
+use crate::weir_bin;
+
+/// The agent binary against a Kubernetes API (the scripted one, served over HTTP inside the
+/// node namespace) through a kubeconfig: it lists, programs, writes the node's podCIDRs and its
+/// per-Service report, and follows a watch event.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn the_agent_follows_the_kubernetes_api() {
+    use serde_json::json;
+    use weir_testkit::{
+        fake_api::{Api, NODES, SERVICES, SLICES},
+        tag, BpfMount, Node, Proc, RunDir,
+    };
+    let t = format!("a{}", tag());
+    let dir = RunDir::create(&format!("/run/weir-{t}")).unwrap();
+    let node = Node::create(&t).unwrap();
+    let bpffs = BpfMount::create(&dir.0.join("bpffs")).unwrap();
+    let slice = |ips: &[&str]| {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "namespace": "demo",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+            "endpoints": ips.iter().map(|ip| json!({"addresses": [ip]})).collect::<Vec<_>>()})
+    };
+    let api = Api::default();
+    api.apply(
+        SERVICES,
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "demo"},
+            "spec": {"clusterIP": "198.19.0.10", "ports": [{"name": "http", "port": 80}]}}),
+    );
+    api.apply(SLICES, slice(&["198.18.1.11", "198.18.1.12"]));
+    api.apply(
+        NODES,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
+            "spec": {"podCIDRs": ["198.18.1.0/24"]}}),
+    );
+    let listener = node
+        .ns
+        .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap()
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    api.serve_http(listener);
+    let kubeconfig = dir.0.join("kubeconfig");
+    std::fs::write(&kubeconfig, Api::kubeconfig(addr)).unwrap();
+    let (ready, report, cidrs) = (
+        dir.0.join("ready"),
+        dir.0.join("services.json"),
+        dir.0.join("pod-cidrs.json"),
+    );
+    let mut cmd = node.ns.command(weir_bin().unwrap()).unwrap();
+    cmd.args([
+        "agent",
+        "--no-socket-lb",
+        "--cni-socket",
+        "off",
+        "--node-name",
+        "n1",
+    ])
+    .args([
+        "--healthz-bind-address",
+        "off",
+        "--metrics-bind-address",
+        "off",
+    ])
+    .arg("--source")
+    .arg(format!("kube:{}", kubeconfig.display()))
+    .arg("--bpffs")
+    .arg(&bpffs.path)
+    .arg("--state-file")
+    .arg(&report)
+    .arg("--pod-cidrs-file")
+    .arg(&cidrs)
+    .arg("--ready-file")
+    .arg(&ready)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let mut agent = Proc::spawn("agent", cmd).unwrap();
+    let maps = weir_proxy::datapath::pin_dir(&bpffs.path).maps();
+    let backends = || -> Option<usize> {
+        let st = weir_proxy::tools::status::read(&maps, 0).ok()?;
+        st.services
+            .iter()
+            .find(|v| v.frontend == "198.19.0.10:80/TCP")
+            .map(|v| v.backends.len())
+    };
+    let wait = |what: &str, agent: &mut Proc, f: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !f() {
+            if let Ok(Some(st)) = agent.child.try_wait() {
+                panic!("{what}: the agent exited ({st})");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not within 20 s"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait("listed and programmed", &mut agent, &|| {
+        ready.exists() && backends() == Some(2)
+    });
+    assert_eq!(
+        std::fs::read_to_string(&cidrs).unwrap(),
+        r#"{"podCIDRs":["198.18.1.0/24"]}"#
+    );
+    let by = weir_proxy::tools::status::read_reports(&report)
+        .unwrap()
+        .unwrap();
+    assert_eq!(by[0].service, "demo/web");
+    assert_eq!(by[0].state, "programmed");
+    api.apply(
+        SLICES,
+        slice(&["198.18.1.11", "198.18.1.12", "198.18.1.13"]),
+    );
+    wait("the watch event followed", &mut agent, &|| {
+        backends() == Some(3)
+    });
+    api.delete(SERVICES, "demo/web", true);
+    wait("the deletion followed", &mut agent, &|| {
+        backends().is_none()
+    });
+}
 
 fn rand_tag() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};

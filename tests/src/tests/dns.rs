@@ -3,8 +3,6 @@
 //! names outside the cluster relayed to an upstream, answers that follow an edit of the source.
 //!
 //! Needs root and the release `weir` binary: `cargo xtask test`.
-#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
-
 use std::{
     path::PathBuf,
     process::{Command, Stdio},
@@ -12,8 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::weir_bin;
 use weir_testkit::{tag, Netns, Node, NodeExt, Proc, RunDir};
-use weir_tests::weir_bin;
 
 const DNS: &str = "198.18.0.53";
 const UPSTREAM: &str = "198.18.0.54";

@@ -1,12 +1,12 @@
-//! Lower bounds for B8, never attached: what the kernel's part of an established packet into
-//! a pod costs with no logic of ours around it, so that the benchmark can say how much of a
-//! figure is ours. Both take an IPv4 TCP frame without options at fixed offsets, look its
-//! tuple up, write the packet's first 52 bytes back unchanged (what the rewrite into a pod
+//! Lower bounds for the per-packet benchmark, never attached: what the kernel's part of an
+//! established packet into a pod costs with no logic of ours around it, so that the benchmark can
+//! say how much of a figure is ours. Both take an IPv4 TCP frame without options at fixed offsets,
+//! look its tuple up, write the packet's first 52 bytes back unchanged (what the rewrite into a pod
 //! writes: Ethernet addresses to the TCP checksum) and redirect into the device whose index
 //! `skb->mark` holds, as an established flow's packet into a pod does.
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::generated::bpf_redirect_peer, programs::TcContext};
 
-use crate::{
+use weir_ebpf::{
     maps::{CT4, SCRATCH},
     nat::store,
     parse::{byte, half, ptr_at, word},
@@ -17,7 +17,7 @@ const FRAME: usize = 52;
 
 /// The tuple at its fixed offsets into the scratch key; `None` when the frame is short.
 #[inline(always)]
-fn key(ctx: &TcContext) -> Option<(*const [u8; FRAME], &'static mut crate::maps::Scratch)> {
+fn key(ctx: &TcContext) -> Option<(*const [u8; FRAME], &'static mut weir_ebpf::maps::Scratch)> {
     let f = ptr_at::<[u8; FRAME]>(ctx, 0)?;
     // SAFETY: the per-CPU scratch slot is ours for this run.
     let s = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
