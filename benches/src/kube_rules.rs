@@ -5,7 +5,8 @@
 //! needs it.
 use std::{fmt::Write, net::Ipv4Addr};
 
-/// One service port and its endpoints: what B1 and B2 program N of.
+/// One service port and its endpoints: what the service-path and programming benchmarks
+/// program N of.
 pub struct Svc {
     pub name: String,
     pub vip: Ipv4Addr,

@@ -1,12 +1,12 @@
-//! `weir-bench`: side-by-side benchmarks. Run through `cargo xtask bench` (root; it builds the
-//! release `weir` and passes it in WEIR_BIN).
-mod b1;
-mod b2;
-mod b5;
-mod b6;
-mod b8;
+//! `weir-bench`: side-by-side benchmarks, each against a baseline in the same run. Run through
+//! `cargo xtask bench` (root; it builds the release `weir` and passes it in WEIR_BIN).
+mod cni;
+mod dns;
 mod kube_rules;
+mod per_packet;
+mod programming;
 mod results;
+mod service_path;
 
 use anyhow::Result;
 use clap::Parser;
@@ -14,10 +14,10 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(
     about = "weir's benchmarks; each rewrites its section of benches/RESULTS.md",
-    after_help = "Examples:\n  cargo xtask bench\n  cargo xtask bench -- b8\n  cargo xtask bench -- b6\n  cargo xtask bench -- b2 --quick\n  cargo xtask bench -- b5\n  cargo xtask bench -- b1 --quick"
+    after_help = "Examples:\n  cargo xtask bench\n  cargo xtask bench -- per-packet\n  cargo xtask bench -- cni\n  cargo xtask bench -- programming --quick\n  cargo xtask bench -- dns\n  cargo xtask bench -- service-path --quick\n\nEach benchmark's section in RESULTS.md keeps its id (B1, B2, B5, B6, B8), which also works\nas its name here."
 )]
 struct Cli {
-    /// Which: b1, b2, b5, b6, b8 or all.
+    /// Which: per-packet (B8), cni (B6), programming (B2), dns (B5), service-path (B1), or all.
     #[arg(default_value = "all")]
     which: String,
     /// Fewer sizes and shorter runs (a smoke run; results are still written).
@@ -25,28 +25,42 @@ struct Cli {
     quick: bool,
 }
 
+/// A benchmark: its name, its section id in RESULTS.md, and how to run it.
+type Bench<'a> = (&'a str, &'a str, Box<dyn Fn() -> Result<String> + 'a>);
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // Ctrl-C or SIGTERM: the guards of a running benchmark would not run; the first name
-    // a benchmark takes (`topo::tag`) arranges for what this run made to be removed then.
+    // a benchmark takes (`tag`) arranges for what this run made to be removed then.
     let weir = weir_testkit::weir_bin()?;
     let quick = cli.quick;
-    type Bench<'a> = (&'a str, &'a str, Box<dyn Fn() -> Result<String> + 'a>);
     let benches: [Bench; 5] = [
-        ("b8", "B8", Box::new(|| b8::run(quick))),
-        ("b6", "B6", Box::new(|| b6::run(&weir, quick))),
-        ("b2", "B2", Box::new(|| b2::run(&weir, quick))),
-        ("b5", "B5", Box::new(|| b5::run(&weir, quick))),
-        ("b1", "B1", Box::new(|| b1::run(&weir, quick))),
+        ("per-packet", "B8", Box::new(|| per_packet::run(quick))),
+        ("cni", "B6", Box::new(|| cni::run(&weir, quick))),
+        (
+            "programming",
+            "B2",
+            Box::new(|| programming::run(&weir, quick)),
+        ),
+        ("dns", "B5", Box::new(|| dns::run(&weir, quick))),
+        (
+            "service-path",
+            "B1",
+            Box::new(|| service_path::run(&weir, quick)),
+        ),
     ];
-    if cli.which != "all" && !benches.iter().any(|(name, _, _)| *name == cli.which) {
-        anyhow::bail!("no benchmark {:?}: b1, b2, b5, b6, b8 or all", cli.which);
+    let chosen = |name: &str, id: &str| {
+        cli.which == "all" || cli.which == name || cli.which.eq_ignore_ascii_case(id)
+    };
+    if !benches.iter().any(|(name, id, _)| chosen(name, id)) {
+        let names: Vec<&str> = benches.iter().map(|(name, _, _)| *name).collect();
+        anyhow::bail!("no benchmark {:?}: {} or all", cli.which, names.join(", "));
     }
-    for (name, section, run) in &benches {
-        if cli.which == "all" || cli.which == *name {
+    for (name, id, run) in &benches {
+        if chosen(name, id) {
             let s = run()?;
             print!("{s}");
-            results::write_section(section, &s)?;
+            results::write_section(id, &s)?;
         }
     }
     Ok(())

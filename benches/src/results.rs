@@ -17,7 +17,7 @@ pub fn machine() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    // The machine's, not this thread's (B8 keeps its thread to one CPU).
+    // The machine's, not this thread's (the per-packet benchmark keeps its thread to one CPU).
     let cores = fs::read_to_string("/proc/cpuinfo")
         .map(|c| c.lines().filter(|l| l.starts_with("processor")).count())
         .unwrap_or(0);

@@ -62,7 +62,7 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Run the benchmarks and rewrite benches/RESULTS.md.
-    #[command(after_help = "Examples:\n  cargo xtask bench\n  cargo xtask bench -- b8")]
+    #[command(after_help = "Examples:\n  cargo xtask bench\n  cargo xtask bench -- per-packet")]
     Bench {
         #[arg(last = true)]
         args: Vec<String>,

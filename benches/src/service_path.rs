@@ -1,8 +1,8 @@
-//! B1, the headline: new-connection rate and request/response latency through a ClusterIP with
+//! `service-path` (B1 in RESULTS.md), the headline: new-connection rate and request/response latency through a ClusterIP with
 //! N services in the node, side by side with the same services in kube-proxy's iptables and
 //! nftables shapes, and plain routing to the pod as the floor. The probed service is the last
-//! one. Client and server are pinned to the same CPU (cross-CPU wake-ups cost ~30 µs per
-//! direction on these VMs and would drown the data path's cost).
+//! one. Client and server are pinned to the same CPU (cross-CPU wake-ups are dear on small VMs
+//! and would drown the data path's cost).
 use std::{
     fmt::Write,
     net::{Ipv4Addr, SocketAddr},

@@ -1,4 +1,4 @@
-//! B8: nanoseconds per packet of the TC program with BPF_PROG_TEST_RUN, for an established flow,
+//! `per-packet` (B8 in RESULTS.md): nanoseconds per packet of the TC program with BPF_PROG_TEST_RUN, for an established flow,
 //! its replies and new flows, with the conntrack map 10 % and 90 % full. The floor, in the same
 //! run, is a packet that is no service's (one conntrack miss, one service miss).
 use std::fmt::Write;
@@ -328,7 +328,7 @@ fn measure(fill_pct: u32, runs: u32, new_flows: u16) -> Result<Vec<Row>> {
         ]);
     }
     // The kernel's part of the packet into the pod alone, with today's conntrack path's
-    // primitives and with the cache's (see `ebpf/src/bound.rs`): each run must end in the
+    // primitives and with the cache's (see `ebpf/src/bench/bound.rs`): each run must end in the
     // redirect, or it measured an early return.
     for prog in ["tc_bound_ct_store", "tc_bound_percpu_direct"] {
         h.load_classifier(prog)?;
@@ -448,7 +448,7 @@ pub fn run(quick: bool) -> Result<String> {
          pod-to-pod packet: parse, one conntrack miss, one service miss. The empty program (`tc_noop`, which returns \
          at once) is timed the same way: what the test run costs per run around any program; the next column takes \
          it off. The *bound* rows are programs that do only the kernel's part of an established packet into a pod \
-         (`ebpf/src/bound.rs`): with today's conntrack path's primitives, and with the cache's.\n"
+         (`ebpf/src/bench/bound.rs`, an object the agent never loads): with today's conntrack path's primitives, and with the cache's.\n"
     );
     let _ = writeln!(
         o,

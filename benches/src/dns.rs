@@ -1,4 +1,4 @@
-//! B5: cluster DNS throughput, latency and memory: `weir dns` beside Knot DNS (authoritative)
+//! `dns` (B5 in RESULTS.md): cluster DNS throughput, latency and memory: `weir dns` beside Knot DNS (authoritative)
 //! and unbound (local data) serving the same records, in one run on this machine.
 //!
 //! The zone: services in 100 namespaces, 80 % with a cluster IP and a named port, 20 % headless

@@ -1,4 +1,4 @@
-//! B2: programming at scale. N services of 10 endpoints each, side by side in one run:
+//! `programming` (B2 in RESULTS.md): programming at scale. N services of 10 endpoints each, side by side in one run:
 //!
 //! - weir, cold: the agent's full sync (model build and writes into the real BPF maps) from
 //!   objects in memory; and the same through the Kubernetes API (an in-process fake API
@@ -31,9 +31,9 @@ use weir_testkit::{
 };
 
 use crate::{
-    b1::{iptables_version, run_limited},
     kube_rules::{self, Svc},
     results,
+    service_path::{iptables_version, run_limited},
 };
 
 const ENDPOINTS: usize = 10;
@@ -94,7 +94,7 @@ fn objects(svcs: &[Svc]) -> Result<Objects> {
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
     v.sort();
-    crate::b6::pct(v, p)
+    crate::cni::pct(v, p)
 }
 
 struct Row {

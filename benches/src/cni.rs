@@ -1,4 +1,4 @@
-//! B6: CNI ADD and DEL latency at 1, 16 and 64 pods at once, weir-cni beside Debian's
+//! `cni` (B6 in RESULTS.md): CNI ADD and DEL latency at 1, 16 and 64 pods at once, weir-cni beside Debian's
 //! `ptp` + `host-local` and `bridge` + `host-local`, in one run on one simulated node.
 //!
 //! Each call is timed as the runtime sees it: from spawning the plugin in the node's namespace
