@@ -7,7 +7,10 @@
 use std::{
     fs,
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -21,9 +24,18 @@ use crate::{
         TcRole,
     },
     dns::{self, Options as DnsOptions},
-    k8s::{client::kube_client, file, KubeSource, Reconciler, Source, PROXY_LABEL_SELECTOR},
-    node::{cni, netns::is_cgroup_root, pods::PodVeths, sockterm::Terminator},
+    k8s::{client::kube_client, KubeSource, Reconciler, Source, PROXY_LABEL_SELECTOR},
+    node::{
+        cni,
+        netns::is_cgroup_root,
+        pods::{PodVeths, PodsWorker},
+        sockterm::Terminator,
+    },
 };
+
+mod sync;
+
+use sync::SyncWorker;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -128,8 +140,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         dp.attach_tc(dev, TcRole::ToNetdev)?;
         info!(dev = %dev, "attached tc_from_netdev and tc_to_netdev");
     }
-    let mut maps = AyaMaps::open(&dp.pins().maps())?;
-    let mut programmer = Programmer::adopt(&maps)?;
+    let maps = AyaMaps::open(&dp.pins().maps())?;
+    let programmer = Programmer::adopt(&maps)?;
     // Connected UDP sockets exist only where the hooks balance sockets.
     let terminator = match &cfg.cgroup {
         Some(_) => Some(Terminator::start(
@@ -145,14 +157,17 @@ pub async fn run(cfg: Config) -> Result<()> {
             "adopted what a previous run programmed"
         );
     }
-    let mut pods = PodVeths::new(dp, cfg.pod_if_prefixes.clone(), cfg.cni_socket.is_some());
-    let dp = pods.datapath();
     let maps_dir = dp.pins().maps();
-    let listener = match &cfg.cni_socket {
-        Some(p) => Some(cni::listen(p)?),
-        None => None,
-    };
-    let mut last = None;
+    let mut pods = PodVeths::new(dp, cfg.pod_if_prefixes.clone(), cfg.cni_socket.is_some());
+    // The first poll before the first sync: the devices of pods made while no agent ran get
+    // this run's programs, and an upgrade's conntrack migration finishes.
+    pods.poll(POLL_INTERVAL);
+    let pods = PodsWorker::spawn(pods, POLL_INTERVAL)?;
+    // Whether the first sync is programmed (weir-cni's ping asks).
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(p) = &cfg.cni_socket {
+        cni::serve(cni::listen(p)?, pods.clone(), ready.clone());
+    }
     let kube = match &cfg.source {
         Source::Kube { kubeconfig } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
@@ -177,14 +192,6 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
         Source::File(_) => None,
     };
-    // A change arrived that is not programmed yet.
-    let mut kube_dirty = true;
-    let mut reconciler = Reconciler::new(
-        cfg.node_name.clone(),
-        cfg.pod_cidrs_file.clone(),
-        cfg.state_file.clone(),
-        cfg.dns.as_ref().and_then(|d| d.service.clone()),
-    );
     let obs = Arc::new(Observed {
         health: Health::new(cfg.health_timeout),
         metrics: Metrics::new(),
@@ -197,129 +204,100 @@ pub async fn run(cfg: Config) -> Result<()> {
         start_conntrack_gauges(maps_dir.clone(), obs.clone())?;
         crate::admin::serve(a, "/metrics", obs.clone()).await?;
     }
-    let mut dns_feed = None;
     let mut last_probe = None;
     // The node-local lease, when this node takes its pods' DNS Service traffic.
     let mut lease = match cfg.dns.as_ref().filter(|o| o.service.is_some()) {
         Some(opts) => Some(dns::Lease::open(&maps_dir, opts)?),
         None => None,
     };
-    let dns = match &cfg.dns {
+    let (dns, dns_feed) = match &cfg.dns {
         Some(opts) => {
             let h = Arc::new(dns::handler(opts)?);
             dns::serve_on_own_thread(opts, h.clone())?;
             obs.metrics.set_dns(h.clone());
-            dns_feed = Some(dns::ZoneFeed::start(h.clone(), opts.clone(), obs.clone())?);
-            Some(h)
+            let feed = dns::ZoneFeed::start(h.clone(), opts.clone(), obs.clone())?;
+            (Some(h), Some(feed))
         }
-        None => None,
+        None => (None, None),
     };
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let sync = SyncWorker::spawn(
+        sync::Parts {
+            objects: match (&cfg.source, &kube) {
+                (_, Some(k)) => sync::Objects::Kube(k.clone()),
+                (Source::File(path), None) => sync::Objects::File(path.clone()),
+                (Source::Kube { .. }, None) => unreachable!("a Kubernetes source has its stores"),
+            },
+            reconciler: Reconciler::new(
+                cfg.node_name.clone(),
+                cfg.pod_cidrs_file.clone(),
+                cfg.state_file.clone(),
+                cfg.dns.as_ref().and_then(|d| d.service.clone()),
+            ),
+            programmer,
+            maps,
+            obs: obs.clone(),
+            dns_feed,
+            terminator,
+        },
+        done_tx,
+    )?;
     let mut health_checks = HealthChecks::default();
     let mut watch_errors = 0;
-    let mut ready = false;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        pods.poll(POLL_INTERVAL);
-        let synced = match (&cfg.source, &kube) {
-            (Source::File(path), _) => {
-                let now = file::stamp(path);
-                let due = now != last;
-                if due {
-                    obs.health.queued(SystemTime::now());
-                    // Tried once per version of the file: a broken one is reported once, and
-                    // stays pending (so /healthz fails after the health timeout) until fixed.
-                    last = now;
-                    let synced = file::read(path).and_then(|(objs, problems)| {
-                        if let Some(feed) = &dns_feed {
-                            let snapshot = objs.clone();
-                            feed.rebuild(Box::new(move || snapshot));
-                        }
-                        reconciler.sync_all(&objs, problems, &mut programmer, &mut maps, &obs)
-                    });
-                    match synced {
-                        Ok(r) => health_checks.serve(&r.health_checks),
-                        Err(e) => warn!("{e:#}"),
-                    }
-                }
-                due
-            }
-            (Source::Kube { .. }, Some(k)) if kube_dirty && k.progress.synced() => {
-                kube_dirty = false;
-                if let Err(e) = reconciler.step(k, &mut programmer, &mut maps, &obs) {
-                    warn!("{e:#}");
-                }
-                health_checks.serve(&reconciler.health_checks());
-                // The zone from the same stores, rebuilt on the DNS thread.
-                if let Some(feed) = &dns_feed {
-                    let k = k.clone();
-                    feed.rebuild(Box::new(move || k.objects()));
-                }
-                true
-            }
-            _ => false,
-        };
-        let gone = programmer.take_udp_backends_gone();
-        if let Some(t) = &terminator {
-            t.submit(gone);
-        }
-        if synced && !ready {
-            ready = true;
-            if let Some(f) = &cfg.ready_file {
-                fs::write(f, b"ready\n").with_context(|| format!("write {}", f.display()))?;
-            }
-        }
-        if let Some(k) = &kube {
-            let e = k.progress.errors.load(std::sync::atomic::Ordering::Relaxed);
-            obs.metrics.watch_errors.inc_by(e - watch_errors);
-            watch_errors = e;
-        }
-        // The node-local DNS lease, renewed while the server answers a query of its own; at
-        // most once a poll interval (a burst of CNI requests loops faster).
-        if let (Some(h), Some(opts), Some(lease)) = (&dns, &cfg.dns, lease.as_mut()) {
-            if h.ready() && last_probe.is_none_or(|t: Instant| t.elapsed() >= POLL_INTERVAL) {
-                last_probe = Some(Instant::now());
-                if dns::probe(opts).await {
-                    if let Err(e) = lease.renew(NODE_LOCAL_LEASE) {
-                        warn!("DNS lease: {e:#}");
-                    }
-                } else {
-                    warn!("DNS: the node's server does not answer; its lease is not renewed");
-                }
-            }
-        }
-        if cfg.once && ready {
-            return Ok(());
-        }
         let changed = async {
             match &kube {
                 Some(k) => k.progress.changed.notified().await,
                 None => std::future::pending().await,
             }
         };
-        let accept = async {
-            match &listener {
-                Some(l) => l.accept().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
-            conn = accept => {
-                match conn {
-                    Ok((stream, _)) => {
-                        if let Err(e) = cni::serve_one(stream, &mut pods, ready).await {
-                            warn!("weir-cni socket: {e:#}");
+            _ = tick.tick() => {
+                pods.poll();
+                if kube.is_none() {
+                    // The worker syncs the file if it changed.
+                    sync.trigger();
+                }
+                if let Some(k) = &kube {
+                    let e = k.progress.errors.load(Ordering::Relaxed);
+                    obs.metrics.watch_errors.inc_by(e - watch_errors);
+                    watch_errors = e;
+                }
+                // The node-local DNS lease, renewed while the server answers a query of its
+                // own.
+                if let (Some(h), Some(opts), Some(lease)) = (&dns, &cfg.dns, lease.as_mut()) {
+                    if h.ready() && last_probe.is_none_or(|t: Instant| t.elapsed() >= POLL_INTERVAL) {
+                        last_probe = Some(Instant::now());
+                        if dns::probe(opts).await {
+                            if let Err(e) = lease.renew(NODE_LOCAL_LEASE) {
+                                warn!("DNS lease: {e:#}");
+                            }
+                        } else {
+                            warn!("DNS: the node's server does not answer; its lease is not renewed");
                         }
                     }
-                    Err(e) => warn!("weir-cni socket: accept: {e}"),
                 }
-                // Serve the next request before the next poll: ADDs come in bursts.
-                continue;
+            }
+            Some(synced) = done.recv() => {
+                if let Some(table) = &synced.health_checks {
+                    health_checks.serve(table);
+                }
+                if !ready.swap(true, Ordering::AcqRel) {
+                    if let Some(f) = &cfg.ready_file {
+                        fs::write(f, b"ready\n").with_context(|| format!("write {}", f.display()))?;
+                    }
+                }
+                if cfg.once {
+                    return Ok(());
+                }
             }
             _ = changed => {
-                kube_dirty = true;
                 obs.health.queued(SystemTime::now());
+                sync.trigger();
             }
-            _ = tokio::time::sleep(POLL_INTERVAL) => {}
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }

@@ -1,15 +1,24 @@
 //! The agent's side of weir-cni's socket (`weir_cni_proto`): one request per connection, one
-//! line each way.
-use std::{fs, path::Path, time::Duration};
+//! line each way, each client on a task of its own (a slow one holds up nobody else).
+use std::{
+    fs,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
 };
-use weir_cni_proto::{Reply, Request};
+use tracing::warn;
+use weir_cni_proto::{Reply, Request, MAX_LINE};
 
-use super::pods::PodVeths;
+use super::pods::PodsWorker;
 
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -24,15 +33,41 @@ pub fn listen(path: &Path) -> Result<UnixListener> {
     UnixListener::bind(path).with_context(|| format!("listen on {}", path.display()))
 }
 
-/// Reads one request from `stream`, answers it from `pods`, and writes the reply.
-pub async fn serve_one(stream: UnixStream, pods: &mut PodVeths, ready: bool) -> Result<()> {
+/// Serves weir-cni on `listener` until the runtime stops: each connection on a task of its own,
+/// answered by `pods`; `ready` says whether the first sync is programmed.
+pub fn serve(listener: UnixListener, pods: PodsWorker, ready: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!("weir-cni socket: accept: {e}");
+                    // Out of file descriptors, say: try again later, never spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let (pods, ready) = (pods.clone(), ready.load(Ordering::Acquire));
+            tokio::spawn(async move {
+                if let Err(e) = serve_one(stream, &pods, ready).await {
+                    warn!("weir-cni socket: {e:#}");
+                }
+            });
+        }
+    });
+}
+
+/// Reads one request from `stream`, has `pods` answer it, and writes the reply.
+async fn serve_one(stream: UnixStream, pods: &PodsWorker, ready: bool) -> Result<()> {
     let mut s = BufReader::new(stream);
     let mut line = String::new();
-    tokio::time::timeout(REQUEST_TIMEOUT, s.read_line(&mut line))
+    // A request is a short line: no more than that is read.
+    let mut request = (&mut s).take(MAX_LINE as u64);
+    tokio::time::timeout(REQUEST_TIMEOUT, request.read_line(&mut line))
         .await
         .context("weir-cni request timed out")??;
     let reply = match Request::from_line(&line) {
-        Ok(req) => pods.answer(req, ready),
+        Ok(req) => pods.ask(req, ready).await,
         Err(e) => Reply::err(e),
     };
     s.get_mut().write_all(reply.to_line().as_bytes()).await?;

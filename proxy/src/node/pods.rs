@@ -3,6 +3,8 @@
 //! for the programs' hand-off into pods; a device that goes is forgotten and its link released.
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::mpsc,
+    thread,
     time::{Duration, Instant},
 };
 
@@ -180,5 +182,57 @@ impl PodVeths {
                 Reply::ok()
             }
         }
+    }
+}
+
+/// What the pod veths' thread is asked.
+enum Cmd {
+    /// Look at the node's interfaces (see [`PodVeths::poll`]).
+    Poll,
+    /// Answer weir-cni; `ready`: the first sync is programmed.
+    Ask(Request, bool, tokio::sync::oneshot::Sender<Reply>),
+}
+
+/// The pod veths on a thread of their own: attaching programs is netlink and map work that must
+/// not hold up the agent's loop, and one thread keeps weir-cni's requests and the polls in
+/// order. Cloned for each weir-cni client.
+#[derive(Clone)]
+pub struct PodsWorker {
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl PodsWorker {
+    /// Moves `pods` onto a thread of their own; a poll attaches devices that waited `settle`.
+    pub fn spawn(mut pods: PodVeths, settle: Duration) -> Result<PodsWorker> {
+        let (tx, rx) = mpsc::channel::<Cmd>();
+        thread::Builder::new()
+            .name("weir-pods".into())
+            .spawn(move || {
+                while let Ok(cmd) = rx.recv() {
+                    match cmd {
+                        Cmd::Poll => pods.poll(settle),
+                        Cmd::Ask(req, ready, reply) => {
+                            let _ = reply.send(pods.answer(req, ready));
+                        }
+                    }
+                }
+            })
+            .context("start the pod veths' thread")?;
+        Ok(PodsWorker { tx })
+    }
+
+    /// Asks for a poll of the node's interfaces.
+    pub fn poll(&self) {
+        let _ = self.tx.send(Cmd::Poll);
+    }
+
+    /// weir-cni's request, answered on the pod veths' thread.
+    pub async fn ask(&self, req: Request, ready: bool) -> Reply {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Cmd::Ask(req, ready, tx)).is_err() {
+            return Reply::err("the agent is stopping");
+        }
+        rx.await
+            .unwrap_or_else(|_| Reply::err("the agent is stopping"))
     }
 }

@@ -1,0 +1,136 @@
+//! The sync worker: a thread of its own that takes the source's changes to the data path (the
+//! file source's reads, the model build, the map writes), so that a long sync (a cold one of
+//! 100 000 Services, say) never holds up the agent's loop, its admin servers or weir-cni's
+//! socket. The loop triggers it; it reports each sync it made.
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{mpsc, Arc},
+    thread,
+    time::SystemTime,
+};
+
+use anyhow::{Context, Result};
+use tracing::warn;
+
+use crate::{
+    admin::Observed,
+    datapath::{AyaMaps, Programmer},
+    dns::ZoneFeed,
+    k8s::{
+        file::{self, Stamp},
+        KubeSource, Reconciler,
+    },
+    node::sockterm::Terminator,
+};
+
+/// Where the worker reads the objects from.
+pub enum Objects {
+    /// A YAML file, synced whole each time it changes.
+    File(PathBuf),
+    /// The Kubernetes API's stores, synced by what the watches changed.
+    Kube(KubeSource),
+}
+
+/// Everything a sync touches, moved onto the worker's thread.
+pub struct Parts {
+    pub objects: Objects,
+    pub reconciler: Reconciler,
+    pub programmer: Programmer,
+    pub maps: AyaMaps,
+    pub obs: Arc<Observed>,
+    /// The DNS zone is rebuilt from the same objects after each sync.
+    pub dns_feed: Option<ZoneFeed>,
+    /// UDP backends the sync released go to the socket terminator.
+    pub terminator: Option<Terminator>,
+}
+
+/// What one sync did, for the agent's loop.
+#[derive(Debug)]
+pub struct Done {
+    /// healthCheckNodePort → (Service, this node's ready endpoints) to serve from now on; None
+    /// when the sync failed (what is served stays).
+    pub health_checks: Option<BTreeMap<u16, (String, usize)>>,
+}
+
+/// The worker's handle: triggers a sync.
+pub struct SyncWorker {
+    tx: mpsc::Sender<()>,
+}
+
+impl SyncWorker {
+    /// Starts the worker; each sync it makes is reported on `done`.
+    pub fn spawn(
+        parts: Parts,
+        done: tokio::sync::mpsc::UnboundedSender<Done>,
+    ) -> Result<SyncWorker> {
+        let (tx, rx) = mpsc::channel::<()>();
+        thread::Builder::new()
+            .name("weir-sync".into())
+            .spawn(move || run(parts, rx, done))
+            .context("start the sync thread")?;
+        Ok(SyncWorker { tx })
+    }
+
+    /// Asks for a sync: of the file, if it changed since the last; of what the watches
+    /// changed, once every kind is listed. Triggers that arrive during a sync make one more.
+    pub fn trigger(&self) {
+        let _ = self.tx.send(());
+    }
+}
+
+fn run(mut p: Parts, rx: mpsc::Receiver<()>, done: tokio::sync::mpsc::UnboundedSender<Done>) {
+    let mut last: Stamp = None;
+    while rx.recv().is_ok() {
+        // One sync serves every trigger that queued meanwhile.
+        while rx.try_recv().is_ok() {}
+        let health_checks = match &p.objects {
+            Objects::File(path) => {
+                let now = file::stamp(path);
+                if now == last {
+                    continue;
+                }
+                p.obs.health.queued(SystemTime::now());
+                // Tried once per version of the file: a broken one is reported once, and stays
+                // pending (so /healthz fails after the health timeout) until fixed.
+                last = now;
+                let synced = file::read(path).and_then(|(objs, problems)| {
+                    if let Some(feed) = &p.dns_feed {
+                        let snapshot = objs.clone();
+                        feed.rebuild(Box::new(move || snapshot));
+                    }
+                    p.reconciler
+                        .sync_all(&objs, problems, &mut p.programmer, &mut p.maps, &p.obs)
+                });
+                match synced {
+                    Ok(r) => Some(r.health_checks),
+                    Err(e) => {
+                        warn!("{e:#}");
+                        None
+                    }
+                }
+            }
+            Objects::Kube(k) => {
+                if !k.progress.synced() {
+                    continue;
+                }
+                if let Err(e) = p.reconciler.step(k, &mut p.programmer, &mut p.maps, &p.obs) {
+                    warn!("{e:#}");
+                }
+                // The zone from the same stores, rebuilt on the DNS thread.
+                if let Some(feed) = &p.dns_feed {
+                    let k = k.clone();
+                    feed.rebuild(Box::new(move || k.objects()));
+                }
+                Some(p.reconciler.health_checks())
+            }
+        };
+        let gone = p.programmer.take_udp_backends_gone();
+        if let Some(t) = &p.terminator {
+            t.submit(gone);
+        }
+        if done.send(Done { health_checks }).is_err() {
+            return;
+        }
+    }
+}
