@@ -277,6 +277,7 @@ fn agent_rss(weir: &Path, svcs: &[Svc], dir: &Path, kube: bool) -> Result<(u64, 
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    check_programmed(&bpffs.path, svcs.len())?;
     // Settle: the first sync's garbage returned to the allocator.
     std::thread::sleep(Duration::from_millis(500));
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id()))?;
@@ -291,17 +292,18 @@ fn agent_rss(weir: &Path, svcs: &[Svc], dir: &Path, kube: bool) -> Result<(u64, 
     Ok((kb("VmRSS:"), kb("VmHWM:")))
 }
 
-/// `/healthz` latencies (ms) as a prober sees them, one probe due every `HEALTHZ_EVERY`, each
-/// timed from its due time (a stalled server delays the probes behind it, and they count so):
-/// while the agent makes its cold sync of `svcs` from a file, and for as long again once it is
-/// done (idle); and the sync's length from the first answered probe.
+/// `/healthz` latencies as a prober sees them, one probe due every `HEALTHZ_EVERY`, each timed
+/// from its due time (a stalled server delays the probes behind it, and they count so): while
+/// the agent makes its cold sync of `svcs` from a file, and for `HEALTHZ_IDLE` once it is done;
+/// and the time from the agent's start to programmed.
 struct Healthz {
     during: Vec<Duration>,
     idle: Vec<Duration>,
-    sync: Duration,
+    cold_start: Duration,
 }
 
 const HEALTHZ_EVERY: Duration = Duration::from_millis(10);
+const HEALTHZ_IDLE: Duration = Duration::from_secs(2);
 
 fn healthz_during_cold_sync(weir: &Path, svcs: &[Svc], dir: &Path) -> Result<Healthz> {
     let t = format!("h{}", tag());
@@ -330,6 +332,7 @@ fn healthz_during_cold_sync(weir: &Path, svcs: &[Svc], dir: &Path) -> Result<Hea
         .arg(&ready)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    let started = Instant::now();
     let mut agent = Proc::spawn("agent", cmd)?;
     let ns = node.ns.path();
     let (ready_probe, n) = (ready.clone(), svcs.len());
@@ -338,18 +341,16 @@ fn healthz_during_cold_sync(weir: &Path, svcs: &[Svc], dir: &Path) -> Result<Hea
         weir_proxy::node::netns::enter(&ns)?;
         let deadline = Instant::now() + Duration::from_secs(600);
         let (mut during, mut idle) = (Vec::new(), Vec::new());
-        // The first answer, and when the agent said it had programmed everything.
-        let (mut first, mut synced): (Option<Instant>, Option<Instant>) = (None, None);
+        // When the agent said it had programmed everything.
+        let mut synced: Option<Instant> = None;
         let mut due = Instant::now();
         loop {
             let now = Instant::now();
             if now > deadline {
                 bail!("the agent did not program {n} services in 600 s");
             }
-            if let (Some(f), Some(s)) = (first, synced) {
-                if now.duration_since(s) >= s.duration_since(f) {
-                    break;
-                }
+            if synced.is_some_and(|s| now.duration_since(s) >= HEALTHZ_IDLE) {
+                break;
             }
             if now < due {
                 std::thread::sleep(due - now);
@@ -362,20 +363,20 @@ fn healthz_during_cold_sync(weir: &Path, svcs: &[Svc], dir: &Path) -> Result<Hea
                 due = Instant::now();
                 continue;
             }
-            first.get_or_insert_with(Instant::now);
             match synced {
                 None => during.push(latency),
                 Some(_) => idle.push(latency),
             }
             if synced.is_none() && ready_probe.exists() {
+                // Idle from here: probes due from now on.
                 synced = Some(Instant::now());
+                due = Instant::now();
             }
         }
-        let (first, synced) = (first.unwrap_or(deadline), synced.unwrap_or(deadline));
         Ok(Healthz {
             during,
             idle,
-            sync: synced.duration_since(first),
+            cold_start: synced.unwrap_or(deadline).duration_since(started),
         })
     });
     let r = prober
@@ -385,6 +386,7 @@ fn healthz_during_cold_sync(weir: &Path, svcs: &[Svc], dir: &Path) -> Result<Hea
         bail!("the agent exited ({st})");
     }
     agent.kill();
+    check_programmed(&bpffs.path, svcs.len())?;
     r
 }
 
@@ -395,8 +397,7 @@ fn healthz_once(addr: std::net::SocketAddr) -> bool {
         return false;
     };
     let _ = c.set_read_timeout(Some(Duration::from_secs(600)));
-    if c
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    if c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .is_err()
     {
         return false;
@@ -405,8 +406,22 @@ fn healthz_once(addr: std::net::SocketAddr) -> bool {
     matches!(c.read(&mut buf), Ok(n) if n > 12 && buf.starts_with(b"HTTP/1.1 "))
 }
 
+/// One document of a YAML stream (JSON is YAML), on lines of its own.
 fn serde_yaml_doc(v: &Value) -> String {
-    format!("---\n{}", serde_json::to_string(v).unwrap_or_default())
+    format!("---\n{}\n", serde_json::to_string(v).unwrap_or_default())
+}
+
+/// Fails unless the agent whose maps are pinned under `bpffs` programmed `n` services (each
+/// has one frontend): a source it could not read leaves it ready with nothing programmed.
+fn check_programmed(bpffs: &Path, n: usize) -> Result<()> {
+    let st = weir_proxy::tools::status::read(&weir_proxy::datapath::pin_dir(bpffs).maps(), 0)?;
+    if st.services.len() != n {
+        bail!(
+            "the agent programmed {} frontends of {n} services",
+            st.services.len()
+        );
+    }
+    Ok(())
 }
 
 /// `iptables-restore` and `nft -f` of the services in a fresh namespace each: seconds.
@@ -534,14 +549,15 @@ pub fn run(weir: &Path, quick: bool) -> Result<String> {
     let _ = write!(
         s,
         "\n`/healthz` while the agent (the `weir` binary, file source) makes its cold sync of \
-         {healthz_n} services ({:.1} s from its first answer to programmed), one probe due every \
-         {} ms, each timed from its due time (a stalled server delays the probes queued behind \
-         it, and they count so); idle: the same as long again after the sync:\n\n\
+         {healthz_n} services ({:.1} s from its start to programmed), one probe due every {} ms \
+         from its first answer, each timed from its due time (a stalled server delays the probes \
+         queued behind it, and they count so); idle: {} s after the sync:\n\n\
          | | probes | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|\n\
          | during the cold sync | {} | {:.2} | {:.2} | {:.1} |\n\
          | idle | {} | {:.2} | {:.2} | {:.1} |\n",
-        hz.sync.as_secs_f64(),
+        hz.cold_start.as_secs_f64(),
         HEALTHZ_EVERY.as_millis(),
+        HEALTHZ_IDLE.as_secs(),
         hz.during.len(),
         ms(&mut hz.during, 0.5),
         hz_p99,

@@ -125,6 +125,10 @@ fn run(mut p: Parts, rx: mpsc::Receiver<()>, done: tokio::sync::mpsc::UnboundedS
                 Some(p.reconciler.health_checks())
             }
         };
+        // A sync's garbage back to the system: this thread's heap arena keeps what it freed
+        // otherwise, and a cold sync frees most of what it built.
+        // SAFETY: malloc_trim only releases free heap memory.
+        unsafe { libc::malloc_trim(0) };
         let gone = p.programmer.take_udp_backends_gone();
         if let Some(t) = &p.terminator {
             t.submit(gone);
