@@ -16,6 +16,7 @@ pub mod admin;
 pub mod agent;
 pub mod datapath;
 pub mod dns;
+pub mod error;
 pub mod k8s;
 pub mod model;
 pub mod node;

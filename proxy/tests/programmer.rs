@@ -3,13 +3,14 @@
 //! writes, restarts and incremental changes included).
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use weir_common::Backend;
 use weir_common::{PROTO_TCP, PROTO_UDP};
 use weir_proxy::{
     datapath::{
         addr::{to_addr, to_ip},
+        programmer::{ApplyError, FrontendProblem},
         svc_key, MapWriter, Programmer, SvcKeyOrd,
     },
     model::{Desired, Frontend, ServiceSpec},
@@ -135,12 +136,27 @@ fn a_bad_service_does_not_stop_the_others() {
     ]);
     let st = p.apply(&d, &mut maps);
     assert_eq!(st.errors.len(), 1);
-    assert!(
-        st.errors[0].contains("wrong address family"),
-        "{}",
-        st.errors[0]
+    // A value naming the Service and the frontend, with the endpoints it left out.
+    match &st.errors[0] {
+        ApplyError::Frontend {
+            service,
+            frontend,
+            problem: FrontendProblem::WrongFamily(skipped),
+        } => {
+            assert_eq!(service, "demo/web:http");
+            assert_eq!(*frontend, v4);
+            assert_eq!(
+                skipped,
+                &["[fd00:18::2]:8080".parse::<SocketAddr>().unwrap()]
+            );
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(
+        st.errors[0].to_string(),
+        "service demo/web:http (198.19.0.10:80/TCP): endpoints of the wrong address family skipped: [fd00:18::2]:8080"
     );
-    assert!(st.errors[0].contains("demo/web:http"), "{}", st.errors[0]);
+    assert_eq!(st.failed().len(), 1);
     assert_eq!(count_of(&maps, &v4), Some(1));
     assert_eq!(count_of(&maps, &v6), Some(1));
 }

@@ -21,7 +21,7 @@ pub trait NodeExt {
 impl NodeExt for Node {
     fn tc_ingress(&self, dev: &str) -> Result<Vec<TcProgram>> {
         let dev = dev.to_string();
-        self.ns.run(move || tc_ingress(&dev))?
+        Ok(self.ns.run(move || tc_ingress(&dev))??)
     }
 
     fn pod_programs(&self, dev: &str) -> Result<Vec<(u32, bool)>> {

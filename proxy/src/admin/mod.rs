@@ -4,7 +4,7 @@
 //! (`http`) serves them all.
 use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;

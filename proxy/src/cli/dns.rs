@@ -24,7 +24,7 @@ pub fn run(a: Args) -> Result<()> {
     let Source::File(path) = a.source else {
         anyhow::bail!("weir dns reads a file source (file:PATH); the agent embeds the server for the Kubernetes API");
     };
-    runtime()?.block_on(dns::run_standalone(&path, a.dns.options()))
+    Ok(runtime()?.block_on(dns::run_standalone(&path, a.dns.options()))?)
 }
 
 /// The agent's embedded DNS server: off unless `--dns-listen` is given.

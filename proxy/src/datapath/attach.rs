@@ -7,7 +7,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
@@ -24,50 +24,8 @@ use weir_common::prog_names;
 use super::{
     loader::{program, Datapath, PodPrograms},
     pins::PinDir,
+    programs::{TcRole, SOCK_PROGRAMS},
 };
-
-pub const SOCK_PROGRAMS: [&str; 8] = [
-    prog_names::CONNECT4,
-    prog_names::CONNECT6,
-    prog_names::SENDMSG4,
-    prog_names::SENDMSG6,
-    prog_names::RECVMSG4,
-    prog_names::RECVMSG6,
-    prog_names::GETPEERNAME4,
-    prog_names::GETPEERNAME6,
-];
-
-/// Where a TC program goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TcRole {
-    /// A pod's host-side veth.
-    FromPod,
-    /// A node uplink's ingress.
-    FromNetdev,
-    /// A node uplink's egress.
-    ToNetdev,
-}
-
-impl TcRole {
-    pub(super) fn program(self) -> &'static str {
-        match self {
-            TcRole::FromPod => prog_names::TC_FROM_POD,
-            TcRole::FromNetdev => prog_names::TC_FROM_NETDEV,
-            TcRole::ToNetdev => prog_names::TC_TO_NETDEV,
-        }
-    }
-
-    fn attach_type(self) -> TcAttachType {
-        match self {
-            TcRole::FromPod | TcRole::FromNetdev => TcAttachType::Ingress,
-            TcRole::ToNetdev => TcAttachType::Egress,
-        }
-    }
-}
-
-fn is_not_found(e: &aya::programs::links::LinkError) -> bool {
-    matches!(e, aya::programs::links::LinkError::SyscallError(s) if s.io_error.kind() == io::ErrorKind::NotFound)
-}
 
 impl Datapath {
     /// Attaches a TC program to `ifname` (TCX, on the role's side) in the calling thread's
@@ -418,4 +376,8 @@ fn link_update(link_fd: i32, prog_fd: i32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+fn is_not_found(e: &aya::programs::links::LinkError) -> bool {
+    matches!(e, aya::programs::links::LinkError::SyscallError(s) if s.io_error.kind() == io::ErrorKind::NotFound)
 }

@@ -4,7 +4,7 @@ use std::io;
 
 use aya::maps::{MapData, MapError};
 
-use super::maps::WriteError;
+use crate::error::WriteError;
 
 /// `BPF_MAP_LOOKUP_BATCH`'s attributes (`union bpf_attr`, the `batch` member).
 #[repr(C)]

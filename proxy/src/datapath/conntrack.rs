@@ -5,9 +5,11 @@ use std::path::Path;
 use aya::maps::{Array, HashMap, MapData, MapError};
 use weir_common::{map_names, Ct4Key, CtKey, CtValue};
 
+use crate::error::WriteError;
+
 use super::{
     batch::{batch_failed, delete_batched, dump_batched},
-    maps::{failed, ignore_missing, open_typed, WriteError},
+    pinned::{failed, ignore_missing, open_typed},
 };
 
 /// A conntrack map, typed, and again untyped: read and deleted from in batches (see

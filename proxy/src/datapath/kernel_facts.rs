@@ -17,7 +17,7 @@
 //!   offset comes from `/proc/timer_list`, which gives the monotonic time and jiffies together.
 use std::sync::OnceLock;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{fail, Context, Result};
 use btf_rs::{Btf, Type};
 use object::{read::elf::ElfFile64, Object, ObjectSection, SectionFlags};
 use weir_common::kernel_facts::CAST_TO_KERN_CTX_CALL;
@@ -94,7 +94,7 @@ fn read_skb_layout() -> Result<SkbLayout> {
     let (bit, size) = member_bits(&btf, &skb, "ip_summed", 0)
         .with_context(|| format!("{VMLINUX}: struct sk_buff has no member ip_summed"))?;
     if size != Some(2) || bit % 8 + 2 > 8 {
-        bail!("{VMLINUX}: sk_buff.ip_summed at bit {bit}, {size:?} bits: not a 2-bit field within one byte");
+        fail!("{VMLINUX}: sk_buff.ip_summed at bit {bit}, {size:?} bits: not a 2-bit field within one byte");
     }
     Ok(SkbLayout {
         cast_to_kern_ctx,
@@ -125,7 +125,7 @@ fn read_jiffies_clock() -> Result<JiffiesClock> {
     let tick = tick_ns()?;
     // HZ from 24 to 10 000.
     if !(100_000..=41_666_667).contains(&tick) {
-        bail!("the coarse monotonic clock's resolution is {tick} ns: not a kernel tick");
+        fail!("the coarse monotonic clock's resolution is {tick} ns: not a kernel tick");
     }
     let text = std::fs::read_to_string(TIMER_LIST).with_context(|| format!("read {TIMER_LIST}"))?;
     let (now, jiffies) = timer_list_now(&text)

@@ -4,7 +4,7 @@
 //! atomically, so no packet meets a moment without a program.
 use std::fs;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{fail, Context, Result};
 use aya::{
     programs::{CgroupSockAddr, SchedClassifier},
     Ebpf, EbpfLoader,
@@ -12,11 +12,11 @@ use aya::{
 use weir_common::prog_names;
 
 use super::{
-    attach::SOCK_PROGRAMS,
     kernel_facts,
     migrate::{check_pinned_maps, migrate_ct, restore_counters},
     object::OBJECT,
     pins::PinDir,
+    programs::SOCK_PROGRAMS,
 };
 
 /// What pod veths carry ([`Datapath::set_pod_programs`]).
@@ -66,7 +66,7 @@ impl Datapath {
     /// path.
     pub fn load_with(pins: PinDir, facts: kernel_facts::Facts) -> Result<Self> {
         if OBJECT.is_empty() {
-            bail!("this weir binary was built with AYA_BUILD_SKIP=1 and has no eBPF programs; rebuild it without");
+            fail!("this weir binary was built with AYA_BUILD_SKIP=1 and has no eBPF programs; rebuild it without");
         }
         for d in [pins.maps(), pins.links()] {
             fs::create_dir_all(&d)

@@ -3,44 +3,19 @@
 //! `weir-testkit`).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, MapData};
 use weir_common::{map_names, Backend, MaglevTable, SvcKey, SvcValue};
 
-use super::{addr::to_ip, conntrack::Conntrack};
+use super::{
+    addr::to_ip,
+    conntrack::Conntrack,
+    pinned::{failed, ignore_missing, open_typed},
+};
+pub use crate::error::WriteError;
 use crate::model::proto_name;
-
-/// A map operation that failed, naming the map, the operation and the object. Its message
-/// carries the kernel's error (and `source()` does not repeat it).
-#[derive(Debug, thiserror::Error)]
-pub enum WriteError {
-    #[error("map {map}: {op} {what}: {error}")]
-    Map {
-        map: &'static str,
-        op: &'static str,
-        what: String,
-        error: Box<MapError>,
-    },
-    #[error("map {map}: open {path}: {error}")]
-    Open {
-        map: &'static str,
-        path: PathBuf,
-        error: Box<MapError>,
-    },
-}
-
-impl WriteError {
-    /// The kernel's error number, where the failure was a syscall's.
-    pub fn errno(&self) -> Option<i32> {
-        let (WriteError::Map { error, .. } | WriteError::Open { error, .. }) = self;
-        match &**error {
-            MapError::SyscallError(e) => e.io_error.raw_os_error(),
-            _ => None,
-        }
-    }
-}
 
 /// Everything the programmer writes. Implementations apply each call at once: ordering is the
 /// caller's job (make-before-break).
@@ -112,46 +87,6 @@ pub struct AyaMaps {
     maglev: HashMap<MapData, u32, MaglevTable>,
     vipnet: Array<MapData, u64>,
     ct: Conntrack,
-}
-
-fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, WriteError> {
-    let path = dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|source| WriteError::Open {
-        map: name,
-        path: path.clone(),
-        error: Box::new(source),
-    })?;
-    Map::from_map_data(data).map_err(|source| WriteError::Open {
-        map: name,
-        path,
-        error: Box::new(source),
-    })
-}
-
-/// Opens the map pinned at `dir/name` as a typed aya map (`HashMap`, `Array`, ...).
-pub fn open_typed<T>(dir: &Path, name: &'static str) -> Result<T, WriteError>
-where
-    T: TryFrom<Map, Error = MapError>,
-{
-    T::try_from(open_pinned(dir, name)?).map_err(|source| WriteError::Open {
-        map: name,
-        path: dir.join(name),
-        error: Box::new(source),
-    })
-}
-
-/// The error of one map operation, naming the map, the operation and the object.
-pub(super) fn failed(
-    map: &'static str,
-    op: &'static str,
-    what: String,
-) -> impl FnOnce(MapError) -> WriteError {
-    move |source| WriteError::Map {
-        map,
-        op,
-        what,
-        error: Box::new(source),
-    }
 }
 
 impl AyaMaps {
@@ -252,13 +187,5 @@ impl MapWriter for AyaMaps {
                 .insert(k, v.backends[..weir_common::MAGLEV_M].to_vec());
         }
         Ok(out)
-    }
-}
-
-pub(super) fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
-    match r {
-        Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        other => other,
     }
 }

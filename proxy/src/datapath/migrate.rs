@@ -3,14 +3,9 @@
 //! other pinned map checked against this build's definition before it is adopted.
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{fail, Context, Result, WriteError};
 
-use super::{
-    conntrack::Conntrack,
-    maps::{open_typed, WriteError},
-    object::OBJECT,
-    pins::unpin,
-};
+use super::{conntrack::Conntrack, object::OBJECT, pinned::open_typed, pins::unpin};
 
 /// A conntrack value as weir wrote it in `CT_V1` (no peer rewrite).
 #[repr(C)]
@@ -154,7 +149,7 @@ pub(super) fn check_pinned_maps(maps_dir: &Path) -> Result<Carried> {
             );
             continue;
         }
-        bail!(
+        fail!(
             "the pinned map {} has keys of {} bytes, values of {} bytes and {} entries, where this \
              weir's programs expect {}, {} and {}: its entries would be misread. A change of layout \
              takes a new map name; remove the pin to start that map empty",

@@ -5,9 +5,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 
-use super::attach::TcRole;
+use super::programs::TcRole;
 
 /// Where weir pins under a bpffs mount.
 pub fn pin_dir(bpffs: &Path) -> PinDir {

@@ -2,7 +2,7 @@
 //! handed straight into the pod (`bpf_redirect_peer`).
 use std::io;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{fail, Context, Result};
 
 use super::{
     conntrack::end_flow_cache,
@@ -48,13 +48,13 @@ impl Datapath {
         if !veth_with_peer_elsewhere(ifindex)
             .with_context(|| format!("ask the kernel what device {ifname} is"))?
         {
-            bail!("{ifname} (index {ifindex}) is not a veth whose peer is in another network namespace");
+            fail!("{ifname} (index {ifindex}) is not a veth whose peer is in another network namespace");
         }
         let mut map = self.pod_devs_map()?;
         let slot = ifindex % MAX_POD_DEVS;
         let held = map.get(&slot, 0).context("read a pod veth slot")?;
         if held != 0 && held != ifindex {
-            bail!("{ifname} (index {ifindex}) shares slot {slot} with the veth of index {held}, recorded first");
+            fail!("{ifname} (index {ifindex}) shares slot {slot} with the veth of index {held}, recorded first");
         }
         map.set(slot, ifindex, 0)
             .with_context(|| format!("record {ifname} (index {ifindex}) as a pod veth"))?;

@@ -48,7 +48,7 @@ struct Programmed {
 struct BackendKey(Frontend, SocketAddr);
 
 /// What one `apply` changed.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct ApplyStats {
     pub services_changed: usize,
     pub services_removed: usize,
@@ -56,11 +56,70 @@ pub struct ApplyStats {
     pub backends_removed: usize,
     /// Conntrack entries of UDP flows to removed backends, removed.
     pub flows_purged: usize,
-    /// Frontends not (fully) programmed, by service port name, with why.
-    pub failed: Vec<(String, String)>,
     pub writes: usize,
-    /// Frontends that could not be (fully) programmed, with why. The rest are programmed.
-    pub errors: Vec<String>,
+    /// What could not be written. Everything else is programmed.
+    pub errors: Vec<ApplyError>,
+}
+
+impl ApplyStats {
+    /// The frontends not (fully) programmed: (service port name, what went wrong).
+    pub fn failed(&self) -> Vec<(String, String)> {
+        self.errors
+            .iter()
+            .filter_map(|e| match e {
+                ApplyError::Frontend {
+                    service,
+                    frontend,
+                    problem,
+                } => Some((service.clone(), format!("{frontend}: {problem}"))),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// A write the programmer could not make. The maps stay readable (make-before-break), and
+/// the next apply tries again.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A frontend not (fully) programmed.
+    #[error("service {service} ({frontend}): {problem}")]
+    Frontend {
+        /// `namespace/name:port`.
+        service: String,
+        frontend: Frontend,
+        problem: FrontendProblem,
+    },
+    /// A frontend no longer wanted that could not be removed.
+    #[error("remove {frontend}: {error}")]
+    Remove {
+        frontend: Frontend,
+        error: WriteError,
+    },
+    /// A word of the service-prefix bitmap, or a backend no slot points at any more.
+    #[error("{0}")]
+    Map(WriteError),
+    #[error("purge UDP flows of removed backends: {0}")]
+    Purge(WriteError),
+}
+
+/// Why one frontend is not (fully) programmed.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendProblem {
+    #[error("{0}")]
+    Write(#[from] WriteError),
+    #[error("{0} endpoints, more than {max} supported", max = u16::MAX)]
+    TooManyEndpoints(usize),
+    /// Programmed without these.
+    #[error("endpoints of the wrong address family skipped: {}", list(.0))]
+    WrongFamily(Vec<SocketAddr>),
+}
+
+fn list(v: &[SocketAddr]) -> String {
+    v.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// How full the maps the programmer writes are.
@@ -178,14 +237,17 @@ impl Programmer {
         // Prefix bits first, for the old and the new frontends; cleared at the end.
         let union = vipnet_of(self.services.keys().chain(desired.keys()));
         if let Err(e) = self.write_vipnet(&union, &mut counter) {
-            st.errors.push(e.to_string());
+            st.errors.push(ApplyError::Map(e));
             st.writes = counter.writes;
             return st;
         }
         for (fe, spec) in desired {
             if let Err(e) = self.apply_one(fe, spec, &mut counter, &mut st) {
-                st.errors.push(format!("service {} ({fe}): {e}", spec.name));
-                st.failed.push((spec.name.clone(), format!("{fe}: {e}")));
+                st.errors.push(ApplyError::Frontend {
+                    service: spec.name.clone(),
+                    frontend: *fe,
+                    problem: e,
+                });
             }
         }
         let stale: Vec<Frontend> = self
@@ -197,12 +259,15 @@ impl Programmer {
         for fe in stale {
             match self.remove_one(&fe, &mut counter) {
                 Ok(()) => st.services_removed += 1,
-                Err(e) => st.errors.push(format!("remove {fe}: {e}")),
+                Err(error) => st.errors.push(ApplyError::Remove {
+                    frontend: fe,
+                    error,
+                }),
             }
         }
         let now = vipnet_of(self.services.keys());
         if let Err(e) = self.write_vipnet(&now, &mut counter) {
-            st.errors.push(e.to_string());
+            st.errors.push(ApplyError::Map(e));
         }
         // Backends last: nothing points at them any more. After a failed write the maps may
         // still point at backends this state no longer lists, so none is removed until a clean
@@ -268,7 +333,7 @@ impl Programmer {
                     }
                 }
                 Err(e) => {
-                    st.errors.push(e.to_string());
+                    st.errors.push(ApplyError::Map(e));
                     failed.push(id);
                 }
             }
@@ -276,9 +341,7 @@ impl Programmer {
         if !udp.is_empty() {
             match w.purge_udp_flows(&udp) {
                 Ok(n) => st.flows_purged = n,
-                Err(e) => st
-                    .errors
-                    .push(format!("purge UDP flows of removed backends: {e}")),
+                Err(e) => st.errors.push(ApplyError::Purge(e)),
             }
         }
         failed
@@ -305,7 +368,7 @@ impl Programmer {
             *want.entry(word).or_insert(0) |= bits;
         }
         if let Err(e) = self.write_vipnet(&want, &mut counter) {
-            st.errors.push(e.to_string());
+            st.errors.push(ApplyError::Map(e));
             st.writes = counter.writes;
             return st;
         }
@@ -317,8 +380,11 @@ impl Programmer {
             .collect();
         for (fe, spec) in changed {
             if let Err(e) = self.apply_one(fe, spec, &mut counter, &mut st) {
-                st.errors.push(format!("service {} ({fe}): {e}", spec.name));
-                st.failed.push((spec.name.clone(), format!("{fe}: {e}")));
+                st.errors.push(ApplyError::Frontend {
+                    service: spec.name.clone(),
+                    frontend: *fe,
+                    problem: e,
+                });
             }
         }
         for fe in removed.iter().filter(|fe| !changed.contains_key(fe)) {
@@ -327,13 +393,16 @@ impl Programmer {
             }
             match self.remove_one(fe, &mut counter) {
                 Ok(()) => st.services_removed += 1,
-                Err(e) => st.errors.push(format!("remove {fe}: {e}")),
+                Err(error) => st.errors.push(ApplyError::Remove {
+                    frontend: *fe,
+                    error,
+                }),
             }
         }
         if !removed.is_empty() {
             let now = vipnet_of(self.services.keys());
             if let Err(e) = self.write_vipnet(&now, &mut counter) {
-                st.errors.push(e.to_string());
+                st.errors.push(ApplyError::Map(e));
             }
         }
         if touched
@@ -413,7 +482,7 @@ impl Programmer {
         spec: &ServiceSpec,
         w: &mut dyn MapWriter,
         st: &mut ApplyStats,
-    ) -> Result<(), String> {
+    ) -> Result<(), FrontendProblem> {
         let mut slots = Vec::with_capacity(spec.backends.len());
         let mut names = Vec::with_capacity(spec.backends.len());
         let mut wrong_family = Vec::new();
@@ -422,19 +491,15 @@ impl Programmer {
         sorted.dedup();
         for be in sorted {
             if be.is_ipv4() != fe.ip.is_ipv4() {
-                wrong_family.push(be.to_string());
+                wrong_family.push(be);
                 continue;
             }
-            let id = self.backend_id(fe, be, w, st).map_err(|e| e.to_string())?;
+            let id = self.backend_id(fe, be, w, st)?;
             slots.push(id);
             names.push((be.to_string(), id));
         }
         if slots.len() > u16::MAX as usize {
-            return Err(format!(
-                "{} endpoints, more than {} supported",
-                slots.len(),
-                u16::MAX
-            ));
+            return Err(FrontendProblem::TooManyEndpoints(slots.len()));
         }
         let mut flags = 0;
         if spec.drop_when_empty {
@@ -495,15 +560,12 @@ impl Programmer {
                             dirty: true,
                         },
                     );
-                    return Err(e.to_string());
+                    return Err(e.into());
                 }
             }
         }
         if !wrong_family.is_empty() {
-            return Err(format!(
-                "endpoints of the wrong address family skipped: {}",
-                wrong_family.join(", ")
-            ));
+            return Err(FrontendProblem::WrongFamily(wrong_family));
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! rebuilt on a thread of its own after changes.
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use tracing::warn;
 use weir_dns::{Endpoint, Handler, Kind, PodMode, Port, Service, Zone};
 

@@ -3,7 +3,7 @@
 //! renews after probing its server.
 use std::{path::Path, time::Duration};
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 
 use super::{hickory_name, Options};
 use crate::datapath::{addr::to_addr, kernel_facts, open_typed};

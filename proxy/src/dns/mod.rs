@@ -9,7 +9,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Error, Result};
 use weir_dns::{Config as ZoneConfig, Handler, PodMode};
 
 pub mod feed;
@@ -66,7 +66,7 @@ impl Options {
 }
 
 fn hickory_name(s: &str) -> Result<weir_dns::Name> {
-    weir_dns::Name::from_ascii(s).map_err(|e| anyhow::anyhow!("{e}"))
+    weir_dns::Name::from_ascii(s).map_err(|e| Error::invalid(format!("{s:?}: {e}")))
 }
 
 /// `disabled`, `insecure` or `verified`, as CoreDNS's `pods` option.

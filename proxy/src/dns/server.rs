@@ -2,7 +2,7 @@
 //! own; `weir dns` runs it alone with its zone from a file.
 use std::{fs, path::Path, sync::Arc, time::Duration};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{fail, Context, Error, Result};
 use tracing::{info, warn};
 use weir_dns::Handler;
 
@@ -13,7 +13,7 @@ use crate::{k8s::file::stamp, model};
 pub async fn serve(opts: &Options, h: Arc<Handler>) -> Result<()> {
     opts.zone_config()?;
     if opts.listen.is_empty() {
-        bail!("DNS: no address to listen on");
+        fail!("DNS: no address to listen on");
     }
     for a in &opts.listen {
         let udp = tokio::net::UdpSocket::bind(a)
@@ -53,7 +53,7 @@ pub fn serve_on_own_thread(opts: &Options, h: Arc<Handler>) -> Result<()> {
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    let _ = tx.send(Err(anyhow::anyhow!("DNS: start a runtime: {e}")));
+                    let _ = tx.send(Err(Error::invalid(format!("DNS: start a runtime: {e}"))));
                     return;
                 }
             };
@@ -67,7 +67,8 @@ pub fn serve_on_own_thread(opts: &Options, h: Arc<Handler>) -> Result<()> {
             });
         })
         .context("DNS: start its thread")?;
-    rx.recv().context("DNS: its thread ended")?
+    rx.recv()
+        .map_err(|_| Error::invalid("DNS: its thread ended before binding its sockets"))?
 }
 
 /// `weir dns`: the server alone, its zone from a YAML file, rebuilt when the file changes.
@@ -86,7 +87,7 @@ pub async fn run_standalone(source: &Path, opts: Options) -> Result<()> {
                 .with_context(|| format!("read {}", source.display()))
                 .and_then(|text| {
                     model::parse_stream(&text)
-                        .map_err(|p| anyhow::anyhow!("{}: {p}", source.display()))
+                        .map_err(|p| Error::invalid(format!("{}: {p}", source.display())))
                 }) {
                 Ok((objs, problems)) => {
                     for p in problems {

@@ -1,7 +1,7 @@
 //! The Kubernetes API client the watches use.
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 
 /// A client from this kubeconfig, else from the pod's service account (in-cluster), else from
 /// `KUBECONFIG` or `~/.kube/config`.

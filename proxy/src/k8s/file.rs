@@ -2,7 +2,7 @@
 //! it changes, and applied only when the whole of it parses.
 use std::{fs, path::Path, time::SystemTime};
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Error, Result};
 
 use crate::model::{self, Objects, Problem};
 
@@ -22,9 +22,9 @@ pub fn read(path: &Path) -> Result<(Objects, Vec<Problem>)> {
     let text =
         fs::read_to_string(path).with_context(|| format!("read source {}", path.display()))?;
     model::parse_stream(&text).map_err(|p| {
-        anyhow::anyhow!(
+        Error::invalid(format!(
             "source {}: {p}; nothing of it applied, what is programmed stays",
             path.display()
-        )
+        ))
     })
 }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use tracing::{info, warn};
 
 use super::KubeSource;
@@ -76,7 +76,7 @@ pub fn program_objects(
         .map(|s| (s.service.clone(), s.reason.clone()))
         .collect();
     Synced {
-        reports: m.reports(&st.failed),
+        reports: m.reports(&st.failed()),
         frontends: m.desired.len(),
         health_checks: m.health_checks.clone(),
         claims: m.claims,
@@ -291,7 +291,7 @@ impl Reconciler {
         for e in &st.errors {
             warn!("{e}");
         }
-        for (name, e) in &st.failed {
+        for (name, e) in &st.failed() {
             if let Some(r) = inc.reports.get_mut(model::service_of_port(name)) {
                 r.problems.push(e.clone());
                 r.state = "partly programmed".into();

@@ -5,7 +5,6 @@ use std::collections::{BTreeSet, HashMap};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher;
 
-use super::watch::key;
 use crate::model::SERVICE_NAME_LABEL;
 
 /// Service (`namespace/name`) → its EndpointSlices, kept from the watch events: applied after
@@ -88,6 +87,18 @@ impl SliceIndex {
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default()
     }
+}
+
+/// An object's key: `namespace/name` (`default` for no namespace).
+pub(super) fn key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    name: Option<&str>,
+) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        name.unwrap_or_default()
+    )
 }
 
 /// The Service a slice belongs to (`namespace/<service-name label>`).

@@ -33,7 +33,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::slice_index::{slice_service, SliceIndex};
+use super::slice_index::{key, slice_service, SliceIndex};
 use crate::model::Objects;
 
 /// What the watches have seen, shared with their tasks.
@@ -264,17 +264,6 @@ impl KubeSource {
             pods: self.pods.as_ref().map(Store::state).unwrap_or_default(),
         }
     }
-}
-
-pub(super) fn key(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    name: Option<&str>,
-) -> String {
-    format!(
-        "{}/{}",
-        meta.namespace.as_deref().unwrap_or("default"),
-        name.unwrap_or_default()
-    )
 }
 
 /// `touches` says what an object's change touches in the data path, and of `None`, what a

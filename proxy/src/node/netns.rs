@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{bail, Context, Result};
+use crate::error::{fail, Context, Result};
 
 /// Moves the calling thread into the network namespace at `path` (setns is per thread).
 pub fn enter(path: &Path) -> Result<()> {
@@ -25,7 +25,7 @@ pub fn cgroup2_root() -> Result<PathBuf> {
             }
         }
     }
-    bail!("no cgroup v2 hierarchy found at /sys/fs/cgroup/unified or /sys/fs/cgroup")
+    fail!("no cgroup v2 hierarchy found at /sys/fs/cgroup/unified or /sys/fs/cgroup")
 }
 
 /// A cgroup v2 root has no `cgroup.type` (every other cgroup has one), wherever it is mounted.

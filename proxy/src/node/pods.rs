@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use tracing::{info, warn};
 use weir_cni_proto::{Reply, Request};
 

@@ -22,7 +22,7 @@ use std::{
     thread,
 };
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use aya::maps::{HashMap, MapData};
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
