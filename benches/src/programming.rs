@@ -239,13 +239,8 @@ fn agent_rss(weir: &Path, svcs: &[Svc], dir: &Path, kube: bool) -> Result<(u64, 
         std::fs::write(&kubeconfig, Api::kubeconfig(addr))?;
         format!("kube:{}", kubeconfig.display())
     } else {
-        let mut yaml = String::new();
-        for (i, s) in svcs.iter().enumerate() {
-            yaml += &serde_yaml_doc(&service_json(i, s));
-            yaml += &serde_yaml_doc(&slice_json(i, &s.endpoints));
-        }
         let file = dir.join("rss-services.yaml");
-        std::fs::write(&file, yaml)?;
+        write_yaml(svcs, &file)?;
         format!("file:{}", file.display())
     };
     let ready = dir.join(format!("rss-{kube}.ready"));
@@ -309,13 +304,8 @@ fn healthz_during_cold_sync(weir: &Path, svcs: &[Svc], dir: &Path) -> Result<Hea
     let t = format!("h{}", tag());
     let node = Node::create(&t)?;
     let bpffs = BpfMount::create(&dir.join("bpffs-healthz"))?;
-    let mut yaml = String::new();
-    for (i, s) in svcs.iter().enumerate() {
-        yaml += &serde_yaml_doc(&service_json(i, s));
-        yaml += &serde_yaml_doc(&slice_json(i, &s.endpoints));
-    }
     let file = dir.join("healthz-services.yaml");
-    std::fs::write(&file, yaml)?;
+    write_yaml(svcs, &file)?;
     let ready = dir.join("healthz.ready");
     let addr: std::net::SocketAddr = "127.0.0.1:10256".parse()?;
     let mut cmd = node.ns.command(weir)?;
@@ -406,9 +396,18 @@ fn healthz_once(addr: std::net::SocketAddr) -> bool {
     matches!(c.read(&mut buf), Ok(n) if n > 12 && buf.starts_with(b"HTTP/1.1 "))
 }
 
-/// One document of a YAML stream (JSON is YAML), on lines of its own.
-fn serde_yaml_doc(v: &Value) -> String {
-    format!("---\n{}\n", serde_json::to_string(v).unwrap_or_default())
+/// The services and their slices as the agent's file source: a YAML stream of JSON documents
+/// (JSON is YAML), each on lines of its own.
+fn write_yaml(svcs: &[Svc], path: &Path) -> Result<()> {
+    let mut yaml = String::new();
+    for (i, s) in svcs.iter().enumerate() {
+        for doc in [service_json(i, s), slice_json(i, &s.endpoints)] {
+            yaml += "---\n";
+            yaml += &serde_json::to_string(&doc)?;
+            yaml += "\n";
+        }
+    }
+    std::fs::write(path, yaml).with_context(|| format!("write {}", path.display()))
 }
 
 /// Fails unless the agent whose maps are pinned under `bpffs` programmed `n` services (each

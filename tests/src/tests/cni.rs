@@ -923,3 +923,37 @@ fn the_agent_attaches_the_pod_program_before_add_returns_and_releases_it_on_del(
     );
     s.node.pods.retain(|p| p.name != "late");
 }
+
+/// A client of the agent's weir-cni socket that connects and says nothing holds up no other:
+/// each client is served on a task of its own (one that waited for it would answer the next
+/// only once the silent one timed out), and the silent one is let go after its request
+/// timeout.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_silent_client_of_the_agent_socket_holds_up_no_other() {
+    let s = Sim::start(Options {
+        weir_bin: weir_bin().unwrap(),
+        backends: 1,
+        socket_lb: false,
+        services_yaml: SERVICES.into(),
+        prefix: "t".into(),
+    })
+    .unwrap();
+    let mut silent = std::os::unix::net::UnixStream::connect(s.cni_socket()).unwrap();
+    // Accepted, and waiting for its request line.
+    thread::sleep(Duration::from_millis(200));
+    // Well within the silent client's request timeout (2 s).
+    let ping = weir_cni_proto::call(
+        &s.cni_socket(),
+        &weir_cni_proto::Request::Ping,
+        Duration::from_millis(1000),
+    );
+    assert_eq!(ping, Ok(()), "{}", s.agent_log_tail());
+    // The silent one is closed once its time is up.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    silent.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+}
