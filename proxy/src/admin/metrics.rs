@@ -36,6 +36,10 @@ pub struct Metrics {
     pub map_capacity: Family<Labels, Gauge>,
     pub watch_errors: Counter,
     pub healthz: Family<Labels, Counter>,
+    /// Connections an admin server closed at once, being past its limit, by server.
+    pub admin_refused: Family<Labels, Counter>,
+    /// Versions of the file source refused (empty, not YAML) or not yet readable.
+    pub source_refused: Family<Labels, Counter>,
     /// From an EndpointSlice change to the DNS zone that answers it.
     pub dns_programming: Histogram,
     /// The trigger time last seen per EndpointSlice (namespace/name), by the data path and
@@ -73,6 +77,8 @@ impl Metrics {
             map_capacity: Family::default(),
             watch_errors: Counter::default(),
             healthz: Family::default(),
+            admin_refused: Family::default(),
+            source_refused: Family::default(),
             dns_programming: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             seen: Mutex::new(BTreeMap::new()),
             dns_seen: Mutex::new(BTreeMap::new()),
@@ -124,6 +130,16 @@ impl Metrics {
             "kubeproxy_proxy_healthz",
             "Answers of /healthz by HTTP code",
             m.healthz.clone(),
+        );
+        registry.register(
+            "weir_admin_connections_refused",
+            "Connections to /healthz, /metrics or a healthCheckNodePort closed at once for being past the server's limit",
+            m.admin_refused.clone(),
+        );
+        registry.register(
+            "weir_source_refused",
+            "Versions of the file source not applied, by reason (empty, invalid)",
+            m.source_refused.clone(),
         );
         registry.register(
             "weir_dns_programming_duration_seconds",
@@ -192,6 +208,20 @@ impl Metrics {
                 .get_or_create(&vec![("reason".into(), r.clone())])
                 .set(*n);
         }
+    }
+
+    /// The counter of file-source versions not applied for `reason`.
+    pub fn source_refused(&self, reason: &str) -> Counter {
+        self.source_refused
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .clone()
+    }
+
+    /// The counter of connections `server` refuses (see `admin::server`).
+    pub fn admin_refused(&self, server: &str) -> Counter {
+        self.admin_refused
+            .get_or_create(&vec![("server".to_string(), server.to_string())])
+            .clone()
     }
 
     pub fn set_map(&self, map: &str, entries: i64, capacity: i64) {

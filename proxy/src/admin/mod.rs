@@ -51,11 +51,18 @@ fn route(o: &Observed, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Serves `/healthz`, `/livez` and `/metrics` on `addr` until the runtime stops. Binds now,
 /// so that a port already taken is an error at start.
-pub async fn serve(addr: SocketAddr, what: &'static str, o: Arc<Observed>) -> Result<()> {
+/// `server` names it in `weir_admin_connections_refused`.
+pub async fn serve(
+    addr: SocketAddr,
+    what: &'static str,
+    server: &'static str,
+    o: Arc<Observed>,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listen for {what} on {addr}"))?;
     info!(%addr, "serving {what}");
-    server::spawn(listener, what, Arc::new(move |req| route(&o, req)));
+    let refused = o.metrics.admin_refused(server);
+    server::spawn(listener, what, Arc::new(move |req| route(&o, req)), refused);
     Ok(())
 }

@@ -74,6 +74,8 @@ pub struct Config {
     pub state_file: Option<PathBuf>,
     /// The embedded cluster DNS server (None: not served).
     pub dns: Option<DnsOptions>,
+    /// Apply a file source that holds no Service (else refused: it would withdraw them all).
+    pub allow_empty_source: bool,
 }
 
 /// How often the agent looks at its devices and its source.
@@ -198,11 +200,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     });
     obs.health.queued(SystemTime::now());
     if let Some(a) = cfg.healthz_bind {
-        crate::admin::serve(a, "/healthz and /livez", obs.clone()).await?;
+        crate::admin::serve(a, "/healthz and /livez", "healthz", obs.clone()).await?;
     }
     if let Some(a) = cfg.metrics_bind {
         start_conntrack_gauges(maps_dir.clone(), obs.clone())?;
-        crate::admin::serve(a, "/metrics", obs.clone()).await?;
+        crate::admin::serve(a, "/metrics", "metrics", obs.clone()).await?;
     }
     let mut last_probe = None;
     // The node-local lease, when this node takes its pods' DNS Service traffic.
@@ -223,6 +225,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
     let sync = SyncWorker::spawn(
         sync::Parts {
+            allow_empty_source: cfg.allow_empty_source,
             objects: match (&cfg.source, &kube) {
                 (_, Some(k)) => sync::Objects::Kube(k.clone()),
                 (Source::File(path), None) => sync::Objects::File(path.clone()),
@@ -242,7 +245,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         },
         done_tx,
     )?;
-    let mut health_checks = HealthChecks::default();
+    let mut health_checks = HealthChecks::new(obs.clone());
     let mut watch_errors = 0;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(POLL_INTERVAL);

@@ -4,19 +4,20 @@
 //! socket. The loop triggers it; it reports each sync it made.
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{mpsc, Arc},
     thread,
     time::SystemTime,
 };
 
-use anyhow::{Context, Result};
-use tracing::warn;
+use anyhow::Context;
+use tracing::{error, warn};
 
 use crate::{
     admin::Observed,
     datapath::{AyaMaps, Programmer},
     dns::ZoneFeed,
+    error::Result,
     k8s::{
         file::{self, Stamp},
         KubeSource, Reconciler,
@@ -35,6 +36,8 @@ pub enum Objects {
 /// Everything a sync touches, moved onto the worker's thread.
 pub struct Parts {
     pub objects: Objects,
+    /// Apply a file source that holds no Service (it withdraws every Service).
+    pub allow_empty_source: bool,
     pub reconciler: Reconciler,
     pub programmer: Programmer,
     pub maps: AyaMaps,
@@ -63,7 +66,7 @@ impl SyncWorker {
     pub fn spawn(
         parts: Parts,
         done: tokio::sync::mpsc::UnboundedSender<Done>,
-    ) -> Result<SyncWorker> {
+    ) -> anyhow::Result<SyncWorker> {
         let (tx, rx) = mpsc::channel::<()>();
         thread::Builder::new()
             .name("weir-sync".into())
@@ -80,33 +83,48 @@ impl SyncWorker {
 }
 
 fn run(mut p: Parts, rx: mpsc::Receiver<()>, done: tokio::sync::mpsc::UnboundedSender<Done>) {
-    let mut last: Stamp = None;
+    // The file's version last applied (or refused for what it holds), the one seen at the
+    // trigger before, and the one whose read last failed.
+    let (mut last, mut seen, mut unreadable): (Stamp, Stamp, Stamp) = (None, None, None);
     while rx.recv().is_ok() {
         // One sync serves every trigger that queued meanwhile.
         while rx.try_recv().is_ok() {}
         let health_checks = match &p.objects {
             Objects::File(path) => {
-                let now = file::stamp(path);
+                let path = path.clone();
+                let now = file::stamp(&path);
                 if now == last {
                     continue;
                 }
                 p.obs.health.queued(SystemTime::now());
-                // Tried once per version of the file: a broken one is reported once, and stays
-                // pending (so /healthz fails after the health timeout) until fixed.
-                last = now;
-                let synced = file::read(path).and_then(|(objs, problems)| {
-                    if let Some(feed) = &p.dns_feed {
-                        let snapshot = objs.clone();
-                        feed.rebuild(Box::new(move || snapshot));
+                // Applied only once it has stopped changing, the same at two triggers in a row
+                // (a poll interval apart): a file written in steps is never applied half
+                // written.
+                if now != seen {
+                    seen = now;
+                    continue;
+                }
+                match sync_file(&mut p, &path) {
+                    // The kernel's refusal (out of file descriptors, say) is no verdict on the
+                    // file: tried again at the next trigger.
+                    Err(e) if e.errno().is_some() => {
+                        if unreadable != now {
+                            warn!("{e}; tried again until it works");
+                            unreadable = now;
+                        }
+                        p.obs.metrics.source_refused("unreadable").inc();
+                        continue;
                     }
-                    p.reconciler
-                        .sync_all(&objs, problems, &mut p.programmer, &mut p.maps, &p.obs)
-                });
-                match synced {
-                    Ok(r) => Some(r.health_checks),
+                    // What the file holds is wrong: reported once, and it stays pending (so
+                    // /healthz fails after the health timeout) until fixed.
                     Err(e) => {
-                        warn!("{e:#}");
+                        last = now;
+                        warn!("{e}");
                         None
+                    }
+                    Ok(r) => {
+                        last = now;
+                        r
                     }
                 }
             }
@@ -137,4 +155,31 @@ fn run(mut p: Parts, rx: mpsc::Receiver<()>, done: tokio::sync::mpsc::UnboundedS
             return;
         }
     }
+}
+
+/// Reads the file source and programs it, unless it holds no Service (refused, but with
+/// `allow_empty_source`): the healthCheckNodePorts to serve then, or None where it was
+/// refused for what it holds.
+fn sync_file(p: &mut Parts, path: &Path) -> Result<Option<BTreeMap<u16, (String, usize)>>> {
+    let (objs, problems) = file::read(path).inspect_err(|e| {
+        if e.errno().is_none() {
+            p.obs.metrics.source_refused("invalid").inc();
+        }
+    })?;
+    if objs.services.is_empty() && !p.allow_empty_source {
+        p.obs.metrics.source_refused("empty").inc();
+        error!(
+            source = %path.display(),
+            "the source holds no Service: refused, what is programmed stays (--allow-empty-source applies it)"
+        );
+        return Ok(None);
+    }
+    if let Some(feed) = &p.dns_feed {
+        let snapshot = objs.clone();
+        feed.rebuild(Box::new(move || snapshot));
+    }
+    let r = p
+        .reconciler
+        .sync_all(&objs, problems, &mut p.programmer, &mut p.maps, &p.obs)?;
+    Ok(Some(r.health_checks))
 }

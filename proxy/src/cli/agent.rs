@@ -14,10 +14,15 @@ use super::{parse_bind, parse_duration, parse_path, runtime, Bind, OptPath};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Where Services, EndpointSlices and the Node come from: `file:PATH` (multi-document
-    /// YAML, reloaded when it changes), `kube` (in-cluster, else KUBECONFIG or
-    /// ~/.kube/config) or `kube:KUBECONFIG`.
+    /// YAML, applied once it has stopped changing for a poll interval (200 ms), whole or not
+    /// at all), `kube` (in-cluster, else KUBECONFIG or ~/.kube/config) or `kube:KUBECONFIG`.
     #[arg(long)]
     source: Source,
+    /// Apply a file source that holds no Service: without it, such a file (empty, comments
+    /// only, cut short) is refused, loudly, and what is programmed stays (counted in
+    /// `weir_source_refused`).
+    #[arg(long)]
+    allow_empty_source: bool,
     /// A bpffs mount (mounted if it is not one).
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
@@ -66,7 +71,9 @@ pub struct Args {
     /// Where the node's podCIDRs go for weir-cni's IPAM.
     #[arg(long, default_value = weir_cni_proto::DEFAULT_POD_CIDRS_FILE)]
     pod_cidrs_file: PathBuf,
-    /// Address of /healthz and /livez, as kube-proxy's ("off": not served).
+    /// Address of /healthz and /livez, as kube-proxy's ("off": not served). Each admin server
+    /// takes at most 64 connections at once and 5 s for a request's headers; connections past
+    /// the limit are closed at once (`weir_admin_connections_refused`).
     #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_bind)]
     healthz_bind_address: Bind,
     /// Address of the Prometheus /metrics, as kube-proxy's ("off": not served).
@@ -143,6 +150,7 @@ pub fn run(a: Args) -> Result<()> {
         health_timeout: a.health_timeout,
         state_file: a.state_file.0,
         dns: a.dns.options(),
+        allow_empty_source: a.allow_empty_source,
     };
     runtime()?.block_on(agent::run(cfg))
 }

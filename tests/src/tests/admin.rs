@@ -86,7 +86,12 @@ fn health_and_metrics_are_served_as_kube_proxy_serves_them() {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn the_health_check_node_port_follows_local_endpoints() {
-    let s = sim(true);
+    let mut s = sim(true);
+    // Short, so that the unhealthy phase below comes quickly.
+    s.agent_args = vec!["--health-timeout".into(), "1s".into()];
+    s.kill_agent();
+    s.start_agent().unwrap();
+    let s = s;
     let yaml = |node: &str| {
         format!(
             "{SERVICES}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: lb, namespace: demo}}\n\
@@ -115,6 +120,9 @@ fn the_health_check_node_port_follows_local_endpoints() {
             })
             .unwrap()
     };
+    let proxy_healthy = |body: &str| {
+        serde_json::from_str::<serde_json::Value>(body).ok()?["serviceProxyHealthy"].as_bool()
+    };
     let wait = |what: &str, f: &dyn Fn(Option<(u16, String)>) -> bool| {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !f(ask(&s)) {
@@ -135,6 +143,73 @@ fn the_health_check_node_port_follows_local_endpoints() {
     assert_eq!(v["service"]["name"], "lb", "{body}");
     s.write_services(&yaml("node-b")).unwrap();
     wait("no local endpoint", &|r| r.is_some_and(|(c, _)| c == 503));
+    // A proxy that cannot program what it is told drains the node whatever its endpoints
+    // (kube-proxy's serviceProxyHealthy): a source that stays invalid past the health timeout.
+    s.write_services(&yaml("sim-node")).unwrap();
+    wait("a local endpoint again", &|r| {
+        r.is_some_and(|(c, _)| c == 200)
+    });
+    s.write_services("kind: [unclosed\n").unwrap();
+    wait("an unhealthy proxy", &|r| {
+        r.is_some_and(|(c, b)| c == 503 && proxy_healthy(&b) == Some(false))
+    });
+    let (_, body) = ask(&s).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["localEndpoints"], 1, "{body}");
+    s.write_services(&yaml("sim-node")).unwrap();
+    wait("healthy again", &|r| {
+        r.is_some_and(|(c, b)| c == 200 && proxy_healthy(&b) == Some(true))
+    });
     s.write_services(SERVICES).unwrap();
     wait("the Service gone", &|r| r.is_none());
+}
+
+/// Idle connections do not exhaust the agent: each admin server takes a limited number at once
+/// (the others are closed and counted) and closes those that send no request in time, so that
+/// under a low file descriptor limit an edit of the source made meanwhile is still programmed,
+/// and `/healthz` answers again once the idle connections are gone.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn idle_connections_exhaust_neither_the_admin_ports_nor_the_agent() {
+    let s = sim(false);
+    let pid = s.agent_pid().unwrap();
+    let limit = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), "--nofile=256:256"])
+        .status()
+        .unwrap();
+    assert!(limit.success());
+    // More idle connections than the agent has descriptors, all to /healthz.
+    let idle = s
+        .node
+        .ns
+        .run(|| {
+            (0..400)
+                .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", 10256)).ok())
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    assert!(idle.len() > 300, "{} connections", idle.len());
+    let yaml = format!(
+        "{SERVICES}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: late, namespace: demo}}\n\
+         spec: {{clusterIP: 198.19.0.45, ports: [{{port: 80}}]}}\n"
+    );
+    s.write_services(&yaml).unwrap();
+    s.wait_programmed("the edit made during the flood", |st| {
+        st.services
+            .iter()
+            .any(|f| f.frontend.starts_with("198.19.0.45:80"))
+    })
+    .unwrap();
+    let body = assert_metrics(&s, &[]);
+    let refused: u64 = body
+        .lines()
+        .find(|l| l.starts_with("weir_admin_connections_refused_total{server=\"healthz\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(refused >= 300, "refused {refused}:\n{body}");
+    // The idle ones are closed after the header timeout; /healthz answers again.
+    thread::sleep(Duration::from_secs(6));
+    assert_eq!(get(&s, 10256, "/healthz").0, 200);
+    drop(idle);
 }

@@ -1,7 +1,7 @@
 //! A YAML file as the source: edits are followed by traffic.
 use std::{thread, time::Duration};
 
-use weir_proxy::tools::{loadtest::Report, sandbox::SERVICES};
+use weir_proxy::tools::{loadtest::Report, sandbox::SERVICES, sim::Sim};
 
 use crate::node::*;
 
@@ -145,4 +145,83 @@ fn edits_of_the_source_file_are_followed_by_traffic() {
         .services
         .iter()
         .any(|v| v.frontend == "198.19.0.10:80/TCP" && v.backends.len() == 3));
+}
+
+/// The frontends the agent's syncs programmed, as its log says, in order.
+fn programmed_counts(s: &Sim) -> Vec<usize> {
+    let log = std::fs::read_to_string(s.agent_log()).unwrap();
+    log.lines()
+        .filter(|l| l.contains(" programmed ") || l.ends_with(" programmed"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("frontends="))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect()
+}
+
+/// An empty or comment-only file is refused, loudly, and withdraws nothing; so is a file with
+/// objects but no Service. A file that holds Services again is applied.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn an_empty_source_withdraws_nothing() {
+    let s = sim(false);
+    let before = s.status().unwrap().services.len();
+    assert!(before > 0);
+    let node_only = "apiVersion: v1\nkind: Node\nmetadata: {name: sim-node}\n";
+    for (i, text) in ["", "# nothing here\n", node_only].into_iter().enumerate() {
+        s.write_services(text).unwrap();
+        // Well past two polls, when a change is applied.
+        thread::sleep(Duration::from_millis(1000));
+        let st = s.status().unwrap();
+        assert_eq!(
+            st.services.len(),
+            before,
+            "{text:?}\n{}",
+            s.agent_log_tail()
+        );
+        let body = assert_metrics(&s, &[]);
+        let refused = body
+            .lines()
+            .find(|l| l.starts_with("weir_source_refused_total{reason=\"empty\"}"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|n| n.parse::<u64>().ok());
+        assert_eq!(refused, Some(i as u64 + 1), "{body}");
+    }
+    assert!(
+        s.agent_log_tail()
+            .contains("the source holds no Service: refused"),
+        "{}",
+        s.agent_log_tail()
+    );
+    s.write_services(SERVICES).unwrap();
+    s.wait_programmed("the services again", |st| st.services.len() == before)
+        .unwrap();
+}
+
+/// A file written in two steps (its first documents, a pause shorter than a poll, the rest)
+/// is applied whole: no sync ever programs the half of it.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn a_source_written_in_steps_is_applied_whole() {
+    use std::io::Write;
+    let s = sim(false);
+    let full = *programmed_counts(&s).last().unwrap();
+    // Cut between documents, well before the end: what was written first is valid YAML.
+    let cut = SERVICES.match_indices("\n---").nth(1).unwrap().0;
+    for round in 0..5 {
+        let mut f = std::fs::File::create(s.services_path()).unwrap();
+        f.write_all(&SERVICES.as_bytes()[..cut]).unwrap();
+        f.flush().unwrap();
+        thread::sleep(Duration::from_millis(120));
+        // A comment makes each round's file a new version.
+        write!(f, "{}\n# round {round}\n", &SERVICES[cut..]).unwrap();
+        drop(f);
+        thread::sleep(Duration::from_millis(600));
+    }
+    let counts = programmed_counts(&s);
+    assert!(
+        counts.iter().all(|n| *n == full),
+        "a sync programmed part of the file: {counts:?} (full: {full})"
+    );
 }

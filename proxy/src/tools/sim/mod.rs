@@ -231,6 +231,11 @@ impl Sim {
         Ok(())
     }
 
+    /// The running agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|a| a.child.id())
+    }
+
     /// Kills the agent (SIGKILL: no chance to clean anything up, like a crash or an OOM kill).
     pub fn kill_agent(&mut self) {
         if let Some(mut a) = self.agent.take() {
