@@ -420,8 +420,9 @@ pub fn write(ctx: &TcContext) -> i32 {
         }
         &slot.rw
     };
-    // A UDP checksum of 0 ("none") in IPv4 only, as `nat` has it.
-    let mangled = udp && !v6;
+    // UDP, as `nat` has it: a checksum that comes out 0 is written 0xffff, and a datagram
+    // without one (IPv4) keeps it.
+    let mangled = udp;
     // SAFETY: `ptr_at` checked the field's bounds.
     unsafe {
         // The L4 checksum as `nat::l4_csum_first` computes it for a packet whose kind it

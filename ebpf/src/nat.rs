@@ -300,8 +300,8 @@ pub(crate) fn partial_by_diff(sum: u16, diff: u32, mangled: bool) -> u16 {
     mangle(fold16(addc(sum as u32, diff)), mangled)
 }
 
-/// A UDP checksum field of 0 means "none": a computed 0 is written as 0xffff
-/// (`BPF_F_MARK_MANGLED_0`, as the kernel's `CSUM_MANGLED_0`).
+/// A UDP checksum field of 0 means "none" (IPv4) or is refused (IPv6): a computed 0 is
+/// written as 0xffff (`BPF_F_MARK_MANGLED_0`, as the kernel's `CSUM_MANGLED_0`).
 #[inline(always)]
 fn mangle(v: u16, mangled: bool) -> u16 {
     if mangled && v == 0 {
@@ -441,7 +441,9 @@ fn rewrite_inner(ctx: &TcContext, s: &mut Scratch, hop: bool, eth: bool) -> Resu
     let mut d = Diffs { addr: 0, port: 0 };
     diff(p, src, &mut d);
     diff(p, dst, &mut d);
-    let flags = if p.proto == PROTO_UDP && !p.v6 {
+    // UDP, both families: a checksum that comes out 0 is sent as 0xffff, as the kernel's NAT
+    // does (an IPv6 receiver drops a 0, and an IPv4 one would read "no checksum").
+    let flags = if p.proto == PROTO_UDP {
         BPF_F_MARK_MANGLED_0
     } else {
         0

@@ -203,6 +203,23 @@ pub(crate) fn with_zero_udp_checksum(mut f: Vec<u8>) -> Vec<u8> {
     f
 }
 
+/// A two-byte payload with which the UDP datagram `frame` builds has a checksum that comes out
+/// 0, and so is sent as 0xffff.
+pub(crate) fn zero_sum_payload(frame: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
+    (0..=u16::MAX)
+        .map(|n| n.to_be_bytes().to_vec())
+        .find(|p| {
+            let f = frame(p);
+            let l4 = if f[12..14] == [0x86, 0xdd] {
+                14 + 40
+            } else {
+                14 + 20
+            };
+            f[l4 + 6..l4 + 8] == [0xff, 0xff]
+        })
+        .expect("one payload of 65 536 sums to zero")
+}
+
 /// The TCP source port of an Ethernet frame.
 pub(crate) fn tcp_sport(frame: &[u8]) -> u16 {
     let l4 = if frame[12..14] == [0x86, 0xdd] {
