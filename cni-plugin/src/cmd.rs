@@ -10,7 +10,7 @@ use weir_cni_proto::Request;
 use crate::{
     config::{Attachment, Env, NetConf, Version, SUPPORTED_VERSIONS},
     error::{code, CniError, Result},
-    ipam::Store,
+    ipam::{Got, Store},
     net::{self, Handles, PodNet},
     result::{CniResult, Interface, IpConfig, Route},
 };
@@ -100,21 +100,28 @@ fn add(env: &Env, conf: &NetConf, owner: &Attachment) -> Result<Value> {
     let pod_ns = net::open_netns(netns)?;
     let sets = conf.range_sets()?;
     let store = Store::new(&conf.data_dir, &conf.name)?;
-    let addrs = {
+    // The addresses, and which of them this ADD allocated: an undo gives back only those,
+    // never what the owner held before (a repeated ADD for a running pod keeps its addresses).
+    let (addrs, new) = {
         let l = store.lock()?;
         let mut got = Vec::new();
         for (i, set) in sets.iter().enumerate() {
             match l.allocate(i, set, owner) {
                 Ok(a) => got.push(a),
                 Err(e) => {
-                    let _ = l.release(owner);
+                    if let Err(u) = l.release_new(owner, &new_of(&got)) {
+                        warn!("undo: release addresses of {}: {u}", owner.container_id);
+                    }
                     return Err(e);
                 }
             }
         }
-        got
+        (
+            got.iter().map(|g| g.addr()).collect::<Vec<_>>(),
+            new_of(&got),
+        )
     };
-    tracing::debug!(addresses = ?addrs, "allocated");
+    tracing::debug!(addresses = ?addrs, new = ?new, "allocated");
     let host_if = net::host_if(&owner.container_id, &owner.ifname);
     let routes = net::pod_routes(conf.routes.as_deref(), &addrs);
     let made = runtime()?.block_on(async {
@@ -161,8 +168,8 @@ fn add(env: &Env, conf: &NetConf, owner: &Attachment) -> Result<Value> {
     let made = match made {
         Ok(m) => m,
         Err(e) => {
-            // Then the addresses.
-            if let Err(u) = store.lock().and_then(|l| l.release(owner)) {
+            // Then the addresses this ADD allocated.
+            if let Err(u) = store.lock().and_then(|l| l.release_new(owner, &new)) {
                 warn!("undo: release addresses of {}: {u}", owner.container_id);
             }
             return Err(e);
@@ -207,6 +214,15 @@ fn add(env: &Env, conf: &NetConf, owner: &Attachment) -> Result<Value> {
         None => mine,
     };
     Ok(result.to_json(&conf.version_str, conf.version))
+}
+
+fn new_of(got: &[Got]) -> Vec<IpAddr> {
+    got.iter()
+        .filter_map(|g| match g {
+            Got::New(a) => Some(*a),
+            Got::Held(_) => None,
+        })
+        .collect()
 }
 
 fn host_cidr(a: IpAddr) -> IpNetwork {
@@ -372,10 +388,18 @@ fn gc(conf: &NetConf) -> Result<()> {
         )
     })?;
     let store = Store::new(&conf.data_dir, &conf.name)?;
-    let owners: std::collections::BTreeSet<Attachment> = match store.dir().exists() {
-        true => store.lock()?.records()?.into_values().collect(),
+    let scan = match store.dir().exists() {
+        true => store.lock()?.scan()?,
         false => Default::default(),
     };
+    for path in &scan.unreadable {
+        warn!(
+            record = %path.display(),
+            "GC: an address record names no owner it can read; its address stays taken \
+             until it is removed by hand"
+        );
+    }
+    let owners: std::collections::BTreeSet<Attachment> = scan.owned.into_values().collect();
     for owner in owners.iter().filter(|o| !valid.contains(o)) {
         let freed = release(conf, owner)?;
         info!(

@@ -380,6 +380,24 @@ pub fn pod_cidr_ranges(file: &Path) -> Result<Vec<RangeSet>> {
         .collect()
 }
 
+/// The CNI specification's container id: `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`.
+pub fn valid_container_id(id: &str) -> bool {
+    let mut b = id.bytes();
+    b.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && b.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// A name the kernel takes for an interface, as libcni checks it: 1 to 15 bytes, not `.` or
+/// `..`, no `/`, `:` or whitespace.
+pub fn valid_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
 /// The environment of one call (CNI spec, "Parameters").
 #[derive(Debug, Clone, Default)]
 pub struct Env {
@@ -408,11 +426,25 @@ impl Env {
         match command.as_str() {
             "ADD" | "CHECK" | "DEL" => {
                 env.container_id = need("CNI_CONTAINERID")?;
-                env.ifname = need("CNI_IFNAME")?;
-                if env.ifname.len() > 15 || env.ifname.contains('/') || env.ifname == "." {
+                if !valid_container_id(&env.container_id) {
                     return Err(CniError::new(
                         code::INVALID_ENV,
-                        format!("CNI_IFNAME {:?} is not a valid interface name", env.ifname),
+                        format!(
+                            "CNI_CONTAINERID {:?} is not a container id: the spec allows letters, \
+                             digits, '_', '.' and '-', starting with a letter or digit",
+                            env.container_id
+                        ),
+                    ));
+                }
+                env.ifname = need("CNI_IFNAME")?;
+                if !valid_ifname(&env.ifname) {
+                    return Err(CniError::new(
+                        code::INVALID_ENV,
+                        format!(
+                            "CNI_IFNAME {:?} is not an interface name: at most 15 bytes, not \
+                             \".\" or \"..\", no '/', ':' or whitespace",
+                            env.ifname
+                        ),
                     ));
                 }
                 env.netns = match command.as_str() {
@@ -528,5 +560,50 @@ mod tests {
         let e = Env::from_vars(vars(&[("CNI_COMMAND", "FROB")])).unwrap_err();
         assert!(e.msg.contains("FROB"), "{e}");
         assert!(Env::from_vars(vars(&[("CNI_COMMAND", "VERSION")])).is_ok());
+    }
+
+    #[test]
+    fn container_ids_and_interface_names_are_the_specs() {
+        for ok in ["a", "0", "abc-1.2_3", "4f9a6c0e8d2b"] {
+            assert!(valid_container_id(ok), "{ok:?}");
+        }
+        for bad in [
+            "", " abc", "abc ", "abc\n", "a b", "-abc", ".abc", "_abc", "a/b", "a:b", "é",
+        ] {
+            assert!(!valid_container_id(bad), "{bad:?}");
+        }
+        for ok in ["eth0", "net1", "a", "fifteen-chars-x"] {
+            assert!(valid_ifname(ok), "{ok:?}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "eth0 ",
+            "e th0",
+            "eth\n0",
+            "a/b",
+            "a:b",
+            "sixteen-chars-xx",
+        ] {
+            assert!(!valid_ifname(bad), "{bad:?}");
+        }
+        let env = |id: &str, ifname: &str| {
+            let (id, ifname) = (id.to_string(), ifname.to_string());
+            Env::from_vars(move |k| match k {
+                "CNI_COMMAND" => Some("DEL".into()),
+                "CNI_CONTAINERID" => Some(id.clone()),
+                "CNI_IFNAME" => Some(ifname.clone()),
+                "CNI_PATH" => Some("/opt/cni/bin".into()),
+                _ => None,
+            })
+        };
+        let e = env("abc\n", "eth0").unwrap_err();
+        assert_eq!(e.code, code::INVALID_ENV);
+        assert!(e.msg.contains("CNI_CONTAINERID \"abc\\n\""), "{e}");
+        let e = env("abc", "eth0 ").unwrap_err();
+        assert_eq!(e.code, code::INVALID_ENV);
+        assert!(e.msg.contains("CNI_IFNAME \"eth0 \""), "{e}");
+        assert!(env("abc", "eth0").is_ok());
     }
 }

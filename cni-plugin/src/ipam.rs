@@ -15,12 +15,29 @@ use std::{
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::{
-    config::{ip, u, Attachment, Range, RangeSet},
+    config::{ip, u, valid_container_id, valid_ifname, Attachment, Range, RangeSet},
     error::{code, io, CniError, Result},
 };
 
 pub struct Store {
     dir: PathBuf,
+}
+
+/// An address [`Locked::allocate`] gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Got {
+    /// The owner held it already.
+    Held(IpAddr),
+    /// Allocated by this call.
+    New(IpAddr),
+}
+
+impl Got {
+    pub fn addr(self) -> IpAddr {
+        match self {
+            Got::Held(a) | Got::New(a) => a,
+        }
+    }
 }
 
 /// The store with its lock held; dropping it releases the lock.
@@ -65,18 +82,43 @@ impl Store {
     }
 }
 
+/// A record's content: the container id and the interface name, one line each. Both were
+/// validated (`config::valid_container_id`, `config::valid_ifname`: no whitespace, no line
+/// break), so the text names one owner only.
 fn owner_text(a: &Attachment) -> String {
     format!("{}\n{}\n", a.container_id, a.ifname)
 }
 
+/// The owner a record's text names, read exactly as written: a record that is not two valid
+/// lines names no owner (and its address stays taken; see [`Scan::unreadable`]).
 fn parse_owner(text: &str) -> Option<Attachment> {
-    let mut l = text.lines();
-    let container_id = l.next()?.trim().to_string();
-    let ifname = l.next()?.trim().to_string();
-    (!container_id.is_empty()).then_some(Attachment {
-        container_id,
-        ifname,
-    })
+    let (container_id, rest) = text.split_once('\n')?;
+    let ifname = rest.strip_suffix('\n')?;
+    let a = Attachment {
+        container_id: container_id.to_string(),
+        ifname: ifname.to_string(),
+    };
+    (valid_container_id(&a.container_id) && valid_ifname(&a.ifname)).then_some(a)
+}
+
+/// What the store holds.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Address → owner.
+    pub owned: BTreeMap<IpAddr, Attachment>,
+    /// Records whose owner cannot be read (written by hand, or by a version that took ids
+    /// with whitespace): their addresses are never handed out, and only a person removes them.
+    pub unreadable: Vec<PathBuf>,
+}
+
+impl Scan {
+    fn used(&self) -> BTreeSet<IpAddr> {
+        let unreadable = self
+            .unreadable
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str()?.parse::<IpAddr>().ok());
+        self.owned.keys().copied().chain(unreadable).collect()
+    }
 }
 
 impl Locked<'_> {
@@ -84,9 +126,9 @@ impl Locked<'_> {
         self.store.dir.join(a.to_string())
     }
 
-    /// Every allocation: address → owner.
-    pub fn records(&self) -> Result<BTreeMap<IpAddr, Attachment>> {
-        let mut out = BTreeMap::new();
+    /// Every record: address → owner, and those that name no owner.
+    pub fn scan(&self) -> Result<Scan> {
+        let mut out = Scan::default();
         let dir = &self.store.dir;
         let entries = fs::read_dir(dir).map_err(|e| io(format!("read {}", dir.display()), e))?;
         for e in entries.flatten() {
@@ -98,15 +140,23 @@ impl Locked<'_> {
                 }
                 continue;
             };
-            if let Some(owner) = fs::read_to_string(e.path())
+            match fs::read_to_string(e.path())
                 .ok()
                 .as_deref()
                 .and_then(parse_owner)
             {
-                out.insert(addr, owner);
+                Some(owner) => {
+                    out.owned.insert(addr, owner);
+                }
+                None => out.unreadable.push(e.path()),
             }
         }
         Ok(out)
+    }
+
+    /// Every allocation with a readable owner: address → owner.
+    pub fn records(&self) -> Result<BTreeMap<IpAddr, Attachment>> {
+        Ok(self.scan()?.owned)
     }
 
     /// The addresses `owner` holds.
@@ -119,17 +169,19 @@ impl Locked<'_> {
             .collect())
     }
 
-    /// One address from `set` for `owner`: the one it holds already, or the next free one
-    /// after the last handed out (so a released address is not reused at once).
-    pub fn allocate(&self, set_index: usize, set: &RangeSet, owner: &Attachment) -> Result<IpAddr> {
-        let records = self.records()?;
-        if let Some((a, _)) = records
+    /// One address from `set` for `owner`: the one it holds already (`Held`), or the next
+    /// free one after the last handed out, so that a released address is not reused at once
+    /// (`New`). Only a `New` address is this call's to give back.
+    pub fn allocate(&self, set_index: usize, set: &RangeSet, owner: &Attachment) -> Result<Got> {
+        let scan = self.scan()?;
+        if let Some((a, _)) = scan
+            .owned
             .iter()
             .find(|(a, o)| *o == owner && set.iter().any(|r| in_range(r, **a)))
         {
-            return Ok(*a);
+            return Ok(Got::Held(*a));
         }
-        let used: BTreeSet<IpAddr> = records.keys().copied().collect();
+        let used = scan.used();
         let last_file = self.store.dir.join(format!("last_reserved_ip.{set_index}"));
         let last: Option<IpAddr> = fs::read_to_string(&last_file)
             .ok()
@@ -147,12 +199,12 @@ impl Locked<'_> {
         };
         self.write_atomic(&self.record(a), owner_text(owner).as_bytes())?;
         self.write_atomic(&last_file, a.to_string().as_bytes())?;
-        Ok(a)
+        Ok(Got::New(a))
     }
 
     /// Whether every set still has a free address (STATUS).
     pub fn exhausted(&self, sets: &[RangeSet]) -> Result<Option<String>> {
-        let used: BTreeSet<IpAddr> = self.records()?.keys().copied().collect();
+        let used = self.scan()?.used();
         Ok(sets
             .iter()
             .find(|set| next_free(set, None, &used).is_none())
@@ -162,7 +214,20 @@ impl Locked<'_> {
     /// Releases every address of `owner`; returns them.
     pub fn release(&self, owner: &Attachment) -> Result<Vec<IpAddr>> {
         let held = self.held_by(owner)?;
-        for a in &held {
+        self.remove(&held)?;
+        Ok(held)
+    }
+
+    /// Gives back what one ADD allocated: each of `addrs` that `owner` still holds, and no
+    /// other (an address `owner` held before that ADD stays with it).
+    pub fn release_new(&self, owner: &Attachment, addrs: &[IpAddr]) -> Result<()> {
+        let held = self.held_by(owner)?;
+        let mine: Vec<IpAddr> = addrs.iter().filter(|a| held.contains(a)).copied().collect();
+        self.remove(&mine)
+    }
+
+    fn remove(&self, addrs: &[IpAddr]) -> Result<()> {
+        for a in addrs {
             let p = self.record(*a);
             match fs::remove_file(&p) {
                 Ok(()) => {}
@@ -170,7 +235,7 @@ impl Locked<'_> {
                 Err(e) => return Err(io(format!("remove {}", p.display()), e)),
             }
         }
-        Ok(held)
+        Ok(())
     }
 
     fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<()> {
@@ -273,14 +338,20 @@ mod tests {
         let a = l.allocate(0, set, &owner("a")).unwrap();
         let b = l.allocate(0, set, &owner("b")).unwrap();
         assert_eq!(
-            (a.to_string(), b.to_string()),
-            ("198.18.1.1".into(), "198.18.1.3".into())
+            (a, b),
+            (
+                Got::New("198.18.1.1".parse().unwrap()),
+                Got::New("198.18.1.3".parse().unwrap())
+            )
         );
         // The same owner asking again gets the address it holds.
-        assert_eq!(l.allocate(0, set, &owner("a")).unwrap(), a);
-        assert_eq!(l.release(&owner("a")).unwrap(), vec![a]);
+        assert_eq!(
+            l.allocate(0, set, &owner("a")).unwrap(),
+            Got::Held(a.addr())
+        );
+        assert_eq!(l.release(&owner("a")).unwrap(), vec![a.addr()]);
         let c = l.allocate(0, set, &owner("c")).unwrap();
-        assert_eq!(c.to_string(), "198.18.1.4");
+        assert_eq!(c.addr().to_string(), "198.18.1.4");
         assert!(l.held_by(&owner("a")).unwrap().is_empty());
     }
 
@@ -308,7 +379,7 @@ mod tests {
         fs::write(store.dir().join(".tmp-fd00:18::1"), "half").unwrap();
         assert!(l.records().unwrap().is_empty());
         assert_eq!(
-            l.allocate(0, set, &owner("a")).unwrap().to_string(),
+            l.allocate(0, set, &owner("a")).unwrap().addr().to_string(),
             "fd00:18::1"
         );
         assert!(!store.dir().join(".tmp-fd00:18::1").exists());
@@ -325,7 +396,7 @@ mod tests {
                     s.spawn(move || {
                         let store = Store::new(dir, "net").unwrap();
                         let l = store.lock().unwrap();
-                        l.allocate(0, set, &owner(&format!("c{i}"))).unwrap()
+                        l.allocate(0, set, &owner(&format!("c{i}"))).unwrap().addr()
                     })
                 })
                 .collect();
@@ -333,5 +404,56 @@ mod tests {
         });
         let distinct: BTreeSet<_> = got.iter().collect();
         assert_eq!(distinct.len(), 64);
+    }
+
+    #[test]
+    fn an_undo_gives_back_only_what_its_own_allocation_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path(), "net").unwrap();
+        let set = &sets(r#"[[{"subnet":"198.18.1.0/29"}]]"#)[0];
+        let l = store.lock().unwrap();
+        let held = l.allocate(0, set, &owner("a")).unwrap();
+        // A second ADD of `a` gets what it holds; undoing it gives back nothing.
+        let again = l.allocate(0, set, &owner("a")).unwrap();
+        assert_eq!(again, Got::Held(held.addr()));
+        l.release_new(&owner("a"), &[]).unwrap();
+        assert_eq!(l.held_by(&owner("a")).unwrap(), vec![held.addr()]);
+        // An address of another owner named by mistake is not released either.
+        let b = l.allocate(0, set, &owner("b")).unwrap();
+        l.release_new(&owner("a"), &[b.addr()]).unwrap();
+        assert_eq!(l.held_by(&owner("b")).unwrap(), vec![b.addr()]);
+    }
+
+    #[test]
+    fn owners_are_read_exactly_and_an_unreadable_record_keeps_its_address() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path(), "net").unwrap();
+        let set = &sets(r#"[[{"subnet":"198.18.1.0/30"}]]"#)[0];
+        let l = store.lock().unwrap();
+        assert_eq!(parse_owner("abc\neth0\n"), Some(owner("abc")));
+        for text in [
+            "abc \neth0\n",
+            " abc\neth0\n",
+            "abc\neth0",
+            "abc\n\neth0\n",
+            "abc\neth0\nx\n",
+        ] {
+            assert_eq!(parse_owner(text), None, "{text:?}");
+        }
+        // A record written by hand (or by a version that took ids with whitespace).
+        fs::write(store.dir().join("198.18.1.1"), "abc \neth0\n").unwrap();
+        let scan = l.scan().unwrap();
+        assert!(scan.owned.is_empty());
+        assert_eq!(scan.unreadable, vec![store.dir().join("198.18.1.1")]);
+        // Its address is not handed out again, and it is still there after a release.
+        assert_eq!(
+            l.allocate(0, set, &owner("abc"))
+                .unwrap()
+                .addr()
+                .to_string(),
+            "198.18.1.2"
+        );
+        l.release(&owner("abc")).unwrap();
+        assert!(store.dir().join("198.18.1.1").exists());
     }
 }

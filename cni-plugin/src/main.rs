@@ -10,6 +10,11 @@ The container runtime runs it with CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS, CNI_
 CNI_PATH in the environment and the network configuration on stdin. The result, or an error
 as CNI error JSON, goes to stdout; logs go to stderr or the configuration's logFile.
 
+Refused with code 4 (invalid environment): a CNI_CONTAINERID outside the spec's pattern
+(letters, digits, '_', '.', '-', starting with a letter or digit), a CNI_IFNAME the kernel
+would not take, a CNI_NETNS that is not a network namespace or is the plugin's own (the
+node's). A configuration on stdin is at most 1 MiB.
+
 Example, by hand:
   echo '{\"cniVersion\":\"1.1.0\",\"name\":\"weir\",\"type\":\"weir-cni\",\"agentSocket\":\"\",
         \"ipam\":{\"ranges\":[[{\"subnet\":\"198.18.1.0/24\"}]],\"dataDir\":\"/tmp/ipam\"}}' |
@@ -20,6 +25,9 @@ Configuration fields: cniVersion, name, type, mtu, agentSocket (\"\" for none), 
 ipam.{ranges | subnet, rangeStart, rangeEnd, gateway}, ipam.routes, ipam.dataDir,
 ipam.podCIDRsFile (used when no range is configured).
 ";
+
+/// The most a network configuration on stdin may hold (with its prevResult).
+const MAX_STDIN: u64 = 1 << 20;
 
 fn main() {
     if std::env::args()
@@ -33,9 +41,18 @@ fn main() {
     let env = Env::from_vars(|k| std::env::var(k).ok());
     let out = env.and_then(|env| {
         if env.command != "VERSION" || !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-            std::io::stdin().read_to_end(&mut stdin).map_err(|e| {
-                CniError::new(weir_cni::error::code::IO, format!("read stdin: {e}"))
-            })?;
+            std::io::stdin()
+                .take(MAX_STDIN + 1)
+                .read_to_end(&mut stdin)
+                .map_err(|e| {
+                    CniError::new(weir_cni::error::code::IO, format!("read stdin: {e}"))
+                })?;
+            if stdin.len() as u64 > MAX_STDIN {
+                return Err(CniError::new(
+                    weir_cni::error::code::DECODE,
+                    format!("the configuration on stdin is over {MAX_STDIN} bytes"),
+                ));
+            }
         }
         cmd::run(&env, &stdin)
     });

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     config::Route,
-    error::{code, CniError, Result},
+    error::{code, io, CniError, Result},
 };
 
 /// The pod's gateway: link-local, on every host-side veth, so no pod address is spent on it.
@@ -101,13 +101,46 @@ impl Handles {
     }
 }
 
+/// Opens the pod's network namespace: `netns` must name a network namespace, and not the one
+/// the plugin runs in (the node's: configuring it as a pod would put a pod's addresses and
+/// routes on the node).
 pub fn open_netns(netns: &Path) -> Result<fs::File> {
-    fs::File::open(netns).map_err(|e| {
+    use std::os::{fd::AsRawFd, unix::fs::MetadataExt};
+    let f = fs::File::open(netns).map_err(|e| {
         CniError::new(
             code::UNKNOWN_CONTAINER,
             format!("network namespace {}: {e}", netns.display()),
         )
-    })
+    })?;
+    // NS_GET_NSTYPE (_IO(0xb7, 0x3)): the type of the namespace a file is, or an error when it
+    // is none.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: the ioctl takes no argument and only reads the descriptor it is given.
+    let kind = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_NETNS {} is not a network namespace", netns.display()),
+        )
+        .details(
+            "it must name a network namespace, such as /proc/PID/ns/net or a bind mount of one",
+        ));
+    }
+    let own = fs::metadata("/proc/thread-self/ns/net")
+        .map_err(|e| CniError::new(code::IO, format!("own network namespace: {e}")))?;
+    let pod = f
+        .metadata()
+        .map_err(|e| io(format!("stat {}", netns.display()), e))?;
+    if (pod.dev(), pod.ino()) == (own.dev(), own.ino()) {
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            format!(
+                "CNI_NETNS {} is the node's own network namespace, not a pod's",
+                netns.display()
+            ),
+        ));
+    }
+    Ok(f)
 }
 
 #[derive(Debug, Clone)]

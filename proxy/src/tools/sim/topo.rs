@@ -259,11 +259,16 @@ impl Cni {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("run {}", self.bin.display()))?;
-        child
+        // A plugin may stop reading (a configuration over its limit): it answers all the same.
+        match child
             .stdin
             .take()
             .context("stdin")?
-            .write_all(conf.to_string().as_bytes())?;
+            .write_all(conf.to_string().as_bytes())
+        {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+            _ => {}
+        }
         let out = child.wait_with_output()?;
         Ok((
             out.status.success(),

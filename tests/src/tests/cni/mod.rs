@@ -20,6 +20,8 @@ use weir_proxy::tools::{
 };
 use weir_testkit::{Cni, Netns, Node, NodeExt, RunDir};
 
+mod hostile;
+
 const VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// Where Debian's containernetworking-plugins live.
 const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
@@ -509,6 +511,12 @@ fn bad_environment_or_configuration_is_a_clear_error_and_changes_nothing() {
     // Malformed configuration.
     let o = b.call("ADD", "c1", Some(&netns), &json!("not a configuration"));
     assert_eq!(o.code(), 6, "{}", o.json);
+    // A configuration past the size limit is not read whole.
+    let mut huge = b.conf("1.1.0");
+    huge["padding"] = "x".repeat(2 << 20).into();
+    let o = b.call("ADD", "c1", Some(&netns), &huge);
+    assert_eq!(o.code(), 6, "{}", o.json);
+    assert!(o.msg().contains("over 1048576 bytes"), "{}", o.json);
     let mut c = b.conf("1.1.0");
     c["ipam"]["type"] = "host-local".into();
     let o = b.call("ADD", "c1", Some(&netns), &c);
