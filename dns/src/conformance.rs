@@ -573,7 +573,9 @@ fn names_outside_the_zone_are_forwarded() {
 #[test]
 fn bad_queries_get_formerr_or_notimp() {
     let h = handler(Config::default());
-    let Reply::Message(m) = h.respond(&[0x12, 0x34, 0xff], true) else {
+    // A query's header, then garbage.
+    let Reply::Message(m) = h.respond(&[0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xff], true)
+    else {
         panic!("no answer to a broken message")
     };
     let m = Message::from_vec(&m).unwrap();
@@ -587,7 +589,9 @@ fn bad_queries_get_formerr_or_notimp() {
         Message::from_vec(&m).unwrap().response_code(),
         ResponseCode::NotImp
     );
+    // Less than a header, or a response: nothing (see `server::tests`).
     assert!(matches!(h.respond(&[1], true), Reply::Drop));
+    assert!(matches!(h.respond(&[0x12, 0x34, 0xff], true), Reply::Drop));
 }
 
 #[test]

@@ -39,6 +39,26 @@ pub struct Stats {
     pub forwarded: AtomicU64,
     pub truncated: AtomicU64,
     pub malformed: AtomicU64,
+    /// Packets not answered at all: responses (QR set), and less than a header.
+    pub dropped: AtomicU64,
+    /// Error replies (FORMERR, NOTIMP) not sent: their source was past its rate.
+    pub errors_limited: AtomicU64,
+    /// TCP connections closed at once: past the connection limit.
+    pub tcp_refused: AtomicU64,
+    /// TCP connections closed for a message that did not arrive (or a reply not read) in time.
+    pub tcp_timeouts: AtomicU64,
+    /// Failed accepts of TCP connections (out of file descriptors, say); retried.
+    pub tcp_accept_errors: AtomicU64,
+    /// Queries answered REFUSED: as many forwards as allowed were waiting on upstreams.
+    pub forwards_refused: AtomicU64,
+    /// Loop probes that came back to this server through an upstream.
+    pub upstream_loops: AtomicU64,
+    /// Forwards waiting on an upstream now (a gauge).
+    pub forwards_in_flight: AtomicU64,
+    /// TCP connections open now (a gauge).
+    pub tcp_connections: AtomicU64,
+    /// Upstreams not used now because they forward back to this server (a gauge).
+    pub upstreams_looping: AtomicU64,
 }
 
 /// The query type of a DNS message, read from its question (no compression there).
@@ -155,11 +175,69 @@ impl Stats {
                 "Queries that could not be parsed.",
                 &self.malformed,
             ),
+            (
+                "dropped",
+                "Packets not answered: responses, and packets shorter than a header.",
+                &self.dropped,
+            ),
+            (
+                "errors_limited",
+                "Error replies (FORMERR, NOTIMP) not sent: their source was past its rate.",
+                &self.errors_limited,
+            ),
+            (
+                "tcp_refused",
+                "TCP connections closed at once: past the connection limit.",
+                &self.tcp_refused,
+            ),
+            (
+                "tcp_timeouts",
+                "TCP connections closed for a message or reply not moved in time.",
+                &self.tcp_timeouts,
+            ),
+            (
+                "tcp_accept_errors",
+                "Failed accepts of TCP connections (retried).",
+                &self.tcp_accept_errors,
+            ),
+            (
+                "forwards_refused",
+                "Queries answered REFUSED: the forwards allowed at once were all waiting.",
+                &self.forwards_refused,
+            ),
+            (
+                "upstream_loops",
+                "Loop probes that came back to this server through an upstream.",
+                &self.upstream_loops,
+            ),
         ] {
             let _ = writeln!(
                 o,
                 "# HELP weir_dns_{name} {help}\n# TYPE weir_dns_{name} counter\nweir_dns_{name}_total {}",
                 c.load(Ordering::Relaxed)
+            );
+        }
+        for (name, help, g) in [
+            (
+                "forwards_in_flight",
+                "Forwarded queries waiting on an upstream now.",
+                &self.forwards_in_flight,
+            ),
+            (
+                "tcp_connections",
+                "TCP connections open now.",
+                &self.tcp_connections,
+            ),
+            (
+                "upstreams_looping",
+                "Upstreams not used because they forward back to this server.",
+                &self.upstreams_looping,
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "# HELP weir_dns_{name} {help}\n# TYPE weir_dns_{name} gauge\nweir_dns_{name} {}",
+                g.load(Ordering::Relaxed)
             );
         }
         o

@@ -17,6 +17,25 @@ pub struct Args {
     source: Source,
     #[command(flatten)]
     dns: DnsArgs,
+    /// Serve the server's counters (Prometheus text) on this address.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+}
+
+/// `weir dns --help`'s closing text: examples, what is answered, and the limits.
+pub fn after_help() -> String {
+    format!(
+        "Examples:\n  \
+        weir dns --source file:services.yaml --listen 127.0.0.1:5353\n  \
+        weir dns --source file:svc.yaml --listen 198.18.0.53:53 --domain corp.internal --ttl 30\n  \
+        weir dns --source file:svc.yaml --listen [::1]:53 --pods insecure --upstream 198.18.0.1\n  \
+        weir dns --source file:svc.yaml --listen 127.0.0.1:53 --stub-domain corp.example=10.0.0.53\n  \
+        weir dns --source file:svc.yaml --listen 127.0.0.1:53 --metrics 127.0.0.1:9153\n\n\
+        Names of the cluster domain are answered from the Services and EndpointSlices of the\n\
+        file (the Kubernetes DNS specification, schema 1.1.0); others are relayed to the\n\
+        upstream resolvers (default: the nameservers of /etc/resolv.conf).\n\n{}",
+        weir_dns::server::limits_help()
+    )
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -24,13 +43,14 @@ pub fn run(a: Args) -> Result<()> {
     let Source::File(path) = a.source else {
         anyhow::bail!("weir dns reads a file source (file:PATH); the agent embeds the server for the Kubernetes API");
     };
-    Ok(runtime()?.block_on(dns::run_standalone(&path, a.dns.options()))?)
+    Ok(runtime()?.block_on(dns::run_standalone(&path, a.dns.options(), a.metrics))?)
 }
 
 /// The agent's embedded DNS server: off unless `--dns-listen` is given.
 #[derive(clap::Args, Debug)]
 pub struct AgentDnsArgs {
-    /// Serve cluster DNS on this address, UDP and TCP (repeatable; none: no DNS server).
+    /// Serve cluster DNS on this address, UDP and TCP (repeatable; none: no DNS server). The
+    /// server's limits are those of `weir dns --help`; its counters are in /metrics.
     #[arg(long)]
     dns_listen: Vec<SocketAddr>,
     /// The cluster domain.

@@ -59,14 +59,7 @@ enum Cmd {
     #[command(after_help = "Examples:\n  weir status\n  weir status --json --bpffs /run/weir/bpf")]
     Status(status::Args),
     /// Serve cluster DNS alone, its zone from a YAML file (the agent embeds the same server).
-    #[command(after_help = "Examples:\n  \
-        weir dns --source file:services.yaml --listen 127.0.0.1:5353\n  \
-        weir dns --source file:svc.yaml --listen 198.18.0.53:53 --domain corp.internal --ttl 30\n  \
-        weir dns --source file:svc.yaml --listen [::1]:53 --pods insecure --upstream 198.18.0.1\n  \
-        weir dns --source file:svc.yaml --listen 127.0.0.1:53 --stub-domain corp.example=10.0.0.53\n\n\
-        Names of the cluster domain are answered from the Services and EndpointSlices of the\n\
-        file (the Kubernetes DNS specification, schema 1.1.0); others are relayed to the\n\
-        upstream resolvers (default: the nameservers of /etc/resolv.conf).")]
+    #[command(after_help = dns::after_help())]
     Dns(dns::Args),
     /// A TCP+UDP echo server that answers `<seq>` with `<name> <seq>`: a backend for tests.
     #[command(

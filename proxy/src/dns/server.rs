@@ -36,6 +36,8 @@ pub async fn serve(opts: &Options, h: Arc<Handler>) -> Result<()> {
         });
         info!(listen = %a, "serving cluster DNS (UDP and TCP)");
     }
+    // Upstreams that forward back here (a loop) are found now, and followed.
+    tokio::spawn(h.watch_loops());
     Ok(())
 }
 
@@ -71,10 +73,34 @@ pub fn serve_on_own_thread(opts: &Options, h: Arc<Handler>) -> Result<()> {
         .map_err(|_| Error::invalid("DNS: its thread ended before binding its sockets"))?
 }
 
-/// `weir dns`: the server alone, its zone from a YAML file, rebuilt when the file changes.
-pub async fn run_standalone(source: &Path, opts: Options) -> Result<()> {
+/// `weir dns`: the server alone, its zone from a YAML file, rebuilt when the file changes;
+/// its counters on `metrics` (Prometheus text at any path) when given.
+pub async fn run_standalone(
+    source: &Path,
+    opts: Options,
+    metrics: Option<std::net::SocketAddr>,
+) -> Result<()> {
     let h = Arc::new(handler(&opts)?);
     serve(&opts, h.clone()).await?;
+    if let Some(addr) = metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen for DNS metrics on {addr}"))?;
+        let stats = h.clone();
+        crate::admin::server::spawn(
+            listener,
+            "DNS metrics",
+            Arc::new(move |_req| {
+                crate::admin::server::respond(
+                    http::StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    stats.stats.render(),
+                )
+            }),
+            Default::default(),
+        );
+        info!(%addr, "serving DNS metrics");
+    }
     if opts.upstreams.is_empty() {
         warn!("no upstream resolvers: names outside the cluster zone get SERVFAIL");
     }

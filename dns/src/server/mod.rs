@@ -3,8 +3,12 @@
 //! relayed as it came.
 use std::{
     collections::HashMap,
+    io,
     net::SocketAddr,
-    sync::{atomic::Ordering, Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -13,10 +17,7 @@ use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, ResponseCode},
     rr::{LowerName, Name, RData, RecordType},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream, UdpSocket},
-};
+use tokio::net::UdpSocket;
 
 use crate::{
     stats::Stats,
@@ -29,6 +30,20 @@ pub const MAX_UDP_PAYLOAD: u16 = 1232;
 /// Without EDNS a UDP answer fits 512 bytes (RFC 1035).
 const CLASSIC_UDP: usize = 512;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+mod limits;
+mod listen;
+mod loops;
+#[cfg(test)]
+mod tests;
+
+use limits::ErrorLimiter;
+pub use limits::{
+    limits_help, ERRORS_PER_SECOND, ERROR_BURST, MAX_FORWARDS, MAX_TCP_CONNECTIONS, TCP_IDLE,
+    TCP_MESSAGE_TIMEOUT,
+};
+pub use listen::{serve_tcp, serve_udp};
+use loops::Loops;
 
 /// What one query becomes.
 pub enum Reply {
@@ -135,6 +150,9 @@ pub struct Handler {
     stubs: Vec<(LowerName, Vec<SocketAddr>)>,
     cache: Cache,
     pub stats: Stats,
+    errors: ErrorLimiter,
+    forwards: AtomicUsize,
+    loops: Loops,
 }
 
 impl Handler {
@@ -172,19 +190,27 @@ impl Handler {
 
     /// The reply to one query; `udp` limits its size (truncation).
     pub fn respond(&self, query: &[u8], udp: bool) -> Reply {
+        // A response (QR set) is never answered, whatever else it holds: two servers that
+        // answered each other's replies would bounce one spoofed packet forever. Nor is less
+        // than a header.
+        if query.len() < 12 || query[2] & 0x80 != 0 {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return Reply::Drop;
+        }
         let req = match Message::from_vec(query) {
             Ok(m) => m,
             Err(_) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                return match query.get(..2) {
-                    Some(id) => Reply::Message(error_reply(
-                        u16::from_be_bytes([id[0], id[1]]),
-                        ResponseCode::FormErr,
-                    )),
-                    None => Reply::Drop,
-                };
+                return Reply::Message(error_reply(
+                    u16::from_be_bytes([query[0], query[1]]),
+                    ResponseCode::FormErr,
+                ));
             }
         };
+        if req.message_type() != MessageType::Query {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return Reply::Drop;
+        }
         let mut resp = Message::new();
         resp.set_id(req.id())
             .set_message_type(MessageType::Response)
@@ -197,7 +223,7 @@ impl Handler {
             edns.set_dnssec_ok(e.flags().dnssec_ok);
             resp.set_edns(edns);
         }
-        if req.message_type() != MessageType::Query || req.op_code() != OpCode::Query {
+        if req.op_code() != OpCode::Query {
             resp.set_response_code(ResponseCode::NotImp);
             return Reply::Message(encode(resp));
         }
@@ -207,11 +233,17 @@ impl Handler {
         }
         let q = req.queries()[0].clone();
         resp.add_query(q.clone());
+        let qname = LowerName::new(q.name());
+        if self.probe_came_back(&qname) {
+            // Our own loop probe, back through an upstream: answered here, never forwarded
+            // (also before the zone is ready: the first probe goes out at start).
+            resp.set_response_code(ResponseCode::NXDomain);
+            return Reply::Message(encode(resp));
+        }
         let Some(zone) = self.zone.load_full() else {
             resp.set_response_code(ResponseCode::ServFail);
             return Reply::Message(encode(resp));
         };
-        let qname = LowerName::new(q.name());
         let answer = zone.lookup(&qname, q.query_type());
         let limit = if !udp {
             u16::MAX as usize
@@ -297,8 +329,16 @@ impl Handler {
             m.set_id(id);
             return encode(m);
         }
+        let Some(_slot) = self.forward_slot() else {
+            self.stats.forwards_refused.fetch_add(1, Ordering::Relaxed);
+            return error_reply(id, ResponseCode::Refused);
+        };
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        let looping = self.looping();
         for up in self.resolvers_of(&key.0) {
+            if looping.contains(up) {
+                continue;
+            }
             if let Ok(Ok(reply)) = tokio::time::timeout(UPSTREAM_TIMEOUT, relay(*up, query)).await {
                 if let Ok(m) = Message::from_vec(&reply) {
                     self.cache.put(key, &m);
@@ -345,8 +385,7 @@ impl Handler {
 /// A recursive query for `name`/`qtype`, with an id nobody can guess from the previous one
 /// (each `RandomState` is seeded afresh).
 pub fn query(name: &Name, qtype: RecordType) -> Vec<u8> {
-    use std::hash::BuildHasher;
-    let id = std::collections::hash_map::RandomState::new().hash_one(0u8) as u16;
+    let id = random_u64() as u16;
     let mut q = Message::new();
     q.set_id(id)
         .set_message_type(MessageType::Query)
@@ -367,7 +406,17 @@ pub async fn probe(addr: SocketAddr, name: &Name, qtype: RecordType, within: Dur
     }
 }
 
-async fn relay(up: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
+/// 64 random bits (a `RandomState` is seeded afresh each time).
+fn random_u64() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(Instant::now())
+}
+
+/// Sends `query` to `up` from a socket of its own (a random port) and waits for the reply with
+/// its id. While it waits it holds no buffer: a datagram is read into one on the stack
+/// (`take_reply`) only once the socket has one, so that a thousand waiting forwards cost their
+/// sockets and little else.
+async fn relay(up: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
     let bind: SocketAddr = if up.is_ipv4() {
         "0.0.0.0:0".parse().expect("valid")
     } else {
@@ -376,15 +425,22 @@ async fn relay(up: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
     let sock = UdpSocket::bind(bind).await?;
     sock.connect(up).await?;
     sock.send(query).await?;
-    let mut buf = vec![0u8; 65535];
     loop {
-        let n = sock.recv(&mut buf).await?;
-        // Only the reply to this query (same id) counts.
-        if n >= 2 && buf[..2] == query[..2] {
-            buf.truncate(n);
-            return Ok(buf);
+        sock.readable().await?;
+        match take_reply(&sock, query) {
+            Ok(Some(reply)) => return Ok(reply),
+            Ok(None) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
         }
     }
+}
+
+/// One datagram off `sock`: the reply to `query` (same id), or None for another one.
+fn take_reply(sock: &UdpSocket, query: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    let mut buf = [0u8; 65535];
+    let n = sock.try_recv(&mut buf)?;
+    Ok((n >= 2 && buf[..2] == query[..2]).then(|| buf[..n].to_vec()))
 }
 
 fn encode(m: Message) -> Vec<u8> {
@@ -399,71 +455,4 @@ fn error_reply(id: u16, rcode: ResponseCode) -> Vec<u8> {
         .set_message_type(MessageType::Response)
         .set_response_code(rcode);
     m.to_vec().unwrap_or_default()
-}
-
-/// Answers UDP queries on `sock` until the task is dropped; each query is its own task only
-/// when it must be forwarded.
-pub async fn serve_udp(sock: Arc<UdpSocket>, h: Arc<Handler>) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 65535];
-    loop {
-        let (n, peer) = sock.recv_from(&mut buf).await?;
-        let t0 = Instant::now();
-        match h.respond(&buf[..n], true) {
-            Reply::Message(m) => {
-                h.stats.replied(&m, t0.elapsed());
-                let _ = sock.send_to(&m, peer).await;
-            }
-            Reply::Forward(name, t) => {
-                let (sock, h, q) = (sock.clone(), h.clone(), buf[..n].to_vec());
-                tokio::spawn(async move {
-                    let m = h.forward(&q, name, t).await;
-                    h.stats.replied(&m, t0.elapsed());
-                    let _ = sock.send_to(&m, peer).await;
-                });
-            }
-            Reply::Chase(c) => {
-                let (sock, h) = (sock.clone(), h.clone());
-                tokio::spawn(async move {
-                    let m = h.chase(*c).await;
-                    h.stats.replied(&m, t0.elapsed());
-                    let _ = sock.send_to(&m, peer).await;
-                });
-            }
-            Reply::Drop => {}
-        }
-    }
-}
-
-/// Answers TCP connections on `listener` (2-byte length-prefixed messages, several per
-/// connection) until the task is dropped.
-pub async fn serve_tcp(listener: TcpListener, h: Arc<Handler>) -> std::io::Result<()> {
-    loop {
-        let (conn, _) = listener.accept().await?;
-        let h = h.clone();
-        tokio::spawn(async move {
-            let _ = tcp_connection(conn, h).await;
-        });
-    }
-}
-
-async fn tcp_connection(mut conn: TcpStream, h: Arc<Handler>) -> std::io::Result<()> {
-    // An idle connection is closed after this long (RFC 7766 leaves it to the server).
-    let idle = Duration::from_secs(10);
-    loop {
-        let mut len = [0u8; 2];
-        match tokio::time::timeout(idle, conn.read_exact(&mut len)).await {
-            Ok(Ok(_)) => {}
-            _ => return Ok(()),
-        }
-        let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
-        conn.read_exact(&mut q).await?;
-        let t0 = Instant::now();
-        if let Some(m) = h.reply_to(&q, false).await {
-            h.stats.replied(&m, t0.elapsed());
-            let mut out = Vec::with_capacity(m.len() + 2);
-            out.extend_from_slice(&(m.len() as u16).to_be_bytes());
-            out.extend_from_slice(&m);
-            conn.write_all(&out).await?;
-        }
-    }
 }

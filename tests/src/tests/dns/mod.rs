@@ -13,6 +13,8 @@ use std::{
 use crate::weir_bin;
 use weir_testkit::{tag, Netns, Node, NodeExt, Proc, RunDir};
 
+mod hostile;
+
 const DNS: &str = "198.18.0.53";
 const UPSTREAM: &str = "198.18.0.54";
 const STUB: &str = "198.18.0.56";
