@@ -326,3 +326,47 @@ fn adoption_removes_a_backend_no_slot_points_at() {
     assert!(!maps.state.backends.contains_key(&99));
     assert_eq!(maps.state.backends.len(), 1);
 }
+
+/// Ids run up to `u32::MAX` and then start again from 1, skipping the ones still in use: a
+/// long-running agent never hands out an id a live backend or service holds.
+#[test]
+fn ids_past_the_largest_start_again_on_free_ones_only() {
+    let mut maps = FakeMaps::default();
+    let mut p = Programmer::adopt(&maps).unwrap();
+    let web = fe("198.19.0.10", 80, PROTO_TCP);
+    let two = spec(&["198.18.1.2:8080", "198.18.1.3:8080"]);
+    let st = p.apply(&Desired::from([(web, two.clone())]), &mut maps);
+    assert!(st.errors.is_empty(), "{:?}", st.errors);
+    // As a long-running agent may leave them: backend 2 and the service at the last id.
+    let be = maps.state.backends.remove(&2).unwrap();
+    maps.state.backends.insert(u32::MAX, be);
+    for v in maps.state.svc.values_mut() {
+        if v.backend_id == 2 {
+            v.backend_id = u32::MAX;
+        }
+        v.svc_id = u32::MAX;
+    }
+    let mut p = Programmer::adopt(&maps).unwrap();
+    let api = fe("198.19.0.11", 80, PROTO_TCP);
+    let d = Desired::from([
+        (
+            web,
+            spec(&["198.18.1.2:8080", "198.18.1.3:8080", "198.18.1.4:8080"]),
+        ),
+        (api, spec(&["198.18.1.5:8080"])),
+    ]);
+    let st = p.apply(&d, &mut maps);
+    assert!(st.errors.is_empty(), "{:?}", st.errors);
+    let ids: Vec<u32> = maps.state.backends.keys().copied().collect();
+    // 1 and u32::MAX live; the new ones from 2 on.
+    assert_eq!(ids, [1, 2, 3, u32::MAX]);
+    let svc_ids: std::collections::BTreeSet<u32> = maps
+        .state
+        .svc
+        .iter()
+        .filter(|(k, _)| k.4 == 0)
+        .map(|(_, v)| v.svc_id)
+        .collect();
+    assert_eq!(svc_ids, [1, u32::MAX].into(), "one id per service");
+    assert!(maps.violations.is_empty(), "{:?}", maps.violations);
+}

@@ -142,11 +142,50 @@ pub struct Programmer {
     /// Backends found in the maps that no slot points at (a previous run stopped between
     /// writing a backend and its slot): removed on the next clean pass.
     orphans: BTreeSet<u32>,
-    next_backend_id: u32,
-    next_svc_id: u32,
+    /// The next backend and service ids to hand out (see [`Ids`]).
+    backend_ids_next: Ids,
+    svc_ids_next: Ids,
     /// UDP backends released since the last `take_udp_backends_gone`, as (frontend, backend):
     /// sockets the hooks connected to them through that frontend are aborted (`sockterm`).
     udp_gone: Vec<(SocketAddr, SocketAddr)>,
+}
+
+/// Hands out ids upwards from 1. Past `u32::MAX` it starts again at 1 and skips the ids still
+/// in use: an id comes back only after every other one was handed out (the conntrack and
+/// affinity entries that named it are long gone by then), and never onto a live one. Until the
+/// first wrap every id from `next` on is free, and nothing is looked up.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ids {
+    next: u32,
+    wrapped: bool,
+}
+
+impl Ids {
+    /// Notes an id found in use (adoption): the next ones come after it.
+    fn past(&mut self, id: u32) {
+        if id == u32::MAX {
+            self.next = 1;
+            self.wrapped = true;
+        } else if !self.wrapped {
+            self.next = self.next.max(id + 1);
+        }
+    }
+
+    /// The next id that `taken` does not hold.
+    fn take(&mut self, taken: impl Fn(u32) -> bool) -> u32 {
+        loop {
+            let id = self.next.max(1);
+            if id == u32::MAX {
+                self.next = 1;
+                self.wrapped = true;
+            } else {
+                self.next = id + 1;
+            }
+            if !self.wrapped || !taken(id) {
+                return id;
+            }
+        }
+    }
 }
 
 impl Programmer {
@@ -155,13 +194,11 @@ impl Programmer {
     pub fn adopt(writer: &dyn MapWriter) -> Result<Self, WriteError> {
         let dump = writer.dump()?;
         let mut p = Programmer {
-            next_backend_id: 1,
-            next_svc_id: 1,
             vipnet: dump.vipnet.clone(),
             ..Default::default()
         };
         for id in dump.backends.keys() {
-            p.next_backend_id = p.next_backend_id.max(id + 1);
+            p.backend_ids_next.past(*id);
         }
         let mut referenced = BTreeSet::new();
         for (k, v) in dump.svc.iter().filter(|(k, _)| k.4 == 0) {
@@ -183,7 +220,7 @@ impl Programmer {
                     referenced.insert(*id);
                 }
             }
-            p.next_svc_id = p.next_svc_id.max(v.svc_id + 1);
+            p.svc_ids_next.past(v.svc_id);
             p.services.insert(
                 fe,
                 Programmed {
@@ -461,7 +498,10 @@ impl Programmer {
         if let Some(id) = self.backend_ids.get(&key) {
             return Ok(*id);
         }
-        let id = self.next_backend_id.max(1);
+        let (keys, orphans) = (&self.backend_keys, &self.orphans);
+        let id = self
+            .backend_ids_next
+            .take(|id| keys.contains_key(&id) || orphans.contains(&id));
         let be = Backend {
             addr: to_addr(sa.ip()),
             port: sa.port().to_be(),
@@ -469,7 +509,6 @@ impl Programmer {
             flags: 0,
         };
         w.put_backend(id, &be)?;
-        self.next_backend_id = id + 1;
         self.backend_ids.insert(key, id);
         self.backend_keys.insert(id, key);
         st.backends_added += 1;
@@ -521,9 +560,9 @@ impl Programmer {
         });
         if !unchanged {
             let svc_id = old.as_ref().map(|o| o.svc_id).unwrap_or_else(|| {
-                let id = self.next_svc_id.max(1);
-                self.next_svc_id = id + 1;
-                id
+                let services = &self.services;
+                self.svc_ids_next
+                    .take(|id| services.values().any(|p| p.svc_id == id))
             });
             let old_slots = old.as_ref().map(|o| o.slots.clone()).unwrap_or_default();
             let res = write_service(fe, svc_id, flags, timeout, &slots, &names, &old, w);

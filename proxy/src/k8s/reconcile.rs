@@ -51,6 +51,7 @@ pub fn program_objects(
 ) -> Synced {
     let started = Instant::now();
     let m = model::build(objs, node);
+    let unread = problems.clone();
     problems.extend(m.problems.iter().cloned());
     log_model(&problems, &m.skipped);
     let applying = Instant::now();
@@ -75,8 +76,10 @@ pub fn program_objects(
         .iter()
         .map(|s| (s.service.clone(), s.reason.clone()))
         .collect();
+    let mut reports = m.reports(&st.failed());
+    model::add_unread(&mut reports, &unread);
     Synced {
-        reports: m.reports(&st.failed()),
+        reports,
         frontends: m.desired.len(),
         health_checks: m.health_checks.clone(),
         claims: m.claims,
@@ -178,6 +181,12 @@ impl Reconciler {
             .unwrap_or_default()
     }
 
+    /// How many Services the incremental state keeps problems for (none until the first full
+    /// sync): only those that have some, so that it does not grow with every Service seen.
+    pub fn services_with_problems(&self) -> usize {
+        self.incremental.as_ref().map_or(0, |i| i.problems.len())
+    }
+
     /// One sync of what the watches changed since the last; call once every kind is listed.
     /// Returns how many Services were rebuilt alone, or None for a full sync.
     pub fn step(
@@ -256,7 +265,12 @@ impl Reconciler {
             for s in &m.skipped {
                 inc.skipped.insert(s.service.clone(), s.reason.clone());
             }
-            inc.problems.insert(svc.clone(), m.problems.len());
+            // Only Services with problems are kept: a deleted one leaves nothing behind.
+            if m.problems.is_empty() {
+                inc.problems.remove(svc);
+            } else {
+                inc.problems.insert(svc.clone(), m.problems.len());
+            }
             inc.health_checks.retain(|_, (s, _)| s != svc);
             inc.health_checks.extend(m.health_checks.clone());
             inc.reports.remove(svc);

@@ -49,6 +49,8 @@ pub struct Progress {
     pub events: AtomicU64,
     /// What changed since the last [`KubeSource::take_dirty`].
     dirty: std::sync::Mutex<Dirty>,
+    /// What the model read of the Node when it last changed (None: not seen since a relist).
+    node_view: std::sync::Mutex<Option<u64>>,
 }
 
 /// What the watches changed: some Services (`namespace/name`, for a Service or one of its
@@ -64,20 +66,40 @@ pub struct Dirty {
 enum Touch {
     /// This Service (`namespace/name`).
     Service(String),
-    /// Everything (the Node: its pod CIDRs and zone; a relist of a kind the data path reads).
+    /// Everything (a relist of a kind the data path reads).
     All,
+    /// This node's Node deleted: everything, and the next one is new whatever it holds.
+    NodeGone,
+    /// This node's Node, with what the model reads of it (`model::node_view`):
+    /// everything when that changed, nothing otherwise.
+    Node(u64),
     /// Nothing: a Pod, or a relist of Pods, which only cluster DNS reads.
     Nothing,
 }
 
 impl Progress {
     fn mark(&self, touch: Touch) {
+        let touch = match touch {
+            Touch::Node(view) => {
+                let mut seen = self.node_view.lock().unwrap_or_else(|p| p.into_inner());
+                if seen.replace(view) == Some(view) {
+                    Touch::Nothing
+                } else {
+                    Touch::All
+                }
+            }
+            Touch::NodeGone => {
+                self.forget_node();
+                Touch::All
+            }
+            t => t,
+        };
         let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
         match touch {
             Touch::Service(k) if !d.all => {
                 d.services.insert(k);
             }
-            Touch::Service(_) | Touch::Nothing => {}
+            Touch::Service(_) | Touch::Nothing | Touch::Node(_) | Touch::NodeGone => {}
             Touch::All => {
                 d.all = true;
                 d.services.clear();
@@ -87,6 +109,19 @@ impl Progress {
 }
 
 impl Progress {
+    /// Forgets what the model read of the Node: the next Node event counts as a change.
+    fn forget_node(&self) {
+        *self.node_view.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Notes an object of a relist without marking anything (the relist's end marks it all):
+    /// what the model reads of the Node, so that its next heartbeat is no change.
+    fn note(&self, touch: Touch) {
+        if let Touch::Node(view) = touch {
+            *self.node_view.lock().unwrap_or_else(|p| p.into_inner()) = Some(view);
+        }
+    }
+
     /// Whether every kind has been listed once.
     pub fn synced(&self) -> bool {
         self.listed.iter().all(|l| l.load(Ordering::Acquire))
@@ -137,7 +172,7 @@ impl KubeSource {
             Some(s) => watcher::Config::default().labels(s),
             None => watcher::Config::default(),
         };
-        let svc_key = |s: Option<&Service>| match s {
+        let svc_key = |s: Option<&Service>, _| match s {
             Some(s) => Touch::Service(key(&s.metadata, s.metadata.name.as_deref())),
             None => Touch::All,
         };
@@ -159,7 +194,9 @@ impl KubeSource {
             w,
             1,
             &progress,
-            |s: Option<&EndpointSlice>| s.map_or(Touch::All, |s| Touch::Service(slice_service(s))),
+            |s: Option<&EndpointSlice>, _| {
+                s.map_or(Touch::All, |s| Touch::Service(slice_service(s)))
+            },
             move |ev| index.event(ev),
         );
         let (nodes, w) = reflector::store();
@@ -172,7 +209,11 @@ impl KubeSource {
                     w,
                     2,
                     &progress,
-                    |_: Option<&Node>| Touch::All,
+                    |n: Option<&Node>, deleted| match n {
+                        Some(n) if !deleted => Touch::Node(crate::model::node_view(n)),
+                        Some(_) => Touch::NodeGone,
+                        None => Touch::All,
+                    },
                     |_| {},
                 );
             }
@@ -192,7 +233,7 @@ impl KubeSource {
                 w,
                 3,
                 &progress,
-                |_: Option<&Pod>| Touch::Nothing,
+                |_: Option<&Pod>, _| Touch::Nothing,
                 |_| {},
             );
             Some(store)
@@ -276,7 +317,7 @@ fn spawn_watch<K>(
     writer: reflector::store::Writer<K>,
     slot: usize,
     progress: &Arc<Progress>,
-    touches: fn(Option<&K>) -> Touch,
+    touches: fn(Option<&K>, bool) -> Touch,
     on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
 ) where
     K: Resource + Strip + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
@@ -296,15 +337,26 @@ fn spawn_watch<K>(
             match ev {
                 Ok(watcher::Event::InitDone) => {
                     // A (re)list: objects may have gone without an event.
-                    progress.mark(touches(None));
+                    progress.mark(touches(None, false));
                     if !progress.listed[slot].swap(true, Ordering::AcqRel) {
                         info!(kind = %kind, "listed");
                     }
                     progress.changed.notify_one();
                 }
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
-                    progress.mark(touches(Some(&o)));
+                Ok(watcher::Event::Init) => {
+                    // A relist starts: the Node it brings (or not) is new, whatever it holds.
+                    if kind == "Node" {
+                        progress.forget_node();
+                    }
+                }
+                Ok(watcher::Event::InitApply(o)) => progress.note(touches(Some(&o), false)),
+                Ok(ev @ (watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
+                    let (o, deleted) = match &ev {
+                        watcher::Event::Delete(o) => (o, true),
+                        watcher::Event::Apply(o) => (o, false),
+                        _ => continue,
+                    };
+                    progress.mark(touches(Some(o), deleted));
                     progress.events.fetch_add(1, Ordering::Relaxed);
                     progress.changed.notify_one();
                 }

@@ -20,11 +20,11 @@ mod report;
 
 pub use claims::{rank_of, ByService, Claims, Rank};
 pub use desired::{proto_name, Desired, Frontend, ServiceSpec};
-pub use node::{node_eligible, pod_cidrs, NodeContext};
+pub use node::{model_view as node_view, node_eligible, pod_cidrs, NodeContext};
 pub use objects::{
     parse_stream, parse_yaml, Objects, HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL,
 };
-pub use report::{service_of, service_of_port, Problem, ServiceReport, Skipped};
+pub use report::{add_unread, service_of, service_of_port, Problem, ServiceReport, Skipped};
 
 use endpoints::{categorize, endpoints_for};
 use objects::labelled;

@@ -1,6 +1,11 @@
 //! This node as the model sees it: its name, zone and primary addresses, its podCIDRs, and
 //! whether it may take traffic.
-use std::net::IpAddr;
+use std::{
+    hash::{Hash, Hasher},
+    net::IpAddr,
+};
+
+use k8s_openapi::api::core::v1::Node;
 
 use super::Objects;
 
@@ -97,4 +102,36 @@ pub fn node_eligible(objs: &Objects, node: &str) -> bool {
         .and_then(|s| s.taints.as_ref())
         .is_some_and(|t| t.iter().any(|t| t.key == AUTOSCALER_DELETE_TAINT));
     n.metadata.deletion_timestamp.is_none() && !tainted
+}
+
+/// What the model reads of a Node (`NodeContext::of`, `pod_cidrs`, `node_eligible`: its name,
+/// zone label, addresses, pod CIDRs, taints and deletion), as one value. A Node event that
+/// leaves it equal changes nothing programmed: the kubelet's status updates (conditions,
+/// heartbeats, capacity, images) are most Node events, and need no resync.
+pub fn model_view(node: &Node) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    node.metadata.name.hash(&mut h);
+    node.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(ZONE_LABEL))
+        .hash(&mut h);
+    node.metadata.deletion_timestamp.is_some().hash(&mut h);
+    if let Some(spec) = &node.spec {
+        spec.pod_cidr.hash(&mut h);
+        spec.pod_cidrs.hash(&mut h);
+        for t in spec.taints.iter().flatten() {
+            (&t.key, &t.effect, &t.value).hash(&mut h);
+        }
+    }
+    for a in node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        (&a.type_, &a.address).hash(&mut h);
+    }
+    h.finish()
 }

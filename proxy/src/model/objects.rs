@@ -67,25 +67,55 @@ pub fn parse_stream(text: &str) -> Result<(Objects, Vec<Problem>), Problem> {
                 })
             }
         };
-        let kind = serde_yaml::from_value::<Kind>(value.clone())
-            .ok()
-            .and_then(|k| k.kind);
+        // Read from the document in place (no copy of it): its kind, then the object.
+        let kind = Kind::deserialize(&value).ok().and_then(|k| k.kind);
         let res = match kind.as_deref() {
             Some("Service") => {
-                serde_yaml::from_value::<Service>(value).map(|s| objs.services.push(Arc::new(s)))
+                Service::deserialize(&value).map(|s| objs.services.push(Arc::new(s)))
             }
-            Some("EndpointSlice") => serde_yaml::from_value::<EndpointSlice>(value)
-                .map(|s| objs.slices.push(Arc::new(s))),
-            Some("Node") => serde_yaml::from_value(value).map(|n| objs.nodes.push(Arc::new(n))),
-            Some("Pod") => serde_yaml::from_value(value).map(|p| objs.pods.push(Arc::new(p))),
+            Some("EndpointSlice") => {
+                EndpointSlice::deserialize(&value).map(|s| objs.slices.push(Arc::new(s)))
+            }
+            Some("Node") => k8s_openapi::api::core::v1::Node::deserialize(&value)
+                .map(|n| objs.nodes.push(Arc::new(n))),
+            Some("Pod") => k8s_openapi::api::core::v1::Pod::deserialize(&value)
+                .map(|p| objs.pods.push(Arc::new(p))),
             _ => Ok(()),
         };
         if let Err(e) = res {
             problems.push(Problem {
-                object: format!("document {} ({})", i + 1, kind.unwrap_or_default()),
-                message: e.to_string(),
+                object: named(&value, kind.as_deref()).unwrap_or_else(|| {
+                    format!("document {} ({})", i + 1, kind.unwrap_or_default())
+                }),
+                message: format!("document {}: {e}", i + 1),
             });
         }
     }
     Ok((objs, problems))
+}
+
+/// The name a problem gives an object that did not deserialize, read from its metadata where
+/// that can be read: `Service ns/name`, `EndpointSlice ns/name of Service ns/svc`,
+/// `Node name` (the forms `service_of` reads a problem's Service from).
+fn named(doc: &serde_yaml::Value, kind: Option<&str>) -> Option<String> {
+    let meta = doc.get("metadata")?;
+    let name = meta.get("name")?.as_str()?;
+    let ns = meta
+        .get("namespace")
+        .and_then(serde_yaml::Value::as_str)
+        .unwrap_or("default");
+    match kind? {
+        "Node" => Some(format!("Node {name}")),
+        "EndpointSlice" => {
+            let svc = meta
+                .get("labels")
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .and_then(serde_yaml::Value::as_str);
+            Some(match svc {
+                Some(svc) => format!("EndpointSlice {ns}/{name} of Service {ns}/{svc}"),
+                None => format!("EndpointSlice {ns}/{name}"),
+            })
+        }
+        k => Some(format!("{k} {ns}/{name}")),
+    }
 }

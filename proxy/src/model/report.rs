@@ -87,6 +87,34 @@ impl Model {
     }
 }
 
+/// Adds the objects of the source that could not be read (`parse_stream`'s problems) to the
+/// reports: to their Service's report where they name one (a Service not read is not
+/// programmed; one whose slice was not read is only partly), else as a report of their own,
+/// `not read`, under the object's name.
+pub fn add_unread(reports: &mut Vec<ServiceReport>, unread: &[Problem]) {
+    for p in unread {
+        let (key, own) = match service_of(&p.object) {
+            Some(s) => (s.to_string(), false),
+            None => (p.object.clone(), true),
+        };
+        match reports.iter_mut().find(|r| r.service == key) {
+            Some(r) => {
+                r.problems.push(p.to_string());
+                if r.state == "programmed" {
+                    r.state = "partly programmed".into();
+                }
+            }
+            None => reports.push(ServiceReport {
+                service: key,
+                state: if own { "not read" } else { "not programmed" }.into(),
+                frontends: Vec::new(),
+                problems: vec![p.to_string()],
+            }),
+        }
+    }
+    reports.sort_by(|a, b| a.service.cmp(&b.service));
+}
+
 /// The Service (`namespace/name`) of a service port name (`namespace/name:port`).
 pub fn service_of_port(name: &str) -> &str {
     name.rsplit_once(':').map_or(name, |(s, _)| s)

@@ -719,11 +719,47 @@ fn a_shared_frontend_passes_to_the_next_claimant() {
 }
 
 #[test]
-fn unparsable_document_is_a_problem() {
-    let (objs, problems) = parse_yaml("kind: Service\nmetadata: {name: x}\nspec: {ports: oops}\n");
-    assert!(objs.services.is_empty());
-    assert_eq!(problems.len(), 1);
-    assert!(problems[0].object.contains("Service"), "{:?}", problems[0]);
+fn unparsable_document_is_a_problem_named_from_its_metadata() {
+    let (objs, problems) = parse_yaml(
+        "kind: Service\nmetadata: {name: x}\nspec: {ports: oops}\n\
+         ---\nkind: EndpointSlice\nmetadata: {name: x-1, namespace: demo, labels: {kubernetes.io/service-name: x}}\n\
+         addressType: IPv4\nendpoints: oops\n\
+         ---\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDRs: oops}\n\
+         ---\nkind: Service\nmetadata: oops\n\
+         ---\nkind: Service\nmetadata: {name: ok, namespace: demo}\nspec: {clusterIP: 198.19.0.9, ports: [{port: 80}]}\n",
+    );
+    assert_eq!(objs.services.len(), 1, "the readable one");
+    let named: Vec<&str> = problems.iter().map(|p| p.object.as_str()).collect();
+    assert_eq!(
+        named,
+        [
+            "Service default/x",
+            "EndpointSlice demo/x-1 of Service demo/x",
+            "Node n1",
+            "document 4 (Service)"
+        ]
+    );
+    assert!(
+        problems[0].message.starts_with("document 1: "),
+        "{:?}",
+        problems[0]
+    );
+    // Shown with their Service (not programmed), or alone.
+    let mut reports = vec![];
+    crate::model::add_unread(&mut reports, &problems);
+    let states: Vec<(&str, &str)> = reports
+        .iter()
+        .map(|r| (r.service.as_str(), r.state.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("Node n1", "not read"),
+            ("default/x", "not programmed"),
+            ("demo/x", "not programmed"),
+            ("document 4 (Service)", "not read")
+        ]
+    );
 }
 
 #[test]

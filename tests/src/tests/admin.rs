@@ -36,7 +36,8 @@ fn health_and_metrics_are_served_as_kube_proxy_serves_them() {
         ),
         1,
     ) + "---\napiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: demo}\n\
-         spec: {type: ExternalName, externalName: example.org}\n";
+         spec: {type: ExternalName, externalName: example.org}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {name: broken, namespace: demo}\nspec: {ports: oops}\n";
     let text = text.replacen(
         "spec:\n  podCIDR: 198.18.1.0/24\n",
         "spec:\n  taints: [{key: ToBeDeletedByClusterAutoscaler, effect: NoSchedule}]\n  podCIDR: 198.18.1.0/24\n",
@@ -67,6 +68,15 @@ fn health_and_metrics_are_served_as_kube_proxy_serves_them() {
     assert_eq!(
         (ext.state.as_str(), ext.problems.as_slice()),
         ("not programmed", ["ExternalName".to_string()].as_slice())
+    );
+    // A document that does not read is named from its metadata, with its Service.
+    let broken = by.iter().find(|r| r.service == "demo/broken").unwrap();
+    assert_eq!(broken.state, "not programmed");
+    assert!(
+        broken.problems.len() == 1
+            && broken.problems[0].starts_with("Service demo/broken: document "),
+        "{:?}",
+        broken.problems
     );
     let echo = by.iter().find(|r| r.service == "demo/echo").unwrap();
     assert_eq!(

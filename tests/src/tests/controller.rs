@@ -503,3 +503,81 @@ async fn pods_are_watched_for_verified_dns_stripped_and_rebuild_no_service() {
         &a.steps[steps..]
     );
 }
+
+/// The kubelet's status updates of the Node (conditions, heartbeats, capacity) change nothing
+/// the model reads: no full resync. A change of its pod CIDRs, zone or addresses is one.
+#[tokio::test]
+async fn a_node_heartbeat_is_no_resync_and_a_pod_cidr_change_is() {
+    let api = base();
+    let mut a = Agent::start(&api);
+    a.until("initial list", |a| {
+        programmed(&a.maps).get("198.19.0.10:80") == Some(&2)
+    })
+    .await;
+    let events = |a: &Agent| {
+        a.source
+            .progress
+            .events
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    for beat in 0..3 {
+        let (steps, seen) = (a.steps.len(), events(&a));
+        let mut n = node();
+        n["status"] = json!({
+            "conditions": [{"type": "Ready", "status": "True",
+                            "lastHeartbeatTime": format!("2026-12-07T00:00:0{beat}Z")}],
+            "capacity": {"cpu": "2", "memory": format!("{}Ki", 1000 + beat)}});
+        api.apply(NODES, n);
+        a.until("heartbeat seen", |a| events(a) > seen).await;
+        // One more step: whatever the heartbeat marked is taken by now.
+        a.until("a step after it", |_| true).await;
+        assert!(
+            a.steps[steps..].iter().all(|s| *s == Some(0)),
+            "heartbeat {beat}: {:?}",
+            &a.steps[steps..]
+        );
+    }
+    let steps = a.steps.len();
+    let mut n = node();
+    n["spec"]["podCIDRs"] = json!(["198.18.2.0/24"]);
+    api.apply(NODES, n);
+    a.until("the pod CIDR change resynced", |a| {
+        a.steps[steps..].iter().any(Option::is_none)
+    })
+    .await;
+}
+
+/// The incremental state keeps problems only for Services that have some: Services created
+/// and deleted leave nothing behind, and a problem fixed is forgotten.
+#[tokio::test]
+async fn deleted_and_fixed_services_leave_no_problem_entries() {
+    let api = base();
+    let mut a = Agent::start(&api);
+    a.until("initial list", |a| {
+        programmed(&a.maps).get("198.19.0.10:80") == Some(&2)
+    })
+    .await;
+    for i in 0..20 {
+        api.apply(
+            SERVICES,
+            service(&format!("tmp-{i}"), &format!("198.19.1.{i}")),
+        );
+    }
+    a.until("20 more services", |a| programmed(&a.maps).len() == 21)
+        .await;
+    for i in 0..20 {
+        api.delete(SERVICES, &format!("demo/tmp-{i}"), true);
+    }
+    a.until("deleted again", |a| programmed(&a.maps).len() == 1)
+        .await;
+    assert_eq!(a.sync.services_with_problems(), 0);
+    // A problem (an externalIP that is no address), then fixed.
+    let mut bad = service("bad", "198.19.2.1");
+    bad["spec"]["externalIPs"] = json!(["nope"]);
+    api.apply(SERVICES, bad);
+    a.until("the bad service", |a| a.sync.services_with_problems() == 1)
+        .await;
+    api.apply(SERVICES, service("bad", "198.19.2.1"));
+    a.until("fixed", |a| a.sync.services_with_problems() == 0)
+        .await;
+}
