@@ -69,6 +69,98 @@ enum Cmd {
     },
     /// cargo fmt --check and cargo clippy -D warnings.
     Lint,
+    /// Fuzz what weir parses from outside (DNS messages, source YAML and the model built from
+    /// it, CNI configurations and environments, the agent's socket requests) with cargo-fuzz
+    /// (libFuzzer, nightly, AddressSanitizer); installs cargo-fuzz and nightly when missing.
+    /// Each target runs for the time given; its corpus stays in fuzz/corpus/TARGET, a crash in
+    /// fuzz/artifacts/TARGET (the command fails then).
+    #[command(after_help = "Examples:\n  \
+        cargo xtask fuzz                         # every target, 60 s each\n  \
+        cargo xtask fuzz dns_message --seconds 600\n  \
+        cargo xtask fuzz --list\n\n\
+        Targets: dns_message, source_yaml, cni_config, cni_env, agent_request.")]
+    Fuzz {
+        /// One target (default: all of them, one after the other).
+        target: Option<String>,
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// List the targets and stop.
+        #[arg(long)]
+        list: bool,
+    },
+}
+
+/// The fuzz targets (`fuzz/fuzz_targets/NAME.rs`).
+const FUZZ_TARGETS: [&str; 5] = [
+    "dns_message",
+    "source_yaml",
+    "cni_config",
+    "cni_env",
+    "agent_request",
+];
+
+/// `cargo xtask fuzz`: cargo-fuzz and nightly installed when missing, then each target for
+/// `seconds`.
+fn fuzz(target: Option<String>, seconds: u64) -> Result<()> {
+    let targets: Vec<&str> = match &target {
+        Some(t) if FUZZ_TARGETS.contains(&t.as_str()) => vec![t.as_str()],
+        Some(t) => bail!("no fuzz target {t:?}: {}", FUZZ_TARGETS.join(", ")),
+        None => FUZZ_TARGETS.to_vec(),
+    };
+    let has = |args: &[&str]| {
+        Command::new("rustup")
+            .args(args)
+            .output()
+            .map(|o| o.status.success() && !o.stdout.is_empty())
+            .unwrap_or(false)
+    };
+    if !has(&["run", "nightly", "rustc", "--version"]) {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let fuzz_ok = cargo()
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !fuzz_ok {
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let dir = root().join("fuzz");
+    for (i, t) in targets.iter().enumerate() {
+        eprintln!(
+            "xtask: fuzz target {}/{}: {t}, {seconds} s",
+            i + 1,
+            targets.len()
+        );
+        // The corpus grows in fuzz/corpus/TARGET; fuzz/seeds/TARGET (in the repository) starts
+        // it with real inputs (the sandbox's services, DNS queries, a CNI configuration).
+        let corpus = dir.join("corpus").join(t);
+        std::fs::create_dir_all(&corpus)?;
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&dir)
+            .args(["+nightly", "fuzz", "run", t])
+            .arg(&corpus);
+        let seeds = dir.join("seeds").join(t);
+        if seeds.is_dir() {
+            cmd.arg(&seeds);
+        }
+        run(cmd
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-max_len=8192")
+            .args(["-rss_limit_mb=4096", "-print_final_stats=1"])
+            // The model needs no eBPF object: the fuzz build skips it.
+            .env("AYA_BUILD_SKIP", "1"))
+        .with_context(|| format!("fuzz target {t}: see fuzz/artifacts/{t} for the input"))?;
+    }
+    Ok(())
 }
 
 fn root() -> PathBuf {
@@ -238,6 +330,19 @@ fn main() -> Result<()> {
         Cmd::Build => {
             setup()?;
             build_release().map(|_| ())
+        }
+        Cmd::Fuzz {
+            target,
+            seconds,
+            list,
+        } => {
+            if list {
+                for t in FUZZ_TARGETS {
+                    println!("{t}");
+                }
+                return Ok(());
+            }
+            fuzz(target, seconds)
         }
         Cmd::Lint => {
             setup()?;

@@ -173,3 +173,57 @@ fn a_netns_that_is_no_pods_is_refused_by_name() {
     // A pod's namespace still works.
     b.add(p, &b.conf("1.1.0"));
 }
+
+/// weir-cni killed (SIGKILL) at any point of an ADD, as a runtime's timeout or an OOM kill
+/// does: the DEL the runtime then sends removes whatever that ADD had made (link, addresses,
+/// routes), and nothing of a running pod. The kills land from before the configuration is read
+/// to after the reply, 40 points 0.5 ms apart.
+#[test]
+#[ignore = "needs root: run with cargo xtask test"]
+fn an_add_killed_at_any_point_is_undone_by_its_del() {
+    use std::io::Write;
+    let mut b = Bed::new();
+    let (keep, p) = (b.pod("keep"), b.pod("p"));
+    let conf = b.conf("1.1.0");
+    b.add(keep, &conf);
+    let (kept, kept_links, routes) = (owners(&b), b.node_links(), b.node_routes());
+    let mut mid_add = 0;
+    for i in 0..40u64 {
+        let mut cmd = b.node.ns.command(cni_bin()).unwrap();
+        cmd.env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", b.cid(p))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_NETNS", b.netns(p))
+            .env("CNI_PATH", cni_bin().parent().unwrap())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let _ = child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes());
+        std::thread::sleep(std::time::Duration::from_micros(i * 500));
+        if child.try_wait().unwrap().is_none() {
+            mid_add += 1;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let o = b.call("DEL", &b.cid(p), Some(&b.netns(p)), &conf);
+        assert!(o.ok, "kill {i}: DEL failed: {} {}", o.json, o.stderr);
+        assert_eq!(owners(&b), kept, "kill {i}: addresses");
+        assert_eq!(b.node_links(), kept_links, "kill {i}: links");
+        assert_eq!(b.node_routes(), routes, "kill {i}: routes");
+        let pod_links = b.pods[p].ip_output(&["-o", "link", "show"]).unwrap();
+        assert_eq!(
+            pod_links.lines().count(),
+            1,
+            "kill {i}: in the pod: {pod_links}"
+        );
+    }
+    assert!(mid_add >= 5, "only {mid_add} kills landed during an ADD");
+    // Nothing was leaked: the pod gets its network, and the running pod kept its own.
+    b.add(p, &conf);
+    assert!(owners(&b).is_superset(&kept));
+}
