@@ -17,7 +17,7 @@ use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, ResponseCode},
     rr::{LowerName, Name, RData, RecordType},
 };
-use tokio::net::UdpSocket;
+use tokio::{io::Interest, net::UdpSocket};
 
 use crate::{
     stats::Stats,
@@ -426,7 +426,13 @@ async fn relay(up: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
     sock.connect(up).await?;
     sock.send(query).await?;
     loop {
-        sock.readable().await?;
+        // An upstream that is not there answers with an ICMP error, which the socket reports
+        // as an error, not as something to read: waited for too, so that a dead upstream costs
+        // no `UPSTREAM_TIMEOUT`.
+        sock.ready(Interest::READABLE | Interest::ERROR).await?;
+        if let Some(e) = sock.take_error()? {
+            return Err(e);
+        }
         match take_reply(&sock, query) {
             Ok(Some(reply)) => return Ok(reply),
             Ok(None) => {}

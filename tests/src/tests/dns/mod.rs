@@ -236,8 +236,16 @@ fn pods_resolve_cluster_names_over_real_sockets() {
         short(pod_ns, &["web.demo.svc.example.org", "A"]),
         ["198.19.7.7"]
     );
+    // An upstream that is gone answers with an ICMP error: SERVFAIL at once, not after the
+    // upstream timeout.
+    let t0 = Instant::now();
     let out = dig(pod_ns, &["never-asked.demo.svc.example.org", "A"]);
     assert!(out.contains("status: SERVFAIL"), "{out}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "SERVFAIL after {:?}",
+        t0.elapsed()
+    );
 
     // The C library's resolver, as a pod's: search path and ndots:5.
     let _resolv = ResolvConf::create(
