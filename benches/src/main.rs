@@ -4,6 +4,7 @@ mod cni;
 mod dns;
 mod dns_floods;
 mod kube_rules;
+mod memory;
 mod per_packet;
 mod programming;
 mod results;
@@ -15,11 +16,11 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(
     about = "weir's benchmarks; each rewrites its section of benches/RESULTS.md",
-    after_help = "Examples:\n  cargo xtask bench\n  cargo xtask bench -- per-packet\n  cargo xtask bench -- cni\n  cargo xtask bench -- programming --quick\n  cargo xtask bench -- dns\n  cargo xtask bench -- dns-floods\n  cargo xtask bench -- service-path --quick\n\nEach benchmark's section in RESULTS.md keeps its id (B1, B2, B5, B5F, B6, B8), which also works\nas its name here."
+    after_help = "Examples:\n  cargo xtask bench\n  cargo xtask bench -- per-packet\n  cargo xtask bench -- cni\n  cargo xtask bench -- programming --quick\n  cargo xtask bench -- dns\n  cargo xtask bench -- dns-floods\n  cargo xtask bench -- agent-memory\n  cargo xtask bench -- service-path --quick\n\nEach benchmark's section in RESULTS.md keeps its id (B1, B2, B2M, B5, B5F, B6, B8), which also works\nas its name here."
 )]
 struct Cli {
-    /// Which: per-packet (B8), cni (B6), programming (B2), dns (B5), dns-floods (B5F),
-    /// service-path (B1), or all.
+    /// Which: per-packet (B8), cni (B6), programming (B2), agent-memory (B2M), dns (B5),
+    /// dns-floods (B5F), service-path (B1), or all.
     #[arg(default_value = "all")]
     which: String,
     /// Fewer sizes and shorter runs (a smoke run; results are still written).
@@ -36,13 +37,18 @@ fn main() -> Result<()> {
     // a benchmark takes (`tag`) arranges for what this run made to be removed then.
     let weir = weir_testkit::weir_bin()?;
     let quick = cli.quick;
-    let benches: [Bench; 6] = [
+    let benches: [Bench; 7] = [
         ("per-packet", "B8", Box::new(|| per_packet::run(quick))),
         ("cni", "B6", Box::new(|| cni::run(&weir, quick))),
         (
             "programming",
             "B2",
             Box::new(|| programming::run(&weir, quick)),
+        ),
+        (
+            "agent-memory",
+            "B2M",
+            Box::new(|| memory::run(&weir, quick)),
         ),
         ("dns", "B5", Box::new(|| dns::run(&weir, quick))),
         (

@@ -42,7 +42,7 @@ use crate::{
 const ENDPOINTS: usize = 10;
 const CHANGES: usize = 100;
 
-fn services(n: usize) -> Vec<Svc> {
+pub(crate) fn services(n: usize) -> Vec<Svc> {
     (0..n)
         .map(|i| {
             let idx = (i % 65_534) as u32;
@@ -220,7 +220,7 @@ fn weir_through_api(svcs: &[Svc], dir: &Path) -> Result<ApiRun> {
 /// The agent's resident memory (kB: now, peak) after its first sync of `svcs`, read from a
 /// file (`kube` false) or from the Kubernetes API (the scripted one, over HTTP in the node's
 /// namespace; the agent keeps the objects in its watch caches).
-fn agent_rss(weir: &Path, svcs: &[Svc], dir: &Path, kube: bool) -> Result<(u64, u64)> {
+pub(crate) fn agent_rss(weir: &Path, svcs: &[Svc], dir: &Path, kube: bool) -> Result<(u64, u64)> {
     let t = format!("r{}", tag());
     let node = Node::create(&t)?;
     let bpffs = BpfMount::create(&dir.join(format!("bpffs-rss-{kube}")))?;

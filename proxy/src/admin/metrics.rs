@@ -175,20 +175,11 @@ impl Metrics {
     }
 
     /// The same for some slices only (an incremental sync): the others are left as seen.
-    pub fn observe_some(
-        &self,
-        slices: &[std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
-        now: SystemTime,
-    ) {
+    pub fn observe_some(&self, slices: &[std::sync::Arc<crate::model::Slice>], now: SystemTime) {
         self.observe(slices, now, false)
     }
 
-    fn observe(
-        &self,
-        slices: &[std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
-        now: SystemTime,
-        all: bool,
-    ) {
+    fn observe(&self, slices: &[std::sync::Arc<crate::model::Slice>], now: SystemTime, all: bool) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         observe_into(
             slices,
@@ -250,7 +241,7 @@ impl Metrics {
 /// `now`; trigger times from before `started` are not counted (they measure the agent's
 /// absence). `all`: `slices` are every slice (the others are forgotten).
 fn observe_into(
-    slices: &[std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
+    slices: &[std::sync::Arc<crate::model::Slice>],
     now: SystemTime,
     started: SystemTime,
     seen: &mut BTreeMap<String, String>,

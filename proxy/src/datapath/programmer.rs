@@ -44,8 +44,16 @@ struct Programmed {
 /// A backend id belongs to one frontend: when an endpoint leaves a service its id goes, even
 /// if the same pod still serves another service. The data path relies on that: session
 /// affinity and a socket's remembered backend are valid exactly while their id exists.
+/// The backend's address as an address and a port: a `SocketAddr` carries IPv6's flow
+/// information and scope too, and there are two maps of these per backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct BackendKey(Frontend, SocketAddr);
+struct BackendKey(Frontend, IpAddr, u16);
+
+impl BackendKey {
+    fn new(fe: Frontend, sa: SocketAddr) -> Self {
+        BackendKey(fe, sa.ip(), sa.port())
+    }
+}
 
 /// What one `apply` changed.
 #[derive(Debug, Default)]
@@ -215,8 +223,8 @@ impl Programmer {
             for id in &slots {
                 if let Some(be) = dump.backends.get(id) {
                     let sa = SocketAddr::new(to_ip(&be.addr), u16::from_be(be.port));
-                    p.backend_ids.insert(BackendKey(fe, sa), *id);
-                    p.backend_keys.insert(*id, BackendKey(fe, sa));
+                    p.backend_ids.insert(BackendKey::new(fe, sa), *id);
+                    p.backend_keys.insert(*id, BackendKey::new(fe, sa));
                     referenced.insert(*id);
                 }
             }
@@ -363,9 +371,10 @@ impl Programmer {
                     if key.is_none_or(|k| k.0.proto == weir_common::PROTO_UDP) {
                         udp.insert(id);
                     }
-                    if let Some(BackendKey(fe, addr)) = key {
+                    if let Some(BackendKey(fe, ip, port)) = key {
                         if fe.proto == weir_common::PROTO_UDP {
-                            self.udp_gone.push((SocketAddr::new(fe.ip, fe.port), addr));
+                            self.udp_gone
+                                .push((SocketAddr::new(fe.ip, fe.port), SocketAddr::new(ip, port)));
                         }
                     }
                 }
@@ -493,7 +502,7 @@ impl Programmer {
         w: &mut dyn MapWriter,
         st: &mut ApplyStats,
     ) -> Result<u32, WriteError> {
-        let key = BackendKey(*fe, sa);
+        let key = BackendKey::new(*fe, sa);
         let proto = fe.proto;
         if let Some(id) = self.backend_ids.get(&key) {
             return Ok(*id);

@@ -25,17 +25,11 @@ fn port(name: &Option<String>, protocol: &Option<String>, number: Option<i32>) -
 /// ones by their endpoints (ready, or all with `publishNotReadyAddresses`), ExternalName ones
 /// by their target. Unlike the data path, DNS serves Services whatever their proxy labels.
 pub fn services(objs: &Objects) -> Vec<Service> {
-    let mut slices: BTreeMap<(&str, &str), Vec<&k8s_openapi::api::discovery::v1::EndpointSlice>> =
-        BTreeMap::new();
+    let mut slices: BTreeMap<(&str, &str), Vec<&crate::model::Slice>> = BTreeMap::new();
     for s in &objs.slices {
         let ns = s.metadata.namespace.as_deref().unwrap_or("default");
-        if let Some(svc) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(model::SERVICE_NAME_LABEL))
-        {
-            slices.entry((ns, svc.as_str())).or_default().push(s);
+        if let Some(svc) = s.label(model::SERVICE_NAME_LABEL) {
+            slices.entry((ns, svc)).or_default().push(s);
         }
     }
     let mut out = Vec::new();
@@ -72,7 +66,7 @@ pub fn services(objs: &Objects) -> Vec<Service> {
                     let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
                     eps.push(Endpoint {
                         ips: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
-                        hostname: e.hostname.clone(),
+                        hostname: e.hostname.as_deref().map(str::to_string),
                         ready: ready || publish_all,
                         ports: slice_ports.clone(),
                     });

@@ -2,8 +2,9 @@
 //! own slices only.
 use std::collections::{BTreeSet, HashMap};
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher;
+
+use crate::model::Slice;
 
 use crate::model::SERVICE_NAME_LABEL;
 
@@ -46,16 +47,16 @@ impl SliceIndexInner {
 }
 
 impl SliceIndex {
-    pub(super) fn event(&self, ev: &watcher::Event<EndpointSlice>) {
+    pub(super) fn event(&self, ev: &watcher::Event<Slice>) {
         let mut i = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let names = |s: &EndpointSlice| {
+        let names = |s: &Slice| {
             (
                 format!(
                     "{}/{}",
                     s.metadata.namespace.as_deref().unwrap_or_default(),
                     s.metadata.name.as_deref().unwrap_or_default()
                 ),
-                slice_service(s),
+                service_of_slice(s),
             )
         };
         match ev {
@@ -102,21 +103,16 @@ pub(super) fn key(
 }
 
 /// The Service a slice belongs to (`namespace/<service-name label>`).
-pub(super) fn slice_service(s: &EndpointSlice) -> String {
-    let owner = s
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SERVICE_NAME_LABEL));
+pub(super) fn service_of_slice(s: &Slice) -> String {
     // A slice without a Service label programs nothing; any key will do.
-    key(&s.metadata, owner.map(String::as_str))
+    key(&s.metadata, s.label(SERVICE_NAME_LABEL))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn slice(name: &str, service: &str) -> EndpointSlice {
+    fn slice(name: &str, service: &str) -> Slice {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "namespace": "demo",
                          "labels": {SERVICE_NAME_LABEL: service}},

@@ -17,10 +17,7 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, PodStatus, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Pod, PodStatus, Service};
 use kube::{
     runtime::{
         reflector::{self, Store},
@@ -33,8 +30,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::slice_index::{key, slice_service, SliceIndex};
+use super::slice_index::{key, service_of_slice, SliceIndex};
 use crate::model::Objects;
+use crate::model::Slice;
 
 /// What the watches have seen, shared with their tasks.
 #[derive(Debug, Default)]
@@ -132,7 +130,8 @@ impl Progress {
 #[derive(Clone)]
 pub struct KubeSource {
     pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
+    /// EndpointSlices, with what weir reads of them ([`Slice`]).
+    pub slices: Store<Slice>,
     pub nodes: Store<Node>,
     /// Pods, stripped to what DNS reads (namespace, name, deletion, addresses); None unless
     /// watched.
@@ -189,14 +188,12 @@ impl KubeSource {
         let slice_index = Arc::new(SliceIndex::default());
         let index = slice_index.clone();
         spawn_watch(
-            Api::<EndpointSlice>::all(client.clone()),
+            Api::<Slice>::all(client.clone()),
             cfg,
             w,
             1,
             &progress,
-            |s: Option<&EndpointSlice>, _| {
-                s.map_or(Touch::All, |s| Touch::Service(slice_service(s)))
-            },
+            |s: Option<&Slice>, _| s.map_or(Touch::All, |s| Touch::Service(service_of_slice(s))),
             move |ev| index.event(ev),
         );
         let (nodes, w) = reflector::store();
@@ -285,7 +282,7 @@ impl KubeSource {
                     .slices
                     .get(&reflector::ObjectRef::new(sname).within(sns))?;
                 // Filed under this Service when the event came; check it still is.
-                (slice_service(&o) == service).then_some(o)
+                (service_of_slice(&o) == service).then_some(o)
             })
             .collect();
         Objects {
@@ -381,7 +378,7 @@ impl Strip for Service {
     }
 }
 
-impl Strip for EndpointSlice {
+impl Strip for Slice {
     fn strip(&mut self) {
         self.metadata.managed_fields = None;
     }

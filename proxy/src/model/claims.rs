@@ -28,11 +28,13 @@ pub type Claims = BTreeMap<String, (Rank, Desired)>;
 
 /// The frontends each Service claims, and who holds each: turns one Service's rebuilt model
 /// into map changes, so that a watch event costs what its Service costs, not what the cluster
-/// does.
+/// does. Kept compact (it lives as long as the agent, one entry per Service and per frontend):
+/// each Service's frontends as a sorted vector, each frontend's claimants as a sorted vector
+/// (one, unless Services share it), not as maps whose nodes hold room for eleven.
 #[derive(Debug, Default)]
 pub struct ByService {
-    claims: Claims,
-    holders: BTreeMap<Frontend, BTreeSet<Rank>>,
+    claims: BTreeMap<String, (Rank, Vec<(Frontend, ServiceSpec)>)>,
+    holders: BTreeMap<Frontend, Vec<Rank>>,
 }
 
 impl ByService {
@@ -46,15 +48,28 @@ impl ByService {
 
     fn claim(&mut self, service: &str, rank: Rank, d: Desired) {
         for fe in d.keys() {
-            self.holders.entry(*fe).or_default().insert(rank.clone());
+            let h = self.holders.entry(*fe).or_default();
+            if let Err(at) = h.binary_search(&rank) {
+                h.insert(at, rank.clone());
+            }
         }
-        self.claims.insert(service.to_string(), (rank, d));
+        // In the map's order: sorted by frontend.
+        let mut v: Vec<(Frontend, ServiceSpec)> = d.into_iter().collect();
+        v.shrink_to_fit();
+        self.claims.insert(service.to_string(), (rank, v));
+    }
+
+    /// `service`'s spec for `fe`, if it claims it.
+    fn spec_of(&self, service: &str, fe: &Frontend) -> Option<&ServiceSpec> {
+        let (_, v) = self.claims.get(service)?;
+        let at = v.binary_search_by(|(f, _)| f.cmp(fe)).ok()?;
+        Some(&v[at].1)
     }
 
     /// What the maps hold for `fe`: the spec of its oldest claimant.
     fn held(&self, fe: &Frontend) -> Option<&ServiceSpec> {
         let (_, holder) = self.holders.get(fe)?.first()?;
-        self.claims.get(holder)?.1.get(fe)
+        self.spec_of(holder, fe)
     }
 
     /// Replaces `service`'s claims with `new` (None: the Service is gone or skipped); returns
@@ -66,17 +81,20 @@ impl ByService {
         new: Option<(Rank, Desired)>,
     ) -> (Desired, Vec<Frontend>, Vec<(Frontend, String)>) {
         let mut touched: BTreeSet<Frontend> = BTreeSet::new();
-        for (_, d) in self.claims.get(service).into_iter().chain(new.iter()) {
+        if let Some((_, v)) = self.claims.get(service) {
+            touched.extend(v.iter().map(|(fe, _)| *fe));
+        }
+        if let Some((_, d)) = &new {
             touched.extend(d.keys().copied());
         }
         let before: BTreeMap<Frontend, Option<ServiceSpec>> = touched
             .iter()
             .map(|fe| (*fe, self.held(fe).cloned()))
             .collect();
-        if let Some((rank, d)) = self.claims.remove(service) {
-            for fe in d.keys() {
+        if let Some((rank, v)) = self.claims.remove(service) {
+            for (fe, _) in &v {
                 if let Some(h) = self.holders.get_mut(fe) {
-                    h.remove(&rank);
+                    h.retain(|r| *r != rank);
                     if h.is_empty() {
                         self.holders.remove(fe);
                     }
@@ -96,10 +114,7 @@ impl ByService {
                 _ => {}
             }
             if let Some((_, holder)) = self.holders.get(&fe).and_then(|h| h.first()) {
-                let mine = self
-                    .claims
-                    .get(service)
-                    .is_some_and(|(_, d)| d.contains_key(&fe));
+                let mine = self.spec_of(service, &fe).is_some();
                 if mine && holder != service {
                     lost.push((fe, holder.clone()));
                 }

@@ -2,7 +2,7 @@
 //! family and port, conditions, topology hints, `CategorizeEndpoints`.
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use super::Slice;
 
 use super::{proto, Model, NodeContext, Problem};
 
@@ -102,7 +102,7 @@ pub(super) fn categorize(
 /// protocol (an unnamed service port matches the slice's unnamed port). Like kube-proxy, only
 /// an endpoint's first address counts, and an endpoint in two slices counts once.
 pub(super) fn endpoints_for(
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     v4: bool,
     port_name: &str,
     proto_num: u8,
@@ -157,7 +157,7 @@ pub(super) fn endpoints_for(
                 ready,
                 serving: c.and_then(|c| c.serving).unwrap_or(ready),
                 terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-                local: node.name.is_some() && ep.node_name == node.name,
+                local: node.name.is_some() && ep.node_name.as_deref() == node.name.as_deref(),
                 zone_hints: hints
                     .and_then(|h| h.for_zones.as_ref())
                     .map(|z| z.iter().map(|z| z.name.clone()).collect())

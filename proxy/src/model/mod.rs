@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 use weir_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 mod claims;
@@ -17,6 +17,7 @@ mod endpoints;
 mod node;
 mod objects;
 mod report;
+mod slice;
 
 pub use claims::{rank_of, ByService, Claims, Rank};
 pub use desired::{proto_name, Desired, Frontend, ServiceSpec};
@@ -25,6 +26,7 @@ pub use objects::{
     parse_stream, parse_yaml, Objects, HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL,
 };
 pub use report::{add_unread, service_of, service_of_port, Problem, ServiceReport, Skipped};
+pub use slice::{Slice, SliceEndpoint};
 
 use endpoints::{categorize, endpoints_for};
 use objects::labelled;
@@ -66,10 +68,9 @@ fn proto(p: Option<&String>) -> Result<u8, String> {
 pub fn build(objs: &Objects, node: &NodeContext) -> Model {
     let mut m = Model::default();
     // EndpointSlices by (namespace, service name).
-    let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut slices: BTreeMap<(String, String), Vec<&Slice>> = BTreeMap::new();
     for s in &objs.slices {
-        if labelled(&s.metadata, SERVICE_PROXY_NAME_LABEL) || labelled(&s.metadata, HEADLESS_LABEL)
-        {
+        if s.label(SERVICE_PROXY_NAME_LABEL).is_some() || s.label(HEADLESS_LABEL).is_some() {
             continue;
         }
         let ns = s
@@ -77,15 +78,10 @@ pub fn build(objs: &Objects, node: &NodeContext) -> Model {
             .namespace
             .clone()
             .unwrap_or_else(|| "default".into());
-        let Some(svc) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
+        let Some(svc) = s.label(SERVICE_NAME_LABEL) else {
             continue;
         };
-        slices.entry((ns, svc.clone())).or_default().push(s);
+        slices.entry((ns, svc.to_string())).or_default().push(s);
     }
     // Oldest first: the first claimant of a frontend holds it.
     let mut services: Vec<(Rank, &Service)> = objs
@@ -138,7 +134,7 @@ impl Model {
 
 fn build_service(
     svc: &Service,
-    slices: &BTreeMap<(String, String), Vec<&EndpointSlice>>,
+    slices: &BTreeMap<(String, String), Vec<&Slice>>,
     node: &NodeContext,
     m: &mut Model,
     mine: &mut Desired,

@@ -3,7 +3,7 @@
 //! reads.
 use std::sync::Arc;
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 use serde::Deserialize;
 
 use super::Problem;
@@ -12,7 +12,7 @@ use super::Problem;
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
     pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
+    pub slices: Vec<Arc<super::Slice>>,
     pub nodes: Vec<Arc<k8s_openapi::api::core::v1::Node>>,
     /// Pods, for cluster DNS's `pods verified` only (the data path does not read them). Read
     /// from the file source when it has them, watched from the API only in that mode.
@@ -74,7 +74,7 @@ pub fn parse_stream(text: &str) -> Result<(Objects, Vec<Problem>), Problem> {
                 Service::deserialize(&value).map(|s| objs.services.push(Arc::new(s)))
             }
             Some("EndpointSlice") => {
-                EndpointSlice::deserialize(&value).map(|s| objs.slices.push(Arc::new(s)))
+                super::Slice::deserialize(&value).map(|s| objs.slices.push(Arc::new(s)))
             }
             Some("Node") => k8s_openapi::api::core::v1::Node::deserialize(&value)
                 .map(|n| objs.nodes.push(Arc::new(n))),
