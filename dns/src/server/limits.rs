@@ -80,12 +80,12 @@ impl ErrorLimiter {
     }
 }
 
-/// A forward slot, given back when dropped.
+/// A forward slot, given back when dropped. The slots taken are the gauge
+/// `forwards_in_flight` itself.
 pub(super) struct ForwardSlot<'a>(&'a Handler);
 
 impl Drop for ForwardSlot<'_> {
     fn drop(&mut self) {
-        self.0.forwards.fetch_sub(1, Ordering::Relaxed);
         self.0
             .stats
             .forwards_in_flight
@@ -96,13 +96,11 @@ impl Drop for ForwardSlot<'_> {
 impl Handler {
     /// One of the `MAX_FORWARDS` slots, or None when all are taken.
     pub(super) fn forward_slot(&self) -> Option<ForwardSlot<'_>> {
-        if self.forwards.fetch_add(1, Ordering::Relaxed) >= MAX_FORWARDS {
-            self.forwards.fetch_sub(1, Ordering::Relaxed);
+        let in_flight = &self.stats.forwards_in_flight;
+        if in_flight.fetch_add(1, Ordering::Relaxed) >= MAX_FORWARDS as u64 {
+            in_flight.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        self.stats
-            .forwards_in_flight
-            .fetch_add(1, Ordering::Relaxed);
         Some(ForwardSlot(self))
     }
 

@@ -33,12 +33,18 @@ pub(super) struct Loops {
 
 impl Handler {
     /// The upstreams found looping, now.
-    pub(super) fn looping(&self) -> HashSet<SocketAddr> {
+    pub(super) fn looping(&self) -> Vec<SocketAddr> {
         self.loops
             .looping
             .lock()
-            .map(|l| l.clone())
+            .map(|l| l.iter().copied().collect())
             .unwrap_or_default()
+    }
+
+    /// Whether `up` is found looping (a forward skips it).
+    pub(super) fn is_looping(&self, up: &SocketAddr) -> bool {
+        self.stats.upstreams_looping.load(Ordering::Relaxed) > 0
+            && self.loops.looping.lock().is_ok_and(|l| l.contains(up))
     }
 
     /// Whether `name` is one of our loop probes, back through an upstream: its upstream is
@@ -138,7 +144,7 @@ impl Handler {
         self.check_loops(&all).await;
         loop {
             tokio::time::sleep(LOOP_RECHECK).await;
-            let looping: Vec<SocketAddr> = self.looping().into_iter().collect();
+            let looping = self.looping();
             if !looping.is_empty() {
                 self.check_loops(&looping).await;
             }

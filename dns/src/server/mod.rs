@@ -5,10 +5,7 @@ use std::{
     collections::HashMap,
     io,
     net::SocketAddr,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc, Mutex,
-    },
+    sync::{atomic::Ordering, Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -151,7 +148,6 @@ pub struct Handler {
     cache: Cache,
     pub stats: Stats,
     errors: ErrorLimiter,
-    forwards: AtomicUsize,
     loops: Loops,
 }
 
@@ -207,10 +203,6 @@ impl Handler {
                 ));
             }
         };
-        if req.message_type() != MessageType::Query {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            return Reply::Drop;
-        }
         let mut resp = Message::new();
         resp.set_id(req.id())
             .set_message_type(MessageType::Response)
@@ -334,9 +326,8 @@ impl Handler {
             return error_reply(id, ResponseCode::Refused);
         };
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-        let looping = self.looping();
         for up in self.resolvers_of(&key.0) {
-            if looping.contains(up) {
+            if self.is_looping(up) {
                 continue;
             }
             if let Ok(Ok(reply)) = tokio::time::timeout(UPSTREAM_TIMEOUT, relay(*up, query)).await {
