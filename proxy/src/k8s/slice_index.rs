@@ -4,9 +4,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use kube::runtime::watcher;
 
-use crate::model::Slice;
-
-use crate::model::SERVICE_NAME_LABEL;
+use crate::model::{Slice, SERVICE_NAME_LABEL};
 
 /// Service (`namespace/name`) → its EndpointSlices, kept from the watch events: applied after
 /// the store and before the change is announced, rebuilt by each relist.

@@ -47,8 +47,6 @@ pub struct Progress {
     pub events: AtomicU64,
     /// What changed since the last [`KubeSource::take_dirty`].
     dirty: std::sync::Mutex<Dirty>,
-    /// What the model read of the Node when it last changed (None: not seen since a relist).
-    node_view: std::sync::Mutex<Option<u64>>,
 }
 
 /// What the watches changed: some Services (`namespace/name`, for a Service or one of its
@@ -64,40 +62,62 @@ pub struct Dirty {
 enum Touch {
     /// This Service (`namespace/name`).
     Service(String),
-    /// Everything (a relist of a kind the data path reads).
+    /// Everything (a relist of a kind the data path reads, the Node as the model reads it).
     All,
-    /// This node's Node deleted: everything, and the next one is new whatever it holds.
-    NodeGone,
-    /// This node's Node, with what the model reads of it (`model::node_view`):
-    /// everything when that changed, nothing otherwise.
-    Node(u64),
-    /// Nothing: a Pod, or a relist of Pods, which only cluster DNS reads.
+    /// Nothing: a Pod, a relist of Pods (only cluster DNS reads them), a Node heartbeat.
     Nothing,
+}
+
+/// What an event of a kind keyed by Service touches: the Service `service` gives of an object
+/// applied or deleted, everything at the end of a relist (objects may have gone without an
+/// event), nothing while the relist runs.
+fn by_service<K>(e: &watcher::Event<K>, service: impl Fn(&K) -> String) -> Touch {
+    match e {
+        watcher::Event::Apply(o) | watcher::Event::Delete(o) => Touch::Service(service(o)),
+        watcher::Event::InitDone => Touch::All,
+        watcher::Event::Init | watcher::Event::InitApply(_) => Touch::Nothing,
+    }
+}
+
+/// What events of this node's Node touch: everything when what the model reads of it
+/// (`model::node_view`) changed, and nothing otherwise. The kubelet's status updates
+/// (conditions, heartbeats, capacity) are most Node events, and need no resync. `seen` is the
+/// view last programmed; a relist notes the view it brings (its end resyncs all anyway), and a
+/// deletion or a relist without the Node forgets it, so that the next Node is a change.
+fn node_touch(seen: &mut Option<u64>, e: &watcher::Event<Node>) -> Touch {
+    match e {
+        watcher::Event::Init => {
+            *seen = None;
+            Touch::Nothing
+        }
+        watcher::Event::InitApply(n) => {
+            *seen = Some(crate::model::node_view(n));
+            Touch::Nothing
+        }
+        watcher::Event::InitDone => Touch::All,
+        watcher::Event::Apply(n) => {
+            let view = Some(crate::model::node_view(n));
+            if std::mem::replace(seen, view) == view {
+                Touch::Nothing
+            } else {
+                Touch::All
+            }
+        }
+        watcher::Event::Delete(_) => {
+            *seen = None;
+            Touch::All
+        }
+    }
 }
 
 impl Progress {
     fn mark(&self, touch: Touch) {
-        let touch = match touch {
-            Touch::Node(view) => {
-                let mut seen = self.node_view.lock().unwrap_or_else(|p| p.into_inner());
-                if seen.replace(view) == Some(view) {
-                    Touch::Nothing
-                } else {
-                    Touch::All
-                }
-            }
-            Touch::NodeGone => {
-                self.forget_node();
-                Touch::All
-            }
-            t => t,
-        };
         let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
         match touch {
             Touch::Service(k) if !d.all => {
                 d.services.insert(k);
             }
-            Touch::Service(_) | Touch::Nothing | Touch::Node(_) | Touch::NodeGone => {}
+            Touch::Service(_) | Touch::Nothing => {}
             Touch::All => {
                 d.all = true;
                 d.services.clear();
@@ -107,19 +127,6 @@ impl Progress {
 }
 
 impl Progress {
-    /// Forgets what the model read of the Node: the next Node event counts as a change.
-    fn forget_node(&self) {
-        *self.node_view.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-
-    /// Notes an object of a relist without marking anything (the relist's end marks it all):
-    /// what the model reads of the Node, so that its next heartbeat is no change.
-    fn note(&self, touch: Touch) {
-        if let Touch::Node(view) = touch {
-            *self.node_view.lock().unwrap_or_else(|p| p.into_inner()) = Some(view);
-        }
-    }
-
     /// Whether every kind has been listed once.
     pub fn synced(&self) -> bool {
         self.listed.iter().all(|l| l.load(Ordering::Acquire))
@@ -171,18 +178,17 @@ impl KubeSource {
             Some(s) => watcher::Config::default().labels(s),
             None => watcher::Config::default(),
         };
-        let svc_key = |s: Option<&Service>, _| match s {
-            Some(s) => Touch::Service(key(&s.metadata, s.metadata.name.as_deref())),
-            None => Touch::All,
-        };
         spawn_watch(
             Api::<Service>::all(client.clone()),
             cfg.clone(),
             w,
             0,
             &progress,
-            svc_key,
-            |_| {},
+            |e| {
+                by_service(e, |s: &Service| {
+                    key(&s.metadata, s.metadata.name.as_deref())
+                })
+            },
         );
         let (slices, w) = reflector::store();
         let slice_index = Arc::new(SliceIndex::default());
@@ -193,26 +199,19 @@ impl KubeSource {
             w,
             1,
             &progress,
-            |s: Option<&Slice>, _| s.map_or(Touch::All, |s| Touch::Service(service_of_slice(s))),
-            move |ev| index.event(ev),
+            move |e| {
+                index.event(e);
+                by_service(e, service_of_slice)
+            },
         );
         let (nodes, w) = reflector::store();
         match node {
             Some(name) => {
                 let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-                spawn_watch(
-                    Api::<Node>::all(client.clone()),
-                    cfg,
-                    w,
-                    2,
-                    &progress,
-                    |n: Option<&Node>, deleted| match n {
-                        Some(n) if !deleted => Touch::Node(crate::model::node_view(n)),
-                        Some(_) => Touch::NodeGone,
-                        None => Touch::All,
-                    },
-                    |_| {},
-                );
+                spawn_watch(Api::<Node>::all(client.clone()), cfg, w, 2, &progress, {
+                    let mut seen = None;
+                    move |e| node_touch(&mut seen, e)
+                });
             }
             None => {
                 // No node name: no Node to watch, nothing to wait for.
@@ -230,8 +229,7 @@ impl KubeSource {
                 w,
                 3,
                 &progress,
-                |_: Option<&Pod>, _| Touch::Nothing,
-                |_| {},
+                |_: &watcher::Event<Pod>| Touch::Nothing,
             );
             Some(store)
         } else {
@@ -304,18 +302,16 @@ impl KubeSource {
     }
 }
 
-/// `touches` says what an object's change touches in the data path, and of `None`, what a
-/// relist of the kind touches; `on_event` is called for each event after the store took it and
-/// before the change is announced. Objects are stored
-/// without what the agent never reads ([`Strip`]).
+/// `touches` says what each event touches in the data path; it is called after the store took
+/// the event and before the change is announced, and may keep state of its own (the slice
+/// index, the Node's view). Objects are stored without what the agent never reads ([`Strip`]).
 fn spawn_watch<K>(
     api: Api<K>,
     cfg: watcher::Config,
     writer: reflector::store::Writer<K>,
     slot: usize,
     progress: &Arc<Progress>,
-    touches: fn(Option<&K>, bool) -> Touch,
-    on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
+    mut touches: impl FnMut(&watcher::Event<K>) -> Touch + Send + 'static,
 ) where
     K: Resource + Strip + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
@@ -328,33 +324,20 @@ fn spawn_watch<K>(
             .modify(Strip::strip)
             .reflect(writer));
         while let Some(ev) = stream.next().await {
-            if let Ok(e) = &ev {
-                on_event(e);
-            }
             match ev {
-                Ok(watcher::Event::InitDone) => {
-                    // A (re)list: objects may have gone without an event.
-                    progress.mark(touches(None, false));
-                    if !progress.listed[slot].swap(true, Ordering::AcqRel) {
-                        info!(kind = %kind, "listed");
+                Ok(e) => {
+                    progress.mark(touches(&e));
+                    match e {
+                        watcher::Event::InitDone => {
+                            if !progress.listed[slot].swap(true, Ordering::AcqRel) {
+                                info!(kind = %kind, "listed");
+                            }
+                        }
+                        watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
+                            progress.events.fetch_add(1, Ordering::Relaxed);
+                        }
+                        watcher::Event::Init | watcher::Event::InitApply(_) => continue,
                     }
-                    progress.changed.notify_one();
-                }
-                Ok(watcher::Event::Init) => {
-                    // A relist starts: the Node it brings (or not) is new, whatever it holds.
-                    if kind == "Node" {
-                        progress.forget_node();
-                    }
-                }
-                Ok(watcher::Event::InitApply(o)) => progress.note(touches(Some(&o), false)),
-                Ok(ev @ (watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
-                    let (o, deleted) = match &ev {
-                        watcher::Event::Delete(o) => (o, true),
-                        watcher::Event::Apply(o) => (o, false),
-                        _ => continue,
-                    };
-                    progress.mark(touches(Some(o), deleted));
-                    progress.events.fetch_add(1, Ordering::Relaxed);
                     progress.changed.notify_one();
                 }
                 Err(e) => {
