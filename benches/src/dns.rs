@@ -136,15 +136,6 @@ fn queries(services: usize, n: usize) -> String {
     out
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmRSS")
-}
-
 /// A server process pinned to CPU 1, in the node namespace.
 fn spawn_pinned(node: &Node, name: &str, args: &[&str]) -> Result<Proc> {
     let mut cmd = node.ns.command("taskset")?;
@@ -457,5 +448,5 @@ pub fn run(weir: &Path, quick: bool) -> Result<String> {
 
 /// The resident set of the server `taskset` started (its only child after exec: the same pid).
 fn rss_of_server(p: &Proc) -> Result<u64> {
-    rss_kib(p.child.id())
+    weir_testkit::probe::proc_status_kib(p.child.id(), "VmRSS").context("VmRSS")
 }

@@ -22,7 +22,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use weir_testkit::{tag, Netns, Node, NodeExt, Proc, RunDir};
+use weir_testkit::{
+    probe::{dns_message, http_get, metric, proc_status_kib},
+    tag, Netns, Node, NodeExt, Proc, RunDir,
+};
 
 use crate::results;
 
@@ -30,31 +33,6 @@ const SERVER: &str = "198.18.0.53";
 const LOOPING: &str = "198.18.0.54";
 const SILENT: &str = "198.18.0.62";
 const PROBE_NAME: &str = "svc-1.demo.svc.cluster.local";
-
-fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// A DNS message asking `name`/A with this id (`flags`: 0x0100 a query, 0x8180 a response).
-fn message(id: u16, name: &str, flags: u16) -> Vec<u8> {
-    let mut m = id.to_be_bytes().to_vec();
-    m.extend_from_slice(&flags.to_be_bytes());
-    m.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        m.push(label.len() as u8);
-        m.extend_from_slice(label.as_bytes());
-    }
-    m.extend_from_slice(&[0, 0, 1, 0, 1]);
-    m
-}
 
 #[derive(Clone, Copy)]
 enum Flood {
@@ -87,12 +65,12 @@ fn flood(ns: &Netns, kind: Flood, to: SocketAddr, secs: u64) -> Result<u64> {
                         let id = sent as u16;
                         let m = match kind {
                             Flood::Garbage if sent.is_multiple_of(2) => {
-                                message(id, PROBE_NAME, 0x8180)
+                                dns_message(id, PROBE_NAME, true)
                             }
                             Flood::Garbage => {
                                 vec![(id >> 8) as u8, id as u8, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 9]
                             }
-                            _ => message(id, &format!("n{sent}.example.org"), 0x0100),
+                            _ => dns_message(id, &format!("n{sent}.example.org"), false),
                         };
                         let _ = s.send_to(&m, to);
                         sent += 1;
@@ -151,7 +129,7 @@ fn probe(ns: &Netns, to: SocketAddr, secs: u64) -> Result<Probe> {
             while Instant::now() < end {
                 id = id.wrapping_add(1);
                 let t0 = Instant::now();
-                let _ = s.send_to(&message(id, PROBE_NAME, 0x0100), to);
+                let _ = s.send_to(&dns_message(id, PROBE_NAME, false), to);
                 let mut buf = [0u8; 512];
                 let got = loop {
                     match s.recv(&mut buf) {
@@ -185,22 +163,11 @@ fn probe(ns: &Netns, to: SocketAddr, secs: u64) -> Result<Probe> {
     })
 }
 
-/// The server's `weir_dns_*` counter `name`, from its metrics port.
-fn counter(ns: &Netns, metrics: SocketAddr, name: &'static str) -> f64 {
-    ns.run(move || {
-        use std::io::Read;
-        let mut c = TcpStream::connect_timeout(&metrics, Duration::from_secs(2)).ok()?;
-        c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .ok()?;
-        let mut out = String::new();
-        c.read_to_string(&mut out).ok()?;
-        out.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-    })
-    .ok()
-    .flatten()
-    .unwrap_or(0.0)
+/// The server's `weir_dns_*` counter `name`, from its metrics port (0 when absent).
+fn counter(ns: &Netns, metrics: SocketAddr, name: &str) -> f64 {
+    http_get(ns, metrics, "/metrics")
+        .and_then(|text| metric(&text, name))
+        .unwrap_or(0.0)
 }
 
 pub fn run(weir: &std::path::Path, quick: bool) -> Result<String> {
@@ -290,7 +257,7 @@ pub fn run(weir: &std::path::Path, quick: bool) -> Result<String> {
         let p = server(listen, &format!("{upstream}:53"))?;
         let pid = p.child.id();
         thread::sleep(Duration::from_millis(500));
-        let before = rss_kib(pid);
+        let before = proc_status_kib(pid, "VmRSS").unwrap_or(0);
         let to: SocketAddr = format!("{listen}:53").parse()?;
         let metrics: SocketAddr = format!("{listen}:9153").parse()?;
         let (fl, pr) = thread::scope(|sc| {
@@ -298,7 +265,7 @@ pub fn run(weir: &std::path::Path, quick: bool) -> Result<String> {
             let pr = sc.spawn(|| probe(cli, to, secs));
             let mut peak = before;
             while !fl.is_finished() {
-                peak = peak.max(rss_kib(pid));
+                peak = peak.max(proc_status_kib(pid, "VmRSS").unwrap_or(0));
                 thread::sleep(Duration::from_millis(100));
             }
             (
@@ -316,10 +283,10 @@ pub fn run(weir: &std::path::Path, quick: bool) -> Result<String> {
         let mut peak = peak;
         let settle = Instant::now() + Duration::from_secs(5);
         while Instant::now() < settle {
-            peak = peak.max(rss_kib(pid));
+            peak = peak.max(proc_status_kib(pid, "VmRSS").unwrap_or(0));
             thread::sleep(Duration::from_millis(100));
         }
-        let after = rss_kib(pid);
+        let after = proc_status_kib(pid, "VmRSS").unwrap_or(0);
         let refused = if count.is_empty() {
             0.0
         } else {
@@ -388,7 +355,7 @@ fn probe_once(ns: &Netns, to: SocketAddr) -> Option<()> {
     ns.run(move || {
         let s = UdpSocket::bind("0.0.0.0:0").ok()?;
         s.set_read_timeout(Some(Duration::from_millis(300))).ok()?;
-        s.send_to(&message(1, PROBE_NAME, 0x0100), to).ok()?;
+        s.send_to(&dns_message(1, PROBE_NAME, false), to).ok()?;
         let mut buf = [0u8; 512];
         s.recv(&mut buf).ok().map(|_| ())
     })

@@ -30,6 +30,7 @@ use weir_proxy::{
 };
 use weir_testkit::{
     fake_api::{Api, NODES, SERVICES, SLICES},
+    probe::proc_status_kib,
     reconciler, tag, BpfMount, Node, Proc, RunDir,
 };
 
@@ -275,16 +276,8 @@ pub(crate) fn agent_rss(weir: &Path, svcs: &[Svc], dir: &Path, kube: bool) -> Re
     check_programmed(&bpffs.path, svcs.len())?;
     // Settle: the first sync's garbage returned to the allocator.
     std::thread::sleep(Duration::from_millis(500));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id()))?;
-    let kb = |key: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    Ok((kb("VmRSS:"), kb("VmHWM:")))
+    let kib = |field| proc_status_kib(agent.child.id(), field).context(field);
+    Ok((kib("VmRSS")?, kib("VmHWM")?))
 }
 
 /// `/healthz` latencies as a prober sees them, one probe due every `HEALTHZ_EVERY`, each timed

@@ -5,6 +5,7 @@
 //! - [`frames`]: the packets they run;
 //! - [`fake_maps`]: an in-memory map writer that checks every intermediate state;
 //! - [`fake_api`]: a scripted Kubernetes API server;
+//! - [`probe`]: an HTTP GET in a namespace, Prometheus values, `/proc` status, DNS queries;
 //! - [`topo`]: topology beyond the sandbox's simulated node (pods wired by hand, a shared
 //!   segment between nodes), which is re-exported here with it.
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ pub mod fake_api;
 pub mod fake_maps;
 pub mod frames;
 pub mod harness;
+pub mod probe;
 pub mod topo;
 
 pub use fake_maps::FakeMaps;

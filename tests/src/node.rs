@@ -1,5 +1,4 @@
 //! A simulated node with the real agent and real programs, and what the tests ask of it.
-use std::time::Duration;
 
 use weir_proxy::tools::{
     loadtest::Report,
@@ -41,29 +40,15 @@ pub(crate) fn assert_spread(what: &str, r: &Report) {
 /// (socket LB for the client?, label)
 pub(crate) const PATHS: [(bool, &str); 2] = [(true, "socket LB"), (false, "TC path")];
 
+/// One HTTP GET to the agent, from inside the node namespace: (status code, body).
 pub(crate) fn get(s: &Sim, port: u16, path: &str) -> (u16, String) {
-    let path = path.to_string();
-    s.node
-        .ns
-        .run(move || {
-            use std::io::{Read, Write};
-            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            write!(
-                c,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .unwrap();
-            let mut out = String::new();
-            c.read_to_string(&mut out).unwrap();
-            let code = out[9..12].parse().unwrap();
-            let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-            (code, body)
-        })
-        .unwrap()
+    let out = weir_testkit::probe::http_get(&s.node.ns, ([127, 0, 0, 1], port).into(), path)
+        .unwrap_or_else(|| panic!("GET {path} on port {port}: no answer"));
+    let code = out[9..12].parse().unwrap();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
 }
 
-/// One HTTP GET to the agent, from inside the node namespace: (status code, body).
 /// `/metrics` answers 200 with each of these lines (or line prefixes); its body.
 pub(crate) fn assert_metrics(s: &Sim, lines: &[&str]) -> String {
     let (code, body) = get(s, 10249, "/metrics");

@@ -10,9 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::dig_at;
 use crate::weir_bin;
 use weir_dns::server::MAX_TCP_CONNECTIONS;
-use weir_testkit::{tag, Netns, Node, NodeExt, Proc, RunDir};
+use weir_testkit::{
+    probe::{dns_message, http_get, metric, proc_status_kib},
+    tag, Netns, Node, NodeExt, Proc, RunDir,
+};
 
 const ZONE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\n\
                     spec: {clusterIP: 198.19.0.10, ports: [{port: 80}]}\n";
@@ -81,7 +85,7 @@ impl Bed {
         while ask(
             self.pod(),
             to,
-            &query(1, "web.demo.svc.cluster.local", false),
+            &dns_message(1, "web.demo.svc.cluster.local", false),
         )
         .is_none()
         {
@@ -97,42 +101,10 @@ impl Bed {
     /// A counter or gauge of the server on `listen` (0 when absent).
     fn metric(&self, listen: &str, name: &str) -> f64 {
         let addr: SocketAddr = format!("{listen}:9153").parse().unwrap();
-        let body = self
-            .node
-            .ns
-            .run(move || {
-                use std::io::{Read, Write};
-                let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-                c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-                c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    .ok()?;
-                let mut out = String::new();
-                c.read_to_string(&mut out).ok()?;
-                Some(out)
-            })
-            .unwrap()
+        let body = http_get(&self.node.ns, addr, "/metrics")
             .unwrap_or_else(|| panic!("no metrics from {addr}"));
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        metric(&body, name).unwrap_or(0.0)
     }
-}
-
-/// A DNS message for `name`/A: a query, or (`response`) a reply to one.
-fn query(id: u16, name: &str, response: bool) -> Vec<u8> {
-    let mut m = id.to_be_bytes().to_vec();
-    m.extend_from_slice(if response {
-        &[0x81, 0x80]
-    } else {
-        &[0x01, 0x00]
-    });
-    m.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        m.push(label.len() as u8);
-        m.extend_from_slice(label.as_bytes());
-    }
-    m.extend_from_slice(&[0, 0, 1, 0, 1]);
-    m
 }
 
 /// Sends `msg` from a fresh socket in `ns` and waits 300 ms for one reply.
@@ -147,19 +119,6 @@ fn ask(ns: &Netns, to: SocketAddr, msg: &[u8]) -> Option<Vec<u8>> {
         Some(buf[..n].to_vec())
     })
     .unwrap()
-}
-
-/// `dig` in `ns`: its whole output.
-fn dig(ns: &Netns, server: &str, args: &[&str]) -> String {
-    let out = ns
-        .command("dig")
-        .unwrap()
-        .arg(format!("@{server}"))
-        .args(["+time=3", "+tries=1"])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Sends one UDP datagram from a forged source (a raw socket in `ns`).
@@ -200,16 +159,6 @@ fn forge(ns: &Netns, from: SocketAddr, to: SocketAddr, payload: &[u8]) {
     .unwrap();
 }
 
-/// What the server `pid` holds in memory, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// A response is never answered: one forged between two servers (from one's port 53 to the
 /// other's) is dropped, where it used to bounce between them for ever. Garbage shorter than a
 /// header gets nothing; a query whose header parses gets FORMERR, at most a burst and then
@@ -236,7 +185,7 @@ fn responses_are_never_answered_and_error_replies_are_rate_limited() {
         &bed.node.ns,
         a53,
         b53,
-        &query(7, "web.demo.svc.cluster.local", true),
+        &dns_message(7, "web.demo.svc.cluster.local", true),
     );
     forge(
         &bed.node.ns,
@@ -255,7 +204,11 @@ fn responses_are_never_answered_and_error_replies_are_rate_limited() {
 
     let pod = bed.pod();
     assert_eq!(
-        ask(pod, a53, &query(9, "web.demo.svc.cluster.local", true)),
+        ask(
+            pod,
+            a53,
+            &dns_message(9, "web.demo.svc.cluster.local", true)
+        ),
         None
     );
     assert_eq!(ask(pod, a53, &[1, 2, 3, 4, 5]), None);
@@ -291,7 +244,12 @@ fn responses_are_never_answered_and_error_replies_are_rate_limited() {
     );
     assert!(bed.metric(a, "weir_dns_errors_limited_total") >= 150.0);
     // Real queries from the same source are still answered.
-    assert!(ask(pod, a53, &query(10, "web.demo.svc.cluster.local", false)).is_some());
+    assert!(ask(
+        pod,
+        a53,
+        &dns_message(10, "web.demo.svc.cluster.local", false)
+    )
+    .is_some());
 }
 
 /// TCP outlives what used to end it: running out of file descriptors (accepts fail, and are
@@ -321,7 +279,7 @@ fn tcp_survives_slow_clients_its_connection_limit_and_running_out_of_descriptors
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = dig(
+        let out = dig_at(
             bed.pod(),
             a,
             &["+tcp", "+short", "web.demo.svc.cluster.local", "A"],
@@ -380,7 +338,7 @@ fn tcp_survives_slow_clients_its_connection_limit_and_running_out_of_descriptors
             let refused_fast = matches!(r, Ok(0))
                 || r.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset);
             // One of the held connections asks: it is served.
-            let q = query(3, "web.demo.svc.cluster.local", false);
+            let q = dns_message(3, "web.demo.svc.cluster.local", false);
             let c = &mut idle[0];
             c.write_all(&(q.len() as u16).to_be_bytes()).unwrap();
             c.write_all(&q).unwrap();
@@ -411,11 +369,11 @@ fn forwarding_is_bounded_and_an_upstream_that_loops_back_is_not_used() {
         .unwrap();
     let pid = bed.serve(a, &["--upstream", silent], None);
     let a53: SocketAddr = format!("{a}:53").parse().unwrap();
-    let base = rss_kib(pid);
+    let base = proc_status_kib(pid, "VmRSS").unwrap();
     let flood = bed.pod().run(move || {
         let s = UdpSocket::bind("0.0.0.0:0").unwrap();
         for i in 0..3000u16 {
-            s.send_to(&query(i, &format!("n{i}.example.org"), false), a53)
+            s.send_to(&dns_message(i, &format!("n{i}.example.org"), false), a53)
                 .unwrap();
             if i % 100 == 99 {
                 thread::sleep(Duration::from_millis(10));
@@ -425,7 +383,7 @@ fn forwarding_is_bounded_and_an_upstream_that_loops_back_is_not_used() {
     });
     let flood = flood.unwrap();
     let in_flight = bed.metric(a, "weir_dns_forwards_in_flight");
-    let peak = rss_kib(pid);
+    let peak = proc_status_kib(pid, "VmRSS").unwrap();
     let refused = bed.metric(a, "weir_dns_forwards_refused_total");
     assert!(in_flight <= 1000.0, "{in_flight} forwards waiting");
     // 3 000 sent, at most 1 000 waiting: the rest refused (some may be lost in the socket's
@@ -435,7 +393,7 @@ fn forwarding_is_bounded_and_an_upstream_that_loops_back_is_not_used() {
         peak < 64 * 1024,
         "RSS {peak} KiB during the flood (before: {base} KiB)"
     );
-    let out = dig(bed.pod(), a, &["+short", "web.demo.svc.cluster.local", "A"]);
+    let out = dig_at(bed.pod(), a, &["+short", "web.demo.svc.cluster.local", "A"]);
     assert_eq!(out.trim(), "198.19.0.10", "a cluster name during the flood");
     drop(flood);
 
@@ -447,7 +405,7 @@ fn forwarding_is_bounded_and_an_upstream_that_loops_back_is_not_used() {
         thread::sleep(Duration::from_millis(100));
     }
     let t0 = Instant::now();
-    let out = dig(bed.pod(), b, &["example.org", "A"]);
+    let out = dig_at(bed.pod(), b, &["example.org", "A"]);
     assert!(out.contains("status: SERVFAIL"), "{out}");
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
     assert!(bed.metric(b, "weir_dns_upstream_loops_total") >= 1.0);

@@ -68,12 +68,17 @@ impl Drop for ResolvConf {
     }
 }
 
-/// `dig` in the namespace; its full output.
+/// `dig` in the namespace, asking the server under test; its full output.
 fn dig(ns: &Netns, args: &[&str]) -> String {
+    dig_at(ns, DNS, args)
+}
+
+/// `dig` in the namespace, asking `server` (2 s, one try); its full output.
+fn dig_at(ns: &Netns, server: &str, args: &[&str]) -> String {
     let out = ns
         .command("dig")
         .unwrap()
-        .arg(format!("@{DNS}"))
+        .arg(format!("@{server}"))
         .args(["+time=2", "+tries=1"])
         .args(args)
         .output()
