@@ -127,7 +127,7 @@ pub fn open_netns(netns: &Path) -> Result<fs::File> {
         ));
     }
     let own = fs::metadata("/proc/thread-self/ns/net")
-        .map_err(|e| CniError::new(code::IO, format!("own network namespace: {e}")))?;
+        .map_err(|e| io("stat /proc/thread-self/ns/net", e))?;
     let pod = f
         .metadata()
         .map_err(|e| io(format!("stat {}", netns.display()), e))?;

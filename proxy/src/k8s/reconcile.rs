@@ -51,7 +51,8 @@ pub fn program_objects(
 ) -> Synced {
     let started = Instant::now();
     let m = model::build(objs, node);
-    let unread = problems.clone();
+    // The source's own problems (objects not read) come first; the model's follow.
+    let unread = problems.len();
     problems.extend(m.problems.iter().cloned());
     log_model(&problems, &m.skipped);
     let applying = Instant::now();
@@ -77,7 +78,7 @@ pub fn program_objects(
         .map(|s| (s.service.clone(), s.reason.clone()))
         .collect();
     let mut reports = m.reports(&st.failed());
-    model::add_unread(&mut reports, &unread);
+    model::add_unread(&mut reports, &problems[..unread]);
     Synced {
         reports,
         frontends: m.desired.len(),

@@ -61,10 +61,9 @@ impl Addresses {
 
 fn read_addresses<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Addresses, D::Error> {
     let v = Vec::<String>::deserialize(d)?;
-    Ok(if v.len() == 1 {
-        Addresses::One(v.into_iter().collect::<String>().into_boxed_str())
-    } else {
-        Addresses::Many(v.into_iter().map(String::into_boxed_str).collect())
+    Ok(match <[String; 1]>::try_from(v) {
+        Ok([one]) => Addresses::One(one.into_boxed_str()),
+        Err(v) => Addresses::Many(v.into_iter().map(String::into_boxed_str).collect()),
     })
 }
 
@@ -210,7 +209,9 @@ mod tests {
                            "zone": "z1", "conditions": {"ready": true, "serving": true, "terminating": false},
                            "hints": {"forZones": [{"name": "z1"}]},
                            "targetRef": {"kind": "Pod", "name": "web-a", "namespace": "demo", "uid": "u"},
-                           "deprecatedTopology": {"k": "v"}}]
+                           "deprecatedTopology": {"k": "v"}},
+                          {"addresses": ["198.18.1.12", "198.18.1.13"]},
+                          {"addresses": []}]
         });
         let full: EndpointSlice = serde_json::from_value(json.clone()).unwrap();
         let stored: Slice = serde_json::from_value(json).unwrap();
