@@ -234,8 +234,9 @@ impl Cni {
         Cni { bin, conf }
     }
 
-    /// Runs one command in `node`'s namespace: (success, stdout, stderr).
-    pub fn exec_raw(
+    /// Starts one command in `node`'s namespace, its configuration written to its stdin, and
+    /// returns at once (stdout and stderr piped): what a runtime that may kill it does.
+    pub fn spawn(
         &self,
         node: &Netns,
         command: &str,
@@ -243,7 +244,7 @@ impl Cni {
         netns: Option<&Path>,
         ifname: &str,
         conf: &serde_json::Value,
-    ) -> Result<(bool, String, String)> {
+    ) -> Result<std::process::Child> {
         use std::io::Write;
         let mut cmd = node.command(&self.bin)?;
         cmd.env("CNI_COMMAND", command)
@@ -259,7 +260,8 @@ impl Cni {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("run {}", self.bin.display()))?;
-        // A plugin may stop reading (a configuration over its limit): it answers all the same.
+        // A plugin may stop reading (a configuration over its limit, or killed): it answers
+        // all the same.
         match child
             .stdin
             .take()
@@ -269,6 +271,20 @@ impl Cni {
             Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
             _ => {}
         }
+        Ok(child)
+    }
+
+    /// Runs one command in `node`'s namespace: (success, stdout, stderr).
+    pub fn exec_raw(
+        &self,
+        node: &Netns,
+        command: &str,
+        container_id: &str,
+        netns: Option<&Path>,
+        ifname: &str,
+        conf: &serde_json::Value,
+    ) -> Result<(bool, String, String)> {
+        let child = self.spawn(node, command, container_id, netns, ifname, conf)?;
         let out = child.wait_with_output()?;
         Ok((
             out.status.success(),

@@ -181,7 +181,6 @@ fn a_netns_that_is_no_pods_is_refused_by_name() {
 #[test]
 #[ignore = "needs root: run with cargo xtask test"]
 fn an_add_killed_at_any_point_is_undone_by_its_del() {
-    use std::io::Write;
     let mut b = Bed::new();
     let (keep, p) = (b.pod("keep"), b.pod("p"));
     let conf = b.conf("1.1.0");
@@ -189,21 +188,17 @@ fn an_add_killed_at_any_point_is_undone_by_its_del() {
     let (kept, kept_links, routes) = (owners(&b), b.node_links(), b.node_routes());
     let mut mid_add = 0;
     for i in 0..40u64 {
-        let mut cmd = b.node.ns.command(cni_bin()).unwrap();
-        cmd.env("CNI_COMMAND", "ADD")
-            .env("CNI_CONTAINERID", b.cid(p))
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_NETNS", b.netns(p))
-            .env("CNI_PATH", cni_bin().parent().unwrap())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let mut child = cmd.spawn().unwrap();
-        let _ = child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes());
+        let mut child = b
+            .cni
+            .spawn(
+                &b.node.ns,
+                "ADD",
+                &b.cid(p),
+                Some(&b.netns(p)),
+                "eth0",
+                &conf,
+            )
+            .unwrap();
         std::thread::sleep(std::time::Duration::from_micros(i * 500));
         if child.try_wait().unwrap().is_none() {
             mid_add += 1;
